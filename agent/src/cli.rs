@@ -1,0 +1,372 @@
+//! The `ferry` command line: argument parsing and the client commands that
+//! talk to a running agent's HTTP API (`publish`, `status`).
+//!
+//! `run` itself is only parsed here; `main.rs` sets up logging and hands the
+//! config to [`crate::runtime::run`].
+
+use std::io::{BufRead, Write};
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use serde_json::{Value, json};
+
+use crate::config::{Config, ConfigError};
+
+/// Ferry: durable store-and-forward of device events to several clouds.
+#[derive(Debug, Parser)]
+#[command(name = "ferry", version, about)]
+pub struct Cli {
+    /// The command.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// Commands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the agent (on the embedded default config when none is given).
+    Run(RunArgs),
+    /// Send events to a running agent: one from flags, or NDJSON from stdin.
+    Publish(PublishArgs),
+    /// Show a running agent's status.
+    Status(StatusArgs),
+    /// Work with configuration files.
+    #[command(subcommand)]
+    Config(ConfigCommand),
+}
+
+/// Log output format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    /// Human-readable lines.
+    Human,
+    /// One JSON object per line.
+    Json,
+}
+
+/// `ferry run`.
+#[derive(Debug, Args)]
+pub struct RunArgs {
+    /// Config file (TOML). Without it, the embedded default is used.
+    #[arg(long, short, env = "FERRY_CONFIG")]
+    pub config: Option<PathBuf>,
+    /// Log format.
+    #[arg(long, value_enum, default_value = "human")]
+    pub log_format: LogFormat,
+}
+
+/// `ferry config …`.
+#[derive(Debug, Subcommand)]
+pub enum ConfigCommand {
+    /// Validate a config file and print what it resolves to.
+    Check {
+        /// Config file (TOML). Without it, the embedded default is checked.
+        #[arg(long, short, env = "FERRY_CONFIG")]
+        config: Option<PathBuf>,
+    },
+    /// Print the embedded default config, which documents every key.
+    Default,
+}
+
+/// Where a client command finds the agent.
+#[derive(Debug, Args)]
+pub struct ApiArgs {
+    /// Base URL of the agent's HTTP API.
+    #[arg(long, env = "FERRY_URL", default_value = "http://127.0.0.1:7878")]
+    pub url: String,
+    /// Bearer token, if the agent requires one.
+    #[arg(long, env = "FERRY_TOKEN", hide_env_values = true)]
+    pub token: Option<String>,
+}
+
+/// `ferry publish`.
+#[derive(Debug, Args)]
+pub struct PublishArgs {
+    #[command(flatten)]
+    api: ApiArgs,
+    /// Local topic of the event. Without it, NDJSON events are read from stdin.
+    #[arg(long, short)]
+    topic: Option<String>,
+    /// Data as JSON text (a bare word that is not JSON is sent as a JSON string).
+    #[arg(long, short, conflicts_with = "data_base64")]
+    data: Option<String>,
+    /// Data as base64 (binary).
+    #[arg(long)]
+    data_base64: Option<String>,
+    /// Idempotency key (event id).
+    #[arg(long)]
+    id: Option<String>,
+    /// Partition key.
+    #[arg(long)]
+    key: Option<String>,
+    /// Event type.
+    #[arg(long = "type")]
+    ty: Option<String>,
+    /// Time to live, e.g. "1h".
+    #[arg(long)]
+    ttl: Option<String>,
+    /// NDJSON lines per request when reading stdin.
+    #[arg(long, default_value_t = 1000)]
+    batch: usize,
+}
+
+/// `ferry status`.
+#[derive(Debug, Args)]
+pub struct StatusArgs {
+    #[command(flatten)]
+    api: ApiArgs,
+    /// Print the raw JSON status.
+    #[arg(long)]
+    json: bool,
+}
+
+/// Loads the config named on the command line, or the embedded default.
+pub fn load_config(path: Option<&PathBuf>) -> Result<Config, ConfigError> {
+    match path {
+        Some(p) => Config::load(p),
+        None => Ok(Config::embedded()),
+    }
+}
+
+/// `ferry config check|default`.
+pub fn config_command(cmd: &ConfigCommand) -> anyhow::Result<()> {
+    match cmd {
+        ConfigCommand::Default => print!("{}", crate::config::DEFAULT_TOML),
+        ConfigCommand::Check { config } => {
+            let c = load_config(config.as_ref())?;
+            println!("{}: ok", c.origin);
+            println!("  device_id   {}", c.agent.device_id);
+            println!(
+                "  store       {} (quota {} bytes, {:?}, durability {:?})",
+                c.store.path.display(),
+                c.store.quota_bytes,
+                c.store.full_policy,
+                c.store.durability
+            );
+            println!(
+                "  http        {}{}",
+                c.http.listen,
+                if c.http.token.is_some() {
+                    " (token required)"
+                } else {
+                    ""
+                }
+            );
+            for class in &c.store.classes {
+                let filters: Vec<&str> = class.filters.iter().map(|f| f.as_str()).collect();
+                println!(
+                    "  class       {} priority {} topics {:?} ttl {:?}",
+                    class.name, class.priority, filters, class.ttl
+                );
+            }
+        }
+    }
+    Ok(())
+}
+
+fn agent() -> ureq::Agent {
+    ureq::Agent::config_builder()
+        .timeout_global(Some(Duration::from_secs(60)))
+        .http_status_as_error(false)
+        .build()
+        .into()
+}
+
+fn request(
+    api: &ApiArgs,
+    method: &str,
+    path: &str,
+    content_type: &str,
+    body: Option<Vec<u8>>,
+) -> anyhow::Result<(u16, Value)> {
+    let url = format!("{}{}", api.url.trim_end_matches('/'), path);
+    let agent = agent();
+    let auth = api.token.as_ref().map(|t| format!("Bearer {t}"));
+    let mut response = match method {
+        "GET" => {
+            let mut r = agent.get(&url);
+            if let Some(a) = &auth {
+                r = r.header("authorization", a);
+            }
+            r.call()
+        }
+        _ => {
+            let mut r = agent.post(&url).header("content-type", content_type);
+            if let Some(a) = &auth {
+                r = r.header("authorization", a);
+            }
+            r.send(body.unwrap_or_default())
+        }
+    }
+    .with_context(|| {
+        format!("cannot reach the agent at {url} (is `ferry run` running? set --url or FERRY_URL)")
+    })?;
+    let status = response.status().as_u16();
+    let text = response
+        .body_mut()
+        .read_to_string()
+        .context("reading the agent's answer")?;
+    let value = serde_json::from_str(&text).unwrap_or(Value::String(text));
+    Ok((status, value))
+}
+
+fn check(status: u16, body: &Value) -> anyhow::Result<()> {
+    if status == 200 {
+        return Ok(());
+    }
+    let msg = body
+        .get("error")
+        .and_then(Value::as_str)
+        .map_or_else(|| body.to_string(), str::to_owned);
+    bail!("the agent answered {status}: {msg}")
+}
+
+/// `ferry publish`.
+pub fn publish(args: &PublishArgs) -> anyhow::Result<()> {
+    let Some(topic) = &args.topic else {
+        return publish_stdin(args);
+    };
+    let mut event = json!({ "topic": topic });
+    match (&args.data, &args.data_base64) {
+        (Some(d), _) => {
+            event["data"] = serde_json::from_str(d).unwrap_or_else(|_| Value::String(d.clone()))
+        }
+        (None, Some(b)) => event["data_base64"] = json!(b),
+        (None, None) => bail!(
+            "give --data or --data-base64 with --topic (or omit --topic to read NDJSON from stdin)"
+        ),
+    }
+    for (name, value) in [
+        ("id", &args.id),
+        ("key", &args.key),
+        ("type", &args.ty),
+        ("ttl", &args.ttl),
+    ] {
+        if let Some(v) = value {
+            event[name] = json!(v);
+        }
+    }
+    let (status, body) = request(
+        &args.api,
+        "POST",
+        "/v1/events",
+        "application/json",
+        Some(serde_json::to_vec(&event)?),
+    )?;
+    check(status, &body)?;
+    let e = &body["events"][0];
+    let dup = if e["duplicate"].as_bool() == Some(true) {
+        " (duplicate: already stored)"
+    } else {
+        ""
+    };
+    println!(
+        "accepted {} sequence {}{dup}",
+        e["id"].as_str().unwrap_or("?"),
+        e["sequence"]
+    );
+    Ok(())
+}
+
+fn publish_stdin(args: &PublishArgs) -> anyhow::Result<()> {
+    let stdin = std::io::stdin().lock();
+    let (mut accepted, mut duplicates, mut batch, mut line_no) = (0u64, 0u64, Vec::new(), 0usize);
+    let mut lines_in_batch = 0usize;
+    let mut flush = |batch: &mut Vec<u8>, first_line: usize| -> anyhow::Result<()> {
+        if batch.is_empty() {
+            return Ok(());
+        }
+        let (status, body) = request(
+            &args.api,
+            "POST",
+            "/v1/events",
+            "application/x-ndjson",
+            Some(std::mem::take(batch)),
+        )?;
+        if status != 200 {
+            if let Some(i) = body.get("index").and_then(Value::as_u64) {
+                bail!(
+                    "line {}: {}",
+                    first_line + i as usize + 1,
+                    body["error"].as_str().unwrap_or("rejected")
+                );
+            }
+            check(status, &body)?;
+        }
+        accepted += body["accepted"].as_u64().unwrap_or(0);
+        duplicates += body["duplicates"].as_u64().unwrap_or(0);
+        Ok(())
+    };
+    let mut first_line = 0;
+    for line in stdin.lines() {
+        let line = line.context("reading stdin")?;
+        line_no += 1;
+        if line.trim().is_empty() {
+            continue;
+        }
+        if lines_in_batch == 0 {
+            first_line = line_no - 1;
+        }
+        batch.extend_from_slice(line.as_bytes());
+        batch.push(b'\n');
+        lines_in_batch += 1;
+        if lines_in_batch >= args.batch.max(1) {
+            flush(&mut batch, first_line)?;
+            lines_in_batch = 0;
+        }
+    }
+    flush(&mut batch, first_line)?;
+    println!("accepted {accepted}, duplicates {duplicates}");
+    Ok(())
+}
+
+/// `ferry status`.
+pub fn status(args: &StatusArgs) -> anyhow::Result<()> {
+    let (code, body) = request(&args.api, "GET", "/v1/status", "", None)?;
+    check(code, &body)?;
+    let mut out = std::io::stdout().lock();
+    if args.json {
+        writeln!(out, "{}", serde_json::to_string_pretty(&body)?)?;
+        return Ok(());
+    }
+    let s = &body["store"];
+    let n = |v: &Value| v.as_u64().unwrap_or(0);
+    writeln!(
+        out,
+        "device    {}   ferry {}   up {}s",
+        body["device_id"].as_str().unwrap_or("?"),
+        body["version"].as_str().unwrap_or("?"),
+        n(&body["uptime_seconds"])
+    )?;
+    writeln!(
+        out,
+        "store     {} events, {} of {} bytes ({:.1}%), last sequence {}",
+        n(&s["events"]),
+        n(&s["bytes"]),
+        n(&s["quota_bytes"]),
+        100.0 * n(&s["bytes"]) as f64 / n(&s["quota_bytes"]).max(1) as f64,
+        n(&s["last_sequence"])
+    )?;
+    match s["oldest_age_ms"].as_u64() {
+        Some(ms) => writeln!(
+            out,
+            "oldest    {:.1}s old (sequence {})",
+            ms as f64 / 1000.0,
+            n(&s["oldest_sequence"])
+        )?,
+        None => writeln!(out, "oldest    (log empty)")?,
+    }
+    let c = &s["counters"];
+    writeln!(
+        out,
+        "counters  accepted {}, duplicates {}, evicted {}, expired {}, dead letters {} held",
+        n(&c["accepted_events"]),
+        n(&c["dedup_hits"]),
+        n(&c["evicted_events"]),
+        n(&c["expired_events"]),
+        n(&s["dead_letters"])
+    )?;
+    Ok(())
+}

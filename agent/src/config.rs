@@ -1,0 +1,518 @@
+//! Configuration: the TOML file as written ([`RawConfig`]) and the validated,
+//! typed [`Config`] that the agent runs on.
+//!
+//! Loading is two-stage: serde parses the file (unknown keys are errors),
+//! then [`Config::from_raw`] checks every value. Nothing starts until both
+//! pass, and every error names the file, the key and the reason. The embedded
+//! default (`ferry.default.toml`) is also the reference for every key.
+
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use bytesize::ByteSize;
+use serde::Deserialize;
+
+use crate::topic::{TopicError, TopicFilter};
+
+/// The embedded default configuration, which documents every key.
+pub const DEFAULT_TOML: &str = include_str!("ferry.default.toml");
+
+/// A configuration mistake, reported before anything starts.
+#[derive(Debug, thiserror::Error)]
+#[error("{file}: {key}: {reason}")]
+pub struct ConfigError {
+    /// The config file, or `embedded default`.
+    pub file: String,
+    /// The dotted key at fault (`store.quota`), or `(file)`/`(syntax)`.
+    pub key: String,
+    /// What is wrong and what would be right.
+    pub reason: String,
+}
+
+/// The config file as written. Every field is optional.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawConfig {
+    #[serde(default)]
+    agent: RawAgent,
+    #[serde(default)]
+    store: RawStore,
+    #[serde(default)]
+    ingest: RawIngest,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawAgent {
+    device_id: Option<String>,
+    data_dir: Option<PathBuf>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawStore {
+    quota: Option<ByteSize>,
+    full_policy: Option<String>,
+    durability: Option<String>,
+    dedup_window: Option<String>,
+    ttl: Option<String>,
+    max_event_size: Option<ByteSize>,
+    cache_size: Option<ByteSize>,
+    default_priority: Option<u8>,
+    #[serde(default)]
+    class: Vec<RawClass>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawClass {
+    name: String,
+    topics: Vec<String>,
+    priority: u8,
+    ttl: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawIngest {
+    http: Option<RawHttp>,
+}
+
+#[derive(Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawHttp {
+    listen: Option<String>,
+    token: Option<String>,
+    max_body_size: Option<ByteSize>,
+}
+
+impl fmt::Debug for RawHttp {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RawHttp")
+            .field("listen", &self.listen)
+            .field("token", &self.token.as_ref().map(|_| "<redacted>"))
+            .field("max_body_size", &self.max_body_size)
+            .finish()
+    }
+}
+
+/// The validated configuration.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// Where it came from: a file path or `embedded default`.
+    pub origin: String,
+    /// Device identity.
+    pub agent: AgentConfig,
+    /// The event store.
+    pub store: StoreConfig,
+    /// The HTTP API.
+    pub http: HttpConfig,
+}
+
+/// `[agent]`.
+#[derive(Debug, Clone)]
+pub struct AgentConfig {
+    /// This device's name (one topic level).
+    pub device_id: String,
+    /// Directory holding the store.
+    pub data_dir: PathBuf,
+}
+
+impl AgentConfig {
+    /// The CloudEvents `source` of this device's events.
+    pub fn source(&self) -> String {
+        format!("ferry://{}", self.device_id)
+    }
+}
+
+/// What ingest does when the store quota is reached.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FullPolicy {
+    /// Refuse new events until space frees up.
+    Reject,
+    /// Evict the oldest events of the lowest priority first.
+    DropOldest,
+}
+
+/// Whether a commit waits for fsync.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Durability {
+    /// Every commit is fsynced before ingest answers.
+    Fsync,
+    /// Commits are synced periodically; the last moments may be lost on power loss.
+    None,
+}
+
+/// A priority class: events whose topic matches get its priority and TTL.
+#[derive(Debug, Clone)]
+pub struct PriorityClass {
+    /// Name shown in status.
+    pub name: String,
+    /// Topic filters, any of which selects the class.
+    pub filters: Vec<TopicFilter>,
+    /// Eviction priority (lower is evicted first).
+    pub priority: u8,
+    /// TTL of the class's events, overriding the store default.
+    pub ttl: Option<Duration>,
+}
+
+/// `[store]`.
+#[derive(Debug, Clone)]
+pub struct StoreConfig {
+    /// The redb file.
+    pub path: PathBuf,
+    /// Upper bound on stored event bytes.
+    pub quota_bytes: u64,
+    /// Behaviour when full.
+    pub full_policy: FullPolicy,
+    /// Commit durability.
+    pub durability: Durability,
+    /// How long ids are remembered for deduplication.
+    pub dedup_window: Duration,
+    /// Default TTL (`None`: no expiry).
+    pub ttl: Option<Duration>,
+    /// Largest encoded event accepted.
+    pub max_event_bytes: usize,
+    /// Priority of unclassified events.
+    pub default_priority: u8,
+    /// Priority classes, first match wins.
+    pub classes: Vec<PriorityClass>,
+    /// Requests that may wait for the writer before producers feel backpressure.
+    pub queue_depth: usize,
+    /// Page cache of the database, in bytes.
+    pub cache_bytes: usize,
+}
+
+impl StoreConfig {
+    /// A store at `path` with the documented defaults; for tools and tests.
+    pub fn at(path: impl Into<PathBuf>) -> Self {
+        let mut config = Config::embedded().store;
+        config.path = path.into();
+        config
+    }
+
+    /// The class priority and TTL for an event on `topic`.
+    pub fn classify(&self, topic: &str) -> (u8, Option<Duration>) {
+        self.classes
+            .iter()
+            .find(|c| c.filters.iter().any(|f| f.matches(topic)))
+            .map_or((self.default_priority, self.ttl), |c| {
+                (c.priority, c.ttl.or(self.ttl))
+            })
+    }
+}
+
+/// A bearer token; never printed.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(String);
+
+impl Secret {
+    /// Wraps a secret value.
+    pub fn new(value: impl Into<String>) -> Self {
+        Self(value.into())
+    }
+
+    /// The secret itself, for comparison or sending.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("<redacted>")
+    }
+}
+
+/// `[ingest.http]`.
+#[derive(Debug, Clone)]
+pub struct HttpConfig {
+    /// Listen address.
+    pub listen: SocketAddr,
+    /// Required bearer token, if any.
+    pub token: Option<Secret>,
+    /// Largest request body.
+    pub max_body_bytes: usize,
+}
+
+impl Config {
+    /// Reads and validates a config file.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let file = path.display().to_string();
+        let text = std::fs::read_to_string(path).map_err(|e| ConfigError {
+            file: file.clone(),
+            key: "(file)".into(),
+            reason: format!("cannot read: {e}"),
+        })?;
+        Self::parse(&text, &file)
+    }
+
+    /// The embedded default configuration.
+    pub fn embedded() -> Self {
+        Self::parse(DEFAULT_TOML, "embedded default").expect("the embedded default is valid")
+    }
+
+    /// Parses and validates config text; `file` names it in errors.
+    pub fn parse(text: &str, file: &str) -> Result<Self, ConfigError> {
+        let raw: RawConfig = toml::from_str(text).map_err(|e| ConfigError {
+            file: file.into(),
+            key: "(syntax)".into(),
+            reason: e.to_string().trim_end().replace('\n', " "),
+        })?;
+        Self::from_raw(raw, file)
+    }
+
+    /// Validates parsed config; defaults are those of `ferry.default.toml`.
+    pub fn from_raw(raw: RawConfig, file: &str) -> Result<Self, ConfigError> {
+        let err = |key: &str, reason: String| ConfigError {
+            file: file.into(),
+            key: key.into(),
+            reason,
+        };
+
+        let device_id = raw.agent.device_id.unwrap_or_else(default_device_id);
+        validate_device_id(&device_id).map_err(|r| err("agent.device_id", r))?;
+        let data_dir = raw
+            .agent
+            .data_dir
+            .unwrap_or_else(|| PathBuf::from("./ferry-data"));
+
+        let s = raw.store;
+        let quota_bytes = s.quota.map_or(1 << 30, |b| b.as_u64());
+        if quota_bytes < 64 * 1024 {
+            return Err(err(
+                "store.quota",
+                format!("{quota_bytes} bytes is too small; the minimum is 64 KiB"),
+            ));
+        }
+        let full_policy = match s.full_policy.as_deref().unwrap_or("reject") {
+            "reject" => FullPolicy::Reject,
+            "drop-oldest" => FullPolicy::DropOldest,
+            other => {
+                return Err(err(
+                    "store.full_policy",
+                    format!("`{other}` is not one of \"reject\", \"drop-oldest\""),
+                ));
+            }
+        };
+        let durability = match s.durability.as_deref().unwrap_or("fsync") {
+            "fsync" => Durability::Fsync,
+            "none" => Durability::None,
+            other => {
+                return Err(err(
+                    "store.durability",
+                    format!("`{other}` is not one of \"fsync\", \"none\""),
+                ));
+            }
+        };
+        let dedup_window = parse_duration(s.dedup_window.as_deref().unwrap_or("24h"))
+            .map_err(|r| err("store.dedup_window", r))?;
+        let ttl = parse_ttl(s.ttl.as_deref()).map_err(|r| err("store.ttl", r))?;
+        let max_event_bytes = s.max_event_size.map_or(256 * 1024, |b| b.as_u64());
+        if max_event_bytes == 0 || max_event_bytes > quota_bytes {
+            return Err(err(
+                "store.max_event_size",
+                format!("must be between 1 byte and the quota ({quota_bytes} bytes)"),
+            ));
+        }
+        let mut classes = Vec::with_capacity(s.class.len());
+        for (i, c) in s.class.into_iter().enumerate() {
+            let key = |k: &str| format!("store.class[{i}].{k}");
+            if c.name.trim().is_empty() {
+                return Err(err(&key("name"), "must not be empty".into()));
+            }
+            if c.topics.is_empty() {
+                return Err(err(
+                    &key("topics"),
+                    "must list at least one topic filter".into(),
+                ));
+            }
+            let filters = c
+                .topics
+                .iter()
+                .map(|t| {
+                    TopicFilter::new(t)
+                        .map_err(|e: TopicError| err(&key("topics"), format!("`{t}` {e}")))
+                })
+                .collect::<Result<_, _>>()?;
+            let class_ttl = match c.ttl.as_deref() {
+                None => None,
+                some => parse_ttl(some).map_err(|r| err(&key("ttl"), r))?,
+            };
+            classes.push(PriorityClass {
+                name: c.name,
+                filters,
+                priority: c.priority,
+                ttl: class_ttl,
+            });
+        }
+
+        let h = raw.ingest.http.unwrap_or_default();
+        let listen_text = h.listen.unwrap_or_else(|| "127.0.0.1:7878".into());
+        let listen: SocketAddr = listen_text.parse().map_err(|_| {
+            err(
+                "ingest.http.listen",
+                format!("`{listen_text}` is not an address like 127.0.0.1:7878"),
+            )
+        })?;
+        let token = h.token.map(Secret::new);
+        if token.as_ref().is_some_and(|t| t.expose().len() < 16) {
+            return Err(err(
+                "ingest.http.token",
+                "must be at least 16 characters".into(),
+            ));
+        }
+        if !listen.ip().is_loopback() && token.is_none() {
+            return Err(err(
+                "ingest.http.token",
+                format!("required because ingest.http.listen ({listen}) is not a loopback address"),
+            ));
+        }
+        let max_body_bytes = usize::try_from(h.max_body_size.map_or(16 << 20, |b| b.as_u64()))
+            .map_err(|_| {
+                err(
+                    "ingest.http.max_body_size",
+                    "too large for this platform".into(),
+                )
+            })?;
+
+        Ok(Config {
+            origin: file.into(),
+            agent: AgentConfig {
+                device_id,
+                data_dir: data_dir.clone(),
+            },
+            store: StoreConfig {
+                path: data_dir.join("ferry.redb"),
+                quota_bytes,
+                full_policy,
+                durability,
+                dedup_window,
+                ttl,
+                max_event_bytes: usize::try_from(max_event_bytes).unwrap_or(usize::MAX),
+                default_priority: s.default_priority.unwrap_or(100),
+                classes,
+                queue_depth: 1024,
+                cache_bytes: usize::try_from(s.cache_size.map_or(64 << 20, |b| b.as_u64()))
+                    .unwrap_or(usize::MAX),
+            },
+            http: HttpConfig {
+                listen,
+                token,
+                max_body_bytes,
+            },
+        })
+    }
+}
+
+fn parse_duration(text: &str) -> Result<Duration, String> {
+    humantime::parse_duration(text)
+        .map_err(|e| format!("`{text}` is not a duration like \"30s\", \"24h\" or \"7d\" ({e})"))
+}
+
+/// A TTL; zero means none.
+fn parse_ttl(text: Option<&str>) -> Result<Option<Duration>, String> {
+    let d = parse_duration(text.unwrap_or("0s"))?;
+    Ok((!d.is_zero()).then_some(d))
+}
+
+fn validate_device_id(id: &str) -> Result<(), String> {
+    if id.is_empty() || id.len() > 128 {
+        return Err("must be 1 to 128 characters".into());
+    }
+    if let Some(c) = id
+        .chars()
+        .find(|c| matches!(c, '/' | '+' | '#' | '$') || c.is_control() || c.is_whitespace())
+    {
+        return Err(format!(
+            "`{id}` contains `{}`; it must be a single MQTT topic level",
+            c.escape_debug()
+        ));
+    }
+    Ok(())
+}
+
+/// The host name, which names the device unless the config does.
+fn default_device_id() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .ok()
+        .map(|h| h.trim().to_owned())
+        .filter(|h| validate_device_id(h).is_ok())
+        .unwrap_or_else(|| "ferry-device".into())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str) -> Result<Config, ConfigError> {
+        Config::parse(text, "test.toml")
+    }
+
+    #[test]
+    fn embedded_default_is_valid_and_listens_on_loopback() {
+        let c = Config::embedded();
+        assert_eq!(c.http.listen.to_string(), "127.0.0.1:7878");
+        assert_eq!(c.agent.data_dir, PathBuf::from("./ferry-data"));
+        assert_eq!(c.store.full_policy, FullPolicy::Reject);
+        assert_eq!(c.store.durability, Durability::Fsync);
+        assert_eq!(c.store.ttl, None);
+    }
+
+    #[test]
+    fn unknown_keys_are_errors_naming_the_file() {
+        let e = parse("[store]\nqouta = \"1 GiB\"\n").unwrap_err();
+        assert_eq!(e.file, "test.toml");
+        assert!(e.reason.contains("qouta"), "{e}");
+    }
+
+    #[test]
+    fn bad_values_name_key_and_reason() {
+        let e = parse("[store]\nfull_policy = \"drop-newest\"\n").unwrap_err();
+        assert_eq!(e.key, "store.full_policy");
+        assert!(e.reason.contains("drop-newest"));
+        let e = parse("[store]\ndedup_window = \"soon\"\n").unwrap_err();
+        assert_eq!(e.key, "store.dedup_window");
+        let e = parse("[[store.class]]\nname = \"a\"\ntopics = [\"a/#/b\"]\npriority = 1\n")
+            .unwrap_err();
+        assert_eq!(e.key, "store.class[0].topics");
+        let e = parse("[agent]\ndevice_id = \"a/b\"\n").unwrap_err();
+        assert_eq!(e.key, "agent.device_id");
+    }
+
+    #[test]
+    fn a_non_loopback_listener_requires_a_token() {
+        let e = parse("[ingest.http]\nlisten = \"0.0.0.0:7878\"\n").unwrap_err();
+        assert_eq!(e.key, "ingest.http.token");
+        let c =
+            parse("[ingest.http]\nlisten = \"0.0.0.0:7878\"\ntoken = \"0123456789abcdef0123\"\n")
+                .unwrap();
+        assert!(
+            !format!("{c:?}").contains("0123456789abcdef"),
+            "token must be redacted in Debug"
+        );
+    }
+
+    #[test]
+    fn classes_pick_priority_and_ttl_by_first_matching_filter() {
+        let c = parse(
+            "[store]\nttl = \"1d\"\n[[store.class]]\nname = \"alarms\"\ntopics = [\"alarms/#\"]\npriority = 200\n\
+             [[store.class]]\nname = \"debug\"\ntopics = [\"+/trace\"]\npriority = 10\nttl = \"1h\"\n",
+        )
+        .unwrap();
+        assert_eq!(
+            c.store.classify("alarms/fire"),
+            (200, Some(Duration::from_secs(86_400)))
+        );
+        assert_eq!(
+            c.store.classify("x/trace"),
+            (10, Some(Duration::from_secs(3_600)))
+        );
+        assert_eq!(
+            c.store.classify("telemetry/t"),
+            (100, Some(Duration::from_secs(86_400)))
+        );
+    }
+}

@@ -1,0 +1,29 @@
+//! Ferry: an edge store-and-forward agent.
+//!
+//! Local producers hand Ferry events; it stores each one durably in an
+//! embedded redb file before saying yes, and (in later layers) forwards them
+//! over MQTT to several clouds, each on its own schedule.
+//!
+//! # Layout
+//!
+//! Dependencies point down this list; nothing lower knows what is above it.
+//!
+//! - [`cli`] — the `ferry` command line and its HTTP client commands.
+//! - [`runtime`] — wiring: builds the services, runs them, orders shutdown.
+//! - [`ingest`] — producer input: body decoding ([`ingest::parse`]), defaults
+//!   and limits, and the HTTP API ([`ingest::http`]).
+//! - [`store`] — the redb event log: group commit, dedup, quota and
+//!   eviction, TTL and dead letters, forwarder cursors.
+//! - [`event`] — the CloudEvents record and its versioned storage encoding.
+//! - [`topic`] — MQTT topic name validation and filter matching.
+//! - [`clock`] — the injectable wall clock and the hybrid logical clock.
+//! - [`config`] — the TOML config: parsed, then validated into [`config::Config`].
+
+pub mod cli;
+pub mod clock;
+pub mod config;
+pub mod event;
+pub mod ingest;
+pub mod runtime;
+pub mod store;
+pub mod topic;

@@ -1,0 +1,520 @@
+//! The durable event store: an append-only log in one redb file, with dedup,
+//! a byte quota, priority eviction, TTL expiry, dead letters and the
+//! per-destination cursors of the forwarders.
+//!
+//! All writes go through one writer thread ([`writer`]) that group-commits
+//! whatever requests are waiting into one transaction, so many producers share
+//! one fsync. Reads open their own redb snapshots and never wait for the
+//! writer. Nothing here knows about MQTT or HTTP.
+
+mod tables;
+mod writer;
+
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use redb::{Database, ReadableDatabase, ReadableTable, ReadableTableMetadata};
+use serde::{Deserialize, Serialize};
+use tokio::sync::{oneshot, watch};
+
+use crate::clock::{Hlc, SharedClock};
+use crate::config::StoreConfig;
+use crate::event::{self, DecodeError, Event, EventBody};
+use writer::{Request, Writer};
+
+/// How long a producer refused for a full store is told to wait.
+pub const FULL_RETRY_AFTER: Duration = Duration::from_secs(5);
+
+/// An event ready for the writer: validated, classified and encoded by the
+/// caller so the writer thread only assigns sequence and HLC.
+#[derive(Debug, Clone)]
+pub struct PreparedEvent {
+    /// The event id (dedup key).
+    pub id: String,
+    /// Eviction priority.
+    pub priority: u8,
+    /// Expiry time, if the event has a TTL.
+    pub expires_at_ms: Option<u64>,
+    /// The postcard-encoded [`EventBody`].
+    pub body: Vec<u8>,
+}
+
+impl PreparedEvent {
+    /// Encodes `body` for appending.
+    pub fn new(body: &EventBody, priority: u8, expires_at_ms: Option<u64>) -> Self {
+        Self {
+            id: body.id.clone(),
+            priority,
+            expires_at_ms,
+            body: body.encode(),
+        }
+    }
+
+    /// Bytes the stored record will occupy (counted against the quota).
+    pub fn record_len(&self) -> u64 {
+        (event::HEADER_LEN + self.body.len()) as u64
+    }
+}
+
+/// The outcome of one appended event.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Appended {
+    /// The event id.
+    pub id: String,
+    /// Its sequence number (the original one for a duplicate).
+    pub sequence: u64,
+    /// Whether the id was already stored inside the dedup window.
+    pub duplicate: bool,
+}
+
+/// Why an append was refused. Refusals are all-or-nothing per request.
+#[derive(Debug, Clone, thiserror::Error)]
+#[non_exhaustive]
+pub enum AppendError {
+    /// The quota leaves no room (policy `reject`, or `drop-oldest` with only
+    /// higher-priority events left to evict).
+    #[error("store is full: {needed} bytes needed, {free} free of the {quota}-byte quota")]
+    Full {
+        /// Bytes the request needs.
+        needed: u64,
+        /// Bytes free now.
+        free: u64,
+        /// The quota.
+        quota: u64,
+        /// When to try again.
+        retry_after: Duration,
+    },
+    /// The request alone is larger than the whole quota.
+    #[error("request needs {needed} bytes, more than the whole {quota}-byte store quota")]
+    TooLarge {
+        /// Bytes the request needs.
+        needed: u64,
+        /// The quota.
+        quota: u64,
+    },
+    /// The storage layer failed; nothing of the request was stored.
+    #[error("storage failure: {0}")]
+    Storage(String),
+    /// The store is shutting down.
+    #[error("store is closed")]
+    Closed,
+}
+
+/// A store failure outside of appends.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum StoreError {
+    /// The database could not be opened or created.
+    #[error("cannot open store {path}: {source}")]
+    Open {
+        /// The redb file.
+        path: String,
+        /// The cause.
+        source: Box<redb::Error>,
+    },
+    /// A read or write failed.
+    #[error("storage failure: {0}")]
+    Storage(#[from] Box<redb::Error>),
+    /// A stored record failed to decode.
+    #[error("record {sequence} is unreadable: {source}")]
+    Corrupt {
+        /// The log key.
+        sequence: u64,
+        /// The cause.
+        source: DecodeError,
+    },
+    /// The store is shutting down.
+    #[error("store is closed")]
+    Closed,
+}
+
+fn storage(e: impl Into<redb::Error>) -> StoreError {
+    StoreError::Storage(Box::new(e.into()))
+}
+
+/// A dead letter: an event that left the log without being delivered.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DeadLetter {
+    /// Its number in the dead-letter table.
+    #[serde(skip)]
+    pub number: u64,
+    /// The event's sequence in the log.
+    pub sequence: u64,
+    /// Why it was dead-lettered.
+    pub reason: String,
+    /// When, in ms since the epoch.
+    pub at_ms: u64,
+    /// The stored record (see [`event::decode_record`]).
+    pub record: Vec<u8>,
+}
+
+/// Dead-letter record format version.
+const DEAD_V1: u8 = 1;
+
+impl DeadLetter {
+    fn encode(&self) -> Vec<u8> {
+        let mut out = vec![DEAD_V1];
+        out.extend(postcard::to_stdvec(self).expect("encoding to a Vec cannot fail"));
+        out
+    }
+
+    fn decode(number: u64, bytes: &[u8]) -> Result<Self, DecodeError> {
+        match bytes.first() {
+            Some(&DEAD_V1) => {}
+            Some(&v) => return Err(DecodeError::UnknownVersion(v)),
+            None => return Err(DecodeError::Truncated(0)),
+        }
+        let mut dl: DeadLetter = postcard::from_bytes(&bytes[1..])?;
+        dl.number = number;
+        Ok(dl)
+    }
+
+    /// The dead event, decoded.
+    pub fn event(&self) -> Result<Event, DecodeError> {
+        event::decode_record(self.sequence, &self.record)
+    }
+}
+
+/// Persistent counters, kept in the `meta` table and updated in the same
+/// transaction as the changes they count.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct Meta {
+    /// The next sequence number to assign.
+    pub next_sequence: u64,
+    /// The HLC high-water mark.
+    pub hlc: u64,
+    /// Bytes of records in the log.
+    pub log_bytes: u64,
+    /// Bytes of records in the dead-letter table.
+    pub dead_bytes: u64,
+    /// The next dead-letter number.
+    pub next_dead: u64,
+    /// Events evicted by `drop-oldest`.
+    pub evicted_events: u64,
+    /// Bytes evicted by `drop-oldest`.
+    pub evicted_bytes: u64,
+    /// Events expired by TTL.
+    pub expired_events: u64,
+    /// Dead letters dropped to keep the dead-letter table within its share of the quota.
+    pub dead_dropped: u64,
+    /// Events acknowledged as duplicates.
+    pub dedup_hits: u64,
+    /// Events ever accepted.
+    pub accepted_events: u64,
+}
+
+impl Meta {
+    const FIELDS: [&'static str; 11] = [
+        "next_sequence",
+        "hlc",
+        "log_bytes",
+        "dead_bytes",
+        "next_dead",
+        "evicted_events",
+        "evicted_bytes",
+        "expired_events",
+        "dead_dropped",
+        "dedup_hits",
+        "accepted_events",
+    ];
+
+    fn slots(&mut self) -> [&mut u64; 11] {
+        [
+            &mut self.next_sequence,
+            &mut self.hlc,
+            &mut self.log_bytes,
+            &mut self.dead_bytes,
+            &mut self.next_dead,
+            &mut self.evicted_events,
+            &mut self.evicted_bytes,
+            &mut self.expired_events,
+            &mut self.dead_dropped,
+            &mut self.dedup_hits,
+            &mut self.accepted_events,
+        ]
+    }
+
+    fn load(table: &impl ReadableTable<&'static str, u64>) -> Result<Self, redb::StorageError> {
+        let mut meta = Meta {
+            next_sequence: 1,
+            ..Meta::default()
+        };
+        for (name, slot) in Self::FIELDS.iter().zip(meta.slots()) {
+            if let Some(v) = table.get(*name)? {
+                *slot = v.value();
+            }
+        }
+        Ok(meta)
+    }
+
+    fn save(
+        &mut self,
+        table: &mut redb::Table<&'static str, u64>,
+    ) -> Result<(), redb::StorageError> {
+        for (name, slot) in Self::FIELDS.iter().zip(self.slots()) {
+            table.insert(*name, *slot)?;
+        }
+        Ok(())
+    }
+}
+
+/// A snapshot of the store for status and metrics.
+#[derive(Debug, Clone, Serialize)]
+pub struct StoreStatus {
+    /// Events in the log.
+    pub events: u64,
+    /// Bytes of events in the log.
+    pub bytes: u64,
+    /// The byte quota (log and dead letters together).
+    pub quota_bytes: u64,
+    /// Sequence of the newest event ever accepted (0 if none).
+    pub last_sequence: u64,
+    /// Sequence of the oldest event still in the log.
+    pub oldest_sequence: Option<u64>,
+    /// Age of the oldest event in the log, in ms.
+    pub oldest_age_ms: Option<u64>,
+    /// Dead letters held.
+    pub dead_letters: u64,
+    /// Bytes of dead letters held.
+    pub dead_letter_bytes: u64,
+    /// Ids remembered for deduplication.
+    pub dedup_entries: u64,
+    /// Counters.
+    pub counters: Meta,
+    /// Per-destination cursors.
+    pub cursors: Vec<(String, u64)>,
+}
+
+/// What one housekeeping pass did.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct SweepReport {
+    /// Events moved to dead letters because their TTL passed.
+    pub expired: u64,
+    /// Dedup entries forgotten because they left the window.
+    pub dedup_pruned: u64,
+    /// Dead letters dropped to stay within their share of the quota.
+    pub dead_dropped: u64,
+}
+
+/// Handle to the store. Cheap to clone; all clones share one writer thread.
+#[derive(Clone)]
+pub struct Store {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    db: Arc<Database>,
+    requests: flume::Sender<Request>,
+    committed: watch::Receiver<u64>,
+    config: StoreConfig,
+    writer: Mutex<Option<JoinHandle<()>>>,
+}
+
+impl Store {
+    /// Opens (or creates) the store and starts its writer thread.
+    ///
+    /// Blocking: opening recovers the file after a crash, which reads it.
+    pub fn open(config: StoreConfig, clock: SharedClock) -> Result<Self, StoreError> {
+        let open_err = |e: redb::Error| StoreError::Open {
+            path: config.path.display().to_string(),
+            source: Box::new(e),
+        };
+        if let Some(dir) = config.path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            std::fs::create_dir_all(dir).map_err(|e| open_err(redb::Error::Io(e)))?;
+        }
+        let db = redb::Builder::new()
+            .set_cache_size(config.cache_bytes)
+            .create(&config.path)
+            .map_err(|e| open_err(e.into()))?;
+        let db = Arc::new(db);
+        let (writer, committed) =
+            Writer::new(db.clone(), config.clone(), clock).map_err(|e| open_err(e.into()))?;
+        let (requests, rx) = flume::bounded(config.queue_depth);
+        let handle = std::thread::Builder::new()
+            .name("ferry-store-writer".into())
+            .spawn(move || writer.run(rx))
+            .map_err(|e| open_err(redb::Error::Io(e)))?;
+        Ok(Self {
+            inner: Arc::new(Inner {
+                db,
+                requests,
+                committed,
+                config,
+                writer: Mutex::new(Some(handle)),
+            }),
+        })
+    }
+
+    /// The configuration the store runs with.
+    pub fn config(&self) -> &StoreConfig {
+        &self.inner.config
+    }
+
+    /// Appends events durably. Answers only after the transaction holding
+    /// them has committed (with fsync unless durability is `none`). All or
+    /// nothing: on error, none of the events was stored.
+    pub async fn append(&self, events: Vec<PreparedEvent>) -> Result<Vec<Appended>, AppendError> {
+        let (reply, rx) = oneshot::channel();
+        self.send(Request::Append { events, reply })
+            .await
+            .map_err(|_| AppendError::Closed)?;
+        rx.await.map_err(|_| AppendError::Closed)?
+    }
+
+    /// Records that `destination` has everything up to `sequence`. Cursors
+    /// only move forward.
+    pub async fn set_cursor(&self, destination: &str, sequence: u64) -> Result<(), AppendError> {
+        let (reply, rx) = oneshot::channel();
+        self.send(Request::SetCursor {
+            name: destination.to_owned(),
+            sequence,
+            reply,
+        })
+        .await
+        .map_err(|_| AppendError::Closed)?;
+        rx.await.map_err(|_| AppendError::Closed)?
+    }
+
+    /// Runs housekeeping now (TTL expiry, dedup pruning) instead of waiting
+    /// for the writer's next idle tick.
+    pub async fn sweep(&self) -> Result<SweepReport, AppendError> {
+        let (reply, rx) = oneshot::channel();
+        self.send(Request::Sweep { reply })
+            .await
+            .map_err(|_| AppendError::Closed)?;
+        rx.await.map_err(|_| AppendError::Closed)?
+    }
+
+    async fn send(&self, request: Request) -> Result<(), flume::SendError<Request>> {
+        self.inner.requests.send_async(request).await
+    }
+
+    /// A receiver of the newest committed sequence, for readers that tail the log.
+    pub fn committed(&self) -> watch::Receiver<u64> {
+        self.inner.committed.clone()
+    }
+
+    /// Up to `limit` events with sequence greater than `after`, in order.
+    pub fn read_after(&self, after: u64, limit: usize) -> Result<Vec<Event>, StoreError> {
+        let txn = self.inner.db.begin_read().map_err(storage)?;
+        let log = txn.open_table(tables::LOG).map_err(storage)?;
+        let mut out = Vec::with_capacity(limit.min(4096));
+        for row in log
+            .range(after.saturating_add(1)..)
+            .map_err(storage)?
+            .take(limit)
+        {
+            let (k, v) = row.map_err(storage)?;
+            let sequence = k.value();
+            out.push(
+                event::decode_record(sequence, v.value())
+                    .map_err(|source| StoreError::Corrupt { sequence, source })?,
+            );
+        }
+        Ok(out)
+    }
+
+    /// Up to `limit` dead letters numbered above `after`, oldest first.
+    pub fn dead_letters(&self, after: u64, limit: usize) -> Result<Vec<DeadLetter>, StoreError> {
+        let txn = self.inner.db.begin_read().map_err(storage)?;
+        let dead = txn.open_table(tables::DEAD).map_err(storage)?;
+        let mut out = Vec::new();
+        for row in dead
+            .range(after.saturating_add(1)..)
+            .map_err(storage)?
+            .take(limit)
+        {
+            let (k, v) = row.map_err(storage)?;
+            let number = k.value();
+            out.push(DeadLetter::decode(number, v.value()).map_err(|source| {
+                StoreError::Corrupt {
+                    sequence: number,
+                    source,
+                }
+            })?);
+        }
+        Ok(out)
+    }
+
+    /// The cursor of `destination`, if it has one.
+    pub fn cursor(&self, destination: &str) -> Result<Option<u64>, StoreError> {
+        let txn = self.inner.db.begin_read().map_err(storage)?;
+        let cursors = txn.open_table(tables::CURSORS).map_err(storage)?;
+        Ok(cursors
+            .get(destination)
+            .map_err(storage)?
+            .map(|v| v.value()))
+    }
+
+    /// The current state of the store.
+    pub fn status(&self, now_ms: u64) -> Result<StoreStatus, StoreError> {
+        let txn = self.inner.db.begin_read().map_err(storage)?;
+        let meta = Meta::load(&txn.open_table(tables::META).map_err(storage)?).map_err(storage)?;
+        let log = txn.open_table(tables::LOG).map_err(storage)?;
+        let (oldest_sequence, oldest_age_ms) = match log.first().map_err(storage)? {
+            Some((k, v)) => {
+                let sequence = k.value();
+                let (header, _) = event::decode_header(v.value())
+                    .map_err(|source| StoreError::Corrupt { sequence, source })?;
+                (
+                    Some(sequence),
+                    Some(now_ms.saturating_sub(header.hlc.millis())),
+                )
+            }
+            None => (None, None),
+        };
+        let cursors = txn.open_table(tables::CURSORS).map_err(storage)?;
+        let cursors = cursors
+            .iter()
+            .map_err(storage)?
+            .map(|r| r.map(|(k, v)| (k.value().to_owned(), v.value())))
+            .collect::<Result<_, _>>()
+            .map_err(storage)?;
+        Ok(StoreStatus {
+            events: log.len().map_err(storage)?,
+            bytes: meta.log_bytes,
+            quota_bytes: self.inner.config.quota_bytes,
+            last_sequence: meta.next_sequence.saturating_sub(1),
+            oldest_sequence,
+            oldest_age_ms,
+            dead_letters: txn
+                .open_table(tables::DEAD)
+                .map_err(storage)?
+                .len()
+                .map_err(storage)?,
+            dead_letter_bytes: meta.dead_bytes,
+            dedup_entries: txn
+                .open_table(tables::DEDUP)
+                .map_err(storage)?
+                .len()
+                .map_err(storage)?,
+            counters: meta,
+            cursors,
+        })
+    }
+
+    /// The HLC high-water mark that a restart resumes from.
+    pub fn hlc_high_water(&self) -> Result<Hlc, StoreError> {
+        let txn = self.inner.db.begin_read().map_err(storage)?;
+        let meta = Meta::load(&txn.open_table(tables::META).map_err(storage)?).map_err(storage)?;
+        Ok(Hlc(meta.hlc))
+    }
+
+    /// Stops the writer after it has committed every request already queued.
+    /// Later appends answer [`AppendError::Closed`]. Blocking.
+    pub fn close(&self) {
+        let handle = self.inner.writer.lock().expect("writer handle lock").take();
+        if let Some(handle) = handle {
+            // The writer drains the queue before it honours the shutdown.
+            let _ = self.inner.requests.send(Request::Shutdown);
+            let _ = handle.join();
+        }
+    }
+
+    /// Path of the database file.
+    pub fn path(&self) -> &Path {
+        &self.inner.config.path
+    }
+}

@@ -1,0 +1,31 @@
+//! Every redb table of the store, in one place, with what it maps.
+//!
+//! Keys are chosen so that the scans the agent needs are range scans in key
+//! order: the log by sequence, evictions by (priority, sequence), expiries by
+//! (time, sequence), dedup pruning by sequence.
+
+use redb::TableDefinition;
+
+/// sequence → event record (see [`crate::event::encode_record`]).
+pub const LOG: TableDefinition<u64, &[u8]> = TableDefinition::new("log");
+
+/// event id → sequence of the stored event with that id.
+pub const DEDUP: TableDefinition<&str, u64> = TableDefinition::new("dedup");
+
+/// sequence → (acceptance time in ms, event id); prunes [`DEDUP`] in age order.
+pub const DEDUP_AGE: TableDefinition<u64, (u64, &str)> = TableDefinition::new("dedup_age");
+
+/// (priority, sequence) → record size; eviction order under `drop-oldest`.
+pub const BY_PRIORITY: TableDefinition<(u8, u64), u32> = TableDefinition::new("by_priority");
+
+/// (expiry time in ms, sequence) → (); TTL sweeps.
+pub const EXPIRY: TableDefinition<(u64, u64), ()> = TableDefinition::new("expiry");
+
+/// dead-letter number → dead-letter record (see [`super::DeadLetter`]).
+pub const DEAD: TableDefinition<u64, &[u8]> = TableDefinition::new("dead_letters");
+
+/// destination name → highest sequence acknowledged (everything at or below was delivered).
+pub const CURSORS: TableDefinition<&str, u64> = TableDefinition::new("cursors");
+
+/// counter name → value; see [`super::Meta`].
+pub const META: TableDefinition<&str, u64> = TableDefinition::new("meta");

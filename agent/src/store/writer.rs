@@ -1,0 +1,573 @@
+//! The store's single writer thread: group commit, dedup, quota, eviction,
+//! TTL expiry and dedup pruning.
+//!
+//! The thread blocks for one request, then takes every request already
+//! queued behind it and applies them all in one write transaction, so one
+//! fsync serves every producer that was waiting. Replies go out only after
+//! the commit returns. Each request is all or nothing on its own: a refused
+//! request changes nothing, while the others in the batch still commit.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use redb::{Database, ReadableTable, Table, WriteTransaction};
+use tokio::sync::{oneshot, watch};
+
+use super::tables;
+use super::{
+    AppendError, Appended, DeadLetter, FULL_RETRY_AFTER, Meta, PreparedEvent, SweepReport,
+};
+use crate::clock::{Hlc, HlcState, SharedClock};
+use crate::config::{Durability, FullPolicy, StoreConfig};
+use crate::event::{self, RecordHeader};
+
+/// Most events one transaction takes before it commits and starts another,
+/// which bounds commit latency under a flood.
+const MAX_BATCH_EVENTS: usize = 32_768;
+
+/// How often an idle writer runs housekeeping.
+const SWEEP_INTERVAL: Duration = Duration::from_millis(1_000);
+
+/// Most rows one housekeeping pass touches per task, so a large expiry wave
+/// never stalls ingest for long.
+const SWEEP_LIMIT: usize = 10_000;
+
+/// Share of the quota that dead letters may hold before the oldest go.
+const DEAD_LETTER_SHARE: u64 = 10;
+
+/// A request to the writer.
+pub(super) enum Request {
+    Append {
+        events: Vec<PreparedEvent>,
+        reply: oneshot::Sender<Result<Vec<Appended>, AppendError>>,
+    },
+    SetCursor {
+        name: String,
+        sequence: u64,
+        reply: oneshot::Sender<Result<(), AppendError>>,
+    },
+    Sweep {
+        reply: oneshot::Sender<Result<SweepReport, AppendError>>,
+    },
+    Shutdown,
+}
+
+impl Request {
+    fn weight(&self) -> usize {
+        match self {
+            Request::Append { events, .. } => events.len(),
+            _ => 1,
+        }
+    }
+}
+
+/// What a request's reply will be once the transaction commits.
+enum Pending {
+    Append(
+        oneshot::Sender<Result<Vec<Appended>, AppendError>>,
+        Result<Vec<Appended>, AppendError>,
+    ),
+    Cursor(oneshot::Sender<Result<(), AppendError>>),
+    Sweep(
+        oneshot::Sender<Result<SweepReport, AppendError>>,
+        SweepReport,
+    ),
+}
+
+impl Pending {
+    fn fail(self, error: &AppendError) {
+        match self {
+            Pending::Append(tx, _) => drop(tx.send(Err(error.clone()))),
+            Pending::Cursor(tx) => drop(tx.send(Err(error.clone()))),
+            Pending::Sweep(tx, _) => drop(tx.send(Err(error.clone()))),
+        }
+    }
+
+    fn succeed(self) {
+        match self {
+            Pending::Append(tx, outcome) => drop(tx.send(outcome)),
+            Pending::Cursor(tx) => drop(tx.send(Ok(()))),
+            Pending::Sweep(tx, report) => drop(tx.send(Ok(report))),
+        }
+    }
+}
+
+/// The open tables of one write transaction.
+struct Tables<'t> {
+    log: Table<'t, u64, &'static [u8]>,
+    dedup: Table<'t, &'static str, u64>,
+    dedup_age: Table<'t, u64, (u64, &'static str)>,
+    by_priority: Table<'t, (u8, u64), u32>,
+    expiry: Table<'t, (u64, u64), ()>,
+    dead: Table<'t, u64, &'static [u8]>,
+    cursors: Table<'t, &'static str, u64>,
+}
+
+impl<'t> Tables<'t> {
+    fn open(txn: &'t WriteTransaction) -> Result<Self, redb::TableError> {
+        Ok(Self {
+            log: txn.open_table(tables::LOG)?,
+            dedup: txn.open_table(tables::DEDUP)?,
+            dedup_age: txn.open_table(tables::DEDUP_AGE)?,
+            by_priority: txn.open_table(tables::BY_PRIORITY)?,
+            expiry: txn.open_table(tables::EXPIRY)?,
+            dead: txn.open_table(tables::DEAD)?,
+            cursors: txn.open_table(tables::CURSORS)?,
+        })
+    }
+}
+
+pub(super) struct Writer {
+    db: Arc<Database>,
+    config: StoreConfig,
+    clock: SharedClock,
+    hlc: HlcState,
+    meta: Meta,
+    committed: watch::Sender<u64>,
+    /// Commits made without fsync since the last durable one.
+    unsynced: bool,
+    last_sweep: Instant,
+}
+
+impl Writer {
+    /// Loads counters and the HLC high-water mark, creating tables on first use.
+    pub(super) fn new(
+        db: Arc<Database>,
+        config: StoreConfig,
+        clock: SharedClock,
+    ) -> Result<(Self, watch::Receiver<u64>), redb::Error> {
+        let txn = db.begin_write()?;
+        let meta = {
+            let t = Tables::open(&txn)?;
+            let mut meta = Meta::load(&txn.open_table(tables::META)?)?;
+            // The log may run ahead of the counter only if the counter was
+            // never written; take the larger so sequences are never reused.
+            if let Some((k, _)) = t.log.last()? {
+                meta.next_sequence = meta.next_sequence.max(k.value() + 1);
+            }
+            meta
+        };
+        let mut meta_table = txn.open_table(tables::META)?;
+        let mut meta = meta;
+        meta.save(&mut meta_table)?;
+        drop(meta_table);
+        txn.commit()?;
+        let hlc = HlcState::resume(Hlc(meta.hlc));
+        let (committed, rx) = watch::channel(meta.next_sequence - 1);
+        let writer = Self {
+            db,
+            config,
+            clock,
+            hlc,
+            meta,
+            committed,
+            unsynced: false,
+            last_sweep: Instant::now(),
+        };
+        Ok((writer, rx))
+    }
+
+    pub(super) fn run(mut self, rx: flume::Receiver<Request>) {
+        loop {
+            let first = match rx.recv_timeout(SWEEP_INTERVAL) {
+                Ok(r) => r,
+                Err(flume::RecvTimeoutError::Timeout) => {
+                    self.housekeeping();
+                    continue;
+                }
+                Err(flume::RecvTimeoutError::Disconnected) => break,
+            };
+            let mut weight = first.weight();
+            let mut batch = vec![first];
+            while weight < MAX_BATCH_EVENTS {
+                match rx.try_recv() {
+                    Ok(r) => {
+                        weight += r.weight();
+                        batch.push(r);
+                    }
+                    Err(_) => break,
+                }
+            }
+            let shutdown = batch.iter().any(|r| matches!(r, Request::Shutdown));
+            if shutdown {
+                // Everything queued before or after the shutdown request is
+                // committed; the senders already hold it as in flight.
+                batch.extend(rx.drain());
+            }
+            self.commit_batch(batch);
+            if self.last_sweep.elapsed() >= SWEEP_INTERVAL {
+                self.housekeeping();
+            }
+            if shutdown {
+                break;
+            }
+        }
+        if self.unsynced {
+            self.housekeeping();
+        }
+        tracing::debug!("store writer stopped");
+    }
+
+    fn commit_batch(&mut self, batch: Vec<Request>) {
+        let saved = (self.meta.clone(), self.hlc.clone());
+        let result = self.apply_batch(batch);
+        match result {
+            Ok(pending) => {
+                for p in pending {
+                    p.succeed();
+                }
+                self.committed.send_replace(self.meta.next_sequence - 1);
+            }
+            Err((pending, error)) => {
+                tracing::error!(%error, "store transaction failed; its requests were refused");
+                (self.meta, self.hlc) = saved;
+                let error = AppendError::Storage(error.to_string());
+                for p in pending {
+                    p.fail(&error);
+                }
+            }
+        }
+    }
+
+    /// Applies a batch in one transaction. On error nothing was committed and
+    /// every request gets the error.
+    #[allow(clippy::type_complexity)]
+    fn apply_batch(
+        &mut self,
+        batch: Vec<Request>,
+    ) -> Result<Vec<Pending>, (Vec<Pending>, redb::Error)> {
+        let mut pending = Vec::with_capacity(batch.len());
+        let mut deferred = Vec::new();
+        let result = (|| -> Result<(), redb::Error> {
+            let txn = self.begin()?;
+            {
+                let mut t = Tables::open(&txn)?;
+                let now_ms = self.clock.now_millis();
+                for request in batch {
+                    match request {
+                        Request::Append { events, reply } => {
+                            let outcome = self.append(&mut t, &events, now_ms)?;
+                            pending.push(Pending::Append(reply, outcome));
+                        }
+                        Request::SetCursor {
+                            name,
+                            sequence,
+                            reply,
+                        } => {
+                            let current = t.cursors.get(name.as_str())?.map_or(0, |v| v.value());
+                            if sequence > current {
+                                t.cursors.insert(name.as_str(), sequence)?;
+                            }
+                            pending.push(Pending::Cursor(reply));
+                        }
+                        Request::Sweep { reply } => deferred.push(reply),
+                        Request::Shutdown => {}
+                    }
+                }
+                for reply in deferred.drain(..) {
+                    let report = self.sweep(&mut t, now_ms)?;
+                    pending.push(Pending::Sweep(reply, report));
+                }
+            }
+            self.commit(txn)
+        })();
+        match result {
+            Ok(()) => Ok(pending),
+            Err(e) => Err((pending, e)),
+        }
+    }
+
+    fn begin(&mut self) -> Result<WriteTransaction, redb::Error> {
+        let mut txn = self.db.begin_write()?;
+        if self.config.durability == Durability::None {
+            txn.set_durability(redb::Durability::None)?;
+        }
+        Ok(txn)
+    }
+
+    fn commit(&mut self, txn: WriteTransaction) -> Result<(), redb::Error> {
+        {
+            let mut meta = txn.open_table(tables::META)?;
+            self.meta.hlc = self.hlc.high_water().0;
+            self.meta.save(&mut meta)?;
+        }
+        txn.commit()?;
+        self.unsynced = self.config.durability == Durability::None;
+        Ok(())
+    }
+
+    /// Stores one request's events, or refuses the whole request.
+    fn append(
+        &mut self,
+        t: &mut Tables<'_>,
+        events: &[PreparedEvent],
+        now_ms: u64,
+    ) -> Result<Result<Vec<Appended>, AppendError>, redb::Error> {
+        // Pass 1: which events are new, and how much room they need.
+        enum Slot {
+            New,
+            StoredAs(u64),
+            SameAs(usize),
+        }
+        let mut slots = Vec::with_capacity(events.len());
+        let mut first_in_request: HashMap<&str, usize> = HashMap::new();
+        let mut needed = 0u64;
+        let mut max_priority = 0u8;
+        for (i, e) in events.iter().enumerate() {
+            if let Some(seq) = t.dedup.get(e.id.as_str())? {
+                slots.push(Slot::StoredAs(seq.value()));
+            } else if let Some(&j) = first_in_request.get(e.id.as_str()) {
+                slots.push(Slot::SameAs(j));
+            } else {
+                first_in_request.insert(&e.id, i);
+                needed += e.record_len();
+                max_priority = max_priority.max(e.priority);
+                slots.push(Slot::New);
+            }
+        }
+        if let Err(refusal) = self.make_room(t, needed, max_priority)? {
+            return Ok(Err(refusal));
+        }
+
+        // Pass 2: assign sequence and HLC, write the records and indexes.
+        let mut out: Vec<Appended> = Vec::with_capacity(events.len());
+        let mut record = Vec::new();
+        for (e, slot) in events.iter().zip(slots) {
+            let (sequence, duplicate) = match slot {
+                Slot::StoredAs(seq) => (seq, true),
+                Slot::SameAs(j) => (out[j].sequence, true),
+                Slot::New => {
+                    let seq = self.meta.next_sequence;
+                    self.meta.next_sequence += 1;
+                    let header = RecordHeader {
+                        hlc: self.hlc.tick(now_ms),
+                        expires_at_ms: e.expires_at_ms,
+                        priority: e.priority,
+                    };
+                    record.clear();
+                    event::encode_record(header, &e.body, &mut record);
+                    t.log.insert(seq, record.as_slice())?;
+                    t.dedup.insert(e.id.as_str(), seq)?;
+                    t.dedup_age.insert(seq, (now_ms, e.id.as_str()))?;
+                    t.by_priority
+                        .insert((e.priority, seq), record.len() as u32)?;
+                    if let Some(at) = e.expires_at_ms {
+                        t.expiry.insert((at, seq), ())?;
+                    }
+                    self.meta.log_bytes += record.len() as u64;
+                    self.meta.accepted_events += 1;
+                    (seq, false)
+                }
+            };
+            if duplicate {
+                self.meta.dedup_hits += 1;
+            }
+            out.push(Appended {
+                id: e.id.clone(),
+                sequence,
+                duplicate,
+            });
+        }
+        Ok(Ok(out))
+    }
+
+    fn used_bytes(&self) -> u64 {
+        self.meta.log_bytes + self.meta.dead_bytes
+    }
+
+    /// Ensures `needed` bytes fit under the quota, evicting under
+    /// `drop-oldest`. Evicts nothing unless the whole request will fit.
+    fn make_room(
+        &mut self,
+        t: &mut Tables<'_>,
+        needed: u64,
+        max_priority: u8,
+    ) -> Result<Result<(), AppendError>, redb::Error> {
+        let quota = self.config.quota_bytes;
+        let free = quota.saturating_sub(self.used_bytes());
+        if needed <= free {
+            return Ok(Ok(()));
+        }
+        if needed > quota {
+            return Ok(Err(AppendError::TooLarge { needed, quota }));
+        }
+        let full = AppendError::Full {
+            needed,
+            free,
+            quota,
+            retry_after: FULL_RETRY_AFTER,
+        };
+        if self.config.full_policy == FullPolicy::Reject {
+            return Ok(Err(full));
+        }
+        // Only events no more important than the newcomers may make way.
+        let shortfall = needed - free;
+        let mut evictable = 0u64;
+        for row in t.by_priority.range(..=(max_priority, u64::MAX))? {
+            evictable += u64::from(row?.1.value());
+            if evictable >= shortfall {
+                break;
+            }
+        }
+        if evictable < shortfall {
+            return Ok(Err(full));
+        }
+        let (mut freed, mut count) = (0u64, 0u64);
+        while freed < shortfall {
+            let Some((key, _)) = t.by_priority.pop_first()? else {
+                break;
+            };
+            let (_, seq) = key.value();
+            drop(key);
+            let size = self.remove_from_log(t, seq)?;
+            freed += size;
+            count += 1;
+        }
+        self.meta.evicted_events += count;
+        self.meta.evicted_bytes += freed;
+        tracing::warn!(
+            events = count,
+            bytes = freed,
+            "store full: evicted the oldest lowest-priority events"
+        );
+        Ok(Ok(()))
+    }
+
+    /// Deletes a record and its expiry entry; returns its size. The caller
+    /// has already removed (or is iterating) its priority entry.
+    fn remove_from_log(&mut self, t: &mut Tables<'_>, seq: u64) -> Result<u64, redb::Error> {
+        let Some(record) = t.log.remove(seq)? else {
+            return Ok(0);
+        };
+        let bytes = record.value();
+        let size = bytes.len() as u64;
+        if let Ok((header, _)) = event::decode_header(bytes)
+            && let Some(at) = header.expires_at_ms
+        {
+            drop(record);
+            t.expiry.remove((at, seq))?;
+        }
+        self.meta.log_bytes -= size;
+        Ok(size)
+    }
+
+    /// Expires events past their TTL into dead letters, forgets dedup ids
+    /// older than the window, and keeps dead letters within their share.
+    fn sweep(&mut self, t: &mut Tables<'_>, now_ms: u64) -> Result<SweepReport, redb::Error> {
+        let mut report = SweepReport::default();
+        while (report.expired as usize) < SWEEP_LIMIT {
+            let Some((key, _)) = t.expiry.first()? else {
+                break;
+            };
+            let (at, seq) = key.value();
+            drop(key);
+            if at > now_ms {
+                break;
+            }
+            t.expiry.remove((at, seq))?;
+            let record = t.log.remove(seq)?.map(|r| r.value().to_vec());
+            if let Some(record) = record {
+                let priority = event::decode_header(&record).map_or(0, |(h, _)| h.priority);
+                t.by_priority.remove((priority, seq))?;
+                self.meta.log_bytes -= record.len() as u64;
+                self.dead_letter(t, seq, "ttl expired", now_ms, record)?;
+                report.expired += 1;
+            }
+        }
+        self.meta.expired_events += report.expired;
+
+        let window_ms = u64::try_from(self.config.dedup_window.as_millis()).unwrap_or(u64::MAX);
+        let cutoff = now_ms.saturating_sub(window_ms);
+        while (report.dedup_pruned as usize) < SWEEP_LIMIT {
+            let Some((key, value)) = t.dedup_age.first()? else {
+                break;
+            };
+            let (seq, (at, id)) = (key.value(), value.value());
+            if at >= cutoff {
+                break;
+            }
+            let id = id.to_owned();
+            drop((key, value));
+            t.dedup_age.remove(seq)?;
+            // The id may since have been stored again under a newer sequence.
+            if t.dedup.get(id.as_str())?.is_some_and(|v| v.value() == seq) {
+                t.dedup.remove(id.as_str())?;
+            }
+            report.dedup_pruned += 1;
+        }
+
+        let dead_cap = self.config.quota_bytes / DEAD_LETTER_SHARE;
+        while self.meta.dead_bytes > dead_cap {
+            let Some((_, v)) = t.dead.pop_first()? else {
+                break;
+            };
+            self.meta.dead_bytes = self.meta.dead_bytes.saturating_sub(v.value().len() as u64);
+            report.dead_dropped += 1;
+        }
+        if report.dead_dropped > 0 {
+            self.meta.dead_dropped += report.dead_dropped;
+            tracing::warn!(
+                dropped = report.dead_dropped,
+                "dead letters over their share of the quota: dropped the oldest"
+            );
+        }
+        Ok(report)
+    }
+
+    fn dead_letter(
+        &mut self,
+        t: &mut Tables<'_>,
+        sequence: u64,
+        reason: &str,
+        at_ms: u64,
+        record: Vec<u8>,
+    ) -> Result<(), redb::Error> {
+        let number = self.meta.next_dead.max(1);
+        self.meta.next_dead = number + 1;
+        let bytes = DeadLetter {
+            number,
+            sequence,
+            reason: reason.to_owned(),
+            at_ms,
+            record,
+        }
+        .encode();
+        self.meta.dead_bytes += bytes.len() as u64;
+        t.dead.insert(number, bytes.as_slice())?;
+        Ok(())
+    }
+
+    /// Idle-time housekeeping in its own transaction, which also makes
+    /// commits taken without fsync durable. Commits only if something
+    /// changed, so an idle agent does not wear the flash.
+    fn housekeeping(&mut self) {
+        self.last_sweep = Instant::now();
+        let saved = (self.meta.clone(), self.hlc.clone());
+        let result = (|| -> Result<SweepReport, redb::Error> {
+            let txn = self.db.begin_write()?;
+            let report = self.sweep(&mut Tables::open(&txn)?, self.clock.now_millis())?;
+            if report == SweepReport::default() && !self.unsynced {
+                txn.abort()?;
+                return Ok(report);
+            }
+            {
+                let mut meta = txn.open_table(tables::META)?;
+                self.meta.save(&mut meta)?;
+            }
+            txn.commit()?;
+            self.unsynced = false;
+            Ok(report)
+        })();
+        match result {
+            Ok(report) if report.expired > 0 => {
+                tracing::info!(expired = report.expired, "events expired to dead letters")
+            }
+            Ok(_) => {}
+            Err(error) => {
+                (self.meta, self.hlc) = saved;
+                tracing::error!(%error, "store housekeeping failed");
+            }
+        }
+    }
+}
