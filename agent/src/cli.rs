@@ -148,11 +148,7 @@ pub fn config_command(cmd: &ConfigCommand) -> anyhow::Result<()> {
             println!(
                 "  http        {}{}",
                 c.http.listen,
-                if c.http.token.is_some() {
-                    " (token required)"
-                } else {
-                    ""
-                }
+                if c.http.token.is_some() { " (token required)" } else { "" }
             );
             for class in &c.store.classes {
                 let filters: Vec<&str> = class.filters.iter().map(|f| f.as_str()).collect();
@@ -200,14 +196,9 @@ fn request(
             r.send(body.unwrap_or_default())
         }
     }
-    .with_context(|| {
-        format!("cannot reach the agent at {url} (is `ferry run` running? set --url or FERRY_URL)")
-    })?;
+    .with_context(|| format!("cannot reach the agent at {url} (is `ferry run` running? set --url or FERRY_URL)"))?;
     let status = response.status().as_u16();
-    let text = response
-        .body_mut()
-        .read_to_string()
-        .context("reading the agent's answer")?;
+    let text = response.body_mut().read_to_string().context("reading the agent's answer")?;
     let value = serde_json::from_str(&text).unwrap_or(Value::String(text));
     Ok((status, value))
 }
@@ -216,10 +207,7 @@ fn check(status: u16, body: &Value) -> anyhow::Result<()> {
     if status == 200 {
         return Ok(());
     }
-    let msg = body
-        .get("error")
-        .and_then(Value::as_str)
-        .map_or_else(|| body.to_string(), str::to_owned);
+    let msg = body.get("error").and_then(Value::as_str).map_or_else(|| body.to_string(), str::to_owned);
     bail!("the agent answered {status}: {msg}")
 }
 
@@ -230,43 +218,21 @@ pub fn publish(args: &PublishArgs) -> anyhow::Result<()> {
     };
     let mut event = json!({ "topic": topic });
     match (&args.data, &args.data_base64) {
-        (Some(d), _) => {
-            event["data"] = serde_json::from_str(d).unwrap_or_else(|_| Value::String(d.clone()))
-        }
+        (Some(d), _) => event["data"] = serde_json::from_str(d).unwrap_or_else(|_| Value::String(d.clone())),
         (None, Some(b)) => event["data_base64"] = json!(b),
-        (None, None) => bail!(
-            "give --data or --data-base64 with --topic (or omit --topic to read NDJSON from stdin)"
-        ),
+        (None, None) => bail!("give --data or --data-base64 with --topic (or omit --topic to read NDJSON from stdin)"),
     }
-    for (name, value) in [
-        ("id", &args.id),
-        ("key", &args.key),
-        ("type", &args.ty),
-        ("ttl", &args.ttl),
-    ] {
+    for (name, value) in [("id", &args.id), ("key", &args.key), ("type", &args.ty), ("ttl", &args.ttl)] {
         if let Some(v) = value {
             event[name] = json!(v);
         }
     }
-    let (status, body) = request(
-        &args.api,
-        "POST",
-        "/v1/events",
-        "application/json",
-        Some(serde_json::to_vec(&event)?),
-    )?;
+    let (status, body) =
+        request(&args.api, "POST", "/v1/events", "application/json", Some(serde_json::to_vec(&event)?))?;
     check(status, &body)?;
     let e = &body["events"][0];
-    let dup = if e["duplicate"].as_bool() == Some(true) {
-        " (duplicate: already stored)"
-    } else {
-        ""
-    };
-    println!(
-        "accepted {} sequence {}{dup}",
-        e["id"].as_str().unwrap_or("?"),
-        e["sequence"]
-    );
+    let dup = if e["duplicate"].as_bool() == Some(true) { " (duplicate: already stored)" } else { "" };
+    println!("accepted {} sequence {}{dup}", e["id"].as_str().unwrap_or("?"), e["sequence"]);
     Ok(())
 }
 
@@ -278,20 +244,11 @@ fn publish_stdin(args: &PublishArgs) -> anyhow::Result<()> {
         if batch.is_empty() {
             return Ok(());
         }
-        let (status, body) = request(
-            &args.api,
-            "POST",
-            "/v1/events",
-            "application/x-ndjson",
-            Some(std::mem::take(batch)),
-        )?;
+        let (status, body) =
+            request(&args.api, "POST", "/v1/events", "application/x-ndjson", Some(std::mem::take(batch)))?;
         if status != 200 {
             if let Some(i) = body.get("index").and_then(Value::as_u64) {
-                bail!(
-                    "line {}: {}",
-                    first_line + i as usize + 1,
-                    body["error"].as_str().unwrap_or("rejected")
-                );
+                bail!("line {}: {}", first_line + i as usize + 1, body["error"].as_str().unwrap_or("rejected"));
             }
             check(status, &body)?;
         }
@@ -350,12 +307,7 @@ pub fn status(args: &StatusArgs) -> anyhow::Result<()> {
         n(&s["last_sequence"])
     )?;
     match s["oldest_age_ms"].as_u64() {
-        Some(ms) => writeln!(
-            out,
-            "oldest    {:.1}s old (sequence {})",
-            ms as f64 / 1000.0,
-            n(&s["oldest_sequence"])
-        )?,
+        Some(ms) => writeln!(out, "oldest    {:.1}s old (sequence {})", ms as f64 / 1000.0, n(&s["oldest_sequence"]))?,
         None => writeln!(out, "oldest    (log empty)")?,
     }
     let c = &s["counters"];

@@ -72,12 +72,8 @@ pub fn new_event_id(clock: &dyn Clock) -> String {
         static CONTEXT: uuid::ContextV7 = uuid::ContextV7::new();
     }
     let nanos = clock.now_nanos().max(0);
-    let (secs, subsec) = (
-        (nanos / 1_000_000_000) as u64,
-        (nanos % 1_000_000_000) as u32,
-    );
-    CONTEXT
-        .with(|ctx| uuid::Uuid::new_v7(uuid::Timestamp::from_unix(ctx, secs, subsec)).to_string())
+    let (secs, subsec) = ((nanos / 1_000_000_000) as u64, (nanos % 1_000_000_000) as u32);
+    CONTEXT.with(|ctx| uuid::Uuid::new_v7(uuid::Timestamp::from_unix(ctx, secs, subsec)).to_string())
 }
 
 /// Bits of an [`Hlc`] that hold the logical counter.

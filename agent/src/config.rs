@@ -198,9 +198,7 @@ impl StoreConfig {
         self.classes
             .iter()
             .find(|c| c.filters.iter().any(|f| f.matches(topic)))
-            .map_or((self.default_priority, self.ttl), |c| {
-                (c.priority, c.ttl.or(self.ttl))
-            })
+            .map_or((self.default_priority, self.ttl), |c| (c.priority, c.ttl.or(self.ttl)))
     }
 }
 
@@ -266,49 +264,33 @@ impl Config {
 
     /// Validates parsed config; defaults are those of `ferry.default.toml`.
     pub fn from_raw(raw: RawConfig, file: &str) -> Result<Self, ConfigError> {
-        let err = |key: &str, reason: String| ConfigError {
-            file: file.into(),
-            key: key.into(),
-            reason,
-        };
+        let err = |key: &str, reason: String| ConfigError { file: file.into(), key: key.into(), reason };
 
         let device_id = raw.agent.device_id.unwrap_or_else(default_device_id);
         validate_device_id(&device_id).map_err(|r| err("agent.device_id", r))?;
-        let data_dir = raw
-            .agent
-            .data_dir
-            .unwrap_or_else(|| PathBuf::from("./ferry-data"));
+        let data_dir = raw.agent.data_dir.unwrap_or_else(|| PathBuf::from("./ferry-data"));
 
         let s = raw.store;
         let quota_bytes = s.quota.map_or(1 << 30, |b| b.as_u64());
         if quota_bytes < 64 * 1024 {
-            return Err(err(
-                "store.quota",
-                format!("{quota_bytes} bytes is too small; the minimum is 64 KiB"),
-            ));
+            return Err(err("store.quota", format!("{quota_bytes} bytes is too small; the minimum is 64 KiB")));
         }
         let full_policy = match s.full_policy.as_deref().unwrap_or("reject") {
             "reject" => FullPolicy::Reject,
             "drop-oldest" => FullPolicy::DropOldest,
             other => {
-                return Err(err(
-                    "store.full_policy",
-                    format!("`{other}` is not one of \"reject\", \"drop-oldest\""),
-                ));
+                return Err(err("store.full_policy", format!("`{other}` is not one of \"reject\", \"drop-oldest\"")));
             }
         };
         let durability = match s.durability.as_deref().unwrap_or("fsync") {
             "fsync" => Durability::Fsync,
             "none" => Durability::None,
             other => {
-                return Err(err(
-                    "store.durability",
-                    format!("`{other}` is not one of \"fsync\", \"none\""),
-                ));
+                return Err(err("store.durability", format!("`{other}` is not one of \"fsync\", \"none\"")));
             }
         };
-        let dedup_window = parse_duration(s.dedup_window.as_deref().unwrap_or("24h"))
-            .map_err(|r| err("store.dedup_window", r))?;
+        let dedup_window =
+            parse_duration(s.dedup_window.as_deref().unwrap_or("24h")).map_err(|r| err("store.dedup_window", r))?;
         let ttl = parse_ttl(s.ttl.as_deref()).map_err(|r| err("store.ttl", r))?;
         let max_event_bytes = s.max_event_size.map_or(256 * 1024, |b| b.as_u64());
         if max_event_bytes == 0 || max_event_bytes > quota_bytes {
@@ -324,45 +306,28 @@ impl Config {
                 return Err(err(&key("name"), "must not be empty".into()));
             }
             if c.topics.is_empty() {
-                return Err(err(
-                    &key("topics"),
-                    "must list at least one topic filter".into(),
-                ));
+                return Err(err(&key("topics"), "must list at least one topic filter".into()));
             }
             let filters = c
                 .topics
                 .iter()
-                .map(|t| {
-                    TopicFilter::new(t)
-                        .map_err(|e: TopicError| err(&key("topics"), format!("`{t}` {e}")))
-                })
+                .map(|t| TopicFilter::new(t).map_err(|e: TopicError| err(&key("topics"), format!("`{t}` {e}"))))
                 .collect::<Result<_, _>>()?;
             let class_ttl = match c.ttl.as_deref() {
                 None => None,
                 some => parse_ttl(some).map_err(|r| err(&key("ttl"), r))?,
             };
-            classes.push(PriorityClass {
-                name: c.name,
-                filters,
-                priority: c.priority,
-                ttl: class_ttl,
-            });
+            classes.push(PriorityClass { name: c.name, filters, priority: c.priority, ttl: class_ttl });
         }
 
         let h = raw.ingest.http.unwrap_or_default();
         let listen_text = h.listen.unwrap_or_else(|| "127.0.0.1:7878".into());
-        let listen: SocketAddr = listen_text.parse().map_err(|_| {
-            err(
-                "ingest.http.listen",
-                format!("`{listen_text}` is not an address like 127.0.0.1:7878"),
-            )
-        })?;
+        let listen: SocketAddr = listen_text
+            .parse()
+            .map_err(|_| err("ingest.http.listen", format!("`{listen_text}` is not an address like 127.0.0.1:7878")))?;
         let token = h.token.map(Secret::new);
         if token.as_ref().is_some_and(|t| t.expose().len() < 16) {
-            return Err(err(
-                "ingest.http.token",
-                "must be at least 16 characters".into(),
-            ));
+            return Err(err("ingest.http.token", "must be at least 16 characters".into()));
         }
         if !listen.ip().is_loopback() && token.is_none() {
             return Err(err(
@@ -371,19 +336,11 @@ impl Config {
             ));
         }
         let max_body_bytes = usize::try_from(h.max_body_size.map_or(16 << 20, |b| b.as_u64()))
-            .map_err(|_| {
-                err(
-                    "ingest.http.max_body_size",
-                    "too large for this platform".into(),
-                )
-            })?;
+            .map_err(|_| err("ingest.http.max_body_size", "too large for this platform".into()))?;
 
         Ok(Config {
             origin: file.into(),
-            agent: AgentConfig {
-                device_id,
-                data_dir: data_dir.clone(),
-            },
+            agent: AgentConfig { device_id, data_dir: data_dir.clone() },
             store: StoreConfig {
                 path: data_dir.join("ferry.redb"),
                 quota_bytes,
@@ -395,14 +352,9 @@ impl Config {
                 default_priority: s.default_priority.unwrap_or(100),
                 classes,
                 queue_depth: 1024,
-                cache_bytes: usize::try_from(s.cache_size.map_or(64 << 20, |b| b.as_u64()))
-                    .unwrap_or(usize::MAX),
+                cache_bytes: usize::try_from(s.cache_size.map_or(64 << 20, |b| b.as_u64())).unwrap_or(usize::MAX),
             },
-            http: HttpConfig {
-                listen,
-                token,
-                max_body_bytes,
-            },
+            http: HttpConfig { listen, token, max_body_bytes },
         })
     }
 }
@@ -422,14 +374,8 @@ fn validate_device_id(id: &str) -> Result<(), String> {
     if id.is_empty() || id.len() > 128 {
         return Err("must be 1 to 128 characters".into());
     }
-    if let Some(c) = id
-        .chars()
-        .find(|c| matches!(c, '/' | '+' | '#' | '$') || c.is_control() || c.is_whitespace())
-    {
-        return Err(format!(
-            "`{id}` contains `{}`; it must be a single MQTT topic level",
-            c.escape_debug()
-        ));
+    if let Some(c) = id.chars().find(|c| matches!(c, '/' | '+' | '#' | '$') || c.is_control() || c.is_whitespace()) {
+        return Err(format!("`{id}` contains `{}`; it must be a single MQTT topic level", c.escape_debug()));
     }
     Ok(())
 }
@@ -475,8 +421,7 @@ mod tests {
         assert!(e.reason.contains("drop-newest"));
         let e = parse("[store]\ndedup_window = \"soon\"\n").unwrap_err();
         assert_eq!(e.key, "store.dedup_window");
-        let e = parse("[[store.class]]\nname = \"a\"\ntopics = [\"a/#/b\"]\npriority = 1\n")
-            .unwrap_err();
+        let e = parse("[[store.class]]\nname = \"a\"\ntopics = [\"a/#/b\"]\npriority = 1\n").unwrap_err();
         assert_eq!(e.key, "store.class[0].topics");
         let e = parse("[agent]\ndevice_id = \"a/b\"\n").unwrap_err();
         assert_eq!(e.key, "agent.device_id");
@@ -486,13 +431,8 @@ mod tests {
     fn a_non_loopback_listener_requires_a_token() {
         let e = parse("[ingest.http]\nlisten = \"0.0.0.0:7878\"\n").unwrap_err();
         assert_eq!(e.key, "ingest.http.token");
-        let c =
-            parse("[ingest.http]\nlisten = \"0.0.0.0:7878\"\ntoken = \"0123456789abcdef0123\"\n")
-                .unwrap();
-        assert!(
-            !format!("{c:?}").contains("0123456789abcdef"),
-            "token must be redacted in Debug"
-        );
+        let c = parse("[ingest.http]\nlisten = \"0.0.0.0:7878\"\ntoken = \"0123456789abcdef0123\"\n").unwrap();
+        assert!(!format!("{c:?}").contains("0123456789abcdef"), "token must be redacted in Debug");
     }
 
     #[test]
@@ -502,17 +442,8 @@ mod tests {
              [[store.class]]\nname = \"debug\"\ntopics = [\"+/trace\"]\npriority = 10\nttl = \"1h\"\n",
         )
         .unwrap();
-        assert_eq!(
-            c.store.classify("alarms/fire"),
-            (200, Some(Duration::from_secs(86_400)))
-        );
-        assert_eq!(
-            c.store.classify("x/trace"),
-            (10, Some(Duration::from_secs(3_600)))
-        );
-        assert_eq!(
-            c.store.classify("telemetry/t"),
-            (100, Some(Duration::from_secs(86_400)))
-        );
+        assert_eq!(c.store.classify("alarms/fire"), (200, Some(Duration::from_secs(86_400))));
+        assert_eq!(c.store.classify("x/trace"), (10, Some(Duration::from_secs(3_600))));
+        assert_eq!(c.store.classify("telemetry/t"), (100, Some(Duration::from_secs(86_400))));
     }
 }

@@ -52,9 +52,7 @@ pub struct EventBody {
 impl EventBody {
     /// Whether the data is JSON text (so structured mode embeds it as JSON).
     pub fn data_is_json(&self) -> bool {
-        self.datacontenttype
-            .as_deref()
-            .is_some_and(is_json_content_type)
+        self.datacontenttype.as_deref().is_some_and(is_json_content_type)
     }
 
     /// The postcard encoding of this body.
@@ -133,11 +131,8 @@ pub fn decode_header(bytes: &[u8]) -> Result<(RecordHeader, &[u8]), DecodeError>
     }
     let u64_at = |at: usize| u64::from_le_bytes(bytes[at..at + 8].try_into().expect("8 bytes"));
     let expires = u64_at(9);
-    let header = RecordHeader {
-        hlc: Hlc(u64_at(1)),
-        expires_at_ms: (expires != 0).then_some(expires),
-        priority: bytes[17],
-    };
+    let header =
+        RecordHeader { hlc: Hlc(u64_at(1)), expires_at_ms: (expires != 0).then_some(expires), priority: bytes[17] };
     Ok((header, &bytes[HEADER_LEN..]))
 }
 
@@ -145,13 +140,7 @@ pub fn decode_header(bytes: &[u8]) -> Result<(RecordHeader, &[u8]), DecodeError>
 pub fn decode_record(sequence: u64, bytes: &[u8]) -> Result<Event, DecodeError> {
     let (header, body) = decode_header(bytes)?;
     let body: EventBody = postcard::from_bytes(body)?;
-    Ok(Event {
-        sequence,
-        hlc: header.hlc,
-        expires_at_ms: header.expires_at_ms,
-        priority: header.priority,
-        body,
-    })
+    Ok(Event { sequence, hlc: header.hlc, expires_at_ms: header.expires_at_ms, priority: header.priority, body })
 }
 
 /// Formats nanoseconds since the epoch as RFC 3339 (UTC).
@@ -188,11 +177,7 @@ mod tests {
 
     #[test]
     fn record_round_trips_header_and_body() {
-        let header = RecordHeader {
-            hlc: Hlc(42 << 16 | 3),
-            expires_at_ms: Some(99),
-            priority: 7,
-        };
+        let header = RecordHeader { hlc: Hlc(42 << 16 | 3), expires_at_ms: Some(99), priority: 7 };
         let mut bytes = Vec::new();
         encode_record(header, &sample().encode(), &mut bytes);
         let event = decode_record(11, &bytes).unwrap();
@@ -205,11 +190,7 @@ mod tests {
 
     #[test]
     fn no_expiry_round_trips_as_none() {
-        let header = RecordHeader {
-            hlc: Hlc(1),
-            expires_at_ms: None,
-            priority: 0,
-        };
+        let header = RecordHeader { hlc: Hlc(1), expires_at_ms: None, priority: 0 };
         let mut bytes = Vec::new();
         encode_record(header, &sample().encode(), &mut bytes);
         assert_eq!(decode_header(&bytes).unwrap().0, header);
@@ -218,15 +199,7 @@ mod tests {
     #[test]
     fn garbage_decodes_to_an_error_never_a_panic() {
         let mut bytes = Vec::new();
-        encode_record(
-            RecordHeader {
-                hlc: Hlc(1),
-                expires_at_ms: None,
-                priority: 0,
-            },
-            &sample().encode(),
-            &mut bytes,
-        );
+        encode_record(RecordHeader { hlc: Hlc(1), expires_at_ms: None, priority: 0 }, &sample().encode(), &mut bytes);
         // Every truncation and every single-byte corruption must be handled.
         for len in 0..bytes.len() {
             let _ = decode_record(1, &bytes[..len]);
@@ -251,24 +224,13 @@ mod tests {
                 .collect();
             let _ = decode_record(1, &junk);
         }
-        assert!(matches!(
-            decode_record(1, &[]),
-            Err(DecodeError::Truncated(0))
-        ));
+        assert!(matches!(decode_record(1, &[]), Err(DecodeError::Truncated(0))));
     }
 
     #[test]
     fn unknown_format_version_is_named_in_the_error() {
         let mut bytes = Vec::new();
-        encode_record(
-            RecordHeader {
-                hlc: Hlc(1),
-                expires_at_ms: None,
-                priority: 0,
-            },
-            &sample().encode(),
-            &mut bytes,
-        );
+        encode_record(RecordHeader { hlc: Hlc(1), expires_at_ms: None, priority: 0 }, &sample().encode(), &mut bytes);
         bytes[0] = 9;
         let err = decode_record(1, &bytes).unwrap_err();
         assert!(err.to_string().contains("version 9"), "{err}");
@@ -279,9 +241,8 @@ mod tests {
     #[test]
     fn format_v1_bytes_written_by_the_first_release_still_decode() {
         let pinned: &[u8] = &[
-            1, 3, 0, 42, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 2, 3, b'a', b'b', b'c', 10, b'f',
-            b'e', b'r', b'r', b'y', b':', b'/', b'/', b'g', b'w', 1, b't', 3, b'x', b'/', b'y', 0,
-            0, 2, b'4', b'2', 0, 0,
+            1, 3, 0, 42, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 2, 3, b'a', b'b', b'c', 10, b'f', b'e', b'r', b'r',
+            b'y', b':', b'/', b'/', b'g', b'w', 1, b't', 3, b'x', b'/', b'y', 0, 0, 2, b'4', b'2', 0, 0,
         ];
         let event = decode_record(5, pinned).unwrap();
         assert_eq!(event.hlc, Hlc(42 << 16 | 3));
@@ -297,10 +258,7 @@ mod tests {
     fn time_formats_and_parses_rfc3339() {
         let t = parse_time("2026-11-22T03:02:27.5Z").unwrap();
         assert_eq!(format_time(t), "2026-11-22T03:02:27.5Z");
-        assert_eq!(
-            parse_time("2026-11-22T05:02:27+02:00"),
-            parse_time("2026-11-22T03:02:27Z")
-        );
+        assert_eq!(parse_time("2026-11-22T05:02:27+02:00"), parse_time("2026-11-22T03:02:27Z"));
         assert_eq!(parse_time("yesterday"), None);
     }
 

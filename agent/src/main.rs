@@ -36,22 +36,14 @@ fn run(args: &cli::RunArgs) -> anyhow::Result<()> {
             config.http.listen
         );
     }
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()?;
-    runtime.block_on(ferry::runtime::run(
-        config,
-        Arc::new(SystemClock),
-        shutdown_signal(),
-    ))?;
+    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    runtime.block_on(ferry::runtime::run(config, Arc::new(SystemClock), shutdown_signal()))?;
     Ok(())
 }
 
 fn init_logging(format: LogFormat) {
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
     match format {
         LogFormat::Human => builder.init(),
         LogFormat::Json => builder.json().init(),

@@ -58,35 +58,20 @@ impl Agent {
             .map_err(|e| RunError::Task(e.to_string()))??;
 
         let (listener, http_addr) =
-            http::bind(&config.http)
-                .await
-                .map_err(|source| RunError::Bind {
-                    addr: config.http.listen,
-                    source,
-                })?;
+            http::bind(&config.http).await.map_err(|source| RunError::Bind { addr: config.http.listen, source })?;
         let ingest = Ingest::new(store.clone(), config.agent.source(), clock);
         let (stop_http, stopped) = oneshot::channel::<()>();
-        let http = tokio::spawn(http::serve(
-            listener,
-            config.http.clone(),
-            ingest,
-            config.agent.device_id.clone(),
-            async {
+        let http =
+            tokio::spawn(http::serve(listener, config.http.clone(), ingest, config.agent.device_id.clone(), async {
                 let _ = stopped.await;
-            },
-        ));
+            }));
         tracing::info!(
             config = %config.origin,
             device_id = %config.agent.device_id,
             store = %config.store.path.display(),
             "HTTP API listening on {http_addr}"
         );
-        Ok(Self {
-            store,
-            http_addr,
-            stop_http,
-            http,
-        })
+        Ok(Self { store, http_addr, stop_http, http })
     }
 
     /// Where the HTTP API listens.
@@ -104,20 +89,14 @@ impl Agent {
         let _ = self.stop_http.send(());
         let served = self.http.await.map_err(|e| RunError::Task(e.to_string()))?;
         let store = self.store.clone();
-        tokio::task::spawn_blocking(move || store.close())
-            .await
-            .map_err(|e| RunError::Task(e.to_string()))?;
+        tokio::task::spawn_blocking(move || store.close()).await.map_err(|e| RunError::Task(e.to_string()))?;
         tracing::info!("stopped cleanly");
         served.map_err(RunError::Serve)
     }
 }
 
 /// Runs the agent until `shutdown` resolves, then stops it in order.
-pub async fn run(
-    config: Config,
-    clock: SharedClock,
-    shutdown: impl Future<Output = ()>,
-) -> Result<(), RunError> {
+pub async fn run(config: Config, clock: SharedClock, shutdown: impl Future<Output = ()>) -> Result<(), RunError> {
     let agent = Agent::start(config, clock).await?;
     shutdown.await;
     tracing::info!("shutting down: no new requests; finishing commits");

@@ -145,10 +145,7 @@ mod tests {
         assert_eq!(validate_name("$SYS/x"), Err(TopicError::Reserved));
         assert_eq!(validate_name("a\0b"), Err(TopicError::ControlChar));
         let long = "a".repeat(MAX_TOPIC_BYTES + 1);
-        assert_eq!(
-            validate_name(&long),
-            Err(TopicError::TooLong(MAX_TOPIC_BYTES + 1))
-        );
+        assert_eq!(validate_name(&long), Err(TopicError::TooLong(MAX_TOPIC_BYTES + 1)));
         assert_eq!(validate_name("telemetry/temp/ünïcode"), Ok(()));
     }
 

@@ -52,23 +52,13 @@ pub async fn serve(
     device_id: String,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    let api = Api {
-        ingest,
-        config: Arc::new(config),
-        device_id: device_id.into(),
-        started: Instant::now(),
-    };
+    let api = Api { ingest, config: Arc::new(config), device_id: device_id.into(), started: Instant::now() };
     let protected = Router::new()
         .route("/v1/events", post(post_events))
         .route("/v1/status", get(get_status))
         .route_layer(middleware::from_fn_with_state(api.clone(), require_token));
-    let app = Router::new()
-        .route("/healthz", get(|| async { "ok\n" }))
-        .merge(protected)
-        .with_state(api);
-    axum::serve(listener, app)
-        .with_graceful_shutdown(shutdown)
-        .await
+    let app = Router::new().route("/healthz", get(|| async { "ok\n" })).merge(protected).with_state(api);
+    axum::serve(listener, app).with_graceful_shutdown(shutdown).await
 }
 
 async fn require_token(State(api): State<Api>, request: Request, next: Next) -> Response {
@@ -81,18 +71,11 @@ async fn require_token(State(api): State<Api>, request: Request, next: Next) -> 
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.strip_prefix("Bearer "));
     match given {
-        Some(g) if constant_time_eq(g.as_bytes(), token.expose().as_bytes()) => {
-            next.run(request).await
-        }
+        Some(g) if constant_time_eq(g.as_bytes(), token.expose().as_bytes()) => next.run(request).await,
         _ => {
-            let mut r = error(
-                StatusCode::UNAUTHORIZED,
-                "missing or wrong bearer token (Authorization: Bearer …)",
-                None,
-                None,
-            );
-            r.headers_mut()
-                .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+            let mut r =
+                error(StatusCode::UNAUTHORIZED, "missing or wrong bearer token (Authorization: Bearer …)", None, None);
+            r.headers_mut().insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
             r
         }
     }
@@ -123,9 +106,7 @@ async fn post_events(State(api): State<Api>, headers: HeaderMap, body: Body) -> 
     let ingest = api.ingest.clone();
     let inline = bytes.len() <= INLINE_PARSE_LIMIT;
     let decode = move || {
-        let content_type = headers
-            .get(header::CONTENT_TYPE)
-            .and_then(|v| v.to_str().ok());
+        let content_type = headers.get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok());
         let lookup = |name: &str| headers.get(name).and_then(|v| v.to_str().ok());
         let ce = headers
             .iter()
@@ -140,32 +121,18 @@ async fn post_events(State(api): State<Api>, headers: HeaderMap, body: Body) -> 
         match tokio::task::spawn_blocking(decode).await {
             Ok(r) => r,
             Err(e) => {
-                return error(
-                    StatusCode::INTERNAL_SERVER_ERROR,
-                    &format!("decoding failed: {e}"),
-                    None,
-                    None,
-                );
+                return error(StatusCode::INTERNAL_SERVER_ERROR, &format!("decoding failed: {e}"), None, None);
             }
         }
     };
     let result = match prepared {
-        Ok(events) => api
-            .ingest
-            .store()
-            .append(events)
-            .await
-            .map_err(IngestError::from),
+        Ok(events) => api.ingest.store().append(events).await.map_err(IngestError::from),
         Err(e) => Err(e),
     };
     match result {
         Ok(events) => {
             let duplicates = events.iter().filter(|e| e.duplicate).count();
-            let body = Accepted {
-                accepted: events.len() - duplicates,
-                duplicates,
-                events,
-            };
+            let body = Accepted { accepted: events.len() - duplicates, duplicates, events };
             (StatusCode::OK, axum::Json(body)).into_response()
         }
         Err(e) => ingest_error(&e),
@@ -175,26 +142,15 @@ async fn post_events(State(api): State<Api>, headers: HeaderMap, body: Body) -> 
 fn ingest_error(e: &IngestError) -> Response {
     let msg = e.to_string();
     match e {
-        IngestError::BadInput(b) => {
-            error(StatusCode::BAD_REQUEST, &msg, b.index, b.field.as_deref())
-        }
-        IngestError::EventTooLarge { index, .. } => {
-            error(StatusCode::PAYLOAD_TOO_LARGE, &msg, Some(*index), None)
-        }
-        IngestError::Store(AppendError::TooLarge { .. }) => {
-            error(StatusCode::PAYLOAD_TOO_LARGE, &msg, None, None)
-        }
+        IngestError::BadInput(b) => error(StatusCode::BAD_REQUEST, &msg, b.index, b.field.as_deref()),
+        IngestError::EventTooLarge { index, .. } => error(StatusCode::PAYLOAD_TOO_LARGE, &msg, Some(*index), None),
+        IngestError::Store(AppendError::TooLarge { .. }) => error(StatusCode::PAYLOAD_TOO_LARGE, &msg, None, None),
         IngestError::Store(AppendError::Full { retry_after, .. }) => {
             let mut r = error(StatusCode::INSUFFICIENT_STORAGE, &msg, None, None);
-            r.headers_mut().insert(
-                header::RETRY_AFTER,
-                HeaderValue::from(retry_after.as_secs().max(1)),
-            );
+            r.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(retry_after.as_secs().max(1)));
             r
         }
-        IngestError::Store(AppendError::Closed) => {
-            error(StatusCode::SERVICE_UNAVAILABLE, &msg, None, None)
-        }
+        IngestError::Store(AppendError::Closed) => error(StatusCode::SERVICE_UNAVAILABLE, &msg, None, None),
         IngestError::Store(_) => error(StatusCode::INTERNAL_SERVER_ERROR, &msg, None, None),
     }
 }
@@ -229,20 +185,10 @@ async fn get_status(State(api): State<Api>) -> Response {
     let store = match tokio::task::spawn_blocking(move || ingest.store().status(now_ms)).await {
         Ok(Ok(s)) => s,
         Ok(Err(e)) => {
-            return error(
-                StatusCode::INTERNAL_SERVER_ERROR,
-                &e.to_string(),
-                None,
-                None,
-            );
+            return error(StatusCode::INTERNAL_SERVER_ERROR, &e.to_string(), None, None);
         }
         Err(e) => {
-            return error(
-                StatusCode::INTERNAL_SERVER_ERROR,
-                &e.to_string(),
-                None,
-                None,
-            );
+            return error(StatusCode::INTERNAL_SERVER_ERROR, &e.to_string(), None, None);
         }
     };
     let status = Status {

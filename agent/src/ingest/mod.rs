@@ -24,9 +24,7 @@ pub enum IngestError {
     #[error("{0}")]
     BadInput(#[from] BadInput),
     /// One event is larger than `store.max_event_size`.
-    #[error(
-        "event {index}: {size} bytes encoded, over the {limit}-byte limit (store.max_event_size)"
-    )]
+    #[error("event {index}: {size} bytes encoded, over the {limit}-byte limit (store.max_event_size)")]
     EventTooLarge {
         /// Index of the event in the request.
         index: usize,
@@ -51,11 +49,7 @@ pub struct Ingest {
 impl Ingest {
     /// Ingest into `store`, stamping events with `source`.
     pub fn new(store: Store, source: String, clock: SharedClock) -> Self {
-        Self {
-            store,
-            source,
-            clock,
-        }
+        Self { store, source, clock }
     }
 
     /// The store behind this ingest path.
@@ -83,13 +77,11 @@ impl Ingest {
         for (index, input) in inputs.into_iter().enumerate() {
             let (priority, class_ttl) = config.classify(&input.topic);
             let ttl = input.ttl.or(class_ttl);
-            let datacontenttype = input
-                .datacontenttype
-                .or_else(|| input.data_is_json.then(|| JSON_CONTENT_TYPE.to_owned()));
+            let datacontenttype =
+                input.datacontenttype.or_else(|| input.data_is_json.then(|| JSON_CONTENT_TYPE.to_owned()));
+            let producer_id = input.id.is_some();
             let body = EventBody {
-                id: input
-                    .id
-                    .unwrap_or_else(|| clock::new_event_id(self.clock.as_ref())),
+                id: input.id.unwrap_or_else(|| clock::new_event_id(self.clock.as_ref())),
                 source: self.source.clone(),
                 ty: input.ty.unwrap_or_else(|| DEFAULT_TYPE.to_owned()),
                 subject: input.topic,
@@ -99,14 +91,10 @@ impl Ingest {
                 partitionkey: input.partitionkey,
                 extensions: input.extensions,
             };
-            let event = PreparedEvent::new(&body, priority, ttl.map(|t| expiry(now_ms, t)));
+            let event = PreparedEvent::new(&body, producer_id, priority, ttl.map(|t| expiry(now_ms, t)));
             let size = event.record_len() as usize;
             if size > config.max_event_bytes {
-                return Err(IngestError::EventTooLarge {
-                    index,
-                    size,
-                    limit: config.max_event_bytes,
-                });
+                return Err(IngestError::EventTooLarge { index, size, limit: config.max_event_bytes });
             }
             out.push(event);
         }
@@ -115,7 +103,5 @@ impl Ingest {
 }
 
 fn expiry(now_ms: u64, ttl: Duration) -> u64 {
-    now_ms
-        .saturating_add(u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX))
-        .max(1)
+    now_ms.saturating_add(u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX)).max(1)
 }

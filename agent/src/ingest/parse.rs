@@ -62,11 +62,7 @@ pub struct BadInput {
 
 impl BadInput {
     fn new(field: Option<&str>, reason: impl Into<String>) -> Self {
-        Self {
-            index: None,
-            field: field.map(str::to_owned),
-            reason: reason.into(),
-        }
+        Self { index: None, field: field.map(str::to_owned), reason: reason.into() }
     }
 
     fn at(mut self, index: usize) -> Self {
@@ -99,13 +95,7 @@ pub fn parse_body<'h>(
     ce_headers: impl Iterator<Item = (&'h str, &'h str)>,
     body: &[u8],
 ) -> Result<Vec<InputEvent>, BadInput> {
-    let essence = content_type.map(|c| {
-        c.split(';')
-            .next()
-            .unwrap_or("")
-            .trim()
-            .to_ascii_lowercase()
-    });
+    let essence = content_type.map(|c| c.split(';').next().unwrap_or("").trim().to_ascii_lowercase());
     if header("ce-specversion").is_some() {
         return parse_binary(content_type, ce_headers, body).map(|e| vec![e]);
     }
@@ -113,31 +103,20 @@ pub fn parse_body<'h>(
         Some("application/cloudevents+json") => {
             let raw = parse_one(body)?;
             if raw.specversion.is_none() {
-                return Err(BadInput::new(
-                    Some("specversion"),
-                    "is required in application/cloudevents+json",
-                ));
+                return Err(BadInput::new(Some("specversion"), "is required in application/cloudevents+json"));
             }
             Ok(vec![raw.into_input()?])
         }
         Some("application/cloudevents-batch+json") => {
-            let items: Vec<&RawValue> = serde_json::from_slice(body).map_err(|e| {
-                BadInput::new(
-                    None,
-                    format!("a CloudEvents batch must be a JSON array: {e}"),
-                )
-            })?;
+            let items: Vec<&RawValue> = serde_json::from_slice(body)
+                .map_err(|e| BadInput::new(None, format!("a CloudEvents batch must be a JSON array: {e}")))?;
             items
                 .into_iter()
                 .enumerate()
                 .map(|(i, raw)| {
                     let ev = parse_one(raw.get().as_bytes()).map_err(|e| e.at(i))?;
                     if ev.specversion.is_none() {
-                        return Err(BadInput::new(
-                            Some("specversion"),
-                            "is required in a CloudEvents batch",
-                        )
-                        .at(i));
+                        return Err(BadInput::new(Some("specversion"), "is required in a CloudEvents batch").at(i));
                     }
                     ev.into_input().map_err(|e| e.at(i))
                 })
@@ -152,10 +131,7 @@ fn parse_json_values(body: &[u8]) -> Result<Vec<InputEvent>, BadInput> {
     let mut values = serde_json::Deserializer::from_slice(body).into_iter::<&RawValue>();
     let first = match values.next() {
         None => {
-            return Err(BadInput::new(
-                None,
-                "body is empty; expected a JSON object, a JSON array or NDJSON",
-            ));
+            return Err(BadInput::new(None, "body is empty; expected a JSON object, a JSON array or NDJSON"));
         }
         Some(v) => v.map_err(|e| BadInput::new(None, format!("malformed JSON: {e}")))?,
     };
@@ -164,30 +140,18 @@ fn parse_json_values(body: &[u8]) -> Result<Vec<InputEvent>, BadInput> {
         if values.next().is_some() {
             return Err(BadInput::new(None, "a JSON array must be the whole body"));
         }
-        let items: Vec<&RawValue> = serde_json::from_str(first.get())
-            .map_err(|e| BadInput::new(None, format!("malformed JSON: {e}")))?;
+        let items: Vec<&RawValue> =
+            serde_json::from_str(first.get()).map_err(|e| BadInput::new(None, format!("malformed JSON: {e}")))?;
         for (i, raw) in items.into_iter().enumerate() {
-            out.push(
-                parse_one(raw.get().as_bytes())
-                    .and_then(RawEvent::into_input)
-                    .map_err(|e| e.at(i))?,
-            );
+            out.push(parse_one(raw.get().as_bytes()).and_then(RawEvent::into_input).map_err(|e| e.at(i))?);
         }
         return Ok(out);
     }
-    out.push(
-        parse_one(first.get().as_bytes())
-            .and_then(RawEvent::into_input)
-            .map_err(|e| e.at(0))?,
-    );
+    out.push(parse_one(first.get().as_bytes()).and_then(RawEvent::into_input).map_err(|e| e.at(0))?);
     for (i, v) in values.enumerate() {
         let index = i + 1;
         let raw = v.map_err(|e| BadInput::new(None, format!("malformed JSON: {e}")).at(index))?;
-        out.push(
-            parse_one(raw.get().as_bytes())
-                .and_then(RawEvent::into_input)
-                .map_err(|e| e.at(index))?,
-        );
+        out.push(parse_one(raw.get().as_bytes()).and_then(RawEvent::into_input).map_err(|e| e.at(index))?);
     }
     Ok(out)
 }
@@ -197,16 +161,12 @@ fn parse_one(bytes: &[u8]) -> Result<RawEvent<'_>, BadInput> {
     let raw = RawEvent::deserialize(&mut de).map_err(|e| {
         let msg = e.to_string();
         // Errors raised for a field carry "field `x`: " in front.
-        match msg
-            .strip_prefix("field `")
-            .and_then(|r| r.split_once("`: "))
-        {
+        match msg.strip_prefix("field `").and_then(|r| r.split_once("`: ")) {
             Some((field, reason)) => BadInput::new(Some(field), strip_position(reason)),
             None => BadInput::new(None, format!("malformed event: {msg}")),
         }
     })?;
-    de.end()
-        .map_err(|e| BadInput::new(None, format!("malformed JSON: {e}")))?;
+    de.end().map_err(|e| BadInput::new(None, format!("malformed JSON: {e}")))?;
     Ok(raw)
 }
 
@@ -283,8 +243,7 @@ impl<'de> Deserialize<'de> for RawEvent<'de> {
                         map: &mut A,
                         key: &str,
                     ) -> Result<T, A::Error> {
-                        map.next_value::<T>()
-                            .map_err(|e| de::Error::custom(format!("field `{key}`: {e}")))
+                        map.next_value::<T>().map_err(|e| de::Error::custom(format!("field `{key}`: {e}")))
                     }
                     let k = key.as_ref();
                     let dup = |k: &str| de::Error::custom(format!("field `{k}`: appears twice"));
@@ -334,10 +293,7 @@ impl RawEvent<'_> {
         if let Some(v) = &self.specversion
             && v != "1.0"
         {
-            return Err(bad(
-                "specversion",
-                format!("`{v}` is not supported; Ferry accepts CloudEvents 1.0"),
-            ));
+            return Err(bad("specversion", format!("`{v}` is not supported; Ferry accepts CloudEvents 1.0")));
         }
         if !cloudevent && let Some((name, _)) = self.extras.first() {
             return Err(bad(
@@ -352,21 +308,13 @@ impl RawEvent<'_> {
             (None, Some(s)) => (s, "subject"),
             (None, None) => return Err(bad("topic", "is required (or CloudEvents `subject`)")),
         };
-        topic::validate_name(&topic)
-            .map_err(|e| bad(topic_field, format!("`{}` {e}", topic.escape_debug())))?;
+        topic::validate_name(&topic).map_err(|e| bad(topic_field, format!("`{}` {e}", topic.escape_debug())))?;
 
         let mut extensions = Vec::new();
         if cloudevent {
-            for (name, field) in [
-                (&self.id, "id"),
-                (&self.source, "source"),
-                (&self.ty, "type"),
-            ] {
+            for (name, field) in [(&self.id, "id"), (&self.source, "source"), (&self.ty, "type")] {
                 if name.as_deref().is_none_or(str::is_empty) {
-                    return Err(bad(
-                        field,
-                        "is required by CloudEvents 1.0 and must not be empty",
-                    ));
+                    return Err(bad(field, "is required by CloudEvents 1.0 and must not be empty"));
                 }
             }
             if self.key.is_some() || self.ttl.is_some() || self.extensions.is_some() {
@@ -399,10 +347,9 @@ impl RawEvent<'_> {
             }
         }
         let time_nanos = match &self.time {
-            Some(t) => Some(
-                event::parse_time(t)
-                    .ok_or_else(|| bad("time", format!("`{t}` is not an RFC 3339 timestamp")))?,
-            ),
+            Some(t) => {
+                Some(event::parse_time(t).ok_or_else(|| bad("time", format!("`{t}` is not an RFC 3339 timestamp")))?)
+            }
             None => None,
         };
         if let Some(ct) = &self.datacontenttype
@@ -411,10 +358,7 @@ impl RawEvent<'_> {
             return Err(bad("datacontenttype", "must be 1 to 256 characters"));
         }
 
-        let declared_json = self
-            .datacontenttype
-            .as_deref()
-            .is_none_or(is_json_content_type);
+        let declared_json = self.datacontenttype.as_deref().is_none_or(is_json_content_type);
         let (data, data_is_json) = match (self.data, self.data_base64, self.binary_data) {
             (Some(_), Some(_), _) => {
                 return Err(bad("data", "give `data` or `data_base64`, not both"));
@@ -426,10 +370,7 @@ impl RawEvent<'_> {
                     (false, Err(_)) => match serde_json::from_str::<String>(raw.get()) {
                         Ok(text) => (text.into_bytes(), false),
                         Err(_) => {
-                            return Err(bad(
-                                "data",
-                                "must be a JSON string when datacontenttype is not JSON",
-                            ));
+                            return Err(bad("data", "must be a JSON string when datacontenttype is not JSON"));
                         }
                     },
                     (true, _) => (raw.get().as_bytes().to_vec(), true),
@@ -442,22 +383,11 @@ impl RawEvent<'_> {
                 false,
             ),
             (None, None, Some(body)) => {
-                if self
-                    .datacontenttype
-                    .as_deref()
-                    .is_some_and(is_json_content_type)
-                {
-                    serde_json::from_slice::<de::IgnoredAny>(&body).map_err(|e| {
-                        bad(
-                            "data",
-                            format!("content type says JSON but the body is not: {e}"),
-                        )
-                    })?;
+                if self.datacontenttype.as_deref().is_some_and(is_json_content_type) {
+                    serde_json::from_slice::<de::IgnoredAny>(&body)
+                        .map_err(|e| bad("data", format!("content type says JSON but the body is not: {e}")))?;
                 }
-                let is_json = self
-                    .datacontenttype
-                    .as_deref()
-                    .is_some_and(is_json_content_type);
+                let is_json = self.datacontenttype.as_deref().is_some_and(is_json_content_type);
                 (body, is_json)
             }
             (None, None, None) => return Err(bad("data", "is required (or `data_base64`)")),
@@ -465,22 +395,15 @@ impl RawEvent<'_> {
 
         let ttl = match self.ttl {
             None => None,
-            Some(Value::Number(n)) => {
-                Some(Duration::from_secs(n.as_u64().ok_or_else(|| {
-                    bad("ttl", "must be whole seconds or a duration like \"1h\"")
-                })?))
-            }
-            Some(Value::String(s)) => Some(humantime::parse_duration(&s).map_err(|e| {
-                bad(
-                    "ttl",
-                    format!("`{s}` is not a duration like \"30s\" or \"1h\": {e}"),
-                )
-            })?),
+            Some(Value::Number(n)) => Some(Duration::from_secs(
+                n.as_u64().ok_or_else(|| bad("ttl", "must be whole seconds or a duration like \"1h\""))?,
+            )),
+            Some(Value::String(s)) => Some(
+                humantime::parse_duration(&s)
+                    .map_err(|e| bad("ttl", format!("`{s}` is not a duration like \"30s\" or \"1h\": {e}")))?,
+            ),
             Some(_) => {
-                return Err(bad(
-                    "ttl",
-                    "must be whole seconds or a duration like \"1h\"",
-                ));
+                return Err(bad("ttl", "must be whole seconds or a duration like \"1h\""));
             }
         };
 
@@ -501,16 +424,8 @@ impl RawEvent<'_> {
 
 /// A CloudEvents extension attribute, validated and rendered as a string.
 fn extension(name: &str, value: &Value) -> Result<(String, String), BadInput> {
-    if name.is_empty()
-        || name.len() > 20
-        || !name
-            .bytes()
-            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit())
-    {
-        return Err(bad(
-            name,
-            "is not a valid CloudEvents attribute name (lower-case letters and digits, at most 20)",
-        ));
+    if name.is_empty() || name.len() > 20 || !name.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit()) {
+        return Err(bad(name, "is not a valid CloudEvents attribute name (lower-case letters and digits, at most 20)"));
     }
     if RESERVED_EXTENSIONS.contains(&name) {
         return Err(bad(name, "is set by Ferry"));
@@ -520,10 +435,7 @@ fn extension(name: &str, value: &Value) -> Result<(String, String), BadInput> {
         Value::Number(n) => n.to_string(),
         Value::Bool(b) => b.to_string(),
         _ => {
-            return Err(bad(
-                name,
-                "an extension attribute must be a string, number or boolean",
-            ));
+            return Err(bad(name, "an extension attribute must be a string, number or boolean"));
         }
     };
     Ok((name.to_owned(), text))
@@ -551,27 +463,16 @@ mod tests {
         assert_eq!(e.id.as_deref(), Some("k1"));
         assert_eq!(e.partitionkey.as_deref(), Some("p"));
         assert_eq!(e.ttl, Some(Duration::from_secs(3600)));
-        assert_eq!(
-            e.extensions,
-            vec![("traceparent".into(), "00-1-2-01".into())]
-        );
+        assert_eq!(e.extensions, vec![("traceparent".into(), "00-1-2-01".into())]);
     }
 
     #[test]
     fn arrays_and_ndjson_give_one_event_per_element() {
+        assert_eq!(parse(None, r#"[{"topic":"a","data":1},{"topic":"b","data":2}]"#).unwrap().len(), 2);
         assert_eq!(
-            parse(None, r#"[{"topic":"a","data":1},{"topic":"b","data":2}]"#)
+            parse(Some("application/x-ndjson"), "{\"topic\":\"a\",\"data\":1}\n{\"topic\":\"b\",\"data\":2}\n")
                 .unwrap()
                 .len(),
-            2
-        );
-        assert_eq!(
-            parse(
-                Some("application/x-ndjson"),
-                "{\"topic\":\"a\",\"data\":1}\n{\"topic\":\"b\",\"data\":2}\n"
-            )
-            .unwrap()
-            .len(),
             2
         );
     }
@@ -595,10 +496,7 @@ mod tests {
         assert_eq!(e.field.as_deref(), Some("time"));
         let e = parse(None, r#"{"topic":"a","data_base64":"***"}"#).unwrap_err();
         assert_eq!(e.field.as_deref(), Some("data_base64"));
-        assert_eq!(
-            e.to_string(),
-            format!("event 0: field `data_base64`: {}", e.reason)
-        );
+        assert_eq!(e.to_string(), format!("event 0: field `data_base64`: {}", e.reason));
     }
 
     #[test]
@@ -609,34 +507,26 @@ mod tests {
         assert_eq!(e.topic, "telemetry/temp");
         assert_eq!(e.ty.as_deref(), Some("com.acme.temp"));
         assert_eq!(e.partitionkey.as_deref(), Some("s1"));
-        assert_eq!(
-            e.extensions,
-            vec![("traceparent".into(), "00-ab-cd-01".into())]
-        );
+        assert_eq!(e.extensions, vec![("traceparent".into(), "00-ab-cd-01".into())]);
         let batch = format!("[{body},{body}]");
-        assert_eq!(
-            parse(Some("application/cloudevents-batch+json"), &batch)
-                .unwrap()
-                .len(),
-            2
-        );
+        assert_eq!(parse(Some("application/cloudevents-batch+json"), &batch).unwrap().len(), 2);
         let e = parse(
             Some("application/cloudevents+json"),
             r#"{"specversion":"1.0","source":"s","type":"t","subject":"a","data":1}"#,
         )
         .unwrap_err();
         assert_eq!(e.field.as_deref(), Some("id"));
-        let e = parse(None, r#"{"specversion":"1.0","id":"1","source":"s","type":"t","subject":"a","data":1,"sequence":"9"}"#).unwrap_err();
+        let e = parse(
+            None,
+            r#"{"specversion":"1.0","id":"1","source":"s","type":"t","subject":"a","data":1,"sequence":"9"}"#,
+        )
+        .unwrap_err();
         assert_eq!(e.field.as_deref(), Some("sequence"));
     }
 
     #[test]
     fn text_data_under_a_non_json_content_type_is_the_string_itself() {
-        let e = &parse(
-            None,
-            r#"{"topic":"a","datacontenttype":"text/plain","data":"hello"}"#,
-        )
-        .unwrap()[0];
+        let e = &parse(None, r#"{"topic":"a","datacontenttype":"text/plain","data":"hello"}"#).unwrap()[0];
         assert_eq!(e.data, b"hello");
         assert!(!e.data_is_json);
         let e = &parse(None, r#"{"topic":"a","data_base64":"AAEC"}"#).unwrap()[0];
@@ -654,27 +544,12 @@ mod tests {
             ("ce-traceparent", "00-1-2-01"),
         ];
         let lookup = |name: &str| headers.iter().find(|(k, _)| *k == name).map(|(_, v)| *v);
-        let evs = parse_body(
-            Some("application/json"),
-            lookup,
-            headers.iter().copied(),
-            br#"{"x":1}"#,
-        )
-        .unwrap();
+        let evs = parse_body(Some("application/json"), lookup, headers.iter().copied(), br#"{"x":1}"#).unwrap();
         assert_eq!(evs[0].topic, "a/b");
         assert_eq!(evs[0].id.as_deref(), Some("b1"));
         assert!(evs[0].data_is_json);
-        assert_eq!(
-            evs[0].extensions,
-            vec![("traceparent".into(), "00-1-2-01".into())]
-        );
-        let err = parse_body(
-            Some("application/json"),
-            lookup,
-            headers.iter().copied(),
-            b"{not json",
-        )
-        .unwrap_err();
+        assert_eq!(evs[0].extensions, vec![("traceparent".into(), "00-1-2-01".into())]);
+        let err = parse_body(Some("application/json"), lookup, headers.iter().copied(), b"{not json").unwrap_err();
         assert_eq!(err.field.as_deref(), Some("data"));
     }
 }

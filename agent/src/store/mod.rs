@@ -8,6 +8,8 @@
 //! writer. Nothing here knows about MQTT or HTTP.
 
 mod tables;
+#[cfg(test)]
+mod tests;
 mod writer;
 
 use std::path::Path;
@@ -31,8 +33,12 @@ pub const FULL_RETRY_AFTER: Duration = Duration::from_secs(5);
 /// caller so the writer thread only assigns sequence and HLC.
 #[derive(Debug, Clone)]
 pub struct PreparedEvent {
-    /// The event id (dedup key).
+    /// The event id.
     pub id: String,
+    /// Whether the producer chose the id. Only such ids are indexed for
+    /// dedup: an id Ferry generated cannot be retried by a producer that
+    /// never saw it, and skipping it halves the writer's work per event.
+    pub producer_id: bool,
     /// Eviction priority.
     pub priority: u8,
     /// Expiry time, if the event has a TTL.
@@ -43,13 +49,8 @@ pub struct PreparedEvent {
 
 impl PreparedEvent {
     /// Encodes `body` for appending.
-    pub fn new(body: &EventBody, priority: u8, expires_at_ms: Option<u64>) -> Self {
-        Self {
-            id: body.id.clone(),
-            priority,
-            expires_at_ms,
-            body: body.encode(),
-        }
+    pub fn new(body: &EventBody, producer_id: bool, priority: u8, expires_at_ms: Option<u64>) -> Self {
+        Self { id: body.id.clone(), producer_id, priority, expires_at_ms, body: body.encode() }
     }
 
     /// Bytes the stored record will occupy (counted against the quota).
@@ -203,10 +204,12 @@ pub struct Meta {
     pub dedup_hits: u64,
     /// Events ever accepted.
     pub accepted_events: u64,
+    /// Write transactions committed (events per commit shows group commit at work).
+    pub commits: u64,
 }
 
 impl Meta {
-    const FIELDS: [&'static str; 11] = [
+    const FIELDS: [&'static str; 12] = [
         "next_sequence",
         "hlc",
         "log_bytes",
@@ -218,9 +221,10 @@ impl Meta {
         "dead_dropped",
         "dedup_hits",
         "accepted_events",
+        "commits",
     ];
 
-    fn slots(&mut self) -> [&mut u64; 11] {
+    fn slots(&mut self) -> [&mut u64; 12] {
         [
             &mut self.next_sequence,
             &mut self.hlc,
@@ -233,14 +237,12 @@ impl Meta {
             &mut self.dead_dropped,
             &mut self.dedup_hits,
             &mut self.accepted_events,
+            &mut self.commits,
         ]
     }
 
     fn load(table: &impl ReadableTable<&'static str, u64>) -> Result<Self, redb::StorageError> {
-        let mut meta = Meta {
-            next_sequence: 1,
-            ..Meta::default()
-        };
+        let mut meta = Meta { next_sequence: 1, ..Meta::default() };
         for (name, slot) in Self::FIELDS.iter().zip(meta.slots()) {
             if let Some(v) = table.get(*name)? {
                 *slot = v.value();
@@ -249,10 +251,7 @@ impl Meta {
         Ok(meta)
     }
 
-    fn save(
-        &mut self,
-        table: &mut redb::Table<&'static str, u64>,
-    ) -> Result<(), redb::StorageError> {
+    fn save(&mut self, table: &mut redb::Table<&'static str, u64>) -> Result<(), redb::StorageError> {
         for (name, slot) in Self::FIELDS.iter().zip(self.slots()) {
             table.insert(*name, *slot)?;
         }
@@ -317,10 +316,8 @@ impl Store {
     ///
     /// Blocking: opening recovers the file after a crash, which reads it.
     pub fn open(config: StoreConfig, clock: SharedClock) -> Result<Self, StoreError> {
-        let open_err = |e: redb::Error| StoreError::Open {
-            path: config.path.display().to_string(),
-            source: Box::new(e),
-        };
+        let open_err =
+            |e: redb::Error| StoreError::Open { path: config.path.display().to_string(), source: Box::new(e) };
         if let Some(dir) = config.path.parent().filter(|d| !d.as_os_str().is_empty()) {
             std::fs::create_dir_all(dir).map_err(|e| open_err(redb::Error::Io(e)))?;
         }
@@ -329,22 +326,13 @@ impl Store {
             .create(&config.path)
             .map_err(|e| open_err(e.into()))?;
         let db = Arc::new(db);
-        let (writer, committed) =
-            Writer::new(db.clone(), config.clone(), clock).map_err(|e| open_err(e.into()))?;
+        let (writer, committed) = Writer::new(db.clone(), config.clone(), clock).map_err(|e| open_err(e.into()))?;
         let (requests, rx) = flume::bounded(config.queue_depth);
         let handle = std::thread::Builder::new()
             .name("ferry-store-writer".into())
             .spawn(move || writer.run(rx))
             .map_err(|e| open_err(redb::Error::Io(e)))?;
-        Ok(Self {
-            inner: Arc::new(Inner {
-                db,
-                requests,
-                committed,
-                config,
-                writer: Mutex::new(Some(handle)),
-            }),
-        })
+        Ok(Self { inner: Arc::new(Inner { db, requests, committed, config, writer: Mutex::new(Some(handle)) }) })
     }
 
     /// The configuration the store runs with.
@@ -357,9 +345,7 @@ impl Store {
     /// nothing: on error, none of the events was stored.
     pub async fn append(&self, events: Vec<PreparedEvent>) -> Result<Vec<Appended>, AppendError> {
         let (reply, rx) = oneshot::channel();
-        self.send(Request::Append { events, reply })
-            .await
-            .map_err(|_| AppendError::Closed)?;
+        self.send(Request::Append { events, reply }).await.map_err(|_| AppendError::Closed)?;
         rx.await.map_err(|_| AppendError::Closed)?
     }
 
@@ -367,13 +353,9 @@ impl Store {
     /// only move forward.
     pub async fn set_cursor(&self, destination: &str, sequence: u64) -> Result<(), AppendError> {
         let (reply, rx) = oneshot::channel();
-        self.send(Request::SetCursor {
-            name: destination.to_owned(),
-            sequence,
-            reply,
-        })
-        .await
-        .map_err(|_| AppendError::Closed)?;
+        self.send(Request::SetCursor { name: destination.to_owned(), sequence, reply })
+            .await
+            .map_err(|_| AppendError::Closed)?;
         rx.await.map_err(|_| AppendError::Closed)?
     }
 
@@ -381,9 +363,7 @@ impl Store {
     /// for the writer's next idle tick.
     pub async fn sweep(&self) -> Result<SweepReport, AppendError> {
         let (reply, rx) = oneshot::channel();
-        self.send(Request::Sweep { reply })
-            .await
-            .map_err(|_| AppendError::Closed)?;
+        self.send(Request::Sweep { reply }).await.map_err(|_| AppendError::Closed)?;
         rx.await.map_err(|_| AppendError::Closed)?
     }
 
@@ -401,16 +381,11 @@ impl Store {
         let txn = self.inner.db.begin_read().map_err(storage)?;
         let log = txn.open_table(tables::LOG).map_err(storage)?;
         let mut out = Vec::with_capacity(limit.min(4096));
-        for row in log
-            .range(after.saturating_add(1)..)
-            .map_err(storage)?
-            .take(limit)
-        {
+        for row in log.range(after.saturating_add(1)..).map_err(storage)?.take(limit) {
             let (k, v) = row.map_err(storage)?;
             let sequence = k.value();
             out.push(
-                event::decode_record(sequence, v.value())
-                    .map_err(|source| StoreError::Corrupt { sequence, source })?,
+                event::decode_record(sequence, v.value()).map_err(|source| StoreError::Corrupt { sequence, source })?,
             );
         }
         Ok(out)
@@ -421,19 +396,13 @@ impl Store {
         let txn = self.inner.db.begin_read().map_err(storage)?;
         let dead = txn.open_table(tables::DEAD).map_err(storage)?;
         let mut out = Vec::new();
-        for row in dead
-            .range(after.saturating_add(1)..)
-            .map_err(storage)?
-            .take(limit)
-        {
+        for row in dead.range(after.saturating_add(1)..).map_err(storage)?.take(limit) {
             let (k, v) = row.map_err(storage)?;
             let number = k.value();
-            out.push(DeadLetter::decode(number, v.value()).map_err(|source| {
-                StoreError::Corrupt {
-                    sequence: number,
-                    source,
-                }
-            })?);
+            out.push(
+                DeadLetter::decode(number, v.value())
+                    .map_err(|source| StoreError::Corrupt { sequence: number, source })?,
+            );
         }
         Ok(out)
     }
@@ -442,10 +411,7 @@ impl Store {
     pub fn cursor(&self, destination: &str) -> Result<Option<u64>, StoreError> {
         let txn = self.inner.db.begin_read().map_err(storage)?;
         let cursors = txn.open_table(tables::CURSORS).map_err(storage)?;
-        Ok(cursors
-            .get(destination)
-            .map_err(storage)?
-            .map(|v| v.value()))
+        Ok(cursors.get(destination).map_err(storage)?.map(|v| v.value()))
     }
 
     /// The current state of the store.
@@ -456,12 +422,9 @@ impl Store {
         let (oldest_sequence, oldest_age_ms) = match log.first().map_err(storage)? {
             Some((k, v)) => {
                 let sequence = k.value();
-                let (header, _) = event::decode_header(v.value())
-                    .map_err(|source| StoreError::Corrupt { sequence, source })?;
-                (
-                    Some(sequence),
-                    Some(now_ms.saturating_sub(header.hlc.millis())),
-                )
+                let (header, _) =
+                    event::decode_header(v.value()).map_err(|source| StoreError::Corrupt { sequence, source })?;
+                (Some(sequence), Some(now_ms.saturating_sub(header.hlc.millis())))
             }
             None => (None, None),
         };
@@ -479,17 +442,9 @@ impl Store {
             last_sequence: meta.next_sequence.saturating_sub(1),
             oldest_sequence,
             oldest_age_ms,
-            dead_letters: txn
-                .open_table(tables::DEAD)
-                .map_err(storage)?
-                .len()
-                .map_err(storage)?,
+            dead_letters: txn.open_table(tables::DEAD).map_err(storage)?.len().map_err(storage)?,
             dead_letter_bytes: meta.dead_bytes,
-            dedup_entries: txn
-                .open_table(tables::DEDUP)
-                .map_err(storage)?
-                .len()
-                .map_err(storage)?,
+            dedup_entries: txn.open_table(tables::DEDUP).map_err(storage)?.len().map_err(storage)?,
             counters: meta,
             cursors,
         })

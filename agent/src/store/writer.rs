@@ -15,9 +15,7 @@ use redb::{Database, ReadableTable, Table, WriteTransaction};
 use tokio::sync::{oneshot, watch};
 
 use super::tables;
-use super::{
-    AppendError, Appended, DeadLetter, FULL_RETRY_AFTER, Meta, PreparedEvent, SweepReport,
-};
+use super::{AppendError, Appended, DeadLetter, FULL_RETRY_AFTER, Meta, PreparedEvent, SweepReport};
 use crate::clock::{Hlc, HlcState, SharedClock};
 use crate::config::{Durability, FullPolicy, StoreConfig};
 use crate::event::{self, RecordHeader};
@@ -25,6 +23,9 @@ use crate::event::{self, RecordHeader};
 /// Most events one transaction takes before it commits and starts another,
 /// which bounds commit latency under a flood.
 const MAX_BATCH_EVENTS: usize = 32_768;
+
+/// Longest a commit waits for more requests to join it (see [`Writer::gather`]).
+const MAX_COMMIT_DELAY: Duration = Duration::from_micros(1_000);
 
 /// How often an idle writer runs housekeeping.
 const SWEEP_INTERVAL: Duration = Duration::from_millis(1_000);
@@ -38,18 +39,9 @@ const DEAD_LETTER_SHARE: u64 = 10;
 
 /// A request to the writer.
 pub(super) enum Request {
-    Append {
-        events: Vec<PreparedEvent>,
-        reply: oneshot::Sender<Result<Vec<Appended>, AppendError>>,
-    },
-    SetCursor {
-        name: String,
-        sequence: u64,
-        reply: oneshot::Sender<Result<(), AppendError>>,
-    },
-    Sweep {
-        reply: oneshot::Sender<Result<SweepReport, AppendError>>,
-    },
+    Append { events: Vec<PreparedEvent>, reply: oneshot::Sender<Result<Vec<Appended>, AppendError>> },
+    SetCursor { name: String, sequence: u64, reply: oneshot::Sender<Result<(), AppendError>> },
+    Sweep { reply: oneshot::Sender<Result<SweepReport, AppendError>> },
     Shutdown,
 }
 
@@ -64,15 +56,9 @@ impl Request {
 
 /// What a request's reply will be once the transaction commits.
 enum Pending {
-    Append(
-        oneshot::Sender<Result<Vec<Appended>, AppendError>>,
-        Result<Vec<Appended>, AppendError>,
-    ),
+    Append(oneshot::Sender<Result<Vec<Appended>, AppendError>>, Result<Vec<Appended>, AppendError>),
     Cursor(oneshot::Sender<Result<(), AppendError>>),
-    Sweep(
-        oneshot::Sender<Result<SweepReport, AppendError>>,
-        SweepReport,
-    ),
+    Sweep(oneshot::Sender<Result<SweepReport, AppendError>>, SweepReport),
 }
 
 impl Pending {
@@ -128,6 +114,9 @@ pub(super) struct Writer {
     /// Commits made without fsync since the last durable one.
     unsynced: bool,
     last_sweep: Instant,
+    /// Requests in the previous batch, and how long its commit took.
+    last_batch_len: usize,
+    last_commit_time: Duration,
 }
 
 impl Writer {
@@ -164,6 +153,8 @@ impl Writer {
             committed,
             unsynced: false,
             last_sweep: Instant::now(),
+            last_batch_len: 1,
+            last_commit_time: Duration::ZERO,
         };
         Ok((writer, rx))
     }
@@ -178,17 +169,7 @@ impl Writer {
                 }
                 Err(flume::RecvTimeoutError::Disconnected) => break,
             };
-            let mut weight = first.weight();
-            let mut batch = vec![first];
-            while weight < MAX_BATCH_EVENTS {
-                match rx.try_recv() {
-                    Ok(r) => {
-                        weight += r.weight();
-                        batch.push(r);
-                    }
-                    Err(_) => break,
-                }
-            }
+            let mut batch = self.gather(first, &rx);
             let shutdown = batch.iter().any(|r| matches!(r, Request::Shutdown));
             if shutdown {
                 // Everything queued before or after the shutdown request is
@@ -209,11 +190,38 @@ impl Writer {
         tracing::debug!("store writer stopped");
     }
 
+    /// Takes the requests queued behind `first`. With fsync on, it also waits
+    /// briefly for producers that are about to send: a commit costs one fsync
+    /// however many requests it holds, so a batch as large as the previous
+    /// one is worth a fraction of a commit's time.
+    fn gather(&mut self, first: Request, rx: &flume::Receiver<Request>) -> Vec<Request> {
+        let mut weight = first.weight();
+        let mut batch = vec![first];
+        let deadline = Instant::now() + (self.last_commit_time / 4).min(MAX_COMMIT_DELAY);
+        let wait = self.config.durability == Durability::Fsync;
+        while weight < MAX_BATCH_EVENTS {
+            let next = match rx.try_recv() {
+                Ok(r) => r,
+                Err(_) if wait && batch.len() < self.last_batch_len => match rx.recv_deadline(deadline) {
+                    Ok(r) => r,
+                    Err(_) => break,
+                },
+                Err(_) => break,
+            };
+            weight += next.weight();
+            batch.push(next);
+        }
+        self.last_batch_len = batch.len();
+        batch
+    }
+
     fn commit_batch(&mut self, batch: Vec<Request>) {
+        let started = Instant::now();
         let saved = (self.meta.clone(), self.hlc.clone());
         let result = self.apply_batch(batch);
         match result {
             Ok(pending) => {
+                self.last_commit_time = started.elapsed();
                 for p in pending {
                     p.succeed();
                 }
@@ -233,10 +241,7 @@ impl Writer {
     /// Applies a batch in one transaction. On error nothing was committed and
     /// every request gets the error.
     #[allow(clippy::type_complexity)]
-    fn apply_batch(
-        &mut self,
-        batch: Vec<Request>,
-    ) -> Result<Vec<Pending>, (Vec<Pending>, redb::Error)> {
+    fn apply_batch(&mut self, batch: Vec<Request>) -> Result<Vec<Pending>, (Vec<Pending>, redb::Error)> {
         let mut pending = Vec::with_capacity(batch.len());
         let mut deferred = Vec::new();
         let result = (|| -> Result<(), redb::Error> {
@@ -250,11 +255,7 @@ impl Writer {
                             let outcome = self.append(&mut t, &events, now_ms)?;
                             pending.push(Pending::Append(reply, outcome));
                         }
-                        Request::SetCursor {
-                            name,
-                            sequence,
-                            reply,
-                        } => {
+                        Request::SetCursor { name, sequence, reply } => {
                             let current = t.cursors.get(name.as_str())?.map_or(0, |v| v.value());
                             if sequence > current {
                                 t.cursors.insert(name.as_str(), sequence)?;
@@ -290,6 +291,7 @@ impl Writer {
         {
             let mut meta = txn.open_table(tables::META)?;
             self.meta.hlc = self.hlc.high_water().0;
+            self.meta.commits += 1;
             self.meta.save(&mut meta)?;
         }
         txn.commit()?;
@@ -315,16 +317,20 @@ impl Writer {
         let mut needed = 0u64;
         let mut max_priority = 0u8;
         for (i, e) in events.iter().enumerate() {
-            if let Some(seq) = t.dedup.get(e.id.as_str())? {
-                slots.push(Slot::StoredAs(seq.value()));
-            } else if let Some(&j) = first_in_request.get(e.id.as_str()) {
-                slots.push(Slot::SameAs(j));
-            } else {
+            if e.producer_id {
+                if let Some(seq) = t.dedup.get(e.id.as_str())? {
+                    slots.push(Slot::StoredAs(seq.value()));
+                    continue;
+                }
+                if let Some(&j) = first_in_request.get(e.id.as_str()) {
+                    slots.push(Slot::SameAs(j));
+                    continue;
+                }
                 first_in_request.insert(&e.id, i);
-                needed += e.record_len();
-                max_priority = max_priority.max(e.priority);
-                slots.push(Slot::New);
             }
+            needed += e.record_len();
+            max_priority = max_priority.max(e.priority);
+            slots.push(Slot::New);
         }
         if let Err(refusal) = self.make_room(t, needed, max_priority)? {
             return Ok(Err(refusal));
@@ -348,10 +354,11 @@ impl Writer {
                     record.clear();
                     event::encode_record(header, &e.body, &mut record);
                     t.log.insert(seq, record.as_slice())?;
-                    t.dedup.insert(e.id.as_str(), seq)?;
-                    t.dedup_age.insert(seq, (now_ms, e.id.as_str()))?;
-                    t.by_priority
-                        .insert((e.priority, seq), record.len() as u32)?;
+                    if e.producer_id {
+                        t.dedup.insert(e.id.as_str(), seq)?;
+                        t.dedup_age.insert(seq, (now_ms, e.id.as_str()))?;
+                    }
+                    t.by_priority.insert((e.priority, seq), record.len() as u32)?;
                     if let Some(at) = e.expires_at_ms {
                         t.expiry.insert((at, seq), ())?;
                     }
@@ -363,11 +370,7 @@ impl Writer {
             if duplicate {
                 self.meta.dedup_hits += 1;
             }
-            out.push(Appended {
-                id: e.id.clone(),
-                sequence,
-                duplicate,
-            });
+            out.push(Appended { id: e.id.clone(), sequence, duplicate });
         }
         Ok(Ok(out))
     }
@@ -392,12 +395,7 @@ impl Writer {
         if needed > quota {
             return Ok(Err(AppendError::TooLarge { needed, quota }));
         }
-        let full = AppendError::Full {
-            needed,
-            free,
-            quota,
-            retry_after: FULL_RETRY_AFTER,
-        };
+        let full = AppendError::Full { needed, free, quota, retry_after: FULL_RETRY_AFTER };
         if self.config.full_policy == FullPolicy::Reject {
             return Ok(Err(full));
         }
@@ -426,11 +424,7 @@ impl Writer {
         }
         self.meta.evicted_events += count;
         self.meta.evicted_bytes += freed;
-        tracing::warn!(
-            events = count,
-            bytes = freed,
-            "store full: evicted the oldest lowest-priority events"
-        );
+        tracing::warn!(events = count, bytes = freed, "store full: evicted the oldest lowest-priority events");
         Ok(Ok(()))
     }
 
@@ -525,14 +519,7 @@ impl Writer {
     ) -> Result<(), redb::Error> {
         let number = self.meta.next_dead.max(1);
         self.meta.next_dead = number + 1;
-        let bytes = DeadLetter {
-            number,
-            sequence,
-            reason: reason.to_owned(),
-            at_ms,
-            record,
-        }
-        .encode();
+        let bytes = DeadLetter { number, sequence, reason: reason.to_owned(), at_ms, record }.encode();
         self.meta.dead_bytes += bytes.len() as u64;
         t.dead.insert(number, bytes.as_slice())?;
         Ok(())

@@ -1,0 +1,247 @@
+//! Store behaviour: ordering, dedup, quota and eviction, TTL, restarts.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use super::*;
+use crate::clock::{Clock, ManualClock};
+use crate::config::{FullPolicy, StoreConfig};
+use crate::event::{EventBody, JSON_CONTENT_TYPE};
+
+const T0: i64 = 1_800_000_000_000_000_000;
+
+struct Fixture {
+    _dir: tempfile::TempDir,
+    clock: Arc<ManualClock>,
+    config: StoreConfig,
+    store: Store,
+}
+
+impl Fixture {
+    fn new(tune: impl FnOnce(&mut StoreConfig)) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let mut config = StoreConfig::at(dir.path().join("ferry.redb"));
+        tune(&mut config);
+        let clock = Arc::new(ManualClock::new(T0));
+        let store = Store::open(config.clone(), clock.clone()).unwrap();
+        Self { _dir: dir, clock, config, store }
+    }
+
+    /// Closes and reopens; the file is released when the last handle drops.
+    fn reopen(self) -> Self {
+        let Fixture { _dir, clock, config, store } = self;
+        store.close();
+        drop(store);
+        let store = Store::open(config.clone(), clock.clone()).unwrap();
+        Fixture { _dir, clock, config, store }
+    }
+
+    fn status(&self) -> StoreStatus {
+        self.store.status(self.clock.now_millis()).unwrap()
+    }
+}
+
+fn event(id: &str, topic: &str, data_len: usize) -> PreparedEvent {
+    event_with(id, topic, data_len, 100, None)
+}
+
+fn event_with(id: &str, topic: &str, data_len: usize, priority: u8, expires_at_ms: Option<u64>) -> PreparedEvent {
+    let body = EventBody {
+        id: id.into(),
+        source: "ferry://test".into(),
+        ty: "t".into(),
+        subject: topic.into(),
+        time_nanos: T0,
+        datacontenttype: Some(JSON_CONTENT_TYPE.into()),
+        data: vec![b'1'; data_len],
+        partitionkey: None,
+        extensions: vec![],
+    };
+    PreparedEvent::new(&body, true, priority, expires_at_ms)
+}
+
+fn ids(events: &[Event]) -> Vec<&str> {
+    events.iter().map(|e| e.body.id.as_str()).collect()
+}
+
+#[tokio::test]
+async fn appended_events_read_back_in_sequence_order_with_rising_hlc() {
+    let f = Fixture::new(|_| {});
+    let out = f.store.append(vec![event("a", "t/1", 4), event("b", "t/2", 4)]).await.unwrap();
+    assert_eq!(out.iter().map(|a| a.sequence).collect::<Vec<_>>(), [1, 2]);
+    let more = f.store.append(vec![event("c", "t/3", 4)]).await.unwrap();
+    assert_eq!(more[0].sequence, 3);
+    let events = f.store.read_after(0, 10).unwrap();
+    assert_eq!(ids(&events), ["a", "b", "c"]);
+    assert!(events.windows(2).all(|w| w[0].hlc < w[1].hlc && w[0].sequence < w[1].sequence));
+    assert_eq!(ids(&f.store.read_after(1, 1).unwrap()), ["b"]);
+}
+
+#[tokio::test]
+async fn a_duplicate_id_is_acknowledged_with_the_original_sequence_and_not_stored_twice() {
+    let f = Fixture::new(|_| {});
+    f.store.append(vec![event("a", "t", 4)]).await.unwrap();
+    let again = f.store.append(vec![event("a", "t", 4), event("b", "t", 4), event("b", "t", 4)]).await.unwrap();
+    assert_eq!(again[0], Appended { id: "a".into(), sequence: 1, duplicate: true });
+    assert_eq!(again[1], Appended { id: "b".into(), sequence: 2, duplicate: false });
+    assert_eq!(again[2], Appended { id: "b".into(), sequence: 2, duplicate: true });
+    let s = f.status();
+    assert_eq!((s.events, s.counters.dedup_hits), (2, 2));
+}
+
+#[tokio::test]
+async fn an_id_is_stored_anew_once_it_has_left_the_dedup_window() {
+    let f = Fixture::new(|c| c.dedup_window = Duration::from_secs(60));
+    f.store.append(vec![event("a", "t", 4)]).await.unwrap();
+    f.clock.advance_nanos(30 * 1_000_000_000);
+    assert!(f.store.append(vec![event("a", "t", 4)]).await.unwrap()[0].duplicate);
+    f.clock.advance_nanos(31 * 1_000_000_000);
+    let report = f.store.sweep().await.unwrap();
+    assert_eq!(report.dedup_pruned, 1);
+    let out = f.store.append(vec![event("a", "t", 4)]).await.unwrap();
+    assert_eq!((out[0].sequence, out[0].duplicate), (2, false));
+}
+
+#[tokio::test]
+async fn reject_policy_refuses_a_request_that_does_not_fit_and_changes_nothing() {
+    let f = Fixture::new(|c| {
+        c.quota_bytes = 64 * 1024;
+        c.full_policy = FullPolicy::Reject;
+    });
+    let batch: Vec<_> = (0..50).map(|i| event(&format!("e{i}"), "t", 1000)).collect();
+    f.store.append(batch).await.unwrap();
+    let before = f.status();
+    let over: Vec<_> = (0..30).map(|i| event(&format!("x{i}"), "t", 1000)).collect();
+    match f.store.append(over).await {
+        Err(AppendError::Full { retry_after, .. }) => assert!(retry_after > Duration::ZERO),
+        other => panic!("expected Full, got {other:?}"),
+    }
+    let after = f.status();
+    assert_eq!((after.events, after.bytes, after.last_sequence), (before.events, before.bytes, before.last_sequence));
+    // A request that fits still goes in.
+    assert!(f.store.append(vec![event("small", "t", 10)]).await.is_ok());
+}
+
+#[tokio::test]
+async fn drop_oldest_evicts_lowest_priority_first_and_never_for_less_important_events() {
+    let f = Fixture::new(|c| {
+        c.quota_bytes = 64 * 1024;
+        c.full_policy = FullPolicy::DropOldest;
+    });
+    let alarms: Vec<_> = (0..20).map(|i| event_with(&format!("alarm{i}"), "alarms/a", 1000, 200, None)).collect();
+    let telemetry: Vec<_> = (0..40).map(|i| event_with(&format!("tel{i}"), "tel/t", 1000, 100, None)).collect();
+    f.store.append(alarms).await.unwrap();
+    f.store.append(telemetry).await.unwrap();
+    // More telemetry: the oldest telemetry makes way, alarms stay.
+    let newer: Vec<_> = (0..10).map(|i| event_with(&format!("new{i}"), "tel/t", 1000, 100, None)).collect();
+    f.store.append(newer).await.unwrap();
+    let s = f.status();
+    assert!(s.bytes <= s.quota_bytes);
+    assert!(s.counters.evicted_events >= 10);
+    let kept = f.store.read_after(0, 1000).unwrap();
+    let kept_ids = ids(&kept);
+    assert!((0..20).all(|i| kept_ids.contains(&format!("alarm{i}").as_str())), "alarms were evicted");
+    assert!(!kept_ids.contains(&"tel0"), "oldest telemetry should be gone");
+    assert!(kept_ids.contains(&"new9"));
+    // A flood of low-priority events may not push out alarms once telemetry is gone.
+    let flood: Vec<_> = (0..60).map(|i| event_with(&format!("dbg{i}"), "debug/x", 1000, 10, None)).collect();
+    assert!(matches!(f.store.append(flood).await, Err(AppendError::Full { .. })));
+    assert_eq!(f.status().events, s.events);
+}
+
+#[tokio::test]
+async fn a_request_larger_than_the_whole_quota_is_too_large_under_either_policy() {
+    for policy in [FullPolicy::Reject, FullPolicy::DropOldest] {
+        let f = Fixture::new(|c| {
+            c.quota_bytes = 64 * 1024;
+            c.full_policy = policy;
+        });
+        let huge: Vec<_> = (0..100).map(|i| event(&format!("h{i}"), "t", 1000)).collect();
+        assert!(matches!(f.store.append(huge).await, Err(AppendError::TooLarge { .. })));
+        assert_eq!(f.status().events, 0);
+    }
+}
+
+#[tokio::test]
+async fn expired_events_move_to_dead_letters_with_the_reason() {
+    let f = Fixture::new(|_| {});
+    let now = f.clock.now_millis();
+    f.store
+        .append(vec![
+            event_with("short", "t", 4, 100, Some(now + 1_000)),
+            event_with("long", "t", 4, 100, Some(now + 60_000)),
+            event("forever", "t", 4),
+        ])
+        .await
+        .unwrap();
+    assert_eq!(f.store.sweep().await.unwrap().expired, 0);
+    f.clock.advance_nanos(2_000_000_000);
+    assert_eq!(f.store.sweep().await.unwrap().expired, 1);
+    assert_eq!(ids(&f.store.read_after(0, 10).unwrap()), ["long", "forever"]);
+    let dead = f.store.dead_letters(0, 10).unwrap();
+    assert_eq!(dead.len(), 1);
+    assert_eq!(dead[0].reason, "ttl expired");
+    assert_eq!(dead[0].event().unwrap().body.id, "short");
+    let s = f.status();
+    assert_eq!((s.dead_letters, s.counters.expired_events), (1, 1));
+    // Its id still deduplicates: the producer is told it was accepted before.
+    assert!(f.store.append(vec![event("short", "t", 4)]).await.unwrap()[0].duplicate);
+}
+
+#[tokio::test]
+async fn sequence_hlc_and_counters_survive_a_restart_even_if_the_clock_went_back() {
+    let f = Fixture::new(|_| {});
+    f.store.append(vec![event("a", "t", 4), event("b", "t", 4)]).await.unwrap();
+    let last_hlc = f.store.read_after(0, 10).unwrap()[1].hlc;
+    f.clock.advance_nanos(-3_600 * 1_000_000_000);
+    let f = f.reopen();
+    let out = f.store.append(vec![event("c", "t", 4), event("a", "t", 4)]).await.unwrap();
+    assert_eq!((out[0].sequence, out[1].duplicate), (3, true));
+    let c = f.store.read_after(2, 1).unwrap().remove(0);
+    assert!(c.hlc > last_hlc, "HLC went backwards across a restart");
+    assert_eq!(f.status().counters.accepted_events, 3);
+}
+
+#[tokio::test]
+async fn cursors_only_move_forward_and_persist() {
+    let f = Fixture::new(|_| {});
+    f.store.set_cursor("cloud-a", 5).await.unwrap();
+    f.store.set_cursor("cloud-a", 3).await.unwrap();
+    assert_eq!(f.store.cursor("cloud-a").unwrap(), Some(5));
+    let f = f.reopen();
+    assert_eq!(f.store.cursor("cloud-a").unwrap(), Some(5));
+    assert_eq!(f.store.cursor("cloud-b").unwrap(), None);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn concurrent_appends_share_commits() {
+    let f = Fixture::new(|_| {});
+    let before = f.status().counters.commits;
+    let tasks: Vec<_> = (0..64)
+        .map(|p| {
+            let store = f.store.clone();
+            tokio::spawn(async move {
+                for i in 0..20 {
+                    store.append(vec![event(&format!("p{p}-{i}"), "t", 16)]).await.unwrap();
+                }
+            })
+        })
+        .collect();
+    for t in tasks {
+        t.await.unwrap();
+    }
+    let s = f.status();
+    assert_eq!(s.events, 64 * 20);
+    let commits = s.counters.commits - before;
+    assert!(commits < 64 * 20, "{commits} commits for {} requests: no grouping", 64 * 20);
+}
+
+#[tokio::test]
+async fn appends_after_close_are_refused_not_lost() {
+    let f = Fixture::new(|_| {});
+    f.store.append(vec![event("a", "t", 4)]).await.unwrap();
+    f.store.close();
+    assert!(matches!(f.store.append(vec![event("b", "t", 4)]).await, Err(AppendError::Closed)));
+    let f = f.reopen();
+    assert_eq!(ids(&f.store.read_after(0, 10).unwrap()), ["a"]);
+}
