@@ -292,7 +292,8 @@ impl Config {
         let dedup_window =
             parse_duration(s.dedup_window.as_deref().unwrap_or("24h")).map_err(|r| err("store.dedup_window", r))?;
         let ttl = parse_ttl(s.ttl.as_deref()).map_err(|r| err("store.ttl", r))?;
-        let max_event_bytes = s.max_event_size.map_or(256 * 1024, |b| b.as_u64());
+        // The default never exceeds a small quota; an explicit value must fit.
+        let max_event_bytes = s.max_event_size.map_or((256 * 1024).min(quota_bytes), |b| b.as_u64());
         if max_event_bytes == 0 || max_event_bytes > quota_bytes {
             return Err(err(
                 "store.max_event_size",

@@ -1,1 +1,118 @@
+//! Shared helpers for Ferry's integration tests: running the real `ferry`
+//! binary as a child process, and writing throwaway configs.
+//!
+//! Brokers, the fault proxy and MQTT collectors live in `ferry-harness`.
 
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::OnceLock;
+use std::sync::mpsc;
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+
+/// Path of the `ferry` binary, built (if stale) with the profile of this test run.
+pub fn ferry_bin() -> &'static Path {
+    static BIN: OnceLock<PathBuf> = OnceLock::new();
+    BIN.get_or_init(|| {
+        let build = escargot::CargoBuild::new().package("ferry").bin("ferry");
+        let build = if cfg!(debug_assertions) { build } else { build.release() };
+        build.run().expect("building the ferry binary").path().to_path_buf()
+    })
+}
+
+/// A `ferry run` child process, started on a config whose API listens on
+/// port 0; the real address is read from its log.
+pub struct FerryProcess {
+    child: Child,
+    addr: SocketAddr,
+    log: mpsc::Receiver<String>,
+}
+
+impl FerryProcess {
+    /// Starts `ferry run --config <config>` and waits until the API listens.
+    pub fn start(config: &Path) -> anyhow::Result<Self> {
+        let mut child = Command::new(ferry_bin())
+            .args(["run", "--config"])
+            .arg(config)
+            .env("RUST_LOG", "info")
+            .env("NO_COLOR", "1")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .context("spawning ferry")?;
+        let stderr = child.stderr.take().expect("piped stderr");
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        let mut seen = Vec::new();
+        loop {
+            match rx.recv_timeout(Duration::from_secs(30)) {
+                Ok(line) => {
+                    if let Some(addr) = line.split("listening on ").nth(1) {
+                        let addr = addr.split_whitespace().next().unwrap_or("").parse().context("parsing address")?;
+                        return Ok(Self { child, addr, log: rx });
+                    }
+                    seen.push(line);
+                }
+                Err(_) => {
+                    let _ = child.kill();
+                    let status = child.wait()?;
+                    bail!("ferry did not start ({status}); its log:\n{}", seen.join("\n"));
+                }
+            }
+        }
+    }
+
+    /// Base URL of its HTTP API.
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// Its process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// SIGKILL, then reap.
+    pub fn kill(mut self) -> ExitStatus {
+        let _ = self.child.kill();
+        self.child.wait().expect("reaping ferry")
+    }
+
+    /// SIGTERM, then wait for a clean exit; returns the status and the log lines since start-up.
+    pub fn terminate(mut self) -> (ExitStatus, Vec<String>) {
+        // SAFETY: plain kill(2) on our own child's pid.
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        let status = self.child.wait().expect("waiting for ferry");
+        let lines = self.log.try_iter().collect();
+        (status, lines)
+    }
+}
+
+impl Drop for FerryProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A config for a test agent in `dir`, listening on an ephemeral port, with
+/// `extra` TOML appended to the `[store]` table.
+pub fn write_config(dir: &Path, store_extra: &str) -> PathBuf {
+    let path = dir.join("ferry.toml");
+    let text = format!(
+        "[agent]\ndevice_id = \"test-device\"\ndata_dir = {:?}\n\n[store]\n{store_extra}\n\n[ingest.http]\nlisten = \"127.0.0.1:0\"\n",
+        dir.join("data").display().to_string()
+    );
+    std::fs::write(&path, text).expect("writing config");
+    path
+}

@@ -27,6 +27,9 @@ const MAX_BATCH_EVENTS: usize = 32_768;
 /// Longest a commit waits for more requests to join it (see [`Writer::gather`]).
 const MAX_COMMIT_DELAY: Duration = Duration::from_micros(1_000);
 
+/// How long a gathering commit waits for one more request before it goes.
+const LINGER: Duration = Duration::from_micros(150);
+
 /// How often an idle writer runs housekeeping.
 const SWEEP_INTERVAL: Duration = Duration::from_millis(1_000);
 
@@ -190,19 +193,19 @@ impl Writer {
         tracing::debug!("store writer stopped");
     }
 
-    /// Takes the requests queued behind `first`. With fsync on, it also waits
-    /// briefly for producers that are about to send: a commit costs one fsync
-    /// however many requests it holds, so a batch as large as the previous
-    /// one is worth a fraction of a commit's time.
+    /// Takes the requests queued behind `first`. With fsync on and several
+    /// producers active, it also lingers briefly for producers that are about
+    /// to send: a commit costs one fsync however many requests it holds, so
+    /// waiting a fraction of a commit's time lets far more requests share it.
     fn gather(&mut self, first: Request, rx: &flume::Receiver<Request>) -> Vec<Request> {
         let mut weight = first.weight();
         let mut batch = vec![first];
+        let linger = self.config.durability == Durability::Fsync && self.last_batch_len > 1;
         let deadline = Instant::now() + (self.last_commit_time / 4).min(MAX_COMMIT_DELAY);
-        let wait = self.config.durability == Durability::Fsync;
         while weight < MAX_BATCH_EVENTS {
             let next = match rx.try_recv() {
                 Ok(r) => r,
-                Err(_) if wait && batch.len() < self.last_batch_len => match rx.recv_deadline(deadline) {
+                Err(_) if linger => match rx.recv_deadline((Instant::now() + LINGER).min(deadline)) {
                     Ok(r) => r,
                     Err(_) => break,
                 },

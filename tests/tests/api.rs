@@ -1,0 +1,279 @@
+//! The HTTP ingest API, end to end over real sockets against an in-process
+//! agent: every accepted shape, defaults, dedup, and refusals that change
+//! nothing.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use ferry::clock::SystemClock;
+use ferry::config::Config;
+use ferry::runtime::Agent;
+use serde_json::{Value, json};
+
+struct TestAgent {
+    _dir: tempfile::TempDir,
+    agent: Agent,
+    client: reqwest::Client,
+}
+
+impl TestAgent {
+    async fn start(extra: &str) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let toml =
+            format!("[agent]\ndevice_id = \"dev-1\"\ndata_dir = {:?}\n{extra}\n", dir.path().display().to_string());
+        let toml = if toml.contains("[ingest.http]") {
+            toml
+        } else {
+            format!("{toml}\n[ingest.http]\nlisten = \"127.0.0.1:0\"\n")
+        };
+        let config = Config::parse(&toml, "test.toml").unwrap();
+        let agent = Agent::start(config, Arc::new(SystemClock)).await.unwrap();
+        Self { _dir: dir, agent, client: reqwest::Client::new() }
+    }
+
+    fn url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.agent.http_addr())
+    }
+
+    async fn post(
+        &self,
+        content_type: &str,
+        body: impl Into<reqwest::Body>,
+    ) -> (u16, Value, reqwest::header::HeaderMap) {
+        let r = self
+            .client
+            .post(self.url("/v1/events"))
+            .header("content-type", content_type)
+            .body(body)
+            .send()
+            .await
+            .unwrap();
+        let (status, headers) = (r.status().as_u16(), r.headers().clone());
+        (status, r.json().await.unwrap_or(Value::Null), headers)
+    }
+
+    async fn status(&self) -> Value {
+        self.client.get(self.url("/v1/status")).send().await.unwrap().json().await.unwrap()
+    }
+
+    fn events(&self) -> Vec<ferry::event::Event> {
+        self.agent.store().read_after(0, 100_000).unwrap()
+    }
+
+    /// Events, bytes and last sequence: what a refused request must not change.
+    async fn fingerprint(&self) -> (u64, u64, u64) {
+        let s = self.status().await;
+        let n = |k: &str| s["store"][k].as_u64().unwrap();
+        (n("events"), n("bytes"), n("last_sequence"))
+    }
+}
+
+#[tokio::test]
+async fn a_plain_json_event_gets_cloudevents_defaults_filled_in() {
+    let t = TestAgent::start("").await;
+    let (status, body, _) =
+        t.post("application/json", json!({"topic": "telemetry/temp", "data": {"c": 21.5}}).to_string()).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["accepted"], 1);
+    assert_eq!(body["events"][0]["sequence"], 1);
+    let e = &t.events()[0];
+    assert_eq!(e.body.source, "ferry://dev-1");
+    assert_eq!(e.body.ty, "ferry.event");
+    assert_eq!(e.body.subject, "telemetry/temp");
+    assert_eq!(e.body.datacontenttype.as_deref(), Some("application/json"));
+    assert_eq!(e.body.data, br#"{"c":21.5}"#);
+    let id = body["events"][0]["id"].as_str().unwrap();
+    assert_eq!(uuid::Uuid::parse_str(id).unwrap().get_version_num(), 7, "generated ids are UUIDv7");
+    assert!(e.body.time_nanos > 0);
+}
+
+#[tokio::test]
+async fn arrays_ndjson_and_cloudevents_shapes_are_all_accepted() {
+    let t = TestAgent::start("").await;
+    let (s, b, _) = t.post("application/json", r#"[{"topic":"a","data":1},{"topic":"b","data":2}]"#).await;
+    assert_eq!((s, b["accepted"].as_u64()), (200, Some(2)));
+    let (s, b, _) =
+        t.post("application/x-ndjson", "{\"topic\":\"c\",\"data\":3}\n{\"topic\":\"d\",\"data\":4}\n").await;
+    assert_eq!((s, b["accepted"].as_u64()), (200, Some(2)));
+    let ce = json!({"specversion":"1.0","id":"ce-1","source":"/sdk","type":"com.acme.reading","subject":"e","data":{"v":5},"traceparent":"00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"});
+    let (s, b, _) = t.post("application/cloudevents+json", ce.to_string()).await;
+    assert_eq!((s, b["accepted"].as_u64()), (200, Some(1)), "{b}");
+    let batch = json!([{"specversion":"1.0","id":"ce-2","source":"/sdk","type":"t","subject":"f","data":6},
+                       {"specversion":"1.0","id":"ce-3","source":"/sdk","type":"t","subject":"g","data_base64":"AAE="}]);
+    let (s, b, _) = t.post("application/cloudevents-batch+json", batch.to_string()).await;
+    assert_eq!((s, b["accepted"].as_u64()), (200, Some(2)), "{b}");
+    let r = t
+        .client
+        .post(t.url("/v1/events"))
+        .header("content-type", "text/plain")
+        .header("ce-specversion", "1.0")
+        .header("ce-id", "bin-1")
+        .header("ce-source", "/sdk")
+        .header("ce-type", "com.acme.log")
+        .header("ce-subject", "logs/app")
+        .body("hello")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+
+    let events = t.events();
+    let subjects: Vec<&str> = events.iter().map(|e| e.body.subject.as_str()).collect();
+    assert_eq!(subjects, ["a", "b", "c", "d", "e", "f", "g", "logs/app"]);
+    assert!(events.windows(2).all(|w| w[0].sequence + 1 == w[1].sequence));
+    let ce = &events[4];
+    assert_eq!((ce.body.id.as_str(), ce.body.ty.as_str()), ("ce-1", "com.acme.reading"));
+    assert_eq!(ce.body.extensions[0].0, "traceparent");
+    assert_eq!(events[6].body.data, [0, 1]);
+    let bin = &events[7];
+    assert_eq!((bin.body.data.as_slice(), bin.body.datacontenttype.as_deref()), (&b"hello"[..], Some("text/plain")));
+}
+
+#[tokio::test]
+async fn a_retried_event_is_acknowledged_again_and_stored_once() {
+    let t = TestAgent::start("").await;
+    let ev = json!([{"topic": "a", "id": "order-17", "data": 1}]).to_string();
+    let (_, first, _) = t.post("application/json", ev.clone()).await;
+    let (s, again, _) = t.post("application/json", ev).await;
+    assert_eq!(s, 200);
+    assert_eq!(again["duplicates"], 1);
+    assert_eq!(again["events"][0]["duplicate"], true);
+    assert_eq!(again["events"][0]["sequence"], first["events"][0]["sequence"]);
+    assert_eq!(t.events().len(), 1);
+}
+
+#[tokio::test]
+async fn malformed_requests_get_400_naming_index_and_field_and_store_nothing() {
+    let t = TestAgent::start("").await;
+    t.post("application/json", r#"{"topic":"seed","data":0}"#).await;
+    let before = t.fingerprint().await;
+    let cases = [
+        (r#"[{"topic":"ok","data":1},{"topic":"bad/#","data":2}]"#, Some(1), Some("topic")),
+        (r#"[{"topic":"ok","data":1},{"data":2}]"#, Some(1), Some("topic")),
+        (r#"{"topic":"ok"}"#, Some(0), Some("data")),
+        (r#"{"topic":"ok","data":1,"tiem":"x"}"#, Some(0), Some("tiem")),
+        (r#"{"topic":"ok","data":1,"time":"tuesday"}"#, Some(0), Some("time")),
+        (r#"{"topic":"a//b","data":1}"#, Some(0), Some("topic")),
+        (r#"{"topic":"ok","data":1"#, None, None),
+        ("", None, None),
+    ];
+    for (body, index, field) in cases {
+        let (s, b, _) = t.post("application/json", body).await;
+        assert_eq!(s, 400, "{body} → {b}");
+        assert_eq!(b["index"].as_u64().map(|i| i as usize), index, "{body} → {b}");
+        assert_eq!(b["field"].as_str(), field, "{body} → {b}");
+        assert!(!b["error"].as_str().unwrap().is_empty());
+    }
+    assert_eq!(t.fingerprint().await, before, "a refused request changed the store");
+}
+
+#[tokio::test]
+async fn oversized_bodies_and_events_get_413_and_store_nothing() {
+    let t = TestAgent::start(
+        "[store]\nmax_event_size = \"1 KiB\"\n[ingest.http]\nlisten = \"127.0.0.1:0\"\nmax_body_size = \"64 KiB\"\n",
+    )
+    .await;
+    let before = t.fingerprint().await;
+    let big = "x".repeat(2000);
+    let (s, b, _) =
+        t.post("application/json", json!([{"topic":"a","data":1},{"topic":"a","data":big}]).to_string()).await;
+    assert_eq!(s, 413, "{b}");
+    assert_eq!(b["index"], 1);
+    let huge: Vec<Value> = (0..200).map(|i| json!({"topic":"a","data":{"i":i,"pad":"y".repeat(500)}})).collect();
+    let (s, b, _) = t.post("application/json", Value::Array(huge).to_string()).await;
+    assert_eq!(s, 413, "{b}");
+    assert!(b["error"].as_str().unwrap().contains("max_body_size"));
+    assert_eq!(t.fingerprint().await, before);
+}
+
+#[tokio::test]
+async fn a_full_store_under_reject_answers_507_with_retry_after_and_changes_nothing() {
+    let t = TestAgent::start(
+        "[store]\nquota = \"64 KiB\"\nfull_policy = \"reject\"\n[ingest.http]\nlisten = \"127.0.0.1:0\"\n",
+    )
+    .await;
+    let fill: Vec<Value> = (0..50).map(|i| json!({"topic":"a","data":{"i":i,"pad":"z".repeat(1000)}})).collect();
+    let (s, _, _) = t.post("application/json", Value::Array(fill.clone()).to_string()).await;
+    assert_eq!(s, 200);
+    let before = t.fingerprint().await;
+    let (s, b, headers) = t.post("application/json", Value::Array(fill[..20].to_vec()).to_string()).await;
+    assert_eq!(s, 507, "{b}");
+    assert!(b["error"].as_str().unwrap().contains("full"));
+    let retry: u64 = headers["retry-after"].to_str().unwrap().parse().unwrap();
+    assert!(retry >= 1);
+    assert_eq!(t.fingerprint().await, before);
+}
+
+#[tokio::test]
+async fn drop_oldest_keeps_alarms_while_telemetry_makes_way() {
+    let classes = "[store]\nquota = \"64 KiB\"\nfull_policy = \"drop-oldest\"\n\
+                   [[store.class]]\nname = \"alarms\"\ntopics = [\"alarms/#\"]\npriority = 200\n\
+                   [ingest.http]\nlisten = \"127.0.0.1:0\"\n";
+    let t = TestAgent::start(classes).await;
+    let batch = |topic: &str, n: usize| {
+        Value::Array((0..n).map(|i| json!({"topic": topic, "data": {"i": i, "pad": "p".repeat(1000)}})).collect())
+            .to_string()
+    };
+    assert_eq!(t.post("application/json", batch("alarms/fire", 10)).await.0, 200);
+    for _ in 0..6 {
+        assert_eq!(t.post("application/json", batch("telemetry/t", 20)).await.0, 200);
+    }
+    let events = t.events();
+    assert_eq!(events.iter().filter(|e| e.body.subject == "alarms/fire").count(), 10);
+    let status = t.status().await;
+    assert!(status["store"]["counters"]["evicted_events"].as_u64().unwrap() > 0);
+    assert!(status["store"]["bytes"].as_u64().unwrap() <= 64 * 1024);
+}
+
+#[tokio::test]
+async fn a_configured_token_is_required_everywhere_but_healthz() {
+    let t =
+        TestAgent::start("[ingest.http]\nlisten = \"127.0.0.1:0\"\ntoken = \"correct horse battery staple\"\n").await;
+    let ev = r#"{"topic":"a","data":1}"#;
+    let r = t.client.post(t.url("/v1/events")).body(ev).send().await.unwrap();
+    assert_eq!(r.status(), 401);
+    let r = t.client.post(t.url("/v1/events")).bearer_auth("wrong token value!!").body(ev).send().await.unwrap();
+    assert_eq!(r.status(), 401);
+    let r =
+        t.client.post(t.url("/v1/events")).bearer_auth("correct horse battery staple").body(ev).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(t.client.get(t.url("/v1/status")).send().await.unwrap().status(), 401);
+    assert_eq!(t.client.get(t.url("/healthz")).send().await.unwrap().status(), 200);
+    assert_eq!(t.events().len(), 1);
+}
+
+#[tokio::test]
+async fn status_reports_events_bytes_quota_oldest_age_and_dead_letters() {
+    let t = TestAgent::start("").await;
+    t.post("application/json", r#"[{"topic":"a","data":1},{"topic":"b","data":2,"ttl":1}]"#).await;
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    t.agent.store().sweep().await.unwrap();
+    let s = t.status().await;
+    assert_eq!(s["device_id"], "dev-1");
+    let store = &s["store"];
+    assert_eq!(store["events"], 1);
+    assert_eq!(store["dead_letters"], 1);
+    assert_eq!(store["quota_bytes"], 1u64 << 30);
+    assert!(store["oldest_age_ms"].as_u64().unwrap() >= 1000);
+    assert_eq!(store["last_sequence"], 2);
+}
+
+#[tokio::test]
+async fn shutdown_finishes_and_a_restarted_agent_resumes_the_sequence() {
+    let dir = tempfile::tempdir().unwrap();
+    let toml = format!(
+        "[agent]\ndata_dir = {:?}\n[ingest.http]\nlisten = \"127.0.0.1:0\"\n",
+        dir.path().display().to_string()
+    );
+    let config = Config::parse(&toml, "t").unwrap();
+    let agent = Agent::start(config.clone(), Arc::new(SystemClock)).await.unwrap();
+    let client = reqwest::Client::new();
+    let url = format!("http://{}/v1/events", agent.http_addr());
+    client.post(&url).body(r#"[{"topic":"a","data":1},{"topic":"a","data":2}]"#).send().await.unwrap();
+    agent.shutdown().await.unwrap();
+    let agent = Agent::start(config, Arc::new(SystemClock)).await.unwrap();
+    let url = format!("http://{}/v1/events", agent.http_addr());
+    let b: Value = client.post(&url).body(r#"{"topic":"a","data":3}"#).send().await.unwrap().json().await.unwrap();
+    assert_eq!(b["events"][0]["sequence"], 3);
+    agent.shutdown().await.unwrap();
+}

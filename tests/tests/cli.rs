@@ -1,0 +1,64 @@
+//! The `ferry` binary as a user runs it: config errors before start-up,
+//! `publish` and `status` against a running agent, clean exit on SIGTERM.
+
+use std::process::Command;
+
+use ferry_tests::{FerryProcess, ferry_bin, write_config};
+
+#[test]
+fn a_config_mistake_names_file_key_and_reason_and_nothing_starts() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("bad.toml");
+    std::fs::write(
+        &path,
+        format!(
+            "[agent]\ndata_dir = {:?}\n[store]\nfull_policy = \"drop-newest\"\n",
+            dir.path().join("data").display().to_string()
+        ),
+    )
+    .unwrap();
+    let out = Command::new(ferry_bin()).args(["run", "--config"]).arg(&path).output().unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("bad.toml") && err.contains("store.full_policy") && err.contains("drop-newest"), "{err}");
+    assert!(!dir.path().join("data").exists(), "a refused config must not create the store");
+}
+
+#[test]
+fn publish_and_status_talk_to_a_running_agent_which_exits_cleanly_on_sigterm() {
+    let dir = tempfile::tempdir().unwrap();
+    let agent = FerryProcess::start(&write_config(dir.path(), "")).unwrap();
+    let ferry = |args: &[&str], stdin: Option<&str>| {
+        use std::io::Write;
+        let mut child = Command::new(ferry_bin())
+            .args(args)
+            .env("FERRY_URL", agent.url())
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        child.stdin.take().unwrap().write_all(stdin.unwrap_or("").as_bytes()).unwrap();
+        let out = child.wait_with_output().unwrap();
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr),
+        )
+    };
+    let (ok, out) = ferry(&["publish", "--topic", "telemetry/temp", "--data", r#"{"c":20}"#, "--id", "r-1"], None);
+    assert!(ok && out.contains("accepted r-1 sequence 1"), "{out}");
+    let (ok, out) = ferry(&["publish", "--topic", "telemetry/temp", "--data", "20", "--id", "r-1"], None);
+    assert!(ok && out.contains("duplicate"), "{out}");
+    let (ok, out) = ferry(&["publish"], Some("{\"topic\":\"a\",\"data\":1}\n{\"topic\":\"b\",\"data\":2}\n"));
+    assert!(ok && out.contains("accepted 2"), "{out}");
+    let (ok, out) = ferry(&["publish"], Some("{\"topic\":\"a\",\"data\":1}\n{\"topic\":\"b/#\",\"data\":2}\n"));
+    assert!(!ok && out.contains("line 2") && out.contains("topic"), "{out}");
+    let (ok, out) = ferry(&["status"], None);
+    assert!(ok && out.contains("3 events"), "{out}");
+    let (ok, out) = ferry(&["status", "--json"], None);
+    assert!(ok && out.contains("\"last_sequence\": 3"), "{out}");
+
+    let (status, log) = agent.terminate();
+    assert!(status.success(), "exit status {status}; log: {log:?}");
+    assert!(log.iter().any(|l| l.contains("stopped cleanly")), "{log:?}");
+}
