@@ -23,6 +23,7 @@ pub mod cli;
 pub mod clock;
 pub mod config;
 pub mod event;
+pub mod forward;
 pub mod ingest;
 pub mod runtime;
 pub mod store;

@@ -1,19 +1,22 @@
 //! Runtime wiring: the one place that builds the services, connects them and
 //! orders shutdown.
 //!
-//! Start: open the store (recovering it after a crash), then bind and serve
-//! the HTTP API. Stop: the API stops accepting and finishes the requests in
-//! flight (each waits for its commit), then the store writer commits what is
-//! queued and exits. Services never start or stop each other.
+//! Start: load TLS material, open the store (recovering it after a crash),
+//! start one forwarder per destination, then bind and serve the HTTP API.
+//! Stop: the API stops accepting and finishes the requests in flight (each
+//! waits for its commit); forwarders collect outstanding PUBACKs and save
+//! their cursors; then the store writer commits what is queued and exits.
+//! Services never start or stop each other.
 
 use std::future::Future;
 use std::net::SocketAddr;
 
-use tokio::sync::oneshot;
+use tokio::sync::{oneshot, watch};
 use tokio::task::JoinHandle;
 
 use crate::clock::SharedClock;
 use crate::config::Config;
+use crate::forward::{Forwarder, link};
 use crate::ingest::{Ingest, http};
 use crate::store::{Store, StoreError};
 
@@ -32,6 +35,14 @@ pub enum RunError {
         /// The cause.
         source: std::io::Error,
     },
+    /// A destination's TLS material could not be loaded.
+    #[error("destination {name}: {source}")]
+    Destination {
+        /// The destination.
+        name: String,
+        /// The cause.
+        source: link::LinkError,
+    },
     /// The HTTP server failed.
     #[error("HTTP API failed: {0}")]
     Serve(std::io::Error),
@@ -46,11 +57,26 @@ pub struct Agent {
     http_addr: SocketAddr,
     stop_http: oneshot::Sender<()>,
     http: JoinHandle<std::io::Result<()>>,
+    stop_forwarders: watch::Sender<bool>,
+    forwarders: Vec<Forwarder>,
 }
 
 impl Agent {
     /// Opens the store and starts every service.
     pub async fn start(config: Config, clock: SharedClock) -> Result<Self, RunError> {
+        // TLS material is read before anything starts, so a bad file stops start-up.
+        let mut tls = Vec::with_capacity(config.destinations.len());
+        for d in &config.destinations {
+            let t = if d.endpoint.tls {
+                Some(
+                    link::tls_config(&d.endpoint)
+                        .map_err(|source| RunError::Destination { name: d.name.clone(), source })?,
+                )
+            } else {
+                None
+            };
+            tls.push(t);
+        }
         let store_config = config.store.clone();
         let store_clock = clock.clone();
         let store = tokio::task::spawn_blocking(move || Store::open(store_config, store_clock))
@@ -59,19 +85,34 @@ impl Agent {
 
         let (listener, http_addr) =
             http::bind(&config.http).await.map_err(|source| RunError::Bind { addr: config.http.listen, source })?;
+        let (stop_forwarders, stop_rx) = watch::channel(false);
+        let forwarders: Vec<Forwarder> = config
+            .destinations
+            .iter()
+            .zip(tls)
+            .map(|(d, tls)| Forwarder::spawn(d.clone(), tls, store.clone(), clock.clone(), stop_rx.clone()))
+            .collect();
+        let statuses = forwarders.iter().map(Forwarder::status_handle).collect();
+
         let ingest = Ingest::new(store.clone(), config.agent.source(), clock);
         let (stop_http, stopped) = oneshot::channel::<()>();
-        let http =
-            tokio::spawn(http::serve(listener, config.http.clone(), ingest, config.agent.device_id.clone(), async {
+        let http = tokio::spawn(http::serve(
+            listener,
+            config.http.clone(),
+            ingest,
+            config.agent.device_id.clone(),
+            statuses,
+            async {
                 let _ = stopped.await;
-            }));
+            },
+        ));
         tracing::info!(
             config = %config.origin,
             device_id = %config.agent.device_id,
             store = %config.store.path.display(),
             "HTTP API listening on {http_addr}"
         );
-        Ok(Self { store, http_addr, stop_http, http })
+        Ok(Self { store, http_addr, stop_http, http, stop_forwarders, forwarders })
     }
 
     /// Where the HTTP API listens.
@@ -84,10 +125,20 @@ impl Agent {
         &self.store
     }
 
-    /// Stops accepting, finishes requests in flight, commits, and closes.
+    /// Status of each destination, in config order.
+    pub fn destinations(&self) -> Vec<crate::forward::DestinationStatus> {
+        self.forwarders.iter().map(Forwarder::status).collect()
+    }
+
+    /// Stops accepting, finishes requests in flight, lets forwarders collect
+    /// outstanding acknowledgements and save their cursors, commits, and closes.
     pub async fn shutdown(self) -> Result<(), RunError> {
         let _ = self.stop_http.send(());
         let served = self.http.await.map_err(|e| RunError::Task(e.to_string()))?;
+        let _ = self.stop_forwarders.send(true);
+        for f in self.forwarders {
+            f.join().await;
+        }
         let store = self.store.clone();
         tokio::task::spawn_blocking(move || store.close()).await.map_err(|e| RunError::Task(e.to_string()))?;
         tracing::info!("stopped cleanly");

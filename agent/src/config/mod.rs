@@ -19,6 +19,9 @@ use crate::topic::{TopicError, TopicFilter};
 /// The embedded default configuration, which documents every key.
 pub const DEFAULT_TOML: &str = include_str!("ferry.default.toml");
 
+mod mqtt;
+pub use mqtt::{DestinationConfig, MqttEndpoint, MqttIngestConfig, Protocol};
+
 /// A configuration mistake, reported before anything starts.
 #[derive(Debug, thiserror::Error)]
 #[error("{file}: {key}: {reason}")]
@@ -41,6 +44,8 @@ pub struct RawConfig {
     store: RawStore,
     #[serde(default)]
     ingest: RawIngest,
+    #[serde(default)]
+    destination: Vec<mqtt::RawDestination>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -78,6 +83,7 @@ struct RawClass {
 #[serde(deny_unknown_fields)]
 struct RawIngest {
     http: Option<RawHttp>,
+    mqtt: Option<mqtt::RawMqttIngest>,
 }
 
 #[derive(Default, Deserialize)]
@@ -109,6 +115,10 @@ pub struct Config {
     pub store: StoreConfig,
     /// The HTTP API.
     pub http: HttpConfig,
+    /// Local MQTT ingest, if configured.
+    pub mqtt_ingest: Option<MqttIngestConfig>,
+    /// Cloud brokers to forward to.
+    pub destinations: Vec<DestinationConfig>,
 }
 
 /// `[agent]`.
@@ -183,6 +193,26 @@ pub struct StoreConfig {
     pub queue_depth: usize,
     /// Page cache of the database, in bytes.
     pub cache_bytes: usize,
+    /// The destinations that consume the log, with their routes: an event
+    /// leaves the log once every destination routing it has its cursor past
+    /// it; an event no destination routes stays (until TTL or eviction).
+    pub consumers: Vec<Consumer>,
+}
+
+/// A consumer of the log, as the store sees a destination.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Consumer {
+    /// Cursor name (the destination name).
+    pub name: String,
+    /// Topic filters of the events it takes.
+    pub routes: Vec<TopicFilter>,
+}
+
+impl Consumer {
+    /// Whether this consumer takes events on `topic`.
+    pub fn routes(&self, topic: &str) -> bool {
+        self.routes.iter().any(|f| f.matches(topic))
+    }
 }
 
 impl StoreConfig {
@@ -339,6 +369,23 @@ impl Config {
         let max_body_bytes = usize::try_from(h.max_body_size.map_or(16 << 20, |b| b.as_u64()))
             .map_err(|_| err("ingest.http.max_body_size", "too large for this platform".into()))?;
 
+        let mut destinations: Vec<DestinationConfig> = Vec::with_capacity(raw.destination.len());
+        for (i, d) in raw.destination.into_iter().enumerate() {
+            let cx = mqtt::Ctx { file, prefix: format!("destination[{i}]") };
+            let d = mqtt::destination(d, &device_id, &cx)?;
+            if destinations.iter().any(|o| o.name == d.name) {
+                return Err(err(
+                    &format!("destination[{i}].name"),
+                    format!("`{}` is used by another destination", d.name),
+                ));
+            }
+            destinations.push(d);
+        }
+        let mqtt_ingest = match raw.ingest.mqtt {
+            Some(m) => Some(mqtt::mqtt_ingest(m, &device_id, &mqtt::Ctx { file, prefix: "ingest.mqtt".into() })?),
+            None => None,
+        };
+
         Ok(Config {
             origin: file.into(),
             agent: AgentConfig { device_id, data_dir: data_dir.clone() },
@@ -354,8 +401,14 @@ impl Config {
                 classes,
                 queue_depth: 1024,
                 cache_bytes: usize::try_from(s.cache_size.map_or(64 << 20, |b| b.as_u64())).unwrap_or(usize::MAX),
+                consumers: destinations
+                    .iter()
+                    .map(|d| Consumer { name: d.name.clone(), routes: d.routes.clone() })
+                    .collect(),
             },
             http: HttpConfig { listen, token, max_body_bytes },
+            mqtt_ingest,
+            destinations,
         })
     }
 }

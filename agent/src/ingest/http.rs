@@ -1,6 +1,7 @@
 //! The HTTP API: event ingest, status and health.
 //!
-//! Routes: `POST /v1/events`, `GET /v1/status`, `GET /healthz`. Every route
+//! Routes: `POST /v1/events`, `GET /v1/status` (store and destinations),
+//! `GET /healthz`. Every route
 //! but `/healthz` requires the bearer token when one is configured. Bodies
 //! are decoded by [`super::parse`]; large ones off the async threads.
 
@@ -22,6 +23,7 @@ use tokio::net::TcpListener;
 
 use super::{Ingest, IngestError, parse};
 use crate::config::HttpConfig;
+use crate::forward::DestinationStatus;
 use crate::store::{AppendError, Appended, StoreStatus};
 
 /// Bodies above this size are decoded on the blocking pool.
@@ -33,6 +35,7 @@ struct Api {
     config: Arc<HttpConfig>,
     device_id: Arc<str>,
     started: Instant,
+    destinations: Arc<[Arc<std::sync::Mutex<DestinationStatus>>]>,
 }
 
 /// Binds the API listener; the returned address has the real port when the
@@ -50,9 +53,16 @@ pub async fn serve(
     config: HttpConfig,
     ingest: Ingest,
     device_id: String,
+    destinations: Vec<Arc<std::sync::Mutex<DestinationStatus>>>,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    let api = Api { ingest, config: Arc::new(config), device_id: device_id.into(), started: Instant::now() };
+    let api = Api {
+        ingest,
+        config: Arc::new(config),
+        device_id: device_id.into(),
+        started: Instant::now(),
+        destinations: destinations.into(),
+    };
     let protected = Router::new()
         .route("/v1/events", post(post_events))
         .route("/v1/status", get(get_status))
@@ -177,6 +187,34 @@ pub struct Status {
     pub uptime_seconds: u64,
     /// The store.
     pub store: StoreStatus,
+    /// Each destination, with its backlog.
+    pub destinations: Vec<DestinationView>,
+}
+
+/// A destination as status shows it: the forwarder's own view plus the
+/// backlog derived from the store.
+#[derive(Debug, Serialize)]
+pub struct DestinationView {
+    /// The forwarder's status.
+    #[serde(flatten)]
+    pub forwarder: DestinationStatus,
+    /// Events after its cursor. An upper bound: it counts events this
+    /// destination does not route, which it skips without sending.
+    pub backlog_events: u64,
+    /// Estimated bytes of that backlog (events × mean stored event size).
+    pub backlog_bytes: u64,
+    /// Seconds to drain the backlog at the current send rate, if it is moving.
+    pub drain_eta_seconds: Option<f64>,
+}
+
+impl DestinationView {
+    fn new(forwarder: DestinationStatus, store: &StoreStatus) -> Self {
+        let backlog_events = store.last_sequence.saturating_sub(forwarder.acked_sequence);
+        let mean = store.bytes.checked_div(store.events).unwrap_or(0);
+        let drain_eta_seconds =
+            (backlog_events > 0 && forwarder.send_rate > 0.0).then(|| backlog_events as f64 / forwarder.send_rate);
+        Self { forwarder, backlog_events, backlog_bytes: backlog_events.saturating_mul(mean), drain_eta_seconds }
+    }
 }
 
 async fn get_status(State(api): State<Api>) -> Response {
@@ -191,11 +229,14 @@ async fn get_status(State(api): State<Api>) -> Response {
             return error(StatusCode::INTERNAL_SERVER_ERROR, &e.to_string(), None, None);
         }
     };
+    let destinations =
+        api.destinations.iter().map(|d| DestinationView::new(d.lock().expect("status lock").clone(), &store)).collect();
     let status = Status {
         device_id: api.device_id.to_string(),
         version: env!("CARGO_PKG_VERSION"),
         uptime_seconds: api.started.elapsed().as_secs(),
         store,
+        destinations,
     };
     axum::Json(status).into_response()
 }

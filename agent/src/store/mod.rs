@@ -206,10 +206,16 @@ pub struct Meta {
     pub accepted_events: u64,
     /// Write transactions committed (events per commit shows group commit at work).
     pub commits: u64,
+    /// Events removed after every destination routing them had them.
+    pub delivered_events: u64,
+    /// Retention has examined the log up to here for the current consumers.
+    pub retention_floor: u64,
+    /// Fingerprint of the consumers `retention_floor` was computed for.
+    pub consumers_hash: u64,
 }
 
 impl Meta {
-    const FIELDS: [&'static str; 12] = [
+    const FIELDS: [&'static str; 15] = [
         "next_sequence",
         "hlc",
         "log_bytes",
@@ -222,9 +228,12 @@ impl Meta {
         "dedup_hits",
         "accepted_events",
         "commits",
+        "delivered_events",
+        "retention_floor",
+        "consumers_hash",
     ];
 
-    fn slots(&mut self) -> [&mut u64; 12] {
+    fn slots(&mut self) -> [&mut u64; 15] {
         [
             &mut self.next_sequence,
             &mut self.hlc,
@@ -238,6 +247,9 @@ impl Meta {
             &mut self.dedup_hits,
             &mut self.accepted_events,
             &mut self.commits,
+            &mut self.delivered_events,
+            &mut self.retention_floor,
+            &mut self.consumers_hash,
         ]
     }
 
@@ -295,6 +307,8 @@ pub struct SweepReport {
     pub dedup_pruned: u64,
     /// Dead letters dropped to stay within their share of the quota.
     pub dead_dropped: u64,
+    /// Events removed because every destination routing them had them.
+    pub delivered: u64,
 }
 
 /// Handle to the store. Cheap to clone; all clones share one writer thread.
@@ -326,7 +340,7 @@ impl Store {
             .create(&config.path)
             .map_err(|e| open_err(e.into()))?;
         let db = Arc::new(db);
-        let (writer, committed) = Writer::new(db.clone(), config.clone(), clock).map_err(|e| open_err(e.into()))?;
+        let (writer, committed) = Writer::new(db.clone(), config.clone(), clock).map_err(open_err)?;
         let (requests, rx) = flume::bounded(config.queue_depth);
         let handle = std::thread::Builder::new()
             .name("ferry-store-writer".into())
@@ -354,6 +368,16 @@ impl Store {
     pub async fn set_cursor(&self, destination: &str, sequence: u64) -> Result<(), AppendError> {
         let (reply, rx) = oneshot::channel();
         self.send(Request::SetCursor { name: destination.to_owned(), sequence, reply })
+            .await
+            .map_err(|_| AppendError::Closed)?;
+        rx.await.map_err(|_| AppendError::Closed)?
+    }
+
+    /// Copies event `sequence` to the dead letters with `reason`, leaving it
+    /// in the log for the destinations that can still take it.
+    pub async fn dead_letter_copy(&self, sequence: u64, reason: &str) -> Result<(), AppendError> {
+        let (reply, rx) = oneshot::channel();
+        self.send(Request::DeadLetterCopy { sequence, reason: reason.to_owned(), reply })
             .await
             .map_err(|_| AppendError::Closed)?;
         rx.await.map_err(|_| AppendError::Closed)?

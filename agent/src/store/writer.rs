@@ -40,10 +40,24 @@ const SWEEP_LIMIT: usize = 10_000;
 /// Share of the quota that dead letters may hold before the oldest go.
 const DEAD_LETTER_SHARE: u64 = 10;
 
+/// A stable fingerprint of the consumers and their routes.
+fn consumers_fingerprint(consumers: &[crate::config::Consumer]) -> u64 {
+    use std::hash::{Hash, Hasher};
+    let mut h = std::hash::DefaultHasher::new();
+    for c in consumers {
+        c.name.hash(&mut h);
+        for r in &c.routes {
+            r.as_str().hash(&mut h);
+        }
+    }
+    h.finish().max(1)
+}
+
 /// A request to the writer.
 pub(super) enum Request {
     Append { events: Vec<PreparedEvent>, reply: oneshot::Sender<Result<Vec<Appended>, AppendError>> },
     SetCursor { name: String, sequence: u64, reply: oneshot::Sender<Result<(), AppendError>> },
+    DeadLetterCopy { sequence: u64, reason: String, reply: oneshot::Sender<Result<(), AppendError>> },
     Sweep { reply: oneshot::Sender<Result<SweepReport, AppendError>> },
     Shutdown,
 }
@@ -60,7 +74,7 @@ impl Request {
 /// What a request's reply will be once the transaction commits.
 enum Pending {
     Append(oneshot::Sender<Result<Vec<Appended>, AppendError>>, Result<Vec<Appended>, AppendError>),
-    Cursor(oneshot::Sender<Result<(), AppendError>>),
+    Done(oneshot::Sender<Result<(), AppendError>>),
     Sweep(oneshot::Sender<Result<SweepReport, AppendError>>, SweepReport),
 }
 
@@ -68,7 +82,7 @@ impl Pending {
     fn fail(self, error: &AppendError) {
         match self {
             Pending::Append(tx, _) => drop(tx.send(Err(error.clone()))),
-            Pending::Cursor(tx) => drop(tx.send(Err(error.clone()))),
+            Pending::Done(tx) => drop(tx.send(Err(error.clone()))),
             Pending::Sweep(tx, _) => drop(tx.send(Err(error.clone()))),
         }
     }
@@ -76,7 +90,7 @@ impl Pending {
     fn succeed(self) {
         match self {
             Pending::Append(tx, outcome) => drop(tx.send(outcome)),
-            Pending::Cursor(tx) => drop(tx.send(Ok(()))),
+            Pending::Done(tx) => drop(tx.send(Ok(()))),
             Pending::Sweep(tx, report) => drop(tx.send(Ok(report))),
         }
     }
@@ -247,6 +261,7 @@ impl Writer {
     fn apply_batch(&mut self, batch: Vec<Request>) -> Result<Vec<Pending>, (Vec<Pending>, redb::Error)> {
         let mut pending = Vec::with_capacity(batch.len());
         let mut deferred = Vec::new();
+        let mut cursors_moved = false;
         let result = (|| -> Result<(), redb::Error> {
             let txn = self.begin()?;
             {
@@ -262,8 +277,16 @@ impl Writer {
                             let current = t.cursors.get(name.as_str())?.map_or(0, |v| v.value());
                             if sequence > current {
                                 t.cursors.insert(name.as_str(), sequence)?;
+                                cursors_moved = true;
                             }
-                            pending.push(Pending::Cursor(reply));
+                            pending.push(Pending::Done(reply));
+                        }
+                        Request::DeadLetterCopy { sequence, reason, reply } => {
+                            let record = t.log.get(sequence)?.map(|r| r.value().to_vec());
+                            if let Some(record) = record {
+                                self.dead_letter(&mut t, sequence, &reason, now_ms, record)?;
+                            }
+                            pending.push(Pending::Done(reply));
                         }
                         Request::Sweep { reply } => deferred.push(reply),
                         Request::Shutdown => {}
@@ -272,6 +295,9 @@ impl Writer {
                 for reply in deferred.drain(..) {
                     let report = self.sweep(&mut t, now_ms)?;
                     pending.push(Pending::Sweep(reply, report));
+                }
+                if cursors_moved {
+                    self.retire_delivered(&mut t)?;
                 }
             }
             self.commit(txn)
@@ -494,6 +520,8 @@ impl Writer {
             report.dedup_pruned += 1;
         }
 
+        report.delivered = self.retire_delivered(t)?;
+
         let dead_cap = self.config.quota_bytes / DEAD_LETTER_SHARE;
         while self.meta.dead_bytes > dead_cap {
             let Some((_, v)) = t.dead.pop_first()? else {
@@ -510,6 +538,56 @@ impl Writer {
             );
         }
         Ok(report)
+    }
+
+    /// Removes events every consumer routing them has acknowledged; keeps
+    /// events no consumer routes (a destination added later will want them).
+    /// Bounded per call; resumes from `retention_floor` next time.
+    fn retire_delivered(&mut self, t: &mut Tables<'_>) -> Result<u64, redb::Error> {
+        let consumers = &self.config.consumers;
+        if consumers.is_empty() {
+            return Ok(0);
+        }
+        let fingerprint = consumers_fingerprint(consumers);
+        if self.meta.consumers_hash != fingerprint {
+            // Different destinations now: earlier verdicts on kept events no longer hold.
+            self.meta.consumers_hash = fingerprint;
+            self.meta.retention_floor = 0;
+        }
+        let mut upto = u64::MAX;
+        for c in consumers {
+            upto = upto.min(t.cursors.get(c.name.as_str())?.map_or(0, |v| v.value()));
+        }
+        let floor = self.meta.retention_floor;
+        if upto <= floor {
+            return Ok(0);
+        }
+        let mut doomed = Vec::new();
+        let (mut scanned, mut last) = (0usize, floor);
+        for row in t.log.range(floor + 1..=upto)?.take(SWEEP_LIMIT) {
+            let (k, v) = row?;
+            scanned += 1;
+            last = k.value();
+            // An unreadable record is kept for an operator to inspect rather than lost.
+            if let Ok(subject) = event::decode_subject(v.value())
+                && consumers.iter().any(|c| c.routes(subject))
+            {
+                doomed.push(last);
+            }
+        }
+        // A scan that stopped short of the limit has seen everything up to `upto`.
+        self.meta.retention_floor = if scanned < SWEEP_LIMIT { upto } else { last };
+        for &seq in &doomed {
+            let priority = t
+                .log
+                .get(seq)?
+                .and_then(|r| event::decode_header(r.value()).ok().map(|(h, _)| h.priority))
+                .unwrap_or(0);
+            t.by_priority.remove((priority, seq))?;
+            self.remove_from_log(t, seq)?;
+        }
+        self.meta.delivered_events += doomed.len() as u64;
+        Ok(doomed.len() as u64)
     }
 
     fn dead_letter(

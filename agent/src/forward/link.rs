@@ -1,0 +1,353 @@
+//! One MQTT connection, for either protocol version, over TCP or TLS.
+//!
+//! Wraps rumqttc's v3.1.1 and v5 clients behind one small surface: queue a
+//! publish, subscribe, acknowledge, and poll for what happened. A [`Link`] is
+//! one connection attempt: when it fails the caller drops it and builds a new
+//! one, so no client-library state (its pending queue, packet-id collisions)
+//! ever outlives a connection. The store decides what is sent again.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use rumqttc::v5::mqttbytes::QoS as V5QoS;
+use rumqttc::v5::mqttbytes::v5::PublishProperties;
+use rumqttc::{QoS, TlsConfiguration, Transport};
+use rustls_pki_types::pem::PemObject;
+use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+
+use crate::config::{MqttEndpoint, Protocol};
+
+/// Why a link could not be set up or failed.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum LinkError {
+    /// TLS material could not be loaded.
+    #[error("TLS setup: {0}")]
+    Tls(String),
+    /// The connection failed or dropped.
+    #[error("{0}")]
+    Connection(String),
+    /// The broker refused the connection.
+    #[error("broker refused the connection: {0}")]
+    Refused(String),
+    /// The client's request queue is full (the caller sends too much).
+    #[error("client queue full")]
+    QueueFull,
+}
+
+/// A message received on a subscription.
+#[derive(Debug, Clone)]
+pub struct Incoming {
+    /// Topic.
+    pub topic: String,
+    /// Payload.
+    pub payload: Bytes,
+    /// MQTT 5 user properties (empty on 3.1.1).
+    pub user_properties: Vec<(String, String)>,
+    /// MQTT 5 content type.
+    pub content_type: Option<String>,
+    /// Packet id (0 for QoS 0).
+    pub pkid: u16,
+    /// Whether the broker marked it as a redelivery.
+    pub dup: bool,
+    /// Whether it is a retained message.
+    pub retain: bool,
+    raw: RawPublish,
+}
+
+#[derive(Debug, Clone)]
+enum RawPublish {
+    V4(rumqttc::Publish),
+    V5(rumqttc::v5::mqttbytes::v5::Publish),
+}
+
+/// What polling a link produced.
+#[derive(Debug)]
+pub enum LinkEvent {
+    /// The broker accepted the connection.
+    Connected {
+        /// Whether the broker kept a session for this client id.
+        session_present: bool,
+    },
+    /// A queued publish went out with this packet id (in queue order).
+    Sent(u16),
+    /// The broker acknowledged the publish with this packet id.
+    Acked(u16),
+    /// The broker acknowledged a subscription.
+    Subscribed,
+    /// A message arrived on a subscription.
+    Message(Box<Incoming>),
+    /// Anything else (pings, our own acks).
+    Other,
+}
+
+/// Builds the rustls client config for an `mqtts://` endpoint: the CA file
+/// or the system roots, plus the client certificate for mutual TLS.
+pub fn tls_config(e: &MqttEndpoint) -> Result<Arc<rustls::ClientConfig>, LinkError> {
+    let tls_err = |what: &str, path: &std::path::Path, err: &dyn std::fmt::Display| {
+        LinkError::Tls(format!("{what} {}: {err}", path.display()))
+    };
+    let mut roots = rustls::RootCertStore::empty();
+    match &e.ca_file {
+        Some(path) => {
+            let certs = CertificateDer::pem_file_iter(path)
+                .and_then(|it| it.collect::<Result<Vec<_>, _>>())
+                .map_err(|err| tls_err("reading CA file", path, &err))?;
+            if certs.is_empty() {
+                return Err(LinkError::Tls(format!("CA file {} holds no certificate", path.display())));
+            }
+            for c in certs {
+                roots.add(c).map_err(|err| tls_err("adding CA from", path, &err))?;
+            }
+        }
+        None => {
+            let native = rustls_native_certs::load_native_certs();
+            for c in native.certs {
+                let _ = roots.add(c);
+            }
+            if roots.is_empty() {
+                return Err(LinkError::Tls("no system root certificates found; set ca_file".into()));
+            }
+        }
+    }
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let builder = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|err| LinkError::Tls(err.to_string()))?
+        .with_root_certificates(roots);
+    let config = match (&e.client_cert, &e.client_key) {
+        (Some(cert), Some(key)) => {
+            let chain = CertificateDer::pem_file_iter(cert)
+                .and_then(|it| it.collect::<Result<Vec<_>, _>>())
+                .map_err(|err| tls_err("reading client certificate", cert, &err))?;
+            let key_der = PrivateKeyDer::from_pem_file(key).map_err(|err| tls_err("reading client key", key, &err))?;
+            builder.with_client_auth_cert(chain, key_der).map_err(|err| tls_err("client certificate", cert, &err))?
+        }
+        _ => builder.with_no_client_auth(),
+    };
+    Ok(Arc::new(config))
+}
+
+/// Options for opening a link.
+#[derive(Debug, Clone)]
+pub struct LinkOptions {
+    /// Most publishes awaiting PUBACK at once.
+    pub inflight: u16,
+    /// Capacity of the client's request queue.
+    pub queue: usize,
+    /// Start a clean session (forwarding) or resume one (subscriptions that
+    /// must not miss messages while down).
+    pub clean_session: bool,
+    /// Acknowledge received messages only when told to.
+    pub manual_acks: bool,
+}
+
+/// One connection attempt to a broker.
+pub struct Link {
+    inner: Inner,
+}
+
+enum Inner {
+    V4(rumqttc::AsyncClient, Box<rumqttc::EventLoop>),
+    V5(rumqttc::v5::AsyncClient, Box<rumqttc::v5::EventLoop>),
+}
+
+fn connection_timeout(e: &MqttEndpoint) -> u64 {
+    e.keep_alive.as_secs().clamp(5, 30)
+}
+
+impl Link {
+    /// Prepares a connection; it is made by the first [`Link::poll`].
+    pub fn open(e: &MqttEndpoint, tls: Option<&Arc<rustls::ClientConfig>>, opts: &LinkOptions) -> Self {
+        let transport = || match tls {
+            Some(c) => Transport::tls_with_config(TlsConfiguration::Rustls(c.clone())),
+            None => Transport::tcp(),
+        };
+        let inner = match e.protocol {
+            Protocol::V311 => {
+                let mut o = rumqttc::MqttOptions::new(&e.client_id, &e.host, e.port);
+                o.set_keep_alive(e.keep_alive.max(Duration::from_secs(1)))
+                    .set_clean_session(opts.clean_session)
+                    .set_max_packet_size(e.max_packet_bytes, e.max_packet_bytes)
+                    .set_inflight(opts.inflight.max(1))
+                    .set_request_channel_capacity(opts.queue)
+                    .set_manual_acks(opts.manual_acks)
+                    .set_transport(transport());
+                if let Some(user) = &e.username {
+                    o.set_credentials(user, e.password.as_ref().map_or("", |p| p.expose()));
+                }
+                let (client, mut eventloop) = rumqttc::AsyncClient::new(o, opts.queue);
+                let mut net = eventloop.network_options();
+                net.set_connection_timeout(connection_timeout(e));
+                eventloop.set_network_options(net);
+                Inner::V4(client, Box::new(eventloop))
+            }
+            Protocol::V5 => {
+                let mut o = rumqttc::v5::MqttOptions::new(&e.client_id, &e.host, e.port);
+                o.set_keep_alive(e.keep_alive.max(Duration::from_secs(1)))
+                    .set_clean_start(opts.clean_session)
+                    .set_max_packet_size(Some(e.max_packet_bytes as u32))
+                    .set_outgoing_inflight_upper_limit(opts.inflight.max(1))
+                    .set_request_channel_capacity(opts.queue)
+                    .set_manual_acks(opts.manual_acks)
+                    .set_transport(transport());
+                if !opts.clean_session {
+                    // Keep the session while we are away, so queued QoS 1 messages wait for us.
+                    o.set_session_expiry_interval(Some(u32::MAX));
+                }
+                if let Some(user) = &e.username {
+                    o.set_credentials(user, e.password.as_ref().map_or("", |p| p.expose()));
+                }
+                o.set_connection_timeout(connection_timeout(e));
+                let (client, eventloop) = rumqttc::v5::AsyncClient::new(o, opts.queue);
+                Inner::V5(client, Box::new(eventloop))
+            }
+        };
+        Self { inner }
+    }
+
+    /// Drives the connection until something happens.
+    pub async fn poll(&mut self) -> Result<LinkEvent, LinkError> {
+        match &mut self.inner {
+            Inner::V4(_, el) => {
+                use rumqttc::{Event, Outgoing, Packet};
+                match el.poll().await {
+                    Ok(Event::Incoming(Packet::ConnAck(ack))) => {
+                        Ok(LinkEvent::Connected { session_present: ack.session_present })
+                    }
+                    Ok(Event::Incoming(Packet::PubAck(ack))) => Ok(LinkEvent::Acked(ack.pkid)),
+                    Ok(Event::Incoming(Packet::SubAck(ack))) => {
+                        if ack.return_codes.iter().any(|c| matches!(c, rumqttc::SubscribeReasonCode::Failure)) {
+                            return Err(LinkError::Refused("subscription refused".into()));
+                        }
+                        Ok(LinkEvent::Subscribed)
+                    }
+                    Ok(Event::Incoming(Packet::Publish(p))) => Ok(LinkEvent::Message(Box::new(Incoming {
+                        topic: p.topic.clone(),
+                        payload: p.payload.clone(),
+                        user_properties: Vec::new(),
+                        content_type: None,
+                        pkid: p.pkid,
+                        dup: p.dup,
+                        retain: p.retain,
+                        raw: RawPublish::V4(p),
+                    }))),
+                    Ok(Event::Outgoing(Outgoing::Publish(pkid))) => Ok(LinkEvent::Sent(pkid)),
+                    Ok(_) => Ok(LinkEvent::Other),
+                    Err(rumqttc::ConnectionError::ConnectionRefused(code)) => {
+                        Err(LinkError::Refused(format!("{code:?}")))
+                    }
+                    Err(e) => Err(LinkError::Connection(e.to_string())),
+                }
+            }
+            Inner::V5(_, el) => {
+                use rumqttc::v5::mqttbytes::v5::Packet;
+                use rumqttc::v5::{Event, mqttbytes::v5::ConnectReturnCode};
+                match el.poll().await {
+                    Ok(Event::Incoming(Packet::ConnAck(ack))) => {
+                        if ack.code != ConnectReturnCode::Success {
+                            return Err(LinkError::Refused(format!("{:?}", ack.code)));
+                        }
+                        Ok(LinkEvent::Connected { session_present: ack.session_present })
+                    }
+                    Ok(Event::Incoming(Packet::PubAck(ack))) => {
+                        use rumqttc::v5::mqttbytes::v5::PubAckReason;
+                        if !matches!(ack.reason, PubAckReason::Success | PubAckReason::NoMatchingSubscribers) {
+                            // The broker refused this message (quota, not authorised, …): an
+                            // at-least-once sender must send it again rather than count it.
+                            return Err(LinkError::Refused(format!("PUBACK {:?} for packet {}", ack.reason, ack.pkid)));
+                        }
+                        Ok(LinkEvent::Acked(ack.pkid))
+                    }
+                    Ok(Event::Incoming(Packet::SubAck(ack))) => {
+                        use rumqttc::v5::mqttbytes::v5::SubscribeReasonCode as C;
+                        if ack.return_codes.iter().any(|c| !matches!(c, C::Success(_))) {
+                            return Err(LinkError::Refused(format!("subscription refused: {:?}", ack.return_codes)));
+                        }
+                        Ok(LinkEvent::Subscribed)
+                    }
+                    Ok(Event::Incoming(Packet::Publish(p))) => {
+                        let props = p.properties.clone().unwrap_or_default();
+                        Ok(LinkEvent::Message(Box::new(Incoming {
+                            topic: String::from_utf8_lossy(&p.topic).into_owned(),
+                            payload: p.payload.clone(),
+                            user_properties: props.user_properties,
+                            content_type: props.content_type,
+                            pkid: p.pkid,
+                            dup: p.dup,
+                            retain: p.retain,
+                            raw: RawPublish::V5(p),
+                        })))
+                    }
+                    Ok(Event::Incoming(Packet::Disconnect(d))) => {
+                        Err(LinkError::Connection(format!("broker disconnected: {:?}", d.reason_code)))
+                    }
+                    Ok(Event::Outgoing(rumqttc::Outgoing::Publish(pkid))) => Ok(LinkEvent::Sent(pkid)),
+                    Ok(_) => Ok(LinkEvent::Other),
+                    Err(rumqttc::v5::ConnectionError::ConnectionRefused(code)) => {
+                        Err(LinkError::Refused(format!("{code:?}")))
+                    }
+                    Err(e) => Err(LinkError::Connection(e.to_string())),
+                }
+            }
+        }
+    }
+
+    /// Queues a QoS 1 publish without waiting; it goes out on a later poll.
+    /// `content_type` and `user_properties` are used on MQTT 5 only.
+    pub fn publish(
+        &self,
+        topic: String,
+        payload: Vec<u8>,
+        content_type: Option<String>,
+        user_properties: Vec<(String, String)>,
+        retain: bool,
+    ) -> Result<(), LinkError> {
+        let ok = match &self.inner {
+            Inner::V4(c, _) => c.try_publish(topic, QoS::AtLeastOnce, retain, payload).is_ok(),
+            Inner::V5(c, _) => {
+                let props = PublishProperties { content_type, user_properties, ..Default::default() };
+                c.try_publish_with_properties(topic, V5QoS::AtLeastOnce, retain, payload, props).is_ok()
+            }
+        };
+        if ok { Ok(()) } else { Err(LinkError::QueueFull) }
+    }
+
+    /// Queues a QoS 1 subscription.
+    pub fn subscribe(&self, filter: &str) -> Result<(), LinkError> {
+        let ok = match &self.inner {
+            Inner::V4(c, _) => c.try_subscribe(filter, QoS::AtLeastOnce).is_ok(),
+            Inner::V5(c, _) => c.try_subscribe(filter, V5QoS::AtLeastOnce).is_ok(),
+        };
+        if ok { Ok(()) } else { Err(LinkError::QueueFull) }
+    }
+
+    /// Acknowledges a received message (with manual acks).
+    pub fn ack(&self, message: &Incoming) -> Result<(), LinkError> {
+        let ok = match (&self.inner, &message.raw) {
+            (Inner::V4(c, _), RawPublish::V4(p)) => c.try_ack(p).is_ok(),
+            (Inner::V5(c, _), RawPublish::V5(p)) => c.try_ack(p).is_ok(),
+            _ => false,
+        };
+        if ok { Ok(()) } else { Err(LinkError::QueueFull) }
+    }
+}
+
+/// Bytes an MQTT PUBLISH packet takes on the wire, to refuse an event that
+/// exceeds a broker's packet limit before it can break the connection.
+pub fn publish_packet_len(
+    protocol: Protocol,
+    topic: &str,
+    payload: usize,
+    content_type: Option<&str>,
+    user: &[(String, String)],
+) -> usize {
+    let mut len = 2 + topic.len() + 2 + payload; // topic, packet id, payload
+    if protocol == Protocol::V5 {
+        let props: usize =
+            content_type.map_or(0, |c| 3 + c.len()) + user.iter().map(|(k, v)| 5 + k.len() + v.len()).sum::<usize>();
+        len += props + 4; // property length varint
+    }
+    len + 5 // fixed header with remaining-length varint
+}

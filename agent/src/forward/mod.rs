@@ -1,0 +1,426 @@
+//! Forwarding: one task per destination publishes the log to its broker,
+//! at least once, in sequence order, on its own durable cursor.
+//!
+//! The store is the source of truth for what must be (re)sent: a forwarder
+//! reads events after its cursor, publishes those its routes select with
+//! QoS 1, and moves the cursor (in the store, coalesced into few commits)
+//! only over events whose PUBACK arrived. A lost connection drops the whole
+//! client and resends from the first unacknowledged event on a new one.
+//! Forwarders share nothing but the store, so a dead cloud never slows
+//! another.
+//!
+//! - [`window`] — the pure in-flight and cursor state.
+//! - [`wire`] — the CloudEvents MQTT binding.
+//! - [`link`] — one rumqttc connection of either protocol version.
+//! - [`backoff`] — reconnect delays.
+
+pub mod backoff;
+pub mod link;
+pub mod window;
+pub mod wire;
+
+use std::collections::VecDeque;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use serde::Serialize;
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+
+use crate::clock::SharedClock;
+use crate::config::{DestinationConfig, Protocol};
+use crate::event::Event;
+use crate::store::Store;
+use backoff::Backoff;
+use link::{Link, LinkError, LinkEvent, LinkOptions};
+use window::Window;
+
+/// Events read from the store per read.
+const READ_BATCH: usize = 512;
+
+/// How often the cursor is persisted at most, when acks trickle in.
+const PERSIST_INTERVAL: Duration = Duration::from_millis(50);
+
+/// How long shutdown waits for outstanding PUBACKs.
+const DRAIN_ON_SHUTDOWN: Duration = Duration::from_secs(2);
+
+/// What an operator sees of one destination.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct DestinationStatus {
+    /// Destination name.
+    pub name: String,
+    /// Broker URL.
+    pub url: String,
+    /// `v5` or `v311`.
+    pub protocol: &'static str,
+    /// Whether a connection is up.
+    pub connected: bool,
+    /// Durable cursor: every event at or below it was delivered.
+    pub acked_sequence: u64,
+    /// Publishes awaiting PUBACK.
+    pub in_flight: usize,
+    /// Age of the oldest event not yet acknowledged, in ms (0 when caught up).
+    pub lag_ms: u64,
+    /// Acknowledged events per second, smoothed.
+    pub send_rate: f64,
+    /// Connections lost or refused since start.
+    pub reconnects: u64,
+    /// The last connection error.
+    pub last_error: Option<String>,
+    /// Events acknowledged since start.
+    pub delivered: u64,
+    /// Publishes sent since start (resends included).
+    pub published: u64,
+    /// Payload bytes sent since start.
+    pub bytes_sent: u64,
+    /// Events this destination could not take (dead-lettered for it).
+    pub dead_lettered: u64,
+}
+
+/// A running forwarder.
+pub struct Forwarder {
+    status: Arc<Mutex<DestinationStatus>>,
+    task: JoinHandle<()>,
+}
+
+impl Forwarder {
+    /// Starts forwarding to `config`'s broker until `shutdown` turns true.
+    pub fn spawn(
+        config: DestinationConfig,
+        tls: Option<Arc<rustls::ClientConfig>>,
+        store: Store,
+        clock: SharedClock,
+        shutdown: watch::Receiver<bool>,
+    ) -> Self {
+        let status = Arc::new(Mutex::new(DestinationStatus {
+            name: config.name.clone(),
+            url: config.endpoint.url(),
+            protocol: match config.endpoint.protocol {
+                Protocol::V5 => "v5",
+                Protocol::V311 => "v311",
+            },
+            ..DestinationStatus::default()
+        }));
+        let task = Task { config, tls, store, clock, shutdown, status: status.clone() };
+        Self { status, task: tokio::spawn(task.run()) }
+    }
+
+    /// A snapshot of its status.
+    pub fn status(&self) -> DestinationStatus {
+        self.status.lock().expect("status lock").clone()
+    }
+
+    /// A shared handle to its status.
+    pub fn status_handle(&self) -> Arc<Mutex<DestinationStatus>> {
+        self.status.clone()
+    }
+
+    /// Waits for the task to finish (after shutdown was signalled).
+    pub async fn join(self) {
+        let _ = self.task.await;
+    }
+}
+
+/// Why a session ended.
+enum End {
+    Shutdown,
+    Failed(LinkError),
+}
+
+struct Task {
+    config: DestinationConfig,
+    tls: Option<Arc<rustls::ClientConfig>>,
+    store: Store,
+    clock: SharedClock,
+    shutdown: watch::Receiver<bool>,
+    status: Arc<Mutex<DestinationStatus>>,
+}
+
+/// Per-connection progress, kept across sessions for rate and persistence.
+struct Progress {
+    window: Window,
+    persisting: Option<JoinHandle<Option<u64>>>,
+    last_persist: Instant,
+    rate_mark: (Instant, u64),
+}
+
+impl Task {
+    async fn run(mut self) {
+        let name = self.config.name.clone();
+        let store = self.store.clone();
+        let cursor = match tokio::task::spawn_blocking(move || store.cursor(&name)).await {
+            Ok(Ok(c)) => c.unwrap_or(0),
+            Ok(Err(e)) => {
+                tracing::error!(destination = %self.config.name, error = %e, "cannot read cursor; forwarder stopped");
+                return;
+            }
+            Err(_) => return,
+        };
+        let mut progress = Progress {
+            window: Window::new(cursor, self.config.inflight),
+            persisting: None,
+            last_persist: Instant::now(),
+            rate_mark: (Instant::now(), 0),
+        };
+        self.update(|s| s.acked_sequence = cursor);
+        let mut backoff = Backoff::new(self.config.backoff_base, self.config.backoff_cap);
+        let opts = LinkOptions {
+            inflight: u16::try_from(self.config.inflight).unwrap_or(u16::MAX),
+            queue: self.config.inflight + 16,
+            clean_session: true,
+            manual_acks: false,
+        };
+        loop {
+            if *self.shutdown.borrow() {
+                break;
+            }
+            let mut link = Link::open(&self.config.endpoint, self.tls.as_ref(), &opts);
+            let end = self.session(&mut link, &mut progress, &mut backoff).await;
+            progress.window.reconnect();
+            self.update(|s| {
+                s.connected = false;
+                s.in_flight = 0;
+            });
+            match end {
+                End::Shutdown => {
+                    // Let acknowledgements already earned reach the disk.
+                    drop(link);
+                    break;
+                }
+                End::Failed(e) => {
+                    let delay = backoff.next_delay(&mut rand::rng());
+                    tracing::warn!(destination = %self.config.name, error = %e, retry_in = ?delay, "link down");
+                    self.update(|s| {
+                        s.reconnects += 1;
+                        s.last_error = Some(e.to_string());
+                    });
+                    tokio::select! {
+                        _ = tokio::time::sleep(delay) => {}
+                        _ = self.shutdown.changed() => {}
+                    }
+                }
+            }
+        }
+        self.finish_persist(&mut progress).await;
+        if let Some(seq) = progress.window.cursor_to_persist()
+            && self.store.set_cursor(&self.config.name, seq).await.is_ok()
+        {
+            progress.window.made_durable(seq);
+        }
+        self.update(|s| s.acked_sequence = progress.window.durable());
+        tracing::debug!(destination = %self.config.name, cursor = progress.window.durable(), "forwarder stopped");
+    }
+
+    fn update(&self, f: impl FnOnce(&mut DestinationStatus)) {
+        f(&mut self.status.lock().expect("status lock"));
+    }
+
+    /// One connection: connect, then publish and collect acks until the
+    /// link fails or shutdown is asked for.
+    async fn session(&mut self, link: &mut Link, p: &mut Progress, backoff: &mut Backoff) -> End {
+        let keep_alive = self.config.endpoint.keep_alive;
+        // rumqttc connects on the first poll; bound it ourselves too.
+        let connect_deadline = keep_alive.max(Duration::from_secs(5)) * 2;
+        let connected = tokio::select! {
+            r = tokio::time::timeout(connect_deadline, wait_connected(link)) => r,
+            _ = self.shutdown.changed() => return End::Shutdown,
+        };
+        match connected {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => return End::Failed(e),
+            Err(_) => return End::Failed(LinkError::Connection(format!("no CONNACK within {connect_deadline:?}"))),
+        }
+        backoff.reset();
+        self.update(|s| s.connected = true);
+        tracing::info!(destination = %self.config.name, url = %self.config.endpoint.url(), resume_after = p.window.acked_through(), "connected");
+
+        let mut committed = self.store.committed();
+        let mut buffer: VecDeque<Event> = VecDeque::new();
+        let mut last_ack = Instant::now();
+        let mut tick = tokio::time::interval(Duration::from_millis(100));
+        // No PUBACK for this long while publishes wait: the link is black-holed.
+        let ack_timeout = keep_alive * 2;
+        loop {
+            if let Err(e) = self.fill(link, p, &mut buffer).await {
+                return End::Failed(e);
+            }
+            self.maybe_persist(p);
+            let caught_up = buffer.is_empty() && *committed.borrow() < p.window.next();
+            let window_open = p.window.has_room();
+            tokio::select! {
+                event = link.poll() => match event {
+                    Ok(LinkEvent::Sent(pkid)) => p.window.on_wire(pkid),
+                    Ok(LinkEvent::Acked(pkid)) => {
+                        if p.window.acked(pkid) {
+                            last_ack = Instant::now();
+                            self.update(|s| s.delivered += 1);
+                        }
+                    }
+                    Ok(_) => {}
+                    Err(e) => return End::Failed(e),
+                },
+                _ = committed.changed(), if caught_up && window_open => {}
+                done = async { p.persisting.as_mut().expect("guarded").await }, if p.persisting.is_some() => {
+                    p.persisting = None;
+                    if let Ok(Some(seq)) = done {
+                        p.window.made_durable(seq);
+                    }
+                }
+                _ = tick.tick() => {
+                    if p.window.in_flight() > 0 && last_ack.elapsed() > ack_timeout {
+                        return End::Failed(LinkError::Connection(format!(
+                            "no PUBACK for {:?} with {} publishes outstanding: link presumed dead",
+                            last_ack.elapsed(), p.window.in_flight()
+                        )));
+                    }
+                    if p.window.in_flight() == 0 {
+                        last_ack = Instant::now();
+                    }
+                    self.refresh_status(p, &buffer);
+                }
+                _ = self.shutdown.changed() => {
+                    self.drain(link, p).await;
+                    return End::Shutdown;
+                }
+            }
+        }
+    }
+
+    /// Offers events to the window while it has room: publishes the routed
+    /// ones, settles the rest.
+    async fn fill(&mut self, link: &mut Link, p: &mut Progress, buffer: &mut VecDeque<Event>) -> Result<(), LinkError> {
+        while p.window.has_room() {
+            if buffer.is_empty() {
+                let newest = *self.store.committed().borrow();
+                if newest < p.window.next() {
+                    return Ok(());
+                }
+                let store = self.store.clone();
+                let after = p.window.next() - 1;
+                let events = tokio::task::spawn_blocking(move || store.read_after(after, READ_BATCH))
+                    .await
+                    .map_err(|e| LinkError::Connection(format!("store read task failed: {e}")))?
+                    .map_err(|e| LinkError::Connection(format!("store read failed: {e}")))?;
+                if events.is_empty() {
+                    // Everything up to `newest` left the log (expired or evicted).
+                    p.window.skip_to(newest);
+                    return Ok(());
+                }
+                buffer.extend(events);
+            }
+            let event = buffer.pop_front().expect("buffer refilled");
+            if event.sequence > p.window.next() {
+                p.window.skip_to(event.sequence - 1);
+            }
+            if !self.config.routes(&event.body.subject) {
+                p.window.settled(event.sequence);
+                continue;
+            }
+            let topic = wire::topic(&self.config.topic_prefix, &event);
+            let (payload, content_type, props) = match self.config.endpoint.protocol {
+                Protocol::V5 => {
+                    let m = wire::binary(&event);
+                    (m.payload, m.content_type, m.user_properties)
+                }
+                Protocol::V311 => (wire::structured(&event), None, Vec::new()),
+            };
+            let len = link::publish_packet_len(
+                self.config.endpoint.protocol,
+                &topic,
+                payload.len(),
+                content_type.as_deref(),
+                &props,
+            );
+            if len > self.config.endpoint.max_packet_bytes {
+                let reason = format!(
+                    "destination {}: publish of {len} bytes exceeds its max_packet_size of {} bytes",
+                    self.config.name, self.config.endpoint.max_packet_bytes
+                );
+                tracing::warn!(destination = %self.config.name, sequence = event.sequence, %reason, "event dead-lettered");
+                self.store
+                    .dead_letter_copy(event.sequence, &reason)
+                    .await
+                    .map_err(|e| LinkError::Connection(e.to_string()))?;
+                self.update(|s| s.dead_lettered += 1);
+                p.window.settled(event.sequence);
+                continue;
+            }
+            let bytes = payload.len() as u64;
+            link.publish(topic, payload, content_type, props, false)?;
+            p.window.sent(event.sequence, event.hlc.millis());
+            self.update(|s| {
+                s.published += 1;
+                s.bytes_sent += bytes;
+            });
+        }
+        Ok(())
+    }
+
+    /// Persists the cursor when enough acks piled up, or some time passed.
+    fn maybe_persist(&self, p: &mut Progress) {
+        if p.persisting.is_some() {
+            return;
+        }
+        let Some(seq) = p.window.cursor_to_persist() else { return };
+        let due = p.window.undurable_acks() * 2 >= self.config.inflight
+            || !p.window.has_room()
+            || p.last_persist.elapsed() >= PERSIST_INTERVAL;
+        if !due {
+            return;
+        }
+        p.last_persist = Instant::now();
+        let (store, name) = (self.store.clone(), self.config.name.clone());
+        p.persisting = Some(tokio::spawn(async move { store.set_cursor(&name, seq).await.ok().map(|()| seq) }));
+    }
+
+    async fn finish_persist(&self, p: &mut Progress) {
+        if let Some(h) = p.persisting.take()
+            && let Ok(Some(seq)) = h.await
+        {
+            p.window.made_durable(seq);
+        }
+    }
+
+    /// On shutdown: wait a little for outstanding PUBACKs so they need not be resent.
+    async fn drain(&self, link: &mut Link, p: &mut Progress) {
+        let deadline = tokio::time::Instant::now() + DRAIN_ON_SHUTDOWN;
+        while p.window.in_flight() > 0 {
+            match tokio::time::timeout_at(deadline, link.poll()).await {
+                Ok(Ok(LinkEvent::Sent(pkid))) => p.window.on_wire(pkid),
+                Ok(Ok(LinkEvent::Acked(pkid))) => {
+                    p.window.acked(pkid);
+                }
+                Ok(Ok(_)) => {}
+                _ => break,
+            }
+        }
+    }
+
+    fn refresh_status(&self, p: &mut Progress, buffer: &VecDeque<Event>) {
+        let now = Instant::now();
+        let (mark_at, mark_count) = p.rate_mark;
+        let now_ms = self.clock.now_millis();
+        let oldest = p.window.oldest_unacked_ms().or_else(|| buffer.front().map(|e| e.hlc.millis()));
+        let in_flight = p.window.in_flight();
+        let durable = p.window.durable();
+        self.update(|s| {
+            let elapsed = now.duration_since(mark_at).as_secs_f64();
+            if elapsed >= 1.0 {
+                let rate = (s.delivered - mark_count) as f64 / elapsed;
+                s.send_rate = if s.send_rate == 0.0 { rate } else { 0.5 * s.send_rate + 0.5 * rate };
+                p.rate_mark = (now, s.delivered);
+            }
+            s.in_flight = in_flight;
+            s.acked_sequence = durable;
+            s.lag_ms = oldest.map_or(0, |ms| now_ms.saturating_sub(ms));
+        });
+    }
+}
+
+async fn wait_connected(link: &mut Link) -> Result<(), LinkError> {
+    loop {
+        if let LinkEvent::Connected { .. } = link.poll().await? {
+            return Ok(());
+        }
+    }
+}

@@ -1,0 +1,247 @@
+//! Forwarding to real brokers: several at once, both MQTT versions, two
+//! broker implementations, and faults (dead, killed and black-holed brokers).
+
+use std::collections::HashSet;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use ferry::clock::SystemClock;
+use ferry::config::Config;
+use ferry::forward::DestinationStatus;
+use ferry::runtime::Agent;
+use ferry_harness::{Collector, FaultProxy, InProcessBroker, Mosquitto, MosquittoOptions, Protocol};
+use serde_json::{Value, json};
+
+const WAIT: Duration = Duration::from_secs(60);
+
+/// A `[[destination]]` table.
+fn destination(name: &str, url: &str, protocol: &str, extra: &str) -> String {
+    format!(
+        "[[destination]]\nname = \"{name}\"\nurl = \"{url}\"\nprotocol = \"{protocol}\"\nkeep_alive = \"5s\"\nbackoff_base = \"100ms\"\nbackoff_cap = \"1s\"\n{extra}\n"
+    )
+}
+
+struct TestAgent {
+    _dir: tempfile::TempDir,
+    agent: Agent,
+    client: reqwest::Client,
+}
+
+impl TestAgent {
+    async fn start(destinations: &str) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let toml = format!(
+            "[agent]\ndevice_id = \"gw-1\"\ndata_dir = {:?}\n[ingest.http]\nlisten = \"127.0.0.1:0\"\n{destinations}",
+            dir.path().display().to_string()
+        );
+        let config = Config::parse(&toml, "test.toml").unwrap();
+        let agent = Agent::start(config, Arc::new(SystemClock)).await.unwrap();
+        Self { _dir: dir, agent, client: reqwest::Client::new() }
+    }
+
+    /// Ingests `n` events on `topic` with ids `{prefix}-{i}`, in batches.
+    async fn ingest(&self, topic: &str, prefix: &str, n: usize) -> Vec<String> {
+        let ids: Vec<String> = (0..n).map(|i| format!("{prefix}-{i}")).collect();
+        for chunk in ids.chunks(500) {
+            let body: Vec<Value> =
+                chunk.iter().map(|id| json!({"topic": topic, "id": id, "data": {"id": id}})).collect();
+            let r = self
+                .client
+                .post(format!("http://{}/v1/events", self.agent.http_addr()))
+                .json(&body)
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(r.status(), 200);
+        }
+        ids
+    }
+
+    fn destination(&self, name: &str) -> DestinationStatus {
+        self.agent.destinations().into_iter().find(|d| d.name == name).unwrap()
+    }
+
+    async fn wait_until(&self, what: &str, mut done: impl FnMut(&Self) -> bool) {
+        let start = Instant::now();
+        while !done(self) {
+            assert!(
+                start.elapsed() < WAIT,
+                "timed out waiting for {what}; destinations: {:#?}",
+                self.agent.destinations()
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+}
+
+/// The event ids a collector received, and how many arrived more than once.
+fn ids_of(c: &Collector, protocol: Protocol) -> (HashSet<String>, usize) {
+    let mut ids = HashSet::new();
+    let mut dups = 0;
+    for m in c.messages().into_iter().filter(|m| m.topic != "ferry/probe") {
+        let id = match protocol {
+            Protocol::V5 => m.user_property("id").unwrap().to_owned(),
+            Protocol::V311 => serde_json::from_slice::<Value>(&m.payload).unwrap()["id"].as_str().unwrap().to_owned(),
+        };
+        if !ids.insert(id) {
+            dups += 1;
+        }
+    }
+    (ids, dups)
+}
+
+async fn wait_for_ids(c: &Collector, protocol: Protocol, want: &[String]) -> usize {
+    let start = Instant::now();
+    loop {
+        let (got, dups) = ids_of(c, protocol);
+        if want.iter().all(|id| got.contains(id)) {
+            return dups;
+        }
+        assert!(
+            start.elapsed() < WAIT,
+            "only {} of {} ids arrived; first missing: {:?}",
+            want.iter().filter(|id| got.contains(*id)).count(),
+            want.len(),
+            want.iter().find(|id| !got.contains(*id))
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn every_event_reaches_every_broker_in_the_wire_format_of_its_protocol() {
+    let (m1, m2, m3) = (
+        Mosquitto::start(MosquittoOptions::default()).await.unwrap(),
+        Mosquitto::start(MosquittoOptions::default()).await.unwrap(),
+        Mosquitto::start(MosquittoOptions::default()).await.unwrap(),
+    );
+    let rumqttd = InProcessBroker::start().await.unwrap();
+    let c1 = Collector::start(&m1.url(), "ferry/#", Protocol::V5).await.unwrap();
+    let c2 = Collector::start(&m2.url(), "ferry/#", Protocol::V311).await.unwrap();
+    let c3 = Collector::start(&m3.url(), "#", Protocol::V5).await.unwrap();
+    // rumqttd shares one router between its listeners and cannot hand an MQTT 5
+    // message to a 3.1.1 subscriber, so each version gets its own prefix there.
+    let c4 = Collector::start(&rumqttd.url(Protocol::V5), "v5/#", Protocol::V5).await.unwrap();
+    let c5 = Collector::start(&rumqttd.url(Protocol::V311), "v311/#", Protocol::V311).await.unwrap();
+    let dests = [
+        destination("mosq-v5", &m1.url(), "v5", ""),
+        destination("mosq-v311", &m2.url(), "v311", ""),
+        destination("alarms-only", &m3.url(), "v5", "routes = [\"alarms/#\"]\ntopic_prefix = \"site-7/\""),
+        destination("rumqttd-v5", &rumqttd.url(Protocol::V5), "v5", "topic_prefix = \"v5/\""),
+        destination("rumqttd-v311", &rumqttd.url(Protocol::V311), "v311", "topic_prefix = \"v311/\""),
+    ]
+    .concat();
+    let t = TestAgent::start(&dests).await;
+    let telemetry = t.ingest("telemetry/temp", "t", 1500).await;
+    let alarms = t.ingest("alarms/fire", "a", 100).await;
+    let all: Vec<String> = telemetry.iter().chain(&alarms).cloned().collect();
+
+    for (c, p) in [(&c1, Protocol::V5), (&c2, Protocol::V311), (&c4, Protocol::V5), (&c5, Protocol::V311)] {
+        wait_for_ids(c, p, &all).await;
+    }
+    wait_for_ids(&c3, Protocol::V5, &alarms).await;
+    let (only, _) = ids_of(&c3, Protocol::V5);
+    assert!(only.iter().all(|id| id.starts_with("a-")), "a destination received events its routes exclude");
+
+    // MQTT 5: binary mode; the sequence order holds per destination.
+    let v5 = c1.messages();
+    let m = &v5[0];
+    assert_eq!(m.topic, "ferry/gw-1/telemetry/temp");
+    assert_eq!(m.content_type.as_deref(), Some("application/json"));
+    assert_eq!(m.user_property("specversion"), Some("1.0"));
+    assert_eq!(m.user_property("source"), Some("ferry://gw-1"));
+    assert_eq!(m.user_property("type"), Some("ferry.event"));
+    let id = m.user_property("id").unwrap();
+    assert_eq!(serde_json::from_slice::<Value>(&m.payload).unwrap(), json!({"id": id}));
+    let seqs: Vec<u64> = v5.iter().map(|m| m.user_property("sequence").unwrap().parse().unwrap()).collect();
+    assert!(seqs.windows(2).all(|w| w[0] < w[1]), "events out of sequence order");
+    assert_eq!(c3.messages()[0].topic, "site-7/alarms/fire");
+    // MQTT 3.1.1: structured mode.
+    let s: Value = serde_json::from_slice(&c2.messages()[0].payload).unwrap();
+    assert_eq!(s["specversion"], "1.0");
+    assert_eq!(s["subject"], "telemetry/temp");
+    assert!(s["data"]["id"].is_string());
+
+    // Once every destination has everything, the log empties.
+    t.wait_until("delivered events to leave the log", |t| t.agent.store().status(0).unwrap().events == 0).await;
+    let status = t.agent.store().status(0).unwrap();
+    assert_eq!(status.counters.delivered_events, all.len() as u64);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_dead_destination_never_holds_up_the_others_and_keeps_its_backlog() {
+    let live = Mosquitto::start(MosquittoOptions::default()).await.unwrap();
+    let collector = Collector::start(&live.url(), "ferry/#", Protocol::V5).await.unwrap();
+    let dead_port = ferry_harness::net::free_port().unwrap();
+    let dests = [
+        destination("live", &live.url(), "v5", ""),
+        destination("dead", &format!("mqtt://127.0.0.1:{dead_port}"), "v5", ""),
+    ]
+    .concat();
+    let t = TestAgent::start(&dests).await;
+    let ids = t.ingest("telemetry/t", "e", 5000).await;
+    wait_for_ids(&collector, Protocol::V5, &ids).await;
+    t.wait_until("the live cursor to reach the end", |t| t.destination("live").acked_sequence == 5000).await;
+    let dead = t.destination("dead");
+    assert!(!dead.connected);
+    assert!(dead.reconnects >= 1);
+    assert!(dead.last_error.is_some());
+    assert_eq!(dead.acked_sequence, 0);
+    // Nothing may leave the log while one destination still needs it.
+    assert_eq!(t.agent.store().status(0).unwrap().events, 5000);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_black_holed_link_is_detected_and_everything_is_delivered_after_it_heals() {
+    let broker = Mosquitto::start(MosquittoOptions::default()).await.unwrap();
+    let collector = Collector::start(&broker.url(), "ferry/#", Protocol::V5).await.unwrap();
+    let proxy = FaultProxy::start(broker.addr()).await.unwrap();
+    let t = TestAgent::start(&destination("cloud", &proxy.url(), "v5", "inflight = 32")).await;
+    let first = t.ingest("telemetry/t", "before", 200).await;
+    wait_for_ids(&collector, Protocol::V5, &first).await;
+
+    proxy.handle().blackhole();
+    let reconnects = t.destination("cloud").reconnects;
+    let during = t.ingest("telemetry/t", "during", 500).await;
+    t.wait_until("the dead link to be noticed", |t| t.destination("cloud").reconnects > reconnects).await;
+    proxy.handle().restore();
+    let after = t.ingest("telemetry/t", "after", 200).await;
+    let all: Vec<String> = first.into_iter().chain(during).chain(after).collect();
+    wait_for_ids(&collector, Protocol::V5, &all).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_broker_killed_mid_stream_and_restarted_gets_every_event() {
+    let mut broker = Mosquitto::start(MosquittoOptions::default()).await.unwrap();
+    let collector = Collector::start(&broker.url(), "ferry/#", Protocol::V311).await.unwrap();
+    // The proxy keeps the agent out until the collector has resubscribed, so
+    // nothing is published into a broker with no subscriber.
+    let proxy = FaultProxy::start(broker.addr()).await.unwrap();
+    let t = TestAgent::start(&destination("cloud", &proxy.url(), "v311", "inflight = 64")).await;
+    let ids = t.ingest("telemetry/t", "k", 20_000).await;
+    let start = Instant::now();
+    while collector.len() < 2_000 {
+        assert!(start.elapsed() < WAIT);
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    broker.kill().unwrap();
+    proxy.handle().cut();
+    let at_kill = collector.len();
+    assert!(at_kill < ids.len(), "the stream finished before the kill; nothing was tested");
+    broker.restart().await.unwrap();
+    // The collector's own reconnect resubscribes; a probe proves it is live.
+    let probe_start = Instant::now();
+    loop {
+        let _ =
+            ferry_harness::mqtt::publish_v311(&broker.url(), "ferry/probe", b"probe".to_vec(), Duration::from_secs(2))
+                .await;
+        if collector.messages().iter().any(|m| m.topic == "ferry/probe") {
+            break;
+        }
+        assert!(probe_start.elapsed() < WAIT, "collector did not resubscribe");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    proxy.handle().restore();
+    let dups = wait_for_ids(&collector, Protocol::V311, &ids).await;
+    assert!(dups <= 64 * 2, "{dups} duplicates after one broker restart with an in-flight window of 64");
+}
