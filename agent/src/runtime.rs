@@ -17,6 +17,7 @@ use tokio::task::JoinHandle;
 use crate::clock::SharedClock;
 use crate::config::Config;
 use crate::forward::{Forwarder, link};
+use crate::ingest::mqtt::MqttIngest;
 use crate::ingest::{Ingest, http};
 use crate::store::{Store, StoreError};
 
@@ -59,6 +60,7 @@ pub struct Agent {
     http: JoinHandle<std::io::Result<()>>,
     stop_forwarders: watch::Sender<bool>,
     forwarders: Vec<Forwarder>,
+    mqtt_ingest: Option<JoinHandle<()>>,
 }
 
 impl Agent {
@@ -95,6 +97,20 @@ impl Agent {
         let statuses = forwarders.iter().map(Forwarder::status_handle).collect();
 
         let ingest = Ingest::new(store.clone(), config.agent.source(), clock);
+        let mqtt_ingest = match &config.mqtt_ingest {
+            Some(m) => {
+                let tls = if m.endpoint.tls {
+                    Some(
+                        link::tls_config(&m.endpoint)
+                            .map_err(|source| RunError::Destination { name: "ingest.mqtt".into(), source })?,
+                    )
+                } else {
+                    None
+                };
+                Some(tokio::spawn(MqttIngest::new(m.clone(), tls, ingest.clone(), stop_rx.clone()).run()))
+            }
+            None => None,
+        };
         let (stop_http, stopped) = oneshot::channel::<()>();
         let http = tokio::spawn(http::serve(
             listener,
@@ -112,7 +128,7 @@ impl Agent {
             store = %config.store.path.display(),
             "HTTP API listening on {http_addr}"
         );
-        Ok(Self { store, http_addr, stop_http, http, stop_forwarders, forwarders })
+        Ok(Self { store, http_addr, stop_http, http, stop_forwarders, forwarders, mqtt_ingest })
     }
 
     /// Where the HTTP API listens.
@@ -136,6 +152,9 @@ impl Agent {
         let _ = self.stop_http.send(());
         let served = self.http.await.map_err(|e| RunError::Task(e.to_string()))?;
         let _ = self.stop_forwarders.send(true);
+        if let Some(m) = self.mqtt_ingest {
+            let _ = m.await;
+        }
         for f in self.forwarders {
             f.join().await;
         }

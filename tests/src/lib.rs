@@ -108,9 +108,14 @@ impl Drop for FerryProcess {
 /// A config for a test agent in `dir`, listening on an ephemeral port, with
 /// `extra` TOML appended to the `[store]` table.
 pub fn write_config(dir: &Path, store_extra: &str) -> PathBuf {
+    write_config_with(dir, store_extra, "")
+}
+
+/// Like [`write_config`], with `tail` (e.g. `[[destination]]` tables) appended.
+pub fn write_config_with(dir: &Path, store_extra: &str, tail: &str) -> PathBuf {
     let path = dir.join("ferry.toml");
     let text = format!(
-        "[agent]\ndevice_id = \"test-device\"\ndata_dir = {:?}\n\n[store]\n{store_extra}\n\n[ingest.http]\nlisten = \"127.0.0.1:0\"\n",
+        "[agent]\ndevice_id = \"test-device\"\ndata_dir = {:?}\n\n[store]\n{store_extra}\n\n[ingest.http]\nlisten = \"127.0.0.1:0\"\n\n{tail}",
         dir.join("data").display().to_string()
     );
     std::fs::write(&path, text).expect("writing config");

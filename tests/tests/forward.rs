@@ -245,3 +245,191 @@ async fn a_broker_killed_mid_stream_and_restarted_gets_every_event() {
     let dups = wait_for_ids(&collector, Protocol::V311, &ids).await;
     assert!(dups <= 64 * 2, "{dups} duplicates after one broker restart with an in-flight window of 64");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_agent_sigkilled_mid_forwarding_resends_only_its_window_after_restart() {
+    const N: usize = 30_000;
+    const INFLIGHT: usize = 128;
+    const KILLS: usize = 3;
+    let (m1, m2) = (
+        Mosquitto::start(MosquittoOptions::default()).await.unwrap(),
+        Mosquitto::start(MosquittoOptions::default()).await.unwrap(),
+    );
+    let c1 = Collector::start(&m1.url(), "ferry/#", Protocol::V5).await.unwrap();
+    let c2 = Collector::start(&m2.url(), "ferry/#", Protocol::V311).await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let extra = format!("inflight = {INFLIGHT}");
+    let dests = [destination("a", &m1.url(), "v5", &extra), destination("b", &m2.url(), "v311", &extra)].concat();
+    let config = ferry_tests::write_config_with(dir.path(), "", &dests);
+
+    let spawn = |config: std::path::PathBuf| async move {
+        tokio::task::spawn_blocking(move || ferry_tests::FerryProcess::start(&config)).await.unwrap().unwrap()
+    };
+    let mut agent = spawn(config.clone()).await;
+    let client = reqwest::Client::new();
+    let ids: Vec<String> = (0..N).map(|i| format!("k-{i}")).collect();
+    for chunk in ids.chunks(1000) {
+        let body: Vec<Value> = chunk.iter().map(|id| json!({"topic": "telemetry/t", "id": id, "data": 1})).collect();
+        let r = client.post(format!("{}/v1/events", agent.url())).json(&body).send().await.unwrap();
+        assert_eq!(r.status(), 200);
+    }
+    for k in 1..=KILLS {
+        // Kill while both destinations are mid-stream.
+        let target = N * k / (KILLS + 1);
+        let start = Instant::now();
+        while c1.len().min(c2.len()) < target {
+            assert!(start.elapsed() < WAIT, "forwarding stalled before kill {k}");
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+        assert!(c1.len().max(c2.len()) < N, "forwarding finished before kill {k}; nothing was tested");
+        agent.kill();
+        agent = spawn(config.clone()).await;
+    }
+    let d1 = wait_for_ids(&c1, Protocol::V5, &ids).await;
+    let d2 = wait_for_ids(&c2, Protocol::V311, &ids).await;
+    eprintln!("duplicates after {KILLS} kills: {d1} (v5), {d2} (v311)");
+    for d in [d1, d2] {
+        assert!(d <= KILLS * INFLIGHT, "{d} duplicates exceed {KILLS} kills × the in-flight window of {INFLIGHT}");
+    }
+    let (status, _) = agent.terminate();
+    assert!(status.success());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn mutual_tls_delivers_and_an_untrusted_server_is_refused() {
+    let pki = ferry_harness::TestPki::generate().unwrap();
+    let good = Mosquitto::start(MosquittoOptions { tls: Some(pki.mosquitto_listener(true)), ..Default::default() })
+        .await
+        .unwrap();
+    let rogue_listener = ferry_harness::TlsListener {
+        ca: pki.ca_cert.clone(),
+        cert: pki.rogue_server_cert.clone(),
+        key: pki.rogue_server_key.clone(),
+        require_certificate: false,
+    };
+    let rogue = Mosquitto::start(MosquittoOptions { tls: Some(rogue_listener), ..Default::default() }).await.unwrap();
+    let collector = Collector::start(&good.url(), "ferry/#", Protocol::V5).await.unwrap();
+    let path = |p: &std::path::Path| p.display().to_string();
+    let mtls = format!(
+        "ca_file = {:?}\nclient_cert = {:?}\nclient_key = {:?}",
+        path(&pki.ca_cert),
+        path(&pki.client_cert),
+        path(&pki.client_key)
+    );
+    let dests = [
+        destination("mtls", &good.tls_url().unwrap(), "v5", &mtls),
+        destination("no-client-cert", &good.tls_url().unwrap(), "v5", &format!("ca_file = {:?}", path(&pki.ca_cert))),
+        destination("rogue", &rogue.tls_url().unwrap(), "v5", &format!("ca_file = {:?}", path(&pki.ca_cert))),
+    ]
+    .concat();
+    let t = TestAgent::start(&dests).await;
+    let ids = t.ingest("telemetry/t", "tls", 300).await;
+    let dups = wait_for_ids(&collector, Protocol::V5, &ids).await;
+    // Only the mTLS destination can have delivered: the others never got a session.
+    assert_eq!(dups, 0);
+    t.wait_until("both refused destinations to report an error", |t| {
+        t.destination("rogue").last_error.is_some() && t.destination("no-client-cert").last_error.is_some()
+    })
+    .await;
+    for name in ["rogue", "no-client-cert"] {
+        let d = t.destination(name);
+        assert!(!d.connected && d.acked_sequence == 0, "{name}: {d:?}");
+    }
+    let rogue_error = t.destination("rogue").last_error.unwrap().to_lowercase();
+    assert!(rogue_error.contains("certificate") || rogue_error.contains("tls"), "{rogue_error}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_event_over_one_destinations_packet_limit_is_dead_lettered_for_it_and_delivered_elsewhere() {
+    let (small, big) = (
+        Mosquitto::start(MosquittoOptions::default()).await.unwrap(),
+        Mosquitto::start(MosquittoOptions::default()).await.unwrap(),
+    );
+    let (cs, cb) = (
+        Collector::start(&small.url(), "ferry/#", Protocol::V5).await.unwrap(),
+        Collector::start(&big.url(), "ferry/#", Protocol::V5).await.unwrap(),
+    );
+    let dests = [
+        destination("small", &small.url(), "v5", "max_packet_size = \"2 KiB\""),
+        destination("big", &big.url(), "v5", ""),
+    ]
+    .concat();
+    let t = TestAgent::start(&dests).await;
+    let pad = "x".repeat(4000);
+    let body = json!([{"topic": "t", "id": "before", "data": 1}, {"topic": "t", "id": "huge", "data": pad}, {"topic": "t", "id": "after", "data": 2}]);
+    let r = t.client.post(format!("http://{}/v1/events", t.agent.http_addr())).json(&body).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    wait_for_ids(&cb, Protocol::V5, &["before".into(), "huge".into(), "after".into()]).await;
+    wait_for_ids(&cs, Protocol::V5, &["before".into(), "after".into()]).await;
+    assert!(!ids_of(&cs, Protocol::V5).0.contains("huge"));
+    let dead = t.agent.store().dead_letters(0, 10).unwrap();
+    assert_eq!(dead.len(), 1);
+    assert!(dead[0].reason.contains("small") && dead[0].reason.contains("max_packet_size"), "{}", dead[0].reason);
+    assert_eq!(dead[0].event().unwrap().body.id, "huge");
+    assert_eq!(t.destination("small").dead_lettered, 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn local_mqtt_ingest_stores_and_forwards_and_loses_nothing_when_the_agent_is_killed() {
+    const N: usize = 3_000;
+    let local = Mosquitto::start(MosquittoOptions { persistence: true, ..Default::default() }).await.unwrap();
+    let cloud = Mosquitto::start(MosquittoOptions::default()).await.unwrap();
+    let collector = Collector::start(&cloud.url(), "ferry/#", Protocol::V5).await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let tail = format!(
+        "[ingest.mqtt]\nurl = \"{}\"\nprotocol = \"v311\"\nclient_id = \"ferry-local\"\ntopics = [\"sensors/#\"]\nkeep_alive = \"5s\"\n\n{}",
+        local.url(),
+        destination("cloud", &cloud.url(), "v5", "")
+    );
+    let config = ferry_tests::write_config_with(dir.path(), "", &tail);
+    let spawn = |config: std::path::PathBuf| async move {
+        tokio::task::spawn_blocking(move || ferry_tests::FerryProcess::start(&config)).await.unwrap().unwrap()
+    };
+    let agent = spawn(config.clone()).await;
+    // Let the persistent session and its subscription exist before publishing.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+
+    let publisher = {
+        let url = local.url();
+        tokio::spawn(async move {
+            let opts = ferry_harness::mqtt::options_v311(&url, "sensor-pub", None).unwrap();
+            let (client, mut eventloop) = ferry_harness::rumqttc::AsyncClient::new(opts, 64);
+            let driver = tokio::spawn(async move { while eventloop.poll().await.is_ok() {} });
+            for i in 0..N {
+                let payload = json!({"reading": i}).to_string();
+                client
+                    .publish(format!("sensors/s{}", i % 4), ferry_harness::rumqttc::QoS::AtLeastOnce, false, payload)
+                    .await
+                    .unwrap();
+                if i % 200 == 0 {
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            driver.abort();
+        })
+    };
+    // Kill the agent while messages are streaming in.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    agent.kill();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let agent = spawn(config.clone()).await;
+    publisher.await.unwrap();
+
+    let start = Instant::now();
+    let readings = |c: &Collector| -> HashSet<u64> {
+        c.messages()
+            .iter()
+            .filter_map(|m| serde_json::from_slice::<Value>(&m.payload).ok()?["reading"].as_u64())
+            .collect()
+    };
+    while readings(&collector).len() < N {
+        assert!(start.elapsed() < WAIT, "only {} of {N} readings reached the cloud", readings(&collector).len());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let m = &collector.messages()[0];
+    assert!(m.topic.starts_with("ferry/test-device/sensors/s"), "{}", m.topic);
+    assert!(m.user_property("id").unwrap().starts_with("mqtt-"));
+    let (status, _) = agent.terminate();
+    assert!(status.success());
+}

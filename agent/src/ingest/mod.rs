@@ -4,9 +4,11 @@
 //! type, source), classifies each event for priority and TTL, enforces the
 //! event size limit and appends the request to the store as one unit. The
 //! HTTP API ([`http`]) and later ingest paths share it, so every path answers
-//! success only after the commit.
+//! success only after the commit. [`mqtt`] subscribes to a broker on the
+//! device and acknowledges each message only after its commit.
 
 pub mod http;
+pub mod mqtt;
 pub mod parse;
 
 use std::time::Duration;

@@ -177,8 +177,9 @@ fn strip_position(msg: &str) -> String {
     }
 }
 
-/// CloudEvents HTTP binary mode: attributes in `ce-*` headers, body = data.
-fn parse_binary<'h>(
+/// CloudEvents binary mode: attributes as (name, value) pairs — HTTP's
+/// `ce-*` headers or MQTT 5 user properties — and the body as data.
+pub fn parse_binary<'h>(
     content_type: Option<&str>,
     ce_headers: impl Iterator<Item = (&'h str, &'h str)>,
     body: &[u8],

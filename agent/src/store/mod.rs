@@ -383,6 +383,14 @@ impl Store {
         rx.await.map_err(|_| AppendError::Closed)?
     }
 
+    /// Forgets dedup entries of `ids`: the producer confirmed it will not
+    /// retry them, and a later event may reuse the id.
+    pub async fn forget_ids(&self, ids: Vec<String>) -> Result<(), AppendError> {
+        let (reply, rx) = oneshot::channel();
+        self.send(Request::Forget { ids, reply }).await.map_err(|_| AppendError::Closed)?;
+        rx.await.map_err(|_| AppendError::Closed)?
+    }
+
     /// Runs housekeeping now (TTL expiry, dedup pruning) instead of waiting
     /// for the writer's next idle tick.
     pub async fn sweep(&self) -> Result<SweepReport, AppendError> {

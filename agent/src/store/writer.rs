@@ -58,6 +58,7 @@ pub(super) enum Request {
     Append { events: Vec<PreparedEvent>, reply: oneshot::Sender<Result<Vec<Appended>, AppendError>> },
     SetCursor { name: String, sequence: u64, reply: oneshot::Sender<Result<(), AppendError>> },
     DeadLetterCopy { sequence: u64, reason: String, reply: oneshot::Sender<Result<(), AppendError>> },
+    Forget { ids: Vec<String>, reply: oneshot::Sender<Result<(), AppendError>> },
     Sweep { reply: oneshot::Sender<Result<SweepReport, AppendError>> },
     Shutdown,
 }
@@ -285,6 +286,15 @@ impl Writer {
                             let record = t.log.get(sequence)?.map(|r| r.value().to_vec());
                             if let Some(record) = record {
                                 self.dead_letter(&mut t, sequence, &reason, now_ms, record)?;
+                            }
+                            pending.push(Pending::Done(reply));
+                        }
+                        Request::Forget { ids, reply } => {
+                            for id in &ids {
+                                let seq = t.dedup.remove(id.as_str())?.map(|v| v.value());
+                                if let Some(seq) = seq {
+                                    t.dedup_age.remove(seq)?;
+                                }
                             }
                             pending.push(Pending::Done(reply));
                         }

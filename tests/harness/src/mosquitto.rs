@@ -245,6 +245,9 @@ impl Mosquitto {
         }
         c.push_str("connection_messages true\nlog_timestamp true\n");
         c.push_str("log_timestamp_format %Y-%m-%dT%H:%M:%S\n");
+        // Mosquitto drops QoS 1 messages beyond 1000 queued for an offline
+        // client; a test broker must never lose messages to its own limits.
+        c.push_str("max_queued_messages 0\n");
         if let Some(n) = o.max_packet_size {
             let _ = writeln!(c, "max_packet_size {n}");
         }
