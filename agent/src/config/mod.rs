@@ -500,4 +500,34 @@ mod tests {
         assert_eq!(c.store.classify("x/trace"), (10, Some(Duration::from_secs(3_600))));
         assert_eq!(c.store.classify("telemetry/t"), (100, Some(Duration::from_secs(86_400))));
     }
+
+    #[test]
+    fn destinations_get_defaults_and_the_device_prefix() {
+        let c = parse("[agent]\ndevice_id = \"gw-9\"\n[[destination]]\nname = \"aws\"\nurl = \"mqtts://example.com\"\nprotocol = \"v311\"\n").unwrap();
+        let d = &c.destinations[0];
+        assert_eq!((d.endpoint.host.as_str(), d.endpoint.port, d.endpoint.tls), ("example.com", 8883, true));
+        assert_eq!(d.endpoint.protocol, Protocol::V311);
+        assert_eq!(d.topic_prefix, "ferry/gw-9/");
+        assert_eq!(d.endpoint.client_id, "ferry-gw-9-aws");
+        assert!(d.routes("anything/at/all"));
+        assert_eq!(c.store.consumers[0].name, "aws");
+    }
+
+    #[test]
+    fn destination_mistakes_name_their_key() {
+        let case = |body: &str| parse(&format!("[[destination]]\nname = \"a\"\n{body}\n")).unwrap_err().key;
+        assert_eq!(case("url = \"http://x\""), "destination[0].url");
+        assert_eq!(case("url = \"mqtt://x:99999\""), "destination[0].url");
+        assert_eq!(case("url = \"mqtt://x\"\nprotocol = \"v4\""), "destination[0].protocol");
+        assert_eq!(case("url = \"mqtt://x\"\nroutes = [\"a/#/b\"]"), "destination[0].routes");
+        assert_eq!(case("url = \"mqtt://x\"\nkeep_alive = \"1s\""), "destination[0].keep_alive");
+        assert_eq!(case("url = \"mqtt://x\"\npassword = \"p\""), "destination[0].password");
+        assert_eq!(case("url = \"mqtt://x\"\nca_file = \"/ca.pem\""), "destination[0].ca_file");
+        assert_eq!(case("url = \"mqtts://x\"\nca_file = \"/nonexistent/ca.pem\""), "destination[0].ca_file");
+        assert_eq!(case("url = \"mqtt://x\"\ntopic_prefix = \"a/+/\""), "destination[0].topic_prefix");
+        assert_eq!(case("url = \"mqtt://x\"\nurll = 1"), "(syntax)");
+        let dup = parse("[[destination]]\nname = \"a\"\nurl = \"mqtt://x\"\n[[destination]]\nname = \"a\"\nurl = \"mqtt://y\"\n")
+            .unwrap_err();
+        assert_eq!(dup.key, "destination[1].name");
+    }
 }
