@@ -386,15 +386,32 @@ async fn local_mqtt_ingest_stores_and_forwards_and_loses_nothing_when_the_agent_
         tokio::task::spawn_blocking(move || ferry_tests::FerryProcess::start(&config)).await.unwrap().unwrap()
     };
     let agent = spawn(config.clone()).await;
-    // Let the persistent session and its subscription exist before publishing.
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    // The agent's persistent session must exist before readings flow: a probe
+    // that makes it through to the cloud proves the subscription is live.
+    let probe_start = Instant::now();
+    while !collector.messages().iter().any(|m| m.topic.ends_with("sensors/probe")) {
+        ferry_harness::mqtt::publish_v311(&local.url(), "sensors/probe", b"{}".to_vec(), Duration::from_secs(2))
+            .await
+            .unwrap();
+        assert!(probe_start.elapsed() < WAIT, "the agent never subscribed at the local broker");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 
     let publisher = {
         let url = local.url();
         tokio::spawn(async move {
             let opts = ferry_harness::mqtt::options_v311(&url, "sensor-pub", None).unwrap();
             let (client, mut eventloop) = ferry_harness::rumqttc::AsyncClient::new(opts, 64);
-            let driver = tokio::spawn(async move { while eventloop.poll().await.is_ok() {} });
+            // `publish` only queues: the publisher is done when every PUBACK is in.
+            let driver = tokio::spawn(async move {
+                use ferry_harness::rumqttc::{Event, Packet};
+                let mut acked = 0;
+                while acked < N {
+                    if let Event::Incoming(Packet::PubAck(_)) = eventloop.poll().await.unwrap() {
+                        acked += 1;
+                    }
+                }
+            });
             for i in 0..N {
                 let payload = json!({"reading": i}).to_string();
                 client
@@ -405,8 +422,7 @@ async fn local_mqtt_ingest_stores_and_forwards_and_loses_nothing_when_the_agent_
                     tokio::time::sleep(Duration::from_millis(20)).await;
                 }
             }
-            tokio::time::sleep(Duration::from_millis(500)).await;
-            driver.abort();
+            driver.await.unwrap();
         })
     };
     // Kill the agent while messages are streaming in.
@@ -424,10 +440,15 @@ async fn local_mqtt_ingest_stores_and_forwards_and_loses_nothing_when_the_agent_
             .collect()
     };
     while readings(&collector).len() < N {
-        assert!(start.elapsed() < WAIT, "only {} of {N} readings reached the cloud", readings(&collector).len());
+        if start.elapsed() > WAIT {
+            let got = readings(&collector);
+            let missing: Vec<usize> = (0..N).filter(|i| !got.contains(&(*i as u64))).take(20).collect();
+            panic!("only {} of {N} readings reached the cloud; first missing: {missing:?}", got.len());
+        }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    let m = &collector.messages()[0];
+    let messages = collector.messages();
+    let m = messages.iter().find(|m| !m.topic.ends_with("/probe")).unwrap();
     assert!(m.topic.starts_with("ferry/test-device/sensors/s"), "{}", m.topic);
     assert!(m.user_property("id").unwrap().starts_with("mqtt-"));
     let (status, _) = agent.terminate();

@@ -526,8 +526,10 @@ mod tests {
         assert_eq!(case("url = \"mqtts://x\"\nca_file = \"/nonexistent/ca.pem\""), "destination[0].ca_file");
         assert_eq!(case("url = \"mqtt://x\"\ntopic_prefix = \"a/+/\""), "destination[0].topic_prefix");
         assert_eq!(case("url = \"mqtt://x\"\nurll = 1"), "(syntax)");
-        let dup = parse("[[destination]]\nname = \"a\"\nurl = \"mqtt://x\"\n[[destination]]\nname = \"a\"\nurl = \"mqtt://y\"\n")
-            .unwrap_err();
+        let dup = parse(
+            "[[destination]]\nname = \"a\"\nurl = \"mqtt://x\"\n[[destination]]\nname = \"a\"\nurl = \"mqtt://y\"\n",
+        )
+        .unwrap_err();
         assert_eq!(dup.key, "destination[1].name");
     }
 }

@@ -23,6 +23,7 @@ use std::collections::VecDeque;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use futures::FutureExt as _;
 use serde::Serialize;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
@@ -36,7 +37,7 @@ use link::{Link, LinkError, LinkEvent, LinkOptions};
 use window::Window;
 
 /// Events read from the store per read.
-const READ_BATCH: usize = 512;
+const READ_BATCH: usize = 1024;
 
 /// How often the cursor is persisted at most, when acks trickle in.
 const PERSIST_INTERVAL: Duration = Duration::from_millis(50);
@@ -142,6 +143,11 @@ struct Progress {
     persisting: Option<JoinHandle<Option<u64>>>,
     last_persist: Instant,
     rate_mark: (Instant, u64),
+    /// Counted here per event and copied to the shared status on each tick,
+    /// so the hot path takes no lock.
+    delivered: u64,
+    published: u64,
+    bytes_sent: u64,
 }
 
 impl Task {
@@ -161,6 +167,9 @@ impl Task {
             persisting: None,
             last_persist: Instant::now(),
             rate_mark: (Instant::now(), 0),
+            delivered: 0,
+            published: 0,
+            bytes_sent: 0,
         };
         self.update(|s| s.acked_sequence = cursor);
         let mut backoff = Backoff::new(self.config.backoff_base, self.config.backoff_cap);
@@ -248,17 +257,28 @@ impl Task {
             let caught_up = buffer.is_empty() && *committed.borrow() < p.window.next();
             let window_open = p.window.has_room();
             tokio::select! {
-                event = link.poll() => match event {
-                    Ok(LinkEvent::Sent(pkid)) => p.window.on_wire(pkid),
-                    Ok(LinkEvent::Acked(pkid)) => {
-                        if p.window.acked(pkid) {
-                            last_ack = Instant::now();
-                            self.update(|s| s.delivered += 1);
+                event = link.poll() => {
+                    // Take whatever else is ready too, so one wake-up handles a burst of acks.
+                    let mut event = Some(event);
+                    let mut burst = 0;
+                    while let Some(e) = event.take() {
+                        match e {
+                            Ok(LinkEvent::Sent(pkid)) => p.window.on_wire(pkid),
+                            Ok(LinkEvent::Acked(pkid)) => {
+                                if p.window.acked(pkid) {
+                                    last_ack = Instant::now();
+                                    p.delivered += 1;
+                                }
+                            }
+                            Ok(_) => {}
+                            Err(e) => return End::Failed(e),
+                        }
+                        burst += 1;
+                        if burst < 256 {
+                            event = link.poll().now_or_never();
                         }
                     }
-                    Ok(_) => {}
-                    Err(e) => return End::Failed(e),
-                },
+                }
                 _ = committed.changed(), if caught_up && window_open => {}
                 done = async { p.persisting.as_mut().expect("guarded").await }, if p.persisting.is_some() => {
                     p.persisting = None;
@@ -317,9 +337,10 @@ impl Task {
                 continue;
             }
             let topic = wire::topic(&self.config.topic_prefix, &event);
+            let (sequence, at_ms) = (event.sequence, event.hlc.millis());
             let (payload, content_type, props) = match self.config.endpoint.protocol {
                 Protocol::V5 => {
-                    let m = wire::binary(&event);
+                    let m = wire::into_binary(event);
                     (m.payload, m.content_type, m.user_properties)
                 }
                 Protocol::V311 => (wire::structured(&event), None, Vec::new()),
@@ -336,22 +357,19 @@ impl Task {
                     "destination {}: publish of {len} bytes exceeds its max_packet_size of {} bytes",
                     self.config.name, self.config.endpoint.max_packet_bytes
                 );
-                tracing::warn!(destination = %self.config.name, sequence = event.sequence, %reason, "event dead-lettered");
+                tracing::warn!(destination = %self.config.name, sequence, %reason, "event dead-lettered");
                 self.store
-                    .dead_letter_copy(event.sequence, &reason)
+                    .dead_letter_copy(sequence, &reason)
                     .await
                     .map_err(|e| LinkError::Connection(e.to_string()))?;
                 self.update(|s| s.dead_lettered += 1);
-                p.window.settled(event.sequence);
+                p.window.settled(sequence);
                 continue;
             }
-            let bytes = payload.len() as u64;
+            p.bytes_sent += payload.len() as u64;
+            p.published += 1;
             link.publish(topic, payload, content_type, props, false)?;
-            p.window.sent(event.sequence, event.hlc.millis());
-            self.update(|s| {
-                s.published += 1;
-                s.bytes_sent += bytes;
-            });
+            p.window.sent(sequence, at_ms);
         }
         Ok(())
     }
@@ -403,12 +421,16 @@ impl Task {
         let oldest = p.window.oldest_unacked_ms().or_else(|| buffer.front().map(|e| e.hlc.millis()));
         let in_flight = p.window.in_flight();
         let durable = p.window.durable();
+        let (delivered, published, bytes_sent) = (p.delivered, p.published, p.bytes_sent);
         self.update(|s| {
+            s.delivered = delivered;
+            s.published = published;
+            s.bytes_sent = bytes_sent;
             let elapsed = now.duration_since(mark_at).as_secs_f64();
             if elapsed >= 1.0 {
-                let rate = (s.delivered - mark_count) as f64 / elapsed;
+                let rate = (delivered - mark_count) as f64 / elapsed;
                 s.send_rate = if s.send_rate == 0.0 { rate } else { 0.5 * s.send_rate + 0.5 * rate };
-                p.rate_mark = (now, s.delivered);
+                p.rate_mark = (now, delivered);
             }
             s.in_flight = in_flight;
             s.acked_sequence = durable;

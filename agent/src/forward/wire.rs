@@ -50,11 +50,13 @@ fn attributes(event: &Event) -> Vec<(String, String)> {
 
 /// Binary content mode for MQTT 5.
 pub fn binary(event: &Event) -> BinaryMessage {
-    BinaryMessage {
-        payload: event.body.data.clone(),
-        content_type: event.body.datacontenttype.clone(),
-        user_properties: attributes(event),
-    }
+    into_binary(event.clone())
+}
+
+/// Binary content mode, taking the event apart instead of copying it.
+pub fn into_binary(event: Event) -> BinaryMessage {
+    let user_properties = attributes(&event);
+    BinaryMessage { payload: event.body.data, content_type: event.body.datacontenttype, user_properties }
 }
 
 /// Structured content mode (`application/cloudevents+json`) for MQTT 3.1.1.
