@@ -65,6 +65,7 @@ struct RawStore {
     ttl: Option<String>,
     max_event_size: Option<ByteSize>,
     cache_size: Option<ByteSize>,
+    min_free_disk: Option<ByteSize>,
     default_priority: Option<u8>,
     #[serde(default)]
     class: Vec<RawClass>,
@@ -193,6 +194,8 @@ pub struct StoreConfig {
     pub queue_depth: usize,
     /// Page cache of the database, in bytes.
     pub cache_bytes: usize,
+    /// Ingest is refused while the file system has less free space than this.
+    pub min_free_disk_bytes: u64,
     /// The destinations that consume the log, with their routes: an event
     /// leaves the log once every destination routing it has its cursor past
     /// it; an event no destination routes stays (until TTL or eviction).
@@ -401,6 +404,7 @@ impl Config {
                 classes,
                 queue_depth: 1024,
                 cache_bytes: usize::try_from(s.cache_size.map_or(64 << 20, |b| b.as_u64())).unwrap_or(usize::MAX),
+                min_free_disk_bytes: s.min_free_disk.map_or(256 << 20, |b| b.as_u64()),
                 consumers: destinations
                     .iter()
                     .map(|d| Consumer { name: d.name.clone(), routes: d.routes.clone() })

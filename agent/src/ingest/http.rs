@@ -155,7 +155,7 @@ fn ingest_error(e: &IngestError) -> Response {
         IngestError::BadInput(b) => error(StatusCode::BAD_REQUEST, &msg, b.index, b.field.as_deref()),
         IngestError::EventTooLarge { index, .. } => error(StatusCode::PAYLOAD_TOO_LARGE, &msg, Some(*index), None),
         IngestError::Store(AppendError::TooLarge { .. }) => error(StatusCode::PAYLOAD_TOO_LARGE, &msg, None, None),
-        IngestError::Store(AppendError::Full { retry_after, .. }) => {
+        IngestError::Store(AppendError::Full { retry_after, .. } | AppendError::DiskFull { retry_after, .. }) => {
             let mut r = error(StatusCode::INSUFFICIENT_STORAGE, &msg, None, None);
             r.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(retry_after.as_secs().max(1)));
             r

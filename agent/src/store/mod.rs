@@ -87,6 +87,17 @@ pub enum AppendError {
         /// When to try again.
         retry_after: Duration,
     },
+    /// The disk holding the store has less free space than the configured
+    /// reserve (`store.min_free_disk`), whatever the quota says.
+    #[error("disk nearly full: {free} bytes free, below the {reserve}-byte reserve (store.min_free_disk)")]
+    DiskFull {
+        /// Free bytes on the store's file system.
+        free: u64,
+        /// The reserve.
+        reserve: u64,
+        /// When to try again.
+        retry_after: Duration,
+    },
     /// The request alone is larger than the whole quota.
     #[error("request needs {needed} bytes, more than the whole {quota}-byte store quota")]
     TooLarge {

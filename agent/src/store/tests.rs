@@ -245,3 +245,13 @@ async fn appends_after_close_are_refused_not_lost() {
     let f = f.reopen();
     assert_eq!(ids(&f.store.read_after(0, 10).unwrap()), ["a"]);
 }
+
+#[tokio::test]
+async fn ingest_is_refused_below_the_free_disk_reserve_and_nothing_changes() {
+    let f = Fixture::new(|c| c.min_free_disk_bytes = u64::MAX);
+    match f.store.append(vec![event("a", "t", 4)]).await {
+        Err(AppendError::DiskFull { free, reserve, .. }) => assert!(free < reserve),
+        other => panic!("expected DiskFull, got {other:?}"),
+    }
+    assert_eq!(f.status().events, 0);
+}

@@ -27,6 +27,9 @@ const MAX_BATCH_EVENTS: usize = 32_768;
 /// Longest a commit waits for more requests to join it (see [`Writer::gather`]).
 const MAX_COMMIT_DELAY: Duration = Duration::from_micros(1_000);
 
+/// How often free disk space is checked.
+const DISK_CHECK_INTERVAL: Duration = Duration::from_secs(1);
+
 /// How long a gathering commit waits for one more request before it goes.
 const LINGER: Duration = Duration::from_micros(150);
 
@@ -39,6 +42,21 @@ const SWEEP_LIMIT: usize = 10_000;
 
 /// Share of the quota that dead letters may hold before the oldest go.
 const DEAD_LETTER_SHARE: u64 = 10;
+
+/// Bytes available to this process on the file system holding `dir`.
+fn free_disk_bytes(dir: &std::path::Path) -> Option<u64> {
+    use std::os::unix::ffi::OsStrExt;
+    let path = std::ffi::CString::new(dir.as_os_str().as_bytes()).ok()?;
+    let mut stat = std::mem::MaybeUninit::<libc::statvfs>::uninit();
+    // SAFETY: `path` is a valid C string and `stat` is written by statvfs before it is read.
+    let rc = unsafe { libc::statvfs(path.as_ptr(), stat.as_mut_ptr()) };
+    if rc != 0 {
+        return None;
+    }
+    // SAFETY: statvfs returned 0, so it filled the struct.
+    let stat = unsafe { stat.assume_init() };
+    Some(u64::from(stat.f_bavail).saturating_mul(u64::from(stat.f_frsize)))
+}
 
 /// A stable fingerprint of the consumers and their routes.
 fn consumers_fingerprint(consumers: &[crate::config::Consumer]) -> u64 {
@@ -132,6 +150,8 @@ pub(super) struct Writer {
     /// Commits made without fsync since the last durable one.
     unsynced: bool,
     last_sweep: Instant,
+    /// Free bytes on the store's file system at the last check, and when.
+    disk_free: (u64, Instant),
     /// Requests in the previous batch, and how long its commit took.
     last_batch_len: usize,
     last_commit_time: Duration,
@@ -173,6 +193,7 @@ impl Writer {
             last_sweep: Instant::now(),
             last_batch_len: 1,
             last_commit_time: Duration::ZERO,
+            disk_free: (u64::MAX, Instant::now() - DISK_CHECK_INTERVAL),
         };
         Ok((writer, rx))
     }
@@ -428,6 +449,9 @@ impl Writer {
     ) -> Result<Result<(), AppendError>, redb::Error> {
         let quota = self.config.quota_bytes;
         let free = quota.saturating_sub(self.used_bytes());
+        if let Some(refusal) = self.disk_refusal() {
+            return Ok(Err(refusal));
+        }
         if needed <= free {
             return Ok(Ok(()));
         }
@@ -465,6 +489,21 @@ impl Writer {
         self.meta.evicted_bytes += freed;
         tracing::warn!(events = count, bytes = freed, "store full: evicted the oldest lowest-priority events");
         Ok(Ok(()))
+    }
+
+    /// A refusal if the file system is below the free-space reserve, so the
+    /// agent never fills the disk even when the quota is set too high for it.
+    fn disk_refusal(&mut self) -> Option<AppendError> {
+        let reserve = self.config.min_free_disk_bytes;
+        if reserve == 0 {
+            return None;
+        }
+        if self.disk_free.1.elapsed() >= DISK_CHECK_INTERVAL {
+            let dir = self.config.path.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(std::path::Path::new("."));
+            self.disk_free = (free_disk_bytes(dir).unwrap_or(u64::MAX), Instant::now());
+        }
+        let free = self.disk_free.0;
+        (free < reserve).then_some(AppendError::DiskFull { free, reserve, retry_after: FULL_RETRY_AFTER })
     }
 
     /// Deletes a record and its expiry entry; returns its size. The caller
