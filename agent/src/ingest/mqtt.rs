@@ -132,7 +132,9 @@ impl MqttIngest {
                     }
                     return Ok(());
                 }
-                Err(IngestError::Store(AppendError::Full { retry_after, .. } | AppendError::DiskFull { retry_after, .. })) => {
+                Err(IngestError::Store(
+                    AppendError::Full { retry_after, .. } | AppendError::DiskFull { retry_after, .. },
+                )) => {
                     tracing::warn!(retry_in = ?retry_after, "store full: local MQTT messages wait at the broker");
                     tokio::select! {
                         _ = tokio::time::sleep(retry_after) => {}

@@ -499,7 +499,8 @@ impl Writer {
             return None;
         }
         if self.disk_free.1.elapsed() >= DISK_CHECK_INTERVAL {
-            let dir = self.config.path.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(std::path::Path::new("."));
+            let dir =
+                self.config.path.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(std::path::Path::new("."));
             self.disk_free = (free_disk_bytes(dir).unwrap_or(u64::MAX), Instant::now());
         }
         let free = self.disk_free.0;
