@@ -14,7 +14,7 @@ pub mod parse;
 use std::time::Duration;
 
 use crate::clock::{self, SharedClock};
-use crate::event::{DEFAULT_TYPE, EventBody, JSON_CONTENT_TYPE};
+use crate::event::{DEFAULT_TYPE, EventBodyRef, JSON_CONTENT_TYPE};
 use crate::store::{AppendError, Appended, PreparedEvent, Store};
 pub use parse::{BadInput, InputEvent};
 
@@ -79,21 +79,25 @@ impl Ingest {
         for (index, input) in inputs.into_iter().enumerate() {
             let (priority, class_ttl) = config.classify(&input.topic);
             let ttl = input.ttl.or(class_ttl);
-            let datacontenttype =
-                input.datacontenttype.or_else(|| input.data_is_json.then(|| JSON_CONTENT_TYPE.to_owned()));
             let producer_id = input.id.is_some();
-            let body = EventBody {
-                id: input.id.unwrap_or_else(|| clock::new_event_id(self.clock.as_ref())),
-                source: self.source.clone(),
-                ty: input.ty.unwrap_or_else(|| DEFAULT_TYPE.to_owned()),
-                subject: input.topic,
+            let id = input.id.unwrap_or_else(|| clock::new_event_id(self.clock.as_ref()));
+            let body = EventBodyRef {
+                id: &id,
+                source: &self.source,
+                ty: input.ty.as_deref().unwrap_or(DEFAULT_TYPE),
+                subject: &input.topic,
                 time_nanos: input.time_nanos.unwrap_or(now_nanos),
-                datacontenttype,
-                data: input.data,
-                partitionkey: input.partitionkey,
-                extensions: input.extensions,
+                datacontenttype: input
+                    .datacontenttype
+                    .as_deref()
+                    .or_else(|| input.data_is_json.then_some(JSON_CONTENT_TYPE)),
+                data: &input.data,
+                partitionkey: input.partitionkey.as_deref(),
+                extensions: &input.extensions,
             };
-            let event = PreparedEvent::new(&body, producer_id, priority, ttl.map(|t| expiry(now_ms, t)));
+            let body = body.encode();
+            let event =
+                PreparedEvent { id, producer_id, priority, expires_at_ms: ttl.map(|t| expiry(now_ms, t)), body };
             let size = event.record_len() as usize;
             if size > config.max_event_bytes {
                 return Err(IngestError::EventTooLarge { index, size, limit: config.max_event_bytes });

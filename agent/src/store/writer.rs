@@ -294,7 +294,7 @@ impl Writer {
                 for request in batch {
                     match request {
                         Request::Append { events, reply } => {
-                            let outcome = self.append(&mut t, &events, now_ms)?;
+                            let outcome = self.append(&mut t, events, now_ms)?;
                             pending.push(Pending::Append(reply, outcome));
                         }
                         Request::SetCursor { name, sequence, reply } => {
@@ -365,7 +365,7 @@ impl Writer {
     fn append(
         &mut self,
         t: &mut Tables<'_>,
-        events: &[PreparedEvent],
+        events: Vec<PreparedEvent>,
         now_ms: u64,
     ) -> Result<Result<Vec<Appended>, AppendError>, redb::Error> {
         // Pass 1: which events are new, and how much room they need.
@@ -401,7 +401,8 @@ impl Writer {
         // Pass 2: assign sequence and HLC, write the records and indexes.
         let mut out: Vec<Appended> = Vec::with_capacity(events.len());
         let mut record = Vec::new();
-        for (e, slot) in events.iter().zip(slots) {
+        drop(first_in_request);
+        for (e, slot) in events.into_iter().zip(slots) {
             let (sequence, duplicate) = match slot {
                 Slot::StoredAs(seq) => (seq, true),
                 Slot::SameAs(j) => (out[j].sequence, true),
@@ -432,7 +433,7 @@ impl Writer {
             if duplicate {
                 self.meta.dedup_hits += 1;
             }
-            out.push(Appended { id: e.id.clone(), sequence, duplicate });
+            out.push(Appended { id: e.id, sequence, duplicate });
         }
         Ok(Ok(out))
     }
