@@ -69,7 +69,7 @@ impl Clock for ManualClock {
 /// ids made in the same millisecond stay ordered and unique.
 pub fn new_event_id(clock: &dyn Clock) -> String {
     thread_local! {
-        static CONTEXT: uuid::ContextV7 = uuid::ContextV7::new();
+        static CONTEXT: uuid::ContextV7 = const { uuid::ContextV7::new() };
     }
     let nanos = clock.now_nanos().max(0);
     let (secs, subsec) = ((nanos / 1_000_000_000) as u64, (nanos % 1_000_000_000) as u32);

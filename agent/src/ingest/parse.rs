@@ -341,10 +341,10 @@ impl RawEvent<'_> {
             }
         }
 
-        if let Some(id) = &self.id {
-            if id.is_empty() || id.len() > 256 {
-                return Err(bad("id", "must be 1 to 256 characters"));
-            }
+        if let Some(id) = &self.id
+            && (id.is_empty() || id.len() > 256)
+        {
+            return Err(bad("id", "must be 1 to 256 characters"));
         }
         let time_nanos = match &self.time {
             Some(t) => {
