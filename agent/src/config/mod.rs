@@ -16,6 +16,9 @@ use serde::Deserialize;
 
 use crate::topic::{TopicError, TopicFilter};
 
+pub mod plugin;
+pub use plugin::PluginConfig;
+
 /// The embedded default configuration, which documents every key.
 pub const DEFAULT_TOML: &str = include_str!("ferry.default.toml");
 
@@ -41,6 +44,8 @@ pub struct RawConfig {
     store: RawStore,
     #[serde(default)]
     ingest: RawIngest,
+    #[serde(default)]
+    plugin: Vec<plugin::RawPlugin>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -109,6 +114,8 @@ pub struct Config {
     pub store: StoreConfig,
     /// The HTTP API.
     pub http: HttpConfig,
+    /// `[[plugin]]`, in file order (which is also the order filters of one stage run in).
+    pub plugins: Vec<PluginConfig>,
 }
 
 /// `[agent]`.
@@ -339,6 +346,11 @@ impl Config {
         let max_body_bytes = usize::try_from(h.max_body_size.map_or(16 << 20, |b| b.as_u64()))
             .map_err(|_| err("ingest.http.max_body_size", "too large for this platform".into()))?;
 
+        // Relative plugin paths are relative to the config file. Stages may
+        // name only `ingest` until `[[destination]]` lands (then: its names).
+        let base = Path::new(file).parent().unwrap_or(Path::new(""));
+        let plugins = plugin::validate(raw.plugin, &[], base, file)?;
+
         Ok(Config {
             origin: file.into(),
             agent: AgentConfig { device_id, data_dir: data_dir.clone() },
@@ -356,6 +368,7 @@ impl Config {
                 cache_bytes: usize::try_from(s.cache_size.map_or(64 << 20, |b| b.as_u64())).unwrap_or(usize::MAX),
             },
             http: HttpConfig { listen, token, max_body_bytes },
+            plugins,
         })
     }
 }
