@@ -126,7 +126,7 @@ async fn post_events(State(api): State<Api>, headers: HeaderMap, body: Body) -> 
         }
     };
     let result = match prepared {
-        Ok(events) => api.ingest.store().append(events).await.map_err(IngestError::from),
+        Ok(events) => api.ingest.commit(events).await,
         Err(e) => Err(e),
     };
     match result {
@@ -177,6 +177,9 @@ pub struct Status {
     pub uptime_seconds: u64,
     /// The store.
     pub store: StoreStatus,
+    /// Ingest-stage plugins: calls, failures, circuit state.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub plugins: Vec<crate::plugin::PluginStatus>,
 }
 
 async fn get_status(State(api): State<Api>) -> Response {
@@ -196,6 +199,7 @@ async fn get_status(State(api): State<Api>) -> Response {
         version: env!("CARGO_PKG_VERSION"),
         uptime_seconds: api.started.elapsed().as_secs(),
         store,
+        plugins: api.ingest.plugin_status(),
     };
     axum::Json(status).into_response()
 }
