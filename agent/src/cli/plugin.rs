@@ -260,3 +260,36 @@ fn new_command(args: &NewArgs) -> anyhow::Result<()> {
     println!("created {} ({:?} filter plugin); see its README.md to build and check it", root.display(), args.lang);
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn new_writes_every_language_template_with_the_name_filled_in_and_the_wit() {
+        let dir = tempfile::tempdir().unwrap();
+        for lang in [Lang::Rust, Lang::C, Lang::Python, Lang::Js] {
+            let name = format!("my-{lang:?}").to_lowercase();
+            let root = scaffold(&NewArgs { lang, name: name.clone(), dir: dir.path().into() }).unwrap();
+            for (file, _) in WIT {
+                assert!(root.join("wit").join(file).is_file());
+            }
+            for (path, _) in templates(lang) {
+                let path = root.join(path.replace("{{crate}}", &name.replace('-', "_")));
+                let text = std::fs::read_to_string(&path).unwrap();
+                assert!(!text.contains("{{"), "{} keeps a placeholder", path.display());
+            }
+            assert!(std::fs::read_to_string(root.join("README.md")).unwrap().contains(&name));
+        }
+    }
+
+    #[test]
+    fn new_refuses_bad_names_and_existing_directories() {
+        let dir = tempfile::tempdir().unwrap();
+        let args = |name: &str| NewArgs { lang: Lang::Rust, name: name.into(), dir: dir.path().into() };
+        assert!(scaffold(&args("Bad Name")).is_err());
+        assert!(scaffold(&args("../escape")).is_err());
+        scaffold(&args("ok")).unwrap();
+        assert!(scaffold(&args("ok")).is_err(), "never overwrites");
+    }
+}
