@@ -35,6 +35,13 @@ PLUGINS=(
     gset-merge:js:merge
 )
 
+# Test-only plugins (plugins/testdata, Rust): built into $OUT/testdata and
+# checked against their worlds, but not examples.
+TESTDATA=(
+    hostile-filter:rust:filter
+    diverge-merge:rust:merge
+)
+
 LANGS=("$@")
 [ ${#LANGS[@]} -gt 0 ] || LANGS=(rust c python js)
 for lang in "${LANGS[@]}"; do
@@ -143,7 +150,7 @@ build_rust() {
     local world entry packages
     for world in filter merge; do
         packages=()
-        for entry in "${PLUGINS[@]}"; do
+        for entry in "${PLUGINS[@]}" "${TESTDATA[@]}"; do
             [[ $entry == *:rust:$world ]] && packages+=(-p "${entry%%:*}")
         done
         step "rust: cargo build --release --target wasm32-wasip2 ${packages[*]}"
@@ -155,6 +162,11 @@ build_rust() {
         [[ $entry == *:rust:* ]] || continue
         name=${entry%%:*}
         cp "$ROOT/plugins/rust/target/wasm32-wasip2/release/${name//-/_}.wasm" "$OUT/$name.wasm"
+    done
+    mkdir -p "$OUT/testdata"
+    for entry in "${TESTDATA[@]}"; do
+        name=${entry%%:*}
+        cp "$ROOT/plugins/rust/target/wasm32-wasip2/release/${name//-/_}.wasm" "$OUT/testdata/$name.wasm"
     done
 }
 
@@ -236,6 +248,13 @@ for entry in "${PLUGINS[@]}"; do
     wasi=$("$WASM_TOOLS" component wit "$wasm" | grep -c '^ *import wasi:' || true)
     rows+=("$(printf '%-18s %-7s %-7s %9s KiB %4s' "$name" "$lang" "$world" $(($(stat -c %s "$wasm") / 1024)) "$wasi")")
 done
+
+if wants rust; then
+    for entry in "${TESTDATA[@]}"; do
+        IFS=: read -r name lang world <<<"$entry"
+        check_world "$OUT/testdata/$name.wasm" "$world"
+    done
+fi
 
 printf '\n%-18s %-7s %-7s %13s %4s\n' plugin lang world size wasi
 printf '%s\n' "${rows[@]}"

@@ -20,4 +20,5 @@ cargo fmt --all -- --check
 cargo clippy --workspace --all-targets --locked -- -D warnings
 
 step "tests"
+scripts/build-plugins.sh # tests/plugins.rs runs the components it builds into plugins/build
 cargo test --workspace --locked

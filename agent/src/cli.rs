@@ -14,6 +14,8 @@ use serde_json::{Value, json};
 
 use crate::config::{Config, ConfigError};
 
+pub mod plugin;
+
 /// Ferry: durable store-and-forward of device events to several clouds.
 #[derive(Debug, Parser)]
 #[command(name = "ferry", version, about)]
@@ -35,6 +37,9 @@ pub enum Command {
     /// Work with configuration files.
     #[command(subcommand)]
     Config(ConfigCommand),
+    /// Check, benchmark and scaffold WebAssembly plugins.
+    #[command(subcommand)]
+    Plugin(plugin::PluginCommand),
 }
 
 /// Log output format.

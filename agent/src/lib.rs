@@ -14,6 +14,8 @@
 //!   and limits, and the HTTP API ([`ingest::http`]).
 //! - [`store`] — the redb event log: group commit, dedup, quota and
 //!   eviction, TTL and dead letters, forwarder cursors.
+//! - [`plugin`] — the WebAssembly plugin host: sandboxed filter and merge
+//!   components (wasmtime), their bounds, failure policy and circuit breaker.
 //! - [`event`] — the CloudEvents record and its versioned storage encoding.
 //! - [`topic`] — MQTT topic name validation and filter matching.
 //! - [`clock`] — the injectable wall clock and the hybrid logical clock.
@@ -25,6 +27,7 @@ pub mod config;
 pub mod event;
 pub mod forward;
 pub mod ingest;
+pub mod plugin;
 pub mod runtime;
 pub mod store;
 pub mod topic;

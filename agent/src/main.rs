@@ -16,6 +16,10 @@ fn main() -> ExitCode {
         Command::Publish(args) => cli::publish(args),
         Command::Status(args) => cli::status(args),
         Command::Config(cmd) => cli::config_command(cmd),
+        Command::Plugin(cmd) => {
+            init_logging(LogFormat::Human);
+            cli::plugin::run(cmd)
+        }
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

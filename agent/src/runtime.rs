@@ -2,6 +2,7 @@
 //! orders shutdown.
 //!
 //! Start: load TLS material, open the store (recovering it after a crash),
+//! load every plugin (compiled code comes from `{data_dir}/plugin-cache`),
 //! start one forwarder per destination, then bind and serve the HTTP API.
 //! Stop: the API stops accepting and finishes the requests in flight (each
 //! waits for its commit); forwarders collect outstanding PUBACKs and save
@@ -16,10 +17,15 @@ use tokio::task::JoinHandle;
 
 use crate::clock::SharedClock;
 use crate::config::Config;
+use crate::config::plugin::Stage;
 use crate::forward::{Forwarder, link};
 use crate::ingest::mqtt::MqttIngest;
 use crate::ingest::{Ingest, http};
+use crate::plugin::{Plugin, PluginError, PluginHandle};
 use crate::store::{Store, StoreError};
+
+/// Calls that may wait for one plugin before callers feel backpressure.
+const PLUGIN_QUEUE_DEPTH: usize = 64;
 
 /// Why the agent could not start or stopped with an error.
 #[derive(Debug, thiserror::Error)]
@@ -47,6 +53,15 @@ pub enum RunError {
     /// The HTTP server failed.
     #[error("HTTP API failed: {0}")]
     Serve(std::io::Error),
+    /// A plugin could not be loaded (unreadable, invalid, wrong world, or
+    /// it imports what the host does not provide).
+    #[error("plugin `{name}`: {source}")]
+    Plugin {
+        /// The plugin's name.
+        name: String,
+        /// The cause.
+        source: PluginError,
+    },
     /// A service task panicked.
     #[error("a service task failed: {0}")]
     Task(String),
@@ -55,6 +70,7 @@ pub enum RunError {
 /// A running agent.
 pub struct Agent {
     store: Store,
+    plugins: Vec<PluginHandle>,
     http_addr: SocketAddr,
     stop_http: oneshot::Sender<()>,
     http: JoinHandle<std::io::Result<()>>,
@@ -85,6 +101,15 @@ impl Agent {
             .await
             .map_err(|e| RunError::Task(e.to_string()))??;
 
+        let plugins = load_plugins(&config).await?;
+        let ingest_filters = config
+            .plugins
+            .iter()
+            .zip(&plugins)
+            .filter(|(c, _)| c.stage == Some(Stage::Ingest))
+            .map(|(_, h)| h.clone())
+            .collect();
+
         let (listener, http_addr) =
             http::bind(&config.http).await.map_err(|source| RunError::Bind { addr: config.http.listen, source })?;
         let (stop_forwarders, stop_rx) = watch::channel(false);
@@ -96,7 +121,7 @@ impl Agent {
             .collect();
         let statuses = forwarders.iter().map(Forwarder::status_handle).collect();
 
-        let ingest = Ingest::new(store.clone(), config.agent.source(), clock);
+        let ingest = Ingest::new(store.clone(), config.agent.source(), clock).with_filters(ingest_filters);
         let mqtt_ingest = match &config.mqtt_ingest {
             Some(m) => {
                 let tls = if m.endpoint.tls {
@@ -128,7 +153,13 @@ impl Agent {
             store = %config.store.path.display(),
             "HTTP API listening on {http_addr}"
         );
-        Ok(Self { store, http_addr, stop_http, http, stop_forwarders, forwarders, mqtt_ingest })
+        Ok(Self { store, plugins, http_addr, stop_http, http, stop_forwarders, forwarders, mqtt_ingest })
+    }
+
+    /// Every loaded plugin, in config order (for the stages wired elsewhere
+    /// and for status).
+    pub fn plugins(&self) -> &[PluginHandle] {
+        &self.plugins
     }
 
     /// Where the HTTP API listens.
@@ -163,6 +194,38 @@ impl Agent {
         tracing::info!("stopped cleanly");
         served.map_err(RunError::Serve)
     }
+}
+
+/// Loads every configured plugin off the runtime, each onto its own thread.
+async fn load_plugins(config: &Config) -> Result<Vec<PluginHandle>, RunError> {
+    let cache_dir = config.agent.data_dir.join("plugin-cache");
+    let mut handles = Vec::with_capacity(config.plugins.len());
+    for spec in &config.plugins {
+        let (spec, dir) = (spec.clone(), cache_dir.clone());
+        let name = spec.name.clone();
+        let loaded = tokio::task::spawn_blocking(move || {
+            let (mut plugin, report) = Plugin::load(&spec, Some(&dir))?;
+            // A plugin that fails to start is not fatal: calls rebuild it and
+            // its error policy applies, as for any later failure.
+            if let Err(e) = plugin.warm_up() {
+                tracing::warn!(plugin = %spec.name, error = %e, "plugin failed to instantiate");
+            }
+            Ok::<_, PluginError>((plugin, report))
+        })
+        .await
+        .map_err(|e| RunError::Task(e.to_string()))?;
+        let (plugin, report) = loaded.map_err(|source| RunError::Plugin { name: name.clone(), source })?;
+        tracing::info!(
+            plugin = %name,
+            world = plugin.world().as_str(),
+            compiled = ?report.source,
+            load_ms = report.load_time.as_millis() as u64,
+            "plugin loaded"
+        );
+        handles
+            .push(PluginHandle::spawn(plugin, PLUGIN_QUEUE_DEPTH).map_err(|source| RunError::Plugin { name, source })?);
+    }
+    Ok(handles)
 }
 
 /// Runs the agent until `shutdown` resolves, then stops it in order.

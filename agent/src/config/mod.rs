@@ -16,6 +16,9 @@ use serde::Deserialize;
 
 use crate::topic::{TopicError, TopicFilter};
 
+pub mod plugin;
+pub use plugin::PluginConfig;
+
 /// The embedded default configuration, which documents every key.
 pub const DEFAULT_TOML: &str = include_str!("ferry.default.toml");
 
@@ -46,6 +49,8 @@ pub struct RawConfig {
     ingest: RawIngest,
     #[serde(default)]
     destination: Vec<mqtt::RawDestination>,
+    #[serde(default)]
+    plugin: Vec<plugin::RawPlugin>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -120,6 +125,8 @@ pub struct Config {
     pub mqtt_ingest: Option<MqttIngestConfig>,
     /// Cloud brokers to forward to.
     pub destinations: Vec<DestinationConfig>,
+    /// `[[plugin]]`, in file order (which is also the order filters of one stage run in).
+    pub plugins: Vec<PluginConfig>,
 }
 
 /// `[agent]`.
@@ -388,6 +395,11 @@ impl Config {
             Some(m) => Some(mqtt::mqtt_ingest(m, &device_id, &mqtt::Ctx { file, prefix: "ingest.mqtt".into() })?),
             None => None,
         };
+        // Relative plugin paths are relative to the config file; a filter's
+        // stage is `ingest` or a destination's name.
+        let base = Path::new(file).parent().unwrap_or(Path::new(""));
+        let destination_names: Vec<&str> = destinations.iter().map(|d| d.name.as_str()).collect();
+        let plugins = plugin::validate(raw.plugin, &destination_names, base, file)?;
 
         Ok(Config {
             origin: file.into(),
@@ -413,6 +425,7 @@ impl Config {
             http: HttpConfig { listen, token, max_body_bytes },
             mqtt_ingest,
             destinations,
+            plugins,
         })
     }
 }

@@ -136,7 +136,7 @@ async fn post_events(State(api): State<Api>, headers: HeaderMap, body: Body) -> 
         }
     };
     let result = match prepared {
-        Ok(events) => api.ingest.store().append(events).await.map_err(IngestError::from),
+        Ok(events) => api.ingest.commit(events).await,
         Err(e) => Err(e),
     };
     match result {
@@ -187,6 +187,9 @@ pub struct Status {
     pub uptime_seconds: u64,
     /// The store.
     pub store: StoreStatus,
+    /// Ingest-stage plugins: calls, failures, circuit state.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub plugins: Vec<crate::plugin::PluginStatus>,
     /// Each destination, with its backlog.
     pub destinations: Vec<DestinationView>,
 }
@@ -237,6 +240,7 @@ async fn get_status(State(api): State<Api>) -> Response {
         uptime_seconds: api.started.elapsed().as_secs(),
         store,
         destinations,
+        plugins: api.ingest.plugin_status(),
     };
     axum::Json(status).into_response()
 }

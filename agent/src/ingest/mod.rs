@@ -6,15 +6,27 @@
 //! HTTP API ([`http`]) and later ingest paths share it, so every path answers
 //! success only after the commit. [`mqtt`] subscribes to a broker on the
 //! device and acknowledges each message only after its commit.
+//!
+//! Filter plugins with `stage = "ingest"` run in [`Ingest::commit`], in
+//! config order, before the append: dropped events are never stored,
+//! replacements are stored instead of their input (inheriting its priority
+//! and expiry), and a `route` verdict is stored as the `ferryroute`
+//! extension for the forwarder (see [`crate::plugin::convert`]). When a
+//! filter fails, its `on_error` policy decides: `dead-letter` records the
+//! batch in the dead-letter table (sequence 0: never in the log) before the
+//! producer gets its answer, `pass` keeps the events as they were, `drop`
+//! discards them. The producer's answer lists only the events stored.
 
 pub mod http;
 pub mod mqtt;
 pub mod parse;
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use crate::clock::{self, SharedClock};
-use crate::event::{DEFAULT_TYPE, EventBodyRef, JSON_CONTENT_TYPE};
+use crate::event::{DEFAULT_TYPE, EventBody, EventBodyRef, JSON_CONTENT_TYPE};
+use crate::plugin::{OnError, PluginHandle, PluginStatus, convert};
 use crate::store::{AppendError, Appended, PreparedEvent, Store};
 pub use parse::{BadInput, InputEvent};
 
@@ -46,12 +58,24 @@ pub struct Ingest {
     store: Store,
     source: String,
     clock: SharedClock,
+    filters: Arc<[PluginHandle]>,
 }
 
 impl Ingest {
     /// Ingest into `store`, stamping events with `source`.
     pub fn new(store: Store, source: String, clock: SharedClock) -> Self {
-        Self { store, source, clock }
+        Self { store, source, clock, filters: Arc::new([]) }
+    }
+
+    /// The same path with these `stage = "ingest"` filters, run in order.
+    pub fn with_filters(mut self, filters: Vec<PluginHandle>) -> Self {
+        self.filters = filters.into();
+        self
+    }
+
+    /// Counters of the ingest-stage filters.
+    pub fn plugin_status(&self) -> Vec<PluginStatus> {
+        self.filters.iter().map(PluginHandle::status).collect()
     }
 
     /// The store behind this ingest path.
@@ -67,7 +91,96 @@ impl Ingest {
     /// Prepares and appends the events of one request, all or nothing.
     pub async fn submit(&self, inputs: Vec<InputEvent>) -> Result<Vec<Appended>, IngestError> {
         let prepared = self.prepare(inputs)?;
-        Ok(self.store.append(prepared).await?)
+        self.commit(prepared).await
+    }
+
+    /// Runs the ingest-stage filters on prepared events, then appends what
+    /// they leave, all or nothing.
+    pub async fn commit(&self, prepared: Vec<PreparedEvent>) -> Result<Vec<Appended>, IngestError> {
+        let mut events = prepared;
+        for filter in self.filters.iter() {
+            if events.is_empty() {
+                break;
+            }
+            events = self.run_filter(filter, events).await?;
+        }
+        if events.is_empty() {
+            return Ok(Vec::new());
+        }
+        Ok(self.store.append(events).await?)
+    }
+
+    /// One filter over the batch; on failure, its error policy.
+    async fn run_filter(
+        &self,
+        filter: &PluginHandle,
+        events: Vec<PreparedEvent>,
+    ) -> Result<Vec<PreparedEvent>, IngestError> {
+        let bodies: Vec<EventBody> = match events.iter().map(|e| postcard::from_bytes(&e.body)).collect() {
+            Ok(bodies) => bodies,
+            Err(e) => return Err(AppendError::Storage(format!("re-reading a prepared event: {e}")).into()),
+        };
+        let wit = bodies.iter().map(|b| convert::to_wit(b, 0, 0)).collect();
+        let reason = match filter.filter(wit).await {
+            Ok(verdicts) => match self.apply_verdicts(&events, bodies, verdicts) {
+                Ok(out) => return Ok(out),
+                Err(invalid) => format!("plugin returned invalid output: {invalid}"),
+            },
+            Err(e) => e.to_string(),
+        };
+        let reason = format!("plugin {}: {reason}", filter.name());
+        match filter.on_error() {
+            OnError::Pass => {
+                tracing::warn!(plugin = filter.name(), events = events.len(), %reason, "plugin failed: events pass unfiltered");
+                Ok(events)
+            }
+            OnError::Drop => {
+                tracing::warn!(plugin = filter.name(), events = events.len(), %reason, "plugin failed: events dropped");
+                Ok(Vec::new())
+            }
+            OnError::DeadLetter => {
+                tracing::warn!(plugin = filter.name(), events = events.len(), %reason, "plugin failed: events dead-lettered");
+                self.store.dead_letter_new(events, reason).await?;
+                Ok(Vec::new())
+            }
+        }
+    }
+
+    /// The events that stand in for `events` after their verdicts, or why
+    /// the verdicts are invalid (which fails the whole call).
+    fn apply_verdicts(
+        &self,
+        events: &[PreparedEvent],
+        bodies: Vec<EventBody>,
+        verdicts: Vec<crate::plugin::Verdict>,
+    ) -> Result<Vec<PreparedEvent>, String> {
+        use crate::plugin::Verdict;
+        let limit = self.store.config().max_event_bytes;
+        let mut out = Vec::with_capacity(events.len());
+        for ((event, body), verdict) in events.iter().zip(bodies).zip(verdicts) {
+            match verdict {
+                Verdict::Keep => out.push(event.clone()),
+                Verdict::Drop => {}
+                other => {
+                    let keep_id = matches!(other, Verdict::Route(_));
+                    for body in convert::apply(body, other)? {
+                        // A route keeps the event's identity; a replacement is
+                        // a new event whose id dedup must know.
+                        let producer_id = if keep_id { event.producer_id } else { true };
+                        let e = PreparedEvent::new(&body, producer_id, event.priority, event.expires_at_ms);
+                        if e.record_len() as usize > limit {
+                            return Err(format!(
+                                "event `{}` is {} bytes encoded, over the {limit}-byte limit",
+                                body.id,
+                                e.record_len()
+                            ));
+                        }
+                        out.push(e);
+                    }
+                }
+            }
+        }
+        Ok(out)
     }
 
     /// Fills defaults, classifies and encodes; refuses oversized events.

@@ -152,7 +152,8 @@ pub struct DeadLetter {
     /// Its number in the dead-letter table.
     #[serde(skip)]
     pub number: u64,
-    /// The event's sequence in the log.
+    /// The event's sequence in the log; 0 for an event that never entered
+    /// it (see [`Store::dead_letter_new`]).
     pub sequence: u64,
     /// Why it was dead-lettered.
     pub reason: String,
@@ -371,6 +372,16 @@ impl Store {
     pub async fn append(&self, events: Vec<PreparedEvent>) -> Result<Vec<Appended>, AppendError> {
         let (reply, rx) = oneshot::channel();
         self.send(Request::Append { events, reply }).await.map_err(|_| AppendError::Closed)?;
+        rx.await.map_err(|_| AppendError::Closed)?
+    }
+
+    /// Durably records events that were never appended (an ingest-stage
+    /// plugin failed on them under `on_error = "dead-letter"`) as dead
+    /// letters with `reason`. Each gets an HLC but no sequence (0). Answers
+    /// after the commit, like [`Store::append`].
+    pub async fn dead_letter_new(&self, events: Vec<PreparedEvent>, reason: String) -> Result<(), AppendError> {
+        let (reply, rx) = oneshot::channel();
+        self.send(Request::DeadLetterNew { events, reason, reply }).await.map_err(|_| AppendError::Closed)?;
         rx.await.map_err(|_| AppendError::Closed)?
     }
 

@@ -255,3 +255,20 @@ async fn ingest_is_refused_below_the_free_disk_reserve_and_nothing_changes() {
     }
     assert_eq!(f.status().events, 0);
 }
+
+#[tokio::test]
+async fn events_never_appended_can_be_dead_lettered_durably_without_a_sequence() {
+    let f = Fixture::new(|_| {});
+    f.store.append(vec![event("a", "t/1", 4)]).await.unwrap();
+    f.store
+        .dead_letter_new(vec![event("b", "t/2", 4), event("c", "t/3", 4)], "plugin f: trapped".into())
+        .await
+        .unwrap();
+    let f = f.reopen();
+    let dead = f.store.dead_letters(0, 10).unwrap();
+    assert_eq!(dead.len(), 2);
+    assert!(dead.iter().all(|d| d.sequence == 0 && d.reason == "plugin f: trapped"));
+    assert_eq!(dead[1].event().unwrap().body.id, "c");
+    let s = f.status();
+    assert_eq!((s.events, s.last_sequence, s.dead_letters), (1, 1, 2), "the log and its sequence are untouched");
+}

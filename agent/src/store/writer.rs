@@ -80,13 +80,14 @@ pub(super) enum Request {
     DeadLetterCopy { sequence: u64, reason: String, reply: oneshot::Sender<Result<(), AppendError>> },
     Forget { ids: Vec<String>, reply: oneshot::Sender<Result<(), AppendError>> },
     Sweep { reply: oneshot::Sender<Result<SweepReport, AppendError>> },
+    DeadLetterNew { events: Vec<PreparedEvent>, reason: String, reply: oneshot::Sender<Result<(), AppendError>> },
     Shutdown,
 }
 
 impl Request {
     fn weight(&self) -> usize {
         match self {
-            Request::Append { events, .. } => events.len(),
+            Request::Append { events, .. } | Request::DeadLetterNew { events, .. } => events.len(),
             _ => 1,
         }
     }
@@ -322,6 +323,21 @@ impl Writer {
                             pending.push(Pending::Done(reply));
                         }
                         Request::Sweep { reply } => deferred.push(reply),
+                        Request::DeadLetterNew { events, reason, reply } => {
+                            let mut record = Vec::new();
+                            for e in &events {
+                                let header = RecordHeader {
+                                    hlc: self.hlc.tick(now_ms),
+                                    expires_at_ms: e.expires_at_ms,
+                                    priority: e.priority,
+                                };
+                                record.clear();
+                                event::encode_record(header, &e.body, &mut record);
+                                self.dead_letter(&mut t, 0, &reason, now_ms, record.clone())?;
+                            }
+                            // Answers `()` after the commit, as a cursor update does.
+                            pending.push(Pending::Done(reply));
+                        }
                         Request::Shutdown => {}
                     }
                 }

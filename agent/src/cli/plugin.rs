@@ -1,0 +1,295 @@
+//! `ferry plugin check|bench|new`: the plugin author's tools.
+//!
+//! `check` and `bench` print what [`crate::plugin::check`] finds; `new`
+//! writes a starter plugin from the templates in `templates/`, with its own
+//! copy of the WIT contract so it builds outside this repository.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use bytesize::ByteSize;
+use clap::{Args, Subcommand, ValueEnum};
+
+use crate::config::plugin::CpuLimit;
+use crate::plugin::World;
+use crate::plugin::check::{self, CheckOptions};
+
+/// `ferry plugin …`.
+#[derive(Debug, Subcommand)]
+pub enum PluginCommand {
+    /// Check a component against the worlds and run it on generated inputs
+    /// (no failures, valid and deterministic output; for merge plugins the
+    /// convergence laws). Exits non-zero if anything fails.
+    Check(RunArgs),
+    /// Measure per-event cost at batch sizes 1, 64 and 1024, and cold versus cached start.
+    Bench(RunArgs),
+    /// Create a starter plugin in a new directory.
+    New(NewArgs),
+}
+
+/// How to load and run a component.
+#[derive(Debug, Args)]
+pub struct RunArgs {
+    /// The component (.wasm).
+    pub file: PathBuf,
+    /// The world to check against (default: whichever it targets).
+    #[arg(long, value_enum)]
+    pub world: Option<WorldArg>,
+    /// A config entry for the plugin, KEY=VALUE (repeatable).
+    #[arg(long = "config", value_name = "KEY=VALUE", value_parser = parse_entry)]
+    pub config: Vec<(String, String)>,
+    /// CPU bound per call in fuel units (instead of the default time bound).
+    #[arg(long, conflicts_with = "timeout_ms")]
+    pub fuel: Option<u64>,
+    /// CPU bound per call in milliseconds (default 500).
+    #[arg(long)]
+    pub timeout_ms: Option<u64>,
+    /// Memory bound per instance, e.g. "64 MiB" (default 128 MiB).
+    #[arg(long)]
+    pub memory: Option<ByteSize>,
+    /// Generated cases per property (check only).
+    #[arg(long, default_value_t = 100)]
+    pub cases: usize,
+}
+
+/// A world on the command line.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum WorldArg {
+    /// `ferry:plugin/filter`.
+    Filter,
+    /// `ferry:plugin/merge`.
+    Merge,
+}
+
+/// A language `plugin new` can scaffold.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Lang {
+    /// Rust with wit-bindgen, target wasm32-wasip2.
+    Rust,
+    /// C with wit-bindgen c, clang and wasi-libc.
+    C,
+    /// Python with componentize-py.
+    Python,
+    /// JavaScript with componentize-js.
+    Js,
+}
+
+/// `ferry plugin new`.
+#[derive(Debug, Args)]
+pub struct NewArgs {
+    /// The language.
+    #[arg(long, value_enum)]
+    pub lang: Lang,
+    /// The plugin's name (letters, digits, `-`); also the new directory.
+    pub name: String,
+    /// Where to create the directory (default: the current one).
+    #[arg(long, default_value = ".")]
+    pub dir: PathBuf,
+}
+
+fn parse_entry(text: &str) -> Result<(String, String), String> {
+    let (k, v) = text.split_once('=').ok_or_else(|| format!("`{text}` is not KEY=VALUE"))?;
+    if k.is_empty() {
+        return Err(format!("`{text}` has an empty key"));
+    }
+    Ok((k.to_owned(), v.to_owned()))
+}
+
+impl RunArgs {
+    fn options(&self) -> CheckOptions {
+        let mut options = CheckOptions {
+            world: self.world.map(|w| match w {
+                WorldArg::Filter => World::Filter,
+                WorldArg::Merge => World::Merge,
+            }),
+            config: self.config.iter().cloned().collect::<BTreeMap<_, _>>(),
+            cases: self.cases,
+            ..CheckOptions::default()
+        };
+        if let Some(f) = self.fuel {
+            options.cpu = CpuLimit::Fuel(f);
+        } else if let Some(ms) = self.timeout_ms {
+            options.cpu = CpuLimit::Timeout(Duration::from_millis(ms));
+        }
+        if let Some(m) = self.memory {
+            options.memory_bytes = m.as_u64();
+        }
+        options
+    }
+}
+
+/// Where compiled plugins are cached between runs of the tools.
+fn cache_dir() -> Option<PathBuf> {
+    if let Some(dir) = std::env::var_os("FERRY_PLUGIN_CACHE") {
+        return Some(dir.into());
+    }
+    let base = std::env::var_os("XDG_CACHE_HOME")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| Path::new(&h).join(".cache")))?;
+    Some(base.join("ferry").join("plugins"))
+}
+
+/// Runs a `ferry plugin` command.
+pub fn run(cmd: &PluginCommand) -> anyhow::Result<()> {
+    match cmd {
+        PluginCommand::Check(args) => check_command(args),
+        PluginCommand::Bench(args) => bench_command(args),
+        PluginCommand::New(args) => new_command(args),
+    }
+}
+
+fn check_command(args: &RunArgs) -> anyhow::Result<()> {
+    let report = check::check(&args.file, &args.options(), cache_dir().as_deref())
+        .with_context(|| format!("{}: cannot load", args.file.display()))?;
+    println!("{}: {} plugin", args.file.display(), report.world.as_str());
+    for f in &report.findings {
+        println!("  {} {}", if f.passed { "pass" } else { "FAIL" }, f.property);
+        for line in f.detail.lines() {
+            println!("       {line}");
+        }
+    }
+    let failed = report.findings.iter().filter(|f| !f.passed).count();
+    if failed > 0 {
+        bail!("{failed} of {} checks failed", report.findings.len());
+    }
+    println!("all {} checks passed", report.findings.len());
+    Ok(())
+}
+
+fn bench_command(args: &RunArgs) -> anyhow::Result<()> {
+    let scratch = tempfile_dir()?;
+    let report = check::bench(&args.file, &args.options(), &scratch, &[1, 64, 1024], Duration::from_millis(500));
+    let _ = std::fs::remove_dir_all(&scratch);
+    let report = report.with_context(|| format!("{}: cannot run", args.file.display()))?;
+    println!("{}: {} plugin", args.file.display(), report.world.as_str());
+    println!("  cold start (compile + instantiate)   {:>10.2?}", report.cold_start);
+    println!("  cached start (load + instantiate)    {:>10.2?}", report.cached_start);
+    for t in &report.timings {
+        println!(
+            "  batch {:>5}: {:>10.2?} per event, {:>10.2?} per call ({} calls)",
+            t.batch, t.per_event, t.per_call, t.calls
+        );
+    }
+    Ok(())
+}
+
+fn tempfile_dir() -> anyhow::Result<PathBuf> {
+    let dir = std::env::temp_dir().join(format!("ferry-bench-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+    Ok(dir)
+}
+
+/// The WIT contract, embedded so a scaffold builds anywhere.
+const WIT: [(&str, &str); 3] = [
+    ("types.wit", include_str!("../../../wit/types.wit")),
+    ("host.wit", include_str!("../../../wit/host.wit")),
+    ("worlds.wit", include_str!("../../../wit/worlds.wit")),
+];
+
+/// (path in the new directory, template) per language; `{{name}}` and
+/// `{{crate}}` are replaced.
+fn templates(lang: Lang) -> &'static [(&'static str, &'static str)] {
+    match lang {
+        Lang::Rust => &[
+            ("Cargo.toml", include_str!("templates/rust/Cargo.toml.tmpl")),
+            ("src/lib.rs", include_str!("templates/rust/lib.rs.tmpl")),
+            ("README.md", include_str!("templates/rust/README.md.tmpl")),
+        ],
+        Lang::C => &[
+            ("{{crate}}.c", include_str!("templates/c/plugin.c.tmpl")),
+            ("build.sh", include_str!("templates/c/build.sh.tmpl")),
+            ("README.md", include_str!("templates/c/README.md.tmpl")),
+        ],
+        Lang::Python => &[
+            ("app.py", include_str!("templates/python/app.py.tmpl")),
+            ("build.sh", include_str!("templates/python/build.sh.tmpl")),
+            ("README.md", include_str!("templates/python/README.md.tmpl")),
+        ],
+        Lang::Js => &[
+            ("plugin.js", include_str!("templates/js/plugin.js.tmpl")),
+            ("build.sh", include_str!("templates/js/build.sh.tmpl")),
+            ("README.md", include_str!("templates/js/README.md.tmpl")),
+        ],
+    }
+}
+
+/// Writes the scaffold for `args` and returns its directory.
+pub fn scaffold(args: &NewArgs) -> anyhow::Result<PathBuf> {
+    let name = &args.name;
+    let valid = !name.is_empty()
+        && name.len() <= 64
+        && name.starts_with(|c: char| c.is_ascii_lowercase())
+        && name.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-');
+    if !valid {
+        bail!("`{name}` is not a plugin name: use lowercase letters, digits and `-`, starting with a letter");
+    }
+    let root = args.dir.join(name);
+    if root.exists() {
+        bail!("{} already exists", root.display());
+    }
+    let crate_name = name.replace('-', "_");
+    for (path, text) in templates(args.lang) {
+        let path = root.join(path.replace("{{crate}}", &crate_name));
+        let text = text.replace("{{name}}", name).replace("{{crate}}", &crate_name);
+        write_file(&path, &text)?;
+    }
+    for (file, text) in WIT {
+        write_file(&root.join("wit").join(file), text)?;
+    }
+    #[cfg(unix)]
+    if let Ok(meta) = std::fs::metadata(root.join("build.sh")) {
+        use std::os::unix::fs::PermissionsExt;
+        let mut perms = meta.permissions();
+        perms.set_mode(0o755);
+        std::fs::set_permissions(root.join("build.sh"), perms)?;
+    }
+    Ok(root)
+}
+
+fn write_file(path: &Path, text: &str) -> anyhow::Result<()> {
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    }
+    std::fs::write(path, text).with_context(|| format!("writing {}", path.display()))
+}
+
+fn new_command(args: &NewArgs) -> anyhow::Result<()> {
+    let root = scaffold(args)?;
+    println!("created {} ({:?} filter plugin); see its README.md to build and check it", root.display(), args.lang);
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn new_writes_every_language_template_with_the_name_filled_in_and_the_wit() {
+        let dir = tempfile::tempdir().unwrap();
+        for lang in [Lang::Rust, Lang::C, Lang::Python, Lang::Js] {
+            let name = format!("my-{lang:?}").to_lowercase();
+            let root = scaffold(&NewArgs { lang, name: name.clone(), dir: dir.path().into() }).unwrap();
+            for (file, _) in WIT {
+                assert!(root.join("wit").join(file).is_file());
+            }
+            for (path, _) in templates(lang) {
+                let path = root.join(path.replace("{{crate}}", &name.replace('-', "_")));
+                let text = std::fs::read_to_string(&path).unwrap();
+                assert!(!text.contains("{{"), "{} keeps a placeholder", path.display());
+            }
+            assert!(std::fs::read_to_string(root.join("README.md")).unwrap().contains(&name));
+        }
+    }
+
+    #[test]
+    fn new_refuses_bad_names_and_existing_directories() {
+        let dir = tempfile::tempdir().unwrap();
+        let args = |name: &str| NewArgs { lang: Lang::Rust, name: name.into(), dir: dir.path().into() };
+        assert!(scaffold(&args("Bad Name")).is_err());
+        assert!(scaffold(&args("../escape")).is_err());
+        scaffold(&args("ok")).unwrap();
+        assert!(scaffold(&args("ok")).is_err(), "never overwrites");
+    }
+}

@@ -1,0 +1,586 @@
+//! One loaded plugin and its instance: the WIT bindings, the host imports
+//! (`log`, `config`, deny-by-default WASI), the CPU and memory bounds, and
+//! failure handling (classify, rebuild, circuit breaker, counters).
+//!
+//! [`Plugin`] is synchronous and owns its `Store`; it must run off the async
+//! runtime (see [`super::PluginHandle`]). It knows nothing of the store or
+//! of MQTT: callers turn its verdicts into effects.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use wasmtime::component::{HasSelf, Linker, ResourceTable};
+use wasmtime::{Engine, ResourceLimiter, Store, Trap};
+use wasmtime_wasi::cli::{IsTerminal, StdoutStream};
+use wasmtime_wasi::p2::{OutputStream, Pollable, StreamResult};
+use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
+
+use super::breaker::{Breaker, BreakerConfig};
+use super::engine::{self, CompileSource, EPOCH_TICK, Metering};
+use super::{PluginError, PluginStatus};
+use crate::config::plugin::{CpuLimit, OnError, PluginConfig, World};
+
+/// Bindings generated from `wit/`; the merge world reuses the filter
+/// world's shared interfaces so the host implements them once.
+pub mod bindings {
+    /// The `filter` world.
+    pub mod filter {
+        wasmtime::component::bindgen!({ path: "../wit", world: "filter", additional_derives: [PartialEq, Eq] });
+    }
+    /// The `merge` world.
+    pub mod merge {
+        wasmtime::component::bindgen!({
+            path: "../wit",
+            world: "merge",
+            with: {
+                "ferry:plugin/types": super::filter::ferry::plugin::types,
+                "ferry:plugin/log": super::filter::ferry::plugin::log,
+                "ferry:plugin/config": super::filter::ferry::plugin::config,
+            },
+        });
+    }
+}
+
+use bindings::filter::ferry::plugin::{config as wit_config, log as wit_log, types as wit_types};
+pub use wit_types::{Event as WitEvent, Verdict, Versioned};
+
+/// Log records (and stdout/stderr lines) one call may emit; the rest are
+/// counted and reported in one warning, so a chatty plugin cannot flood the log.
+const LOG_BUDGET_PER_CALL: u32 = 100;
+
+/// Longest log message or output line kept, in bytes.
+const MAX_LOG_LINE: usize = 2048;
+
+/// Most table elements an instance may hold (guards host memory).
+const MAX_TABLE_ELEMENTS: usize = 100_000;
+
+/// Host state of one instance: the WASI context, the resource table, the
+/// memory limiter and the plugin's identity and config.
+pub struct HostState {
+    wasi: WasiCtx,
+    table: ResourceTable,
+    limiter: MemoryLimiter,
+    name: Arc<str>,
+    config: Arc<BTreeMap<String, String>>,
+    logs: Arc<std::sync::Mutex<LogBudget>>,
+}
+
+#[derive(Debug, Default)]
+struct LogBudget {
+    left: u32,
+    suppressed: u32,
+}
+
+impl LogBudget {
+    fn take(&mut self) -> bool {
+        if self.left == 0 {
+            self.suppressed += 1;
+            return false;
+        }
+        self.left -= 1;
+        true
+    }
+}
+
+impl WasiView for HostState {
+    fn ctx(&mut self) -> WasiCtxView<'_> {
+        WasiCtxView { ctx: &mut self.wasi, table: &mut self.table }
+    }
+}
+
+/// Bounds the total size of an instance's linear memories.
+struct MemoryLimiter {
+    max_bytes: usize,
+    used: usize,
+    hit: bool,
+}
+
+impl ResourceLimiter for MemoryLimiter {
+    fn memory_growing(&mut self, current: usize, desired: usize, _maximum: Option<usize>) -> wasmtime::Result<bool> {
+        let after = self.used.saturating_sub(current).saturating_add(desired);
+        if after > self.max_bytes {
+            self.hit = true;
+            return Ok(false);
+        }
+        self.used = after;
+        Ok(true)
+    }
+
+    fn table_growing(&mut self, _current: usize, desired: usize, _maximum: Option<usize>) -> wasmtime::Result<bool> {
+        Ok(desired <= MAX_TABLE_ELEMENTS)
+    }
+}
+
+fn clip(text: &str) -> &str {
+    if text.len() <= MAX_LOG_LINE {
+        return text;
+    }
+    let mut end = MAX_LOG_LINE;
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    &text[..end]
+}
+
+impl wit_types::Host for HostState {}
+
+impl wit_log::Host for HostState {
+    fn log(&mut self, level: wit_log::Level, message: String, fields: Vec<(String, String)>) {
+        if !self.logs.lock().expect("log budget lock").take() {
+            return;
+        }
+        let fields: String = fields.iter().map(|(k, v)| format!("{}={} ", clip(k), clip(v))).collect();
+        let (plugin, message, fields) = (&*self.name, clip(&message), fields.trim_end());
+        match level {
+            wit_log::Level::Trace => tracing::trace!(plugin, fields, "{message}"),
+            wit_log::Level::Debug => tracing::debug!(plugin, fields, "{message}"),
+            wit_log::Level::Info => tracing::info!(plugin, fields, "{message}"),
+            wit_log::Level::Warn => tracing::warn!(plugin, fields, "{message}"),
+            wit_log::Level::Error => tracing::error!(plugin, fields, "{message}"),
+        }
+    }
+}
+
+impl wit_config::Host for HostState {
+    fn get(&mut self, key: String) -> Option<String> {
+        self.config.get(&key).cloned()
+    }
+
+    fn entries(&mut self) -> Vec<(String, String)> {
+        // A BTreeMap iterates sorted by key, as the WIT promises.
+        self.config.iter().map(|(k, v)| (k.clone(), v.clone())).collect()
+    }
+}
+
+/// A plugin's stdout or stderr: each line becomes a log record.
+#[derive(Clone)]
+struct LogOutput {
+    name: Arc<str>,
+    stream: &'static str,
+    logs: Arc<std::sync::Mutex<LogBudget>>,
+}
+
+struct LogOutputStream {
+    out: LogOutput,
+    line: Vec<u8>,
+}
+
+impl LogOutputStream {
+    fn emit(&mut self) {
+        if self.line.is_empty() || !self.out.logs.lock().expect("log budget lock").take() {
+            self.line.clear();
+            return;
+        }
+        let text = String::from_utf8_lossy(&self.line);
+        tracing::info!(plugin = &*self.out.name, stream = self.out.stream, "{}", clip(text.trim_end()));
+        self.line.clear();
+    }
+}
+
+impl IsTerminal for LogOutput {
+    fn is_terminal(&self) -> bool {
+        false
+    }
+}
+
+impl StdoutStream for LogOutput {
+    fn p2_stream(&self) -> Box<dyn OutputStream> {
+        Box::new(LogOutputStream { out: self.clone(), line: Vec::new() })
+    }
+
+    fn async_stream(&self) -> Box<dyn tokio::io::AsyncWrite + Send + Sync> {
+        // Only WASIp3 guests use this path, and the host links WASIp2 only.
+        Box::new(tokio::io::sink())
+    }
+}
+
+impl OutputStream for LogOutputStream {
+    fn write(&mut self, bytes: Bytes) -> StreamResult<()> {
+        for &b in bytes.iter() {
+            if b == b'\n' {
+                self.emit();
+            } else if self.line.len() < MAX_LOG_LINE {
+                self.line.push(b);
+            }
+        }
+        Ok(())
+    }
+
+    fn flush(&mut self) -> StreamResult<()> {
+        self.emit();
+        Ok(())
+    }
+
+    fn check_write(&mut self) -> StreamResult<usize> {
+        Ok(64 * 1024)
+    }
+}
+
+#[wasmtime_wasi::async_trait]
+impl Pollable for LogOutputStream {
+    async fn ready(&mut self) {}
+}
+
+/// A deny-by-default WASI context: no preopened directories, no network,
+/// no environment or arguments, no stdin; stdout and stderr go to the log.
+fn deny_by_default_wasi(name: &Arc<str>, logs: &Arc<std::sync::Mutex<LogBudget>>) -> WasiCtx {
+    let out = |stream| LogOutput { name: name.clone(), stream, logs: logs.clone() };
+    WasiCtx::builder()
+        .stdout(out("stdout"))
+        .stderr(out("stderr"))
+        .allow_tcp(false)
+        .allow_udp(false)
+        .allow_ip_name_lookup(false)
+        .build()
+}
+
+/// The compiled, linked form of a component, ready to instantiate.
+enum Pre {
+    Filter(bindings::filter::FilterPre<HostState>),
+    Merge(bindings::merge::MergePre<HostState>),
+}
+
+enum Bindings {
+    Filter(bindings::filter::Filter),
+    Merge(bindings::merge::Merge),
+}
+
+struct Instance {
+    store: Store<HostState>,
+    bindings: Bindings,
+}
+
+/// A loaded plugin: compiled, linked against its world, with at most one
+/// live instance that is reused across calls and rebuilt after a failure.
+pub struct Plugin {
+    name: Arc<str>,
+    world: World,
+    engine: Engine,
+    pre: Pre,
+    config: Arc<BTreeMap<String, String>>,
+    cpu: CpuLimit,
+    memory_bytes: usize,
+    on_error: OnError,
+    instance: Option<Instance>,
+    breaker: Breaker,
+    born: Instant,
+    logs: Arc<std::sync::Mutex<LogBudget>>,
+    status: PluginStatus,
+}
+
+/// Builds a linker for `world` with the host imports and deny-by-default WASI.
+fn linker(engine: &Engine, world: World) -> Result<Linker<HostState>, PluginError> {
+    let mut linker = Linker::new(engine);
+    let link = |e: wasmtime::Error| PluginError::Engine(format!("{e:#}"));
+    wasmtime_wasi::p2::add_to_linker_sync(&mut linker).map_err(link)?;
+    match world {
+        World::Filter => bindings::filter::Filter::add_to_linker::<HostState, HasSelf<HostState>>(&mut linker, |s| s)
+            .map_err(link)?,
+        World::Merge => {
+            bindings::merge::Merge::add_to_linker::<HostState, HasSelf<HostState>>(&mut linker, |s| s).map_err(link)?
+        }
+    }
+    Ok(linker)
+}
+
+/// What loading a component found.
+#[derive(Debug, Clone)]
+pub struct LoadReport {
+    /// Cache hit or fresh compile.
+    pub source: CompileSource,
+    /// Time to compile or deserialise and link.
+    pub load_time: Duration,
+}
+
+impl Plugin {
+    /// Loads the component at `config.path` (compiling it or taking it from
+    /// `cache_dir`) and checks that it targets `config.world`: its exports
+    /// match and the host provides every import.
+    pub fn load(config: &PluginConfig, cache_dir: Option<&std::path::Path>) -> Result<(Self, LoadReport), PluginError> {
+        let wasm = std::fs::read(&config.path)
+            .map_err(|e| PluginError::Read { path: config.path.display().to_string(), reason: e.to_string() })?;
+        Self::from_bytes(config, &wasm, cache_dir)
+    }
+
+    /// Like [`Plugin::load`], from the component's bytes.
+    pub fn from_bytes(
+        config: &PluginConfig,
+        wasm: &[u8],
+        cache_dir: Option<&std::path::Path>,
+    ) -> Result<(Self, LoadReport), PluginError> {
+        let started = Instant::now();
+        let metering = match config.cpu {
+            CpuLimit::Fuel(_) => Metering::Fuel,
+            CpuLimit::Timeout(_) => Metering::Epoch,
+        };
+        let engine = engine::engine(metering)?.clone();
+        let (component, source) = engine::load_component(&engine, wasm, cache_dir)?;
+        let linker = linker(&engine, config.world)?;
+        let instance_pre = linker.instantiate_pre(&component).map_err(|e| PluginError::Link(format!("{e:#}")))?;
+        let wrong_world =
+            |e: wasmtime::Error| PluginError::WrongWorld { world: config.world, reason: format!("{e:#}") };
+        let pre = match config.world {
+            World::Filter => Pre::Filter(bindings::filter::FilterPre::new(instance_pre).map_err(wrong_world)?),
+            World::Merge => Pre::Merge(bindings::merge::MergePre::new(instance_pre).map_err(wrong_world)?),
+        };
+        let name: Arc<str> = config.name.as_str().into();
+        let status = PluginStatus::new(&config.name, config.world);
+        let plugin = Plugin {
+            name,
+            world: config.world,
+            engine,
+            pre,
+            config: Arc::new(config.config.clone()),
+            cpu: config.cpu,
+            memory_bytes: usize::try_from(config.memory_bytes).unwrap_or(usize::MAX),
+            on_error: config.on_error,
+            instance: None,
+            breaker: Breaker::new(BreakerConfig::default()),
+            born: Instant::now(),
+            logs: Arc::default(),
+            status,
+        };
+        Ok((plugin, LoadReport { source, load_time: started.elapsed() }))
+    }
+
+    /// Replaces the circuit breaker's tuning (tests and tools).
+    pub fn set_breaker(&mut self, config: BreakerConfig) {
+        self.breaker = Breaker::new(config);
+    }
+
+    /// The plugin's name.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// The world it targets.
+    pub fn world(&self) -> World {
+        self.world
+    }
+
+    /// Its error policy.
+    pub fn on_error(&self) -> OnError {
+        self.on_error
+    }
+
+    /// Counters and circuit state now.
+    pub fn status(&self) -> PluginStatus {
+        let mut status = self.status.clone();
+        status.circuit = self.breaker.state(self.now_ms());
+        status.circuit_opened = self.breaker.opened;
+        status
+    }
+
+    fn now_ms(&self) -> u64 {
+        u64::try_from(self.born.elapsed().as_millis()).unwrap_or(u64::MAX)
+    }
+
+    /// Discards the live instance; the next call builds a fresh one.
+    pub fn reset(&mut self) {
+        self.instance = None;
+    }
+
+    /// Builds the instance now if there is none, so the first call does not
+    /// pay for it. Bounded like a call.
+    pub fn warm_up(&mut self) -> Result<(), PluginError> {
+        if self.instance.is_none() {
+            let instance = self.instantiate().inspect_err(|e| self.record_failure(e))?;
+            self.instance = Some(instance);
+        }
+        Ok(())
+    }
+
+    fn instantiate(&mut self) -> Result<Instance, PluginError> {
+        let state = HostState {
+            wasi: deny_by_default_wasi(&self.name, &self.logs),
+            table: ResourceTable::new(),
+            limiter: MemoryLimiter { max_bytes: self.memory_bytes, used: 0, hit: false },
+            name: self.name.clone(),
+            config: self.config.clone(),
+            logs: self.logs.clone(),
+        };
+        let mut store = Store::new(&self.engine, state);
+        store.limiter(|s| &mut s.limiter);
+        self.arm(&mut store)?;
+        self.status.instances_built += 1;
+        let bindings = match &self.pre {
+            Pre::Filter(pre) => pre.instantiate(&mut store).map(Bindings::Filter),
+            Pre::Merge(pre) => pre.instantiate(&mut store).map(Bindings::Merge),
+        };
+        let bindings = bindings.map_err(|e| self.classify(&store, e))?;
+        Ok(Instance { store, bindings })
+    }
+
+    /// Gives the store a fresh CPU budget for one call.
+    fn arm(&self, store: &mut Store<HostState>) -> Result<u64, PluginError> {
+        self.logs.lock().expect("log budget lock").left = LOG_BUDGET_PER_CALL;
+        store.data_mut().limiter.hit = false;
+        match self.cpu {
+            CpuLimit::Fuel(fuel) => {
+                store.set_fuel(fuel).map_err(|e| PluginError::Engine(format!("{e:#}")))?;
+                Ok(fuel)
+            }
+            CpuLimit::Timeout(timeout) => {
+                let ticks = timeout.as_micros().div_ceil(EPOCH_TICK.as_micros()) + 1;
+                store.set_epoch_deadline(u64::try_from(ticks).unwrap_or(u64::MAX));
+                Ok(0)
+            }
+        }
+    }
+
+    /// Turns a wasmtime error from a call into what went wrong.
+    fn classify(&self, store: &Store<HostState>, error: wasmtime::Error) -> PluginError {
+        if store.data().limiter.hit {
+            return PluginError::OutOfMemory { limit: self.memory_bytes as u64 };
+        }
+        match error.downcast_ref::<Trap>() {
+            Some(Trap::OutOfFuel) | Some(Trap::Interrupt) => PluginError::Timeout(self.cpu),
+            _ => PluginError::Trap(format!("{error:#}")),
+        }
+    }
+
+    fn record_failure(&mut self, error: &PluginError) {
+        let s = &mut self.status;
+        s.failures += 1;
+        match error {
+            PluginError::Timeout(_) => s.timeouts += 1,
+            PluginError::OutOfMemory { .. } => s.out_of_memory += 1,
+            PluginError::Trap(_) => s.traps += 1,
+            PluginError::InvalidOutput(_) => s.invalid_output += 1,
+            _ => {}
+        }
+        s.last_error = Some(error.to_string());
+        let now = self.now_ms();
+        if self.breaker.failure(now) {
+            tracing::warn!(plugin = &*self.name, error = %error, "plugin keeps failing: circuit opened");
+        }
+    }
+
+    /// Runs one call on the live instance (building it first if needed),
+    /// with a fresh CPU budget. On any failure the instance is discarded so
+    /// the next call starts from a clean one.
+    fn call<R>(
+        &mut self,
+        events: usize,
+        f: impl FnOnce(&mut Instance) -> wasmtime::Result<R>,
+        validate: impl FnOnce(&R) -> Result<(), String>,
+    ) -> Result<R, PluginError> {
+        if !self.breaker.allows(self.now_ms()) {
+            self.status.refused += 1;
+            return Err(PluginError::CircuitOpen);
+        }
+        self.status.calls += 1;
+        self.status.events += events as u64;
+        let mut instance = match self.instance.take() {
+            Some(instance) => instance,
+            None => self.instantiate().inspect_err(|e| self.record_failure(e))?,
+        };
+        let fuel = self.arm(&mut instance.store)?;
+        let result = f(&mut instance);
+        if fuel > 0 {
+            self.status.fuel_used += fuel.saturating_sub(instance.store.get_fuel().unwrap_or(0));
+        }
+        let suppressed = std::mem::take(&mut self.logs.lock().expect("log budget lock").suppressed);
+        if suppressed > 0 {
+            tracing::warn!(
+                plugin = &*self.name,
+                suppressed,
+                "plugin log records over the per-call budget were dropped"
+            );
+        }
+        let outcome = match result {
+            Ok(r) => validate(&r).map(|()| r).map_err(PluginError::InvalidOutput),
+            Err(e) => Err(self.classify(&instance.store, e)),
+        };
+        match outcome {
+            Ok(r) => {
+                self.instance = Some(instance);
+                self.breaker.success();
+                Ok(r)
+            }
+            Err(e) => {
+                drop(instance);
+                self.record_failure(&e);
+                Err(e)
+            }
+        }
+    }
+
+    /// Calls the filter on a batch. Exactly one verdict per event comes
+    /// back, or the call is a failure ([`PluginError::InvalidOutput`]).
+    pub fn filter(&mut self, events: &[WitEvent]) -> Result<Vec<Verdict>, PluginError> {
+        if self.world != World::Filter {
+            return Err(PluginError::WrongWorld { world: World::Filter, reason: "this is a merge plugin".into() });
+        }
+        let n = events.len();
+        self.call(
+            n,
+            |i| match &i.bindings {
+                Bindings::Filter(b) => b.call_filter(&mut i.store, events),
+                Bindings::Merge(_) => unreachable!("world checked above"),
+            },
+            |verdicts| {
+                if verdicts.len() != n {
+                    return Err(format!("{} verdicts for {n} events", verdicts.len()));
+                }
+                let replacements: usize =
+                    verdicts.iter().map(|v| if let Verdict::Replace(list) = v { list.len() } else { 0 }).sum();
+                if replacements > MAX_REPLACEMENTS_PER_EVENT * n.max(1) {
+                    return Err(format!(
+                        "{replacements} replacement events for {n} events (at most {MAX_REPLACEMENTS_PER_EVENT} per event)"
+                    ));
+                }
+                Ok(())
+            },
+        )
+    }
+
+    /// Calls the merge function. The inner `Err` is the plugin's own
+    /// refusal, which is not a failure of the plugin.
+    pub fn merge(
+        &mut self,
+        key: &str,
+        current: Option<&Versioned>,
+        incoming: &Versioned,
+    ) -> Result<Result<Vec<u8>, String>, PluginError> {
+        if self.world != World::Merge {
+            return Err(PluginError::WrongWorld { world: World::Merge, reason: "this is a filter plugin".into() });
+        }
+        self.call(
+            1,
+            |i| match &i.bindings {
+                Bindings::Merge(b) => b.call_merge(&mut i.store, key, current, incoming),
+                Bindings::Filter(_) => unreachable!("world checked above"),
+            },
+            |_| Ok(()),
+        )
+    }
+}
+
+/// Most replacement events a filter may return per input event; more is
+/// treated as a runaway plugin rather than a transform.
+pub const MAX_REPLACEMENTS_PER_EVENT: usize = 1024;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_memory_limiter_counts_all_memories_of_an_instance() {
+        let mut l = MemoryLimiter { max_bytes: 100, used: 0, hit: false };
+        assert!(l.memory_growing(0, 60, None).unwrap());
+        assert!(!l.memory_growing(0, 60, None).unwrap(), "a second memory shares the budget");
+        assert!(l.hit);
+        assert!(l.memory_growing(60, 100, None).unwrap());
+        assert_eq!(l.used, 100);
+    }
+
+    #[test]
+    fn long_log_text_is_clipped_on_a_char_boundary() {
+        let text = "é".repeat(MAX_LOG_LINE);
+        let clipped = clip(&text);
+        assert!(clipped.len() <= MAX_LOG_LINE && text.starts_with(clipped));
+    }
+}

@@ -1,0 +1,225 @@
+//! The plugin host: user filters and merge functions as sandboxed
+//! WebAssembly components (the contract is the WIT package in `wit/`).
+//!
+//! It owns loading (compile or cached artifact, world check), the sandbox
+//! (deny-by-default WASI, CPU and memory bounds), failure handling (rebuild,
+//! circuit breaker, counters) and the async handle that keeps wasmtime off
+//! the tokio runtime. It knows nothing of redb or MQTT: callers decide what
+//! a verdict or a failure means for their events (see [`OnError`]).
+//!
+//! # Layout
+//! - [`host`] — bindings, host imports, one [`Plugin`] with its instance.
+//! - [`engine`] — the shared engines and the on-disk compile cache.
+//! - [`breaker`] — the circuit breaker (pure state).
+//! - [`convert`] — events to and from the WIT types; verdict validation.
+//! - [`check`] — `ferry plugin check|bench`: generated inputs, laws, timing.
+//! - [`PluginHandle`] — the cloneable async handle to a plugin's own thread.
+
+pub mod breaker;
+pub mod check;
+pub mod convert;
+pub mod engine;
+pub mod host;
+
+use std::sync::{Arc, Mutex};
+
+use serde::Serialize;
+use tokio::sync::oneshot;
+
+pub use crate::config::plugin::{CpuLimit, OnError, PluginConfig, World};
+pub use breaker::CircuitState;
+pub use host::{LoadReport, Plugin, Verdict, Versioned, WitEvent};
+
+/// Why a plugin could not be loaded or a call failed.
+#[derive(Debug, Clone, thiserror::Error)]
+#[non_exhaustive]
+pub enum PluginError {
+    /// The component file could not be read.
+    #[error("cannot read {path}: {reason}")]
+    Read {
+        /// The file.
+        path: String,
+        /// The cause.
+        reason: String,
+    },
+    /// The bytes are not a valid WebAssembly component.
+    #[error("not a valid component: {0}")]
+    Invalid(String),
+    /// The component imports something the host does not provide.
+    #[error("the component needs an import the host does not provide: {0}")]
+    Link(String),
+    /// The component's exports do not match the world.
+    #[error("the component does not target the `{}` world: {reason}", world.as_str())]
+    WrongWorld {
+        /// The world it was checked against.
+        world: World,
+        /// What is missing or mistyped.
+        reason: String,
+    },
+    /// The wasmtime engine could not be set up.
+    #[error("plugin engine: {0}")]
+    Engine(String),
+    /// The plugin trapped (a panic, `unreachable`, a bad memory access…).
+    #[error("plugin trapped: {0}")]
+    Trap(String),
+    /// The call used up its fuel or passed its deadline.
+    #[error("plugin call exceeded its CPU bound ({0:?})")]
+    Timeout(CpuLimit),
+    /// The instance tried to grow its memory past the limit.
+    #[error("plugin ran out of memory (limit {limit} bytes)")]
+    OutOfMemory {
+        /// The configured limit.
+        limit: u64,
+    },
+    /// The call returned, but its output breaks the contract.
+    #[error("plugin returned invalid output: {0}")]
+    InvalidOutput(String),
+    /// The circuit breaker is open: the plugin failed repeatedly, so it is
+    /// not called for a while.
+    #[error("plugin circuit is open after repeated failures")]
+    CircuitOpen,
+    /// The plugin's thread has stopped.
+    #[error("plugin is shut down")]
+    Closed,
+}
+
+/// Counters and state of one plugin, for status and metrics.
+#[derive(Debug, Clone, Serialize)]
+pub struct PluginStatus {
+    /// The plugin's name.
+    pub name: String,
+    /// Its world.
+    pub world: World,
+    /// Calls made (including failed ones).
+    pub calls: u64,
+    /// Events passed in (for merge: one per call).
+    pub events: u64,
+    /// Failed calls of every kind.
+    pub failures: u64,
+    /// Calls that trapped.
+    pub traps: u64,
+    /// Calls that ran out of fuel or time.
+    pub timeouts: u64,
+    /// Calls that hit the memory limit.
+    pub out_of_memory: u64,
+    /// Calls whose output broke the contract.
+    pub invalid_output: u64,
+    /// Calls refused because the circuit was open.
+    pub refused: u64,
+    /// Fuel consumed (fuel-metered plugins only).
+    pub fuel_used: u64,
+    /// Instances built (the first, plus one per rebuild).
+    pub instances_built: u64,
+    /// The circuit breaker's state.
+    pub circuit: CircuitState,
+    /// Times the circuit opened.
+    pub circuit_opened: u64,
+    /// The latest failure, if any.
+    pub last_error: Option<String>,
+}
+
+impl PluginStatus {
+    fn new(name: &str, world: World) -> Self {
+        Self {
+            name: name.to_owned(),
+            world,
+            calls: 0,
+            events: 0,
+            failures: 0,
+            traps: 0,
+            timeouts: 0,
+            out_of_memory: 0,
+            invalid_output: 0,
+            refused: 0,
+            fuel_used: 0,
+            instances_built: 0,
+            circuit: CircuitState::Closed,
+            circuit_opened: 0,
+            last_error: None,
+        }
+    }
+}
+
+/// Work for a plugin's thread.
+enum Job {
+    Filter(Vec<WitEvent>, oneshot::Sender<Result<Vec<Verdict>, PluginError>>),
+    Merge(String, Option<Versioned>, Versioned, oneshot::Sender<Result<Result<Vec<u8>, String>, PluginError>>),
+}
+
+/// Cloneable async handle to a plugin running on its own thread. Calls queue
+/// on a bounded channel (so pressure reaches the caller) and never block the
+/// tokio runtime. The thread stops when the last handle is dropped.
+#[derive(Clone)]
+pub struct PluginHandle {
+    jobs: flume::Sender<Job>,
+    status: Arc<Mutex<PluginStatus>>,
+    name: Arc<str>,
+    world: World,
+    on_error: OnError,
+}
+
+impl PluginHandle {
+    /// Moves `plugin` onto a new thread; at most `queue_depth` calls wait.
+    pub fn spawn(mut plugin: Plugin, queue_depth: usize) -> Result<Self, PluginError> {
+        let (jobs, rx) = flume::bounded::<Job>(queue_depth.max(1));
+        let status = Arc::new(Mutex::new(plugin.status()));
+        let shared = status.clone();
+        let (name, world, on_error) = (Arc::<str>::from(plugin.name()), plugin.world(), plugin.on_error());
+        std::thread::Builder::new()
+            .name(format!("ferry-plugin-{name}"))
+            .spawn(move || {
+                for job in rx.iter() {
+                    match job {
+                        Job::Filter(events, reply) => {
+                            let _ = reply.send(plugin.filter(&events));
+                        }
+                        Job::Merge(key, current, incoming, reply) => {
+                            let _ = reply.send(plugin.merge(&key, current.as_ref(), &incoming));
+                        }
+                    }
+                    *shared.lock().expect("plugin status lock") = plugin.status();
+                }
+            })
+            .map_err(|e| PluginError::Engine(format!("cannot start the plugin thread: {e}")))?;
+        Ok(Self { jobs, status, name, world, on_error })
+    }
+
+    /// The plugin's name.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// Its world.
+    pub fn world(&self) -> World {
+        self.world
+    }
+
+    /// Its error policy.
+    pub fn on_error(&self) -> OnError {
+        self.on_error
+    }
+
+    /// Counters as of the latest finished call.
+    pub fn status(&self) -> PluginStatus {
+        self.status.lock().expect("plugin status lock").clone()
+    }
+
+    /// Runs the filter on a batch (see [`Plugin::filter`]).
+    pub async fn filter(&self, events: Vec<WitEvent>) -> Result<Vec<Verdict>, PluginError> {
+        let (reply, rx) = oneshot::channel();
+        self.jobs.send_async(Job::Filter(events, reply)).await.map_err(|_| PluginError::Closed)?;
+        rx.await.map_err(|_| PluginError::Closed)?
+    }
+
+    /// Runs the merge function (see [`Plugin::merge`]).
+    pub async fn merge(
+        &self,
+        key: String,
+        current: Option<Versioned>,
+        incoming: Versioned,
+    ) -> Result<Result<Vec<u8>, String>, PluginError> {
+        let (reply, rx) = oneshot::channel();
+        self.jobs.send_async(Job::Merge(key, current, incoming, reply)).await.map_err(|_| PluginError::Closed)?;
+        rx.await.map_err(|_| PluginError::Closed)?
+    }
+}

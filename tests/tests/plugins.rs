@@ -1,0 +1,323 @@
+//! WebAssembly plugins end to end: every example passes `ferry plugin check`,
+//! a non-convergent merge is caught, hostile plugins never stop the agent
+//! nor lose an accepted event, and a plugin's config reaches it.
+//!
+//! Needs the components from `scripts/build-plugins.sh` (scripts/test.sh
+//! runs it first).
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::{Arc, OnceLock};
+use std::time::{Duration, Instant};
+
+use ferry::clock::ManualClock;
+use ferry::config::StoreConfig;
+use ferry::config::plugin::{CpuLimit, OnError, PluginConfig, World};
+use ferry::ingest::{Ingest, InputEvent};
+use ferry::plugin::breaker::BreakerConfig;
+use ferry::plugin::{Plugin, PluginError, PluginHandle, convert};
+use ferry::store::Store;
+use ferry_tests::{FerryProcess, ferry_bin, write_config};
+use serde_json::Value;
+
+fn repo() -> &'static Path {
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("tests/ is in the repository")
+}
+
+/// A component built by scripts/build-plugins.sh.
+fn built(name: &str) -> PathBuf {
+    let path = repo().join("plugins/build").join(format!("{name}.wasm"));
+    assert!(path.is_file(), "{} is missing: run scripts/build-plugins.sh first", path.display());
+    path
+}
+
+/// A compile cache shared by the tests of this run and the next, so the
+/// large interpreter components compile once per machine.
+fn cache() -> &'static Path {
+    static DIR: OnceLock<PathBuf> = OnceLock::new();
+    DIR.get_or_init(|| ferry_bin().parent().expect("binary dir").join("plugin-cache"))
+}
+
+fn ferry_plugin(args: &[&str]) -> (bool, String) {
+    let out = Command::new(ferry_bin())
+        .arg("plugin")
+        .args(args)
+        .env("FERRY_PLUGIN_CACHE", cache())
+        .env("RUST_LOG", "warn")
+        .output()
+        .expect("running ferry plugin");
+    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    (out.status.success(), text)
+}
+
+#[test]
+fn every_example_plugin_passes_plugin_check() {
+    let examples: [(&str, &[&str]); 7] = [
+        ("threshold-filter", &["--config", "field=temp", "--config", "min=20"]),
+        ("redact-transform", &["--config", "fields=secret,reading.celsius"]),
+        ("lww-merge", &[]),
+        ("crdt-merge", &[]),
+        ("prefix-filter", &["--config", "prefixes=debug/,telemetry/raw/"]),
+        ("subject-router", &["--config", "route.alerts/=cloud-a,cloud-b"]),
+        ("gset-merge", &[]),
+    ];
+    for (name, config) in examples {
+        let path = built(name);
+        let mut args = vec!["check", path.to_str().unwrap()];
+        args.extend_from_slice(config);
+        let (ok, out) = ferry_plugin(&args);
+        assert!(ok && out.contains("checks passed") && !out.contains("FAIL"), "{name}:\n{out}");
+    }
+}
+
+#[test]
+fn a_non_convergent_merge_is_caught_with_a_minimal_counter_example() {
+    let path = built("testdata/diverge-merge");
+    let (ok, out) = ferry_plugin(&["check", path.to_str().unwrap()]);
+    assert!(!ok, "a merge where incoming always wins must fail the check:\n{out}");
+    assert!(out.contains("FAIL commutative"), "{out}");
+    assert!(out.contains("counter-example"), "{out}");
+    // Shrinking leaves the smallest disagreeing pair: two different values
+    // that cannot be smaller, e.g. `["a"]` versus `[]`, or `a` versus empty.
+    let example = out.split("counter-example:").nth(1).unwrap();
+    assert!(example.len() < 600, "the counter-example should be minimal:\n{example}");
+}
+
+#[test]
+fn plugin_check_names_a_component_of_the_wrong_world_or_with_unknown_imports() {
+    let (ok, out) = ferry_plugin(&["check", built("lww-merge").to_str().unwrap(), "--world", "filter"]);
+    assert!(!ok && out.contains("does not target the `filter` world"), "{out}");
+    let dir = tempfile::tempdir().unwrap();
+    let evil = dir.path().join("evil.wasm");
+    std::fs::write(&evil, evil_component()).unwrap();
+    let (ok, out) = ferry_plugin(&["check", evil.to_str().unwrap()]);
+    assert!(!ok && out.contains("import the host does not provide"), "{out}");
+}
+
+/// A component that imports an interface no Ferry host provides.
+fn evil_component() -> Vec<u8> {
+    wat::parse_str(r#"(component (import "evil:net/raw@1.0.0" (instance (export "connect" (func)))))"#).unwrap()
+}
+
+#[test]
+fn a_component_importing_what_the_host_lacks_is_refused_at_load_and_the_agent_does_not_start() {
+    let err = Plugin::from_bytes(&PluginConfig::new("evil", "evil.wasm", World::Filter), &evil_component(), None)
+        .err()
+        .expect("loading must fail");
+    assert!(matches!(err, PluginError::Link(ref m) if m.contains("evil:net/raw")), "{err}");
+
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("evil.wasm"), evil_component()).unwrap();
+    let config = write_config(dir.path(), "");
+    append(&config, "[[plugin]]\nname = \"evil\"\npath = \"evil.wasm\"\nworld = \"filter\"\nstage = \"ingest\"\n");
+    let out = Command::new(ferry_bin()).args(["run", "--config"]).arg(&config).output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("plugin `evil`") && err.contains("evil:net/raw"), "{err}");
+}
+
+fn append(path: &Path, text: &str) {
+    let mut config = std::fs::read_to_string(path).unwrap();
+    config.push_str(text);
+    std::fs::write(path, config).unwrap();
+}
+
+async fn post(client: &reqwest::Client, url: &str, topic: &str) -> Value {
+    let started = Instant::now();
+    let response = client
+        .post(format!("{url}/v1/events"))
+        .json(&serde_json::json!({ "topic": topic, "data": { "n": 1 } }))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200, "{topic}: the agent must answer every request");
+    assert!(started.elapsed() < Duration::from_secs(10), "{topic}: answered too slowly");
+    response.json().await.unwrap()
+}
+
+#[tokio::test]
+async fn hostile_plugins_never_stop_the_agent_nor_lose_an_accepted_event() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_config(dir.path(), "");
+    append(
+        &config,
+        &format!(
+            "[[plugin]]\nname = \"hostile\"\npath = {:?}\nworld = \"filter\"\nstage = \"ingest\"\n\
+             timeout_ms = 200\nmemory = \"16 MiB\"\nconfig = {{ zeta = \"z\", alpha = \"a b\" }}\n",
+            built("testdata/hostile-filter").display().to_string()
+        ),
+    );
+    let agent = FerryProcess::start(&config).unwrap();
+    let client = reqwest::Client::new();
+    let hostile = ["loop", "oom", "trap", "flood", "huge", "wrong-count"];
+    // Each failure is followed by a good event: the instance is rebuilt and
+    // the circuit (which opens after 5 failures in a row) stays closed.
+    let mut stored = vec![post(&client, &agent.url(), "good/0").await];
+    for (i, kind) in hostile.iter().enumerate() {
+        let answer = post(&client, &agent.url(), &format!("hostile/{kind}")).await;
+        assert_eq!(answer["accepted"], 0, "{kind}: a failed batch is dead-lettered, not stored: {answer}");
+        stored.push(post(&client, &agent.url(), &format!("good/{}", i + 1)).await);
+    }
+    assert!(stored.iter().all(|a| a["accepted"] == 1), "{stored:?}");
+
+    let status: Value = client.get(format!("{}/v1/status", agent.url())).send().await.unwrap().json().await.unwrap();
+    let plugin = &status["plugins"][0];
+    assert_eq!(plugin["failures"], 6, "{plugin}");
+    assert_eq!((plugin["timeouts"].as_u64(), plugin["traps"].as_u64()), (Some(1), Some(1)), "{plugin}");
+    // A 32 MiB output cannot even be built inside a 16 MiB instance.
+    assert_eq!(plugin["out_of_memory"], 2, "oom and huge: {plugin}");
+    assert_eq!(plugin["invalid_output"], 2, "flood and wrong-count: {plugin}");
+    assert_eq!(plugin["circuit"], "closed", "{plugin}");
+    let (exit, _) = agent.terminate();
+    assert!(exit.success());
+
+    let store =
+        Store::open(StoreConfig::at(dir.path().join("data/ferry.redb")), Arc::new(ManualClock::new(0))).unwrap();
+    let events = store.read_after(0, 100).unwrap();
+    let subjects: Vec<&str> = events.iter().map(|e| e.body.subject.as_str()).collect();
+    assert_eq!(subjects, ["good/0", "good/1", "good/2", "good/3", "good/4", "good/5", "good/6"]);
+    let echo = events[0].body.extensions.iter().find(|(k, _)| k == "cfgecho").map(|(_, v)| v.as_str());
+    assert_eq!(echo, Some("alpha=a b;zeta=z"), "the plugin's config reaches it, sorted by key");
+    let dead = store.dead_letters(0, 100).unwrap();
+    assert_eq!(dead.len(), 6);
+    for (letter, kind) in dead.iter().zip(hostile) {
+        assert_eq!(letter.event().unwrap().body.subject, format!("hostile/{kind}"));
+        assert!(letter.reason.starts_with("plugin hostile: "), "{}", letter.reason);
+    }
+    store.close();
+}
+
+fn hostile_config(on_error: OnError) -> PluginConfig {
+    let mut config = PluginConfig::new("hostile", built("testdata/hostile-filter"), World::Filter);
+    config.cpu = CpuLimit::Timeout(Duration::from_millis(200));
+    config.memory_bytes = 16 << 20;
+    config.on_error = on_error;
+    config
+}
+
+fn input(topic: &str) -> InputEvent {
+    InputEvent {
+        id: None,
+        topic: topic.into(),
+        ty: None,
+        time_nanos: None,
+        datacontenttype: None,
+        data: b"{}".to_vec(),
+        data_is_json: true,
+        partitionkey: None,
+        extensions: Vec::new(),
+        ttl: None,
+    }
+}
+
+async fn ingest_with(on_error: OnError, dir: &Path) -> (Ingest, Store) {
+    let clock = Arc::new(ManualClock::new(1_800_000_000_000_000_000));
+    let store = Store::open(StoreConfig::at(dir.join("ferry.redb")), clock.clone()).unwrap();
+    let (plugin, _) = Plugin::load(&hostile_config(on_error), Some(cache())).unwrap();
+    let handle = PluginHandle::spawn(plugin, 4).unwrap();
+    let ingest = Ingest::new(store.clone(), "ferry://t".into(), clock).with_filters(vec![handle]);
+    (ingest, store)
+}
+
+#[tokio::test]
+async fn under_pass_a_failing_plugin_leaves_the_events_stored_unfiltered() {
+    let dir = tempfile::tempdir().unwrap();
+    let (ingest, store) = ingest_with(OnError::Pass, dir.path()).await;
+    let out = ingest.submit(vec![input("hostile/trap"), input("good/1")]).await.unwrap();
+    assert_eq!(out.len(), 2);
+    let events = store.read_after(0, 10).unwrap();
+    assert!(events.iter().all(|e| e.body.extensions.is_empty()), "stored as they came, not transformed");
+    assert_eq!(store.dead_letters(0, 10).unwrap().len(), 0);
+}
+
+#[tokio::test]
+async fn under_drop_a_failing_plugin_discards_the_batch_and_counts_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let (ingest, store) = ingest_with(OnError::Drop, dir.path()).await;
+    assert!(ingest.submit(vec![input("hostile/oom"), input("good/1")]).await.unwrap().is_empty());
+    assert_eq!(ingest.submit(vec![input("good/2")]).await.unwrap().len(), 1, "a rebuilt instance works");
+    assert_eq!(store.read_after(0, 10).unwrap().len(), 1);
+    assert_eq!(store.dead_letters(0, 10).unwrap().len(), 0);
+    let status = &ingest.plugin_status()[0];
+    assert_eq!((status.out_of_memory, status.instances_built), (1, 2));
+}
+
+#[test]
+fn repeated_failures_open_the_circuit_and_a_later_success_closes_it() {
+    let (mut plugin, _) = Plugin::load(&hostile_config(OnError::DeadLetter), Some(cache())).unwrap();
+    plugin.set_breaker(BreakerConfig {
+        failures_to_open: 3,
+        open_for: Duration::from_millis(300),
+        max_open_for: Duration::from_secs(1),
+    });
+    let event = |topic: &str| {
+        let mut e = convert::to_wit(
+            &ferry::event::EventBody {
+                id: "1".into(),
+                source: "ferry://t".into(),
+                ty: "t".into(),
+                subject: topic.into(),
+                time_nanos: 0,
+                datacontenttype: None,
+                data: Vec::new(),
+                partitionkey: None,
+                extensions: Vec::new(),
+            },
+            0,
+            0,
+        );
+        e.sequence = 1;
+        e
+    };
+    for _ in 0..3 {
+        assert!(matches!(plugin.filter(&[event("hostile/trap")]), Err(PluginError::Trap(_))));
+    }
+    let calls = plugin.status().calls;
+    assert!(matches!(plugin.filter(&[event("good/1")]), Err(PluginError::CircuitOpen)));
+    assert_eq!(plugin.status().calls, calls, "an open circuit does not call the plugin");
+    assert_eq!(plugin.status().circuit, ferry::plugin::CircuitState::Open);
+    std::thread::sleep(Duration::from_millis(350));
+    assert_eq!(plugin.filter(&[event("good/1")]).unwrap().len(), 1, "the half-open trial succeeds");
+    assert_eq!(plugin.status().circuit, ferry::plugin::CircuitState::Closed);
+}
+
+#[test]
+fn fuel_bounds_a_runaway_plugin_deterministically() {
+    let mut config = hostile_config(OnError::DeadLetter);
+    config.cpu = CpuLimit::Fuel(5_000_000);
+    let (mut plugin, _) = Plugin::load(&config, Some(cache())).unwrap();
+    let mut e = convert::to_wit(
+        &ferry::event::EventBody {
+            id: "1".into(),
+            source: "ferry://t".into(),
+            ty: "t".into(),
+            subject: "hostile/loop".into(),
+            time_nanos: 0,
+            datacontenttype: None,
+            data: Vec::new(),
+            partitionkey: None,
+            extensions: Vec::new(),
+        },
+        0,
+        0,
+    );
+    assert!(matches!(plugin.filter(std::slice::from_ref(&e)), Err(PluginError::Timeout(CpuLimit::Fuel(_)))));
+    e.subject = "good/1".into();
+    assert_eq!(plugin.filter(&[e]).unwrap().len(), 1);
+    assert!(plugin.status().fuel_used >= 5_000_000);
+}
+
+#[test]
+fn a_restart_loads_the_compiled_plugin_from_the_cache_instead_of_compiling() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = PluginConfig::new("lww", built("lww-merge"), World::Merge);
+    let (_, first) = Plugin::load(&config, Some(dir.path())).unwrap();
+    let (_, second) = Plugin::load(&config, Some(dir.path())).unwrap();
+    assert_eq!(first.source, ferry::plugin::engine::CompileSource::Compiled);
+    assert_eq!(second.source, ferry::plugin::engine::CompileSource::Cache);
+    // A torn or foreign file under the key is ignored and replaced.
+    for entry in std::fs::read_dir(dir.path()).unwrap() {
+        std::fs::write(entry.unwrap().path(), b"garbage").unwrap();
+    }
+    let (_, third) = Plugin::load(&config, Some(dir.path())).unwrap();
+    assert_eq!(third.source, ferry::plugin::engine::CompileSource::Compiled);
+}
