@@ -22,6 +22,11 @@ pub const HEADER_LEN: usize = 1 + 8 + 8 + 1;
 /// Type given to events whose producer named none.
 pub const DEFAULT_TYPE: &str = "ferry.event";
 
+/// Extension attribute naming the only destinations an event goes to
+/// (comma-separated), set by a filter plugin's `route` verdict. Internal:
+/// forwarders honour it and never send it on the wire.
+pub const ROUTE_EXTENSION: &str = "ferryroute";
+
 /// Content type given to JSON data whose producer named none.
 pub const JSON_CONTENT_TYPE: &str = "application/json";
 
@@ -50,6 +55,15 @@ pub struct EventBody {
 }
 
 impl EventBody {
+    /// Whether `destination` may receive this event: true unless a route
+    /// verdict named other destinations only.
+    pub fn routed_to(&self, destination: &str) -> bool {
+        match self.extensions.iter().find(|(k, _)| k == ROUTE_EXTENSION) {
+            Some((_, names)) => names.split(',').any(|n| n.trim() == destination),
+            None => true,
+        }
+    }
+
     /// Whether the data is JSON text (so structured mode embeds it as JSON).
     pub fn data_is_json(&self) -> bool {
         self.datacontenttype.as_deref().is_some_and(is_json_content_type)

@@ -454,3 +454,31 @@ async fn local_mqtt_ingest_stores_and_forwards_and_loses_nothing_when_the_agent_
     let (status, _) = agent.terminate();
     assert!(status.success());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_route_verdict_limits_an_event_to_the_named_destinations_and_stays_off_the_wire() {
+    let (ma, mb) = (
+        Mosquitto::start(MosquittoOptions::default()).await.unwrap(),
+        Mosquitto::start(MosquittoOptions::default()).await.unwrap(),
+    );
+    let (ca, cb) = (
+        Collector::start(&ma.url(), "ferry/#", Protocol::V5).await.unwrap(),
+        Collector::start(&mb.url(), "ferry/#", Protocol::V5).await.unwrap(),
+    );
+    let t = TestAgent::start(&[destination("a", &ma.url(), "v5", ""), destination("b", &mb.url(), "v5", "")].concat())
+        .await;
+    let body = json!([
+        {"topic": "t", "id": "only-a", "data": 1, "extensions": {"ferryroute": "a"}},
+        {"topic": "t", "id": "both", "data": 2},
+    ]);
+    let r = t.client.post(format!("http://{}/v1/events", t.agent.http_addr())).json(&body).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    wait_for_ids(&ca, Protocol::V5, &["only-a".into(), "both".into()]).await;
+    wait_for_ids(&cb, Protocol::V5, &["both".into()]).await;
+    t.wait_until("both cursors to pass both events", |t| {
+        t.destination("a").acked_sequence == 2 && t.destination("b").acked_sequence == 2
+    })
+    .await;
+    assert!(!ids_of(&cb, Protocol::V5).0.contains("only-a"));
+    assert!(ca.messages().iter().all(|m| m.user_property("ferryroute").is_none()));
+}

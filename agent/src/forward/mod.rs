@@ -332,7 +332,7 @@ impl Task {
             if event.sequence > p.window.next() {
                 p.window.skip_to(event.sequence - 1);
             }
-            if !self.config.routes(&event.body.subject) {
+            if !self.config.routes(&event.body.subject) || !event.body.routed_to(&self.config.name) {
                 p.window.settled(event.sequence);
                 continue;
             }

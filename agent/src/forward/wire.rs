@@ -12,7 +12,7 @@ use base64::Engine as _;
 use serde_json::value::RawValue;
 use serde_json::{Map, Value};
 
-use crate::event::{Event, format_time};
+use crate::event::{Event, ROUTE_EXTENSION, format_time};
 
 /// Content type of structured-mode payloads.
 pub const STRUCTURED_CONTENT_TYPE: &str = "application/cloudevents+json";
@@ -44,7 +44,7 @@ fn attributes(event: &Event) -> Vec<(String, String)> {
     if let Some(k) = &b.partitionkey {
         attrs.push(("partitionkey".to_owned(), k.clone()));
     }
-    attrs.extend(b.extensions.iter().cloned());
+    attrs.extend(b.extensions.iter().filter(|(k, _)| k != ROUTE_EXTENSION).cloned());
     attrs
 }
 

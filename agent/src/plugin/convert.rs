@@ -11,8 +11,7 @@ use crate::topic;
 
 use super::{Verdict, WitEvent};
 
-/// Extension attribute that carries a `route` verdict's destination names.
-pub const ROUTE_EXTENSION: &str = "ferryroute";
+pub use crate::event::ROUTE_EXTENSION;
 
 /// Attribute names an extension may not take: the CloudEvents core
 /// attributes and Ferry's own, which have fields of their own.
