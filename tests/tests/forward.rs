@@ -182,6 +182,7 @@ async fn a_dead_destination_never_holds_up_the_others_and_keeps_its_backlog() {
     let ids = t.ingest("telemetry/t", "e", 5000).await;
     wait_for_ids(&collector, Protocol::V5, &ids).await;
     t.wait_until("the live cursor to reach the end", |t| t.destination("live").acked_sequence == 5000).await;
+    t.wait_until("the dead destination's lag to show", |t| t.destination("dead").lag_ms > 0).await;
     let dead = t.destination("dead");
     assert!(!dead.connected);
     assert!(dead.reconnects >= 1);

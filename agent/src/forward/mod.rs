@@ -199,9 +199,11 @@ impl Task {
                 End::Failed(e) => {
                     let delay = backoff.next_delay(&mut rand::rng());
                     tracing::warn!(destination = %self.config.name, error = %e, retry_in = ?delay, "link down");
+                    let lag_ms = self.oldest_unsent_age(progress.window.acked_through()).await;
                     self.update(|s| {
                         s.reconnects += 1;
                         s.last_error = Some(e.to_string());
+                        s.lag_ms = lag_ms;
                     });
                     tokio::select! {
                         _ = tokio::time::sleep(delay) => {}
@@ -218,6 +220,16 @@ impl Task {
         }
         self.update(|s| s.acked_sequence = progress.window.durable());
         tracing::debug!(destination = %self.config.name, cursor = progress.window.durable(), "forwarder stopped");
+    }
+
+    /// Age of the first event after `acked_through`, for lag while the link is down.
+    async fn oldest_unsent_age(&self, acked_through: u64) -> u64 {
+        let store = self.store.clone();
+        let first = tokio::task::spawn_blocking(move || store.read_after(acked_through, 1)).await;
+        match first {
+            Ok(Ok(events)) => events.first().map_or(0, |e| self.clock.now_millis().saturating_sub(e.hlc.millis())),
+            _ => 0,
+        }
     }
 
     fn update(&self, f: impl FnOnce(&mut DestinationStatus)) {
