@@ -74,6 +74,12 @@ impl TestAgent {
     }
 }
 
+/// Starts the real `ferry` binary on `config` without blocking the runtime.
+async fn spawn_agent(config: &std::path::Path) -> ferry_tests::FerryProcess {
+    let config = config.to_owned();
+    tokio::task::spawn_blocking(move || ferry_tests::FerryProcess::start(&config)).await.unwrap().unwrap()
+}
+
 /// The event ids a collector received, and how many arrived more than once.
 fn ids_of(c: &Collector, protocol: Protocol) -> (HashSet<String>, usize) {
     let mut ids = HashSet::new();
@@ -263,10 +269,7 @@ async fn an_agent_sigkilled_mid_forwarding_resends_only_its_window_after_restart
     let dests = [destination("a", &m1.url(), "v5", &extra), destination("b", &m2.url(), "v311", &extra)].concat();
     let config = ferry_tests::write_config_with(dir.path(), "", &dests);
 
-    let spawn = |config: std::path::PathBuf| async move {
-        tokio::task::spawn_blocking(move || ferry_tests::FerryProcess::start(&config)).await.unwrap().unwrap()
-    };
-    let mut agent = spawn(config.clone()).await;
+    let mut agent = spawn_agent(&config).await;
     let client = reqwest::Client::new();
     let ids: Vec<String> = (0..N).map(|i| format!("k-{i}")).collect();
     for chunk in ids.chunks(1000) {
@@ -284,7 +287,7 @@ async fn an_agent_sigkilled_mid_forwarding_resends_only_its_window_after_restart
         }
         assert!(c1.len().max(c2.len()) < N, "forwarding finished before kill {k}; nothing was tested");
         agent.kill();
-        agent = spawn(config.clone()).await;
+        agent = spawn_agent(&config).await;
     }
     let d1 = wait_for_ids(&c1, Protocol::V5, &ids).await;
     let d2 = wait_for_ids(&c2, Protocol::V311, &ids).await;
@@ -383,10 +386,7 @@ async fn local_mqtt_ingest_stores_and_forwards_and_loses_nothing_when_the_agent_
         destination("cloud", &cloud.url(), "v5", "")
     );
     let config = ferry_tests::write_config_with(dir.path(), "", &tail);
-    let spawn = |config: std::path::PathBuf| async move {
-        tokio::task::spawn_blocking(move || ferry_tests::FerryProcess::start(&config)).await.unwrap().unwrap()
-    };
-    let agent = spawn(config.clone()).await;
+    let agent = spawn_agent(&config).await;
     // The agent's persistent session must exist before readings flow: a probe
     // that makes it through to the cloud proves the subscription is live.
     let probe_start = Instant::now();
@@ -430,7 +430,7 @@ async fn local_mqtt_ingest_stores_and_forwards_and_loses_nothing_when_the_agent_
     tokio::time::sleep(Duration::from_millis(300)).await;
     agent.kill();
     tokio::time::sleep(Duration::from_millis(300)).await;
-    let agent = spawn(config.clone()).await;
+    let agent = spawn_agent(&config).await;
     publisher.await.unwrap();
 
     let start = Instant::now();

@@ -324,16 +324,10 @@ impl Writer {
                         }
                         Request::Sweep { reply } => deferred.push(reply),
                         Request::DeadLetterNew { events, reason, reply } => {
-                            let mut record = Vec::new();
                             for e in &events {
-                                let header = RecordHeader {
-                                    hlc: self.hlc.tick(now_ms),
-                                    expires_at_ms: e.expires_at_ms,
-                                    priority: e.priority,
-                                };
-                                record.clear();
-                                event::encode_record(header, &e.body, &mut record);
-                                self.dead_letter(&mut t, 0, &reason, now_ms, record.clone())?;
+                                let mut record = Vec::new();
+                                self.stamp(e, now_ms, &mut record);
+                                self.dead_letter(&mut t, 0, &reason, now_ms, record)?;
                             }
                             // Answers `()` after the commit, as a cursor update does.
                             pending.push(Pending::Done(reply));
@@ -425,13 +419,8 @@ impl Writer {
                 Slot::New => {
                     let seq = self.meta.next_sequence;
                     self.meta.next_sequence += 1;
-                    let header = RecordHeader {
-                        hlc: self.hlc.tick(now_ms),
-                        expires_at_ms: e.expires_at_ms,
-                        priority: e.priority,
-                    };
                     record.clear();
-                    event::encode_record(header, &e.body, &mut record);
+                    self.stamp(&e, now_ms, &mut record);
                     t.log.insert(seq, record.as_slice())?;
                     if e.producer_id {
                         t.dedup.insert(e.id.as_str(), seq)?;
@@ -452,6 +441,12 @@ impl Writer {
             out.push(Appended { id: e.id, sequence, duplicate });
         }
         Ok(Ok(out))
+    }
+
+    /// The stored record of a prepared event: its header, with a fresh HLC, then its body.
+    fn stamp(&mut self, e: &PreparedEvent, now_ms: u64, out: &mut Vec<u8>) {
+        let header = RecordHeader { hlc: self.hlc.tick(now_ms), expires_at_ms: e.expires_at_ms, priority: e.priority };
+        event::encode_record(header, &e.body, out);
     }
 
     fn used_bytes(&self) -> u64 {
