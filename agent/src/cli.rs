@@ -1,18 +1,22 @@
 //! The `ferry` command line: argument parsing and the client commands that
 //! talk to a running agent's HTTP API (`publish`, `status`).
 //!
-//! `run` itself is only parsed here; `main.rs` sets up logging and hands the
-//! config to [`crate::runtime::run`].
+//! [`main`] is the whole binary: the `ferry` executable and the test agent
+//! both call it, so tests run exactly what users run.
 
 use std::io::{BufRead, Write};
 use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, bail};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use serde_json::{Value, json};
 
+use crate::clock::SystemClock;
 use crate::config::{Config, ConfigError};
+use tracing_subscriber::EnvFilter;
 
 pub mod plugin;
 
@@ -354,4 +358,60 @@ pub fn status(args: &StatusArgs) -> anyhow::Result<()> {
         )?;
     }
     Ok(())
+}
+
+/// The `ferry` command: parses arguments, sets up logging, runs the command.
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match &cli.command {
+        Command::Run(args) => run(args),
+        Command::Publish(args) => publish(args),
+        Command::Status(args) => status(args),
+        Command::Config(cmd) => config_command(cmd),
+        Command::Plugin(cmd) => {
+            init_logging(LogFormat::Human);
+            plugin::run(cmd)
+        }
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("ferry: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(args: &RunArgs) -> anyhow::Result<()> {
+    init_logging(args.log_format);
+    let config = load_config(args.config.as_ref())?;
+    if args.config.is_none() {
+        tracing::info!(
+            "no --config given: running on the embedded default (data in {}, HTTP on {}); `ferry config default` prints it",
+            config.agent.data_dir.display(),
+            config.http.listen
+        );
+    }
+    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    runtime.block_on(crate::runtime::run(config, Arc::new(SystemClock), shutdown_signal()))?;
+    Ok(())
+}
+
+fn init_logging(format: LogFormat) {
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    match format {
+        LogFormat::Human => builder.init(),
+        LogFormat::Json => builder.json().init(),
+    }
+}
+
+/// Resolves on SIGINT or SIGTERM.
+async fn shutdown_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate()).expect("installing the SIGTERM handler");
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
 }

@@ -7,20 +7,20 @@ use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
-use std::sync::OnceLock;
 use std::sync::mpsc;
 use std::time::Duration;
 
 use anyhow::{Context, bail};
 
-/// Path of the `ferry` binary, built (if stale) with the profile of this test run.
-pub fn ferry_bin() -> &'static Path {
-    static BIN: OnceLock<PathBuf> = OnceLock::new();
-    BIN.get_or_init(|| {
-        let build = escargot::CargoBuild::new().package("ferry").bin("ferry");
-        let build = if cfg!(debug_assertions) { build } else { build.release() };
-        build.run().expect("building the ferry binary").path().to_path_buf()
-    })
+/// Path of the agent binary to run in tests: `ferry-test-agent`, built by
+/// cargo with this package's tests and calling the same `ferry::cli::main`
+/// as the `ferry` executable. A macro so `env!` reads the variable cargo sets
+/// for integration tests.
+#[macro_export]
+macro_rules! ferry_bin {
+    () => {
+        std::path::Path::new(env!("CARGO_BIN_EXE_ferry-test-agent"))
+    };
 }
 
 /// A `ferry run` child process, started on a config whose API listens on
@@ -32,9 +32,9 @@ pub struct FerryProcess {
 }
 
 impl FerryProcess {
-    /// Starts `ferry run --config <config>` and waits until the API listens.
-    pub fn start(config: &Path) -> anyhow::Result<Self> {
-        let mut child = Command::new(ferry_bin())
+    /// Starts `<bin> run --config <config>` and waits until the API listens.
+    pub fn start(bin: &Path, config: &Path) -> anyhow::Result<Self> {
+        let mut child = Command::new(bin)
             .args(["run", "--config"])
             .arg(config)
             .env("RUST_LOG", "info")

@@ -17,7 +17,7 @@ fn a_config_mistake_names_file_key_and_reason_and_nothing_starts() {
         ),
     )
     .unwrap();
-    let out = Command::new(ferry_bin()).args(["run", "--config"]).arg(&path).output().unwrap();
+    let out = Command::new(ferry_bin!()).args(["run", "--config"]).arg(&path).output().unwrap();
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("bad.toml") && err.contains("store.full_policy") && err.contains("drop-newest"), "{err}");
@@ -27,10 +27,10 @@ fn a_config_mistake_names_file_key_and_reason_and_nothing_starts() {
 #[test]
 fn publish_and_status_talk_to_a_running_agent_which_exits_cleanly_on_sigterm() {
     let dir = tempfile::tempdir().unwrap();
-    let agent = FerryProcess::start(&write_config(dir.path(), "")).unwrap();
+    let agent = FerryProcess::start(ferry_bin!(), &write_config(dir.path(), "")).unwrap();
     let ferry = |args: &[&str], stdin: Option<&str>| {
         use std::io::Write;
-        let mut child = Command::new(ferry_bin())
+        let mut child = Command::new(ferry_bin!())
             .args(args)
             .env("FERRY_URL", agent.url())
             .stdin(std::process::Stdio::piped())

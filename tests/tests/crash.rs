@@ -11,7 +11,7 @@ use std::time::Duration;
 use ferry::clock::SystemClock;
 use ferry::config::StoreConfig;
 use ferry::store::Store;
-use ferry_tests::{FerryProcess, write_config};
+use ferry_tests::{FerryProcess, ferry_bin, write_config};
 use rand::Rng;
 use serde_json::{Value, json};
 
@@ -84,7 +84,7 @@ async fn every_acknowledged_event_survives_repeated_sigkill_exactly_once_and_in_
     for _ in 0..KILLS {
         let agent = tokio::task::spawn_blocking({
             let config = config.clone();
-            move || FerryProcess::start(&config)
+            move || FerryProcess::start(ferry_bin!(), &config)
         })
         .await
         .unwrap()
@@ -96,7 +96,7 @@ async fn every_acknowledged_event_survives_repeated_sigkill_exactly_once_and_in_
         agent.kill();
     }
     // Final run: let every producer finish its in-flight request, then stop cleanly.
-    let agent = FerryProcess::start(&config).unwrap();
+    let agent = FerryProcess::start(ferry_bin!(), &config).unwrap();
     *url.write().unwrap() = Some(agent.url());
     tokio::time::sleep(Duration::from_millis(300)).await;
     stop.store(true, Ordering::Relaxed);

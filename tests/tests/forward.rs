@@ -77,7 +77,10 @@ impl TestAgent {
 /// Starts the real `ferry` binary on `config` without blocking the runtime.
 async fn spawn_agent(config: &std::path::Path) -> ferry_tests::FerryProcess {
     let config = config.to_owned();
-    tokio::task::spawn_blocking(move || ferry_tests::FerryProcess::start(&config)).await.unwrap().unwrap()
+    tokio::task::spawn_blocking(move || ferry_tests::FerryProcess::start(ferry_tests::ferry_bin!(), &config))
+        .await
+        .unwrap()
+        .unwrap()
 }
 
 /// The event ids a collector received, and how many arrived more than once.

@@ -35,11 +35,11 @@ fn built(name: &str) -> PathBuf {
 /// large interpreter components compile once per machine.
 fn cache() -> &'static Path {
     static DIR: OnceLock<PathBuf> = OnceLock::new();
-    DIR.get_or_init(|| ferry_bin().parent().expect("binary dir").join("plugin-cache"))
+    DIR.get_or_init(|| ferry_bin!().parent().expect("binary dir").join("plugin-cache"))
 }
 
 fn ferry_plugin(args: &[&str]) -> (bool, String) {
-    let out = Command::new(ferry_bin())
+    let out = Command::new(ferry_bin!())
         .arg("plugin")
         .args(args)
         .env("FERRY_PLUGIN_CACHE", cache())
@@ -110,7 +110,7 @@ fn a_component_importing_what_the_host_lacks_is_refused_at_load_and_the_agent_do
     std::fs::write(dir.path().join("evil.wasm"), evil_component()).unwrap();
     let config = write_config(dir.path(), "");
     append(&config, "[[plugin]]\nname = \"evil\"\npath = \"evil.wasm\"\nworld = \"filter\"\nstage = \"ingest\"\n");
-    let out = Command::new(ferry_bin()).args(["run", "--config"]).arg(&config).output().unwrap();
+    let out = Command::new(ferry_bin!()).args(["run", "--config"]).arg(&config).output().unwrap();
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success() && err.contains("plugin `evil`") && err.contains("evil:net/raw"), "{err}");
 }
@@ -146,7 +146,7 @@ async fn hostile_plugins_never_stop_the_agent_nor_lose_an_accepted_event() {
             built("testdata/hostile-filter").display().to_string()
         ),
     );
-    let agent = FerryProcess::start(&config).unwrap();
+    let agent = FerryProcess::start(ferry_bin!(), &config).unwrap();
     let client = reqwest::Client::new();
     let hostile = ["loop", "oom", "trap", "flood", "huge", "wrong-count"];
     // Each failure is followed by a good event: the instance is rebuilt and
