@@ -227,8 +227,11 @@ async fn a_broker_killed_mid_stream_and_restarted_gets_every_event() {
     // The proxy keeps the agent out until the collector has resubscribed, so
     // nothing is published into a broker with no subscriber.
     let proxy = FaultProxy::start(broker.addr()).await.unwrap();
+    // The whole backlog is stored before the link opens, so the kill lands mid-stream.
+    proxy.handle().cut();
     let t = TestAgent::start(&destination("cloud", &proxy.url(), "v311", "inflight = 64")).await;
     let ids = t.ingest("telemetry/t", "k", 20_000).await;
+    proxy.handle().restore();
     let start = Instant::now();
     while collector.len() < 2_000 {
         assert!(start.elapsed() < WAIT);
@@ -269,7 +272,12 @@ async fn an_agent_sigkilled_mid_forwarding_resends_only_its_window_after_restart
     let c2 = Collector::start(&m2.url(), "ferry/#", Protocol::V311).await.unwrap();
     let dir = tempfile::tempdir().unwrap();
     let extra = format!("inflight = {INFLIGHT}");
-    let dests = [destination("a", &m1.url(), "v5", &extra), destination("b", &m2.url(), "v311", &extra)].concat();
+    // Proxies hold the links shut until the whole backlog is stored, so every
+    // kill lands mid-stream.
+    let (p1, p2) = (FaultProxy::start(m1.addr()).await.unwrap(), FaultProxy::start(m2.addr()).await.unwrap());
+    p1.handle().cut();
+    p2.handle().cut();
+    let dests = [destination("a", &p1.url(), "v5", &extra), destination("b", &p2.url(), "v311", &extra)].concat();
     let config = ferry_tests::write_config_with(dir.path(), "", &dests);
 
     let mut agent = spawn_agent(&config).await;
@@ -280,6 +288,8 @@ async fn an_agent_sigkilled_mid_forwarding_resends_only_its_window_after_restart
         let r = client.post(format!("{}/v1/events", agent.url())).json(&body).send().await.unwrap();
         assert_eq!(r.status(), 200);
     }
+    p1.handle().restore();
+    p2.handle().restore();
     for k in 1..=KILLS {
         // Kill while both destinations are mid-stream.
         let target = N * k / (KILLS + 1);
