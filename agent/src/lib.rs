@@ -12,6 +12,8 @@
 //! - [`runtime`] — wiring: builds the services, runs them, orders shutdown.
 //! - [`ingest`] — producer input: body decoding ([`ingest::parse`]), defaults
 //!   and limits, and the HTTP API ([`ingest::http`]).
+//! - [`downlink`] — cloud-to-device messages: the forwarders' subscriptions,
+//!   routed by topic filter to their consumers, acked once handled.
 //! - [`store`] — the redb event log: group commit, dedup, quota and
 //!   eviction, TTL and dead letters, forwarder cursors.
 //! - [`plugin`] — the WebAssembly plugin host: sandboxed filter and merge
@@ -24,6 +26,7 @@
 pub mod cli;
 pub mod clock;
 pub mod config;
+pub mod downlink;
 pub mod event;
 pub mod forward;
 pub mod ingest;

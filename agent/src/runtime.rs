@@ -18,6 +18,7 @@ use tokio::task::JoinHandle;
 use crate::clock::SharedClock;
 use crate::config::Config;
 use crate::config::plugin::Stage;
+use crate::downlink::DownlinkRouter;
 use crate::forward::{Forwarder, link};
 use crate::ingest::mqtt::MqttIngest;
 use crate::ingest::{Ingest, http};
@@ -113,11 +114,17 @@ impl Agent {
         let (listener, http_addr) =
             http::bind(&config.http).await.map_err(|source| RunError::Bind { addr: config.http.listen, source })?;
         let (stop_forwarders, stop_rx) = watch::channel(false);
+        // Consumers of cloud-to-device messages register here before the
+        // forwarders start, so every connection subscribes to their filters.
+        let downlink = DownlinkRouter::new();
         let forwarders: Vec<Forwarder> = config
             .destinations
             .iter()
             .zip(tls)
-            .map(|(d, tls)| Forwarder::spawn(d.clone(), tls, store.clone(), clock.clone(), stop_rx.clone()))
+            .map(|(d, tls)| {
+                let downlink = downlink.for_destination(&d.name, &d.topic_prefix);
+                Forwarder::spawn(d.clone(), tls, store.clone(), clock.clone(), downlink, stop_rx.clone())
+            })
             .collect();
         let statuses = forwarders.iter().map(Forwarder::status_handle).collect();
 
