@@ -12,6 +12,8 @@
 //! - [`runtime`] — wiring: builds the services, runs them, orders shutdown.
 //! - [`ingest`] — producer input: body decoding ([`ingest::parse`]), defaults
 //!   and limits, and the HTTP API ([`ingest::http`]).
+//! - [`state`] — multi-cloud state sync: versions, merge, the state table,
+//!   reconciliation of the clouds, the `/v1/state` API.
 //! - [`downlink`] — cloud-to-device messages: the forwarders' subscriptions,
 //!   routed by topic filter to their consumers, acked once handled.
 //! - [`store`] — the redb event log: group commit, dedup, quota and
@@ -32,5 +34,6 @@ pub mod forward;
 pub mod ingest;
 pub mod plugin;
 pub mod runtime;
+pub mod state;
 pub mod store;
 pub mod topic;

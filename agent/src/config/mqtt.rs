@@ -180,6 +180,13 @@ raw_with_endpoint! {
 }
 
 raw_with_endpoint! {
+    /// `[state.local_mqtt]` as written.
+    RawLocalStateMqtt {
+        topic_prefix: Option<String>,
+    }
+}
+
+raw_with_endpoint! {
     /// `[ingest.mqtt]` as written.
     RawMqttIngest {
         topics: Option<Vec<String>>,
@@ -325,4 +332,16 @@ pub(super) fn mqtt_ingest(
     let endpoint = endpoint(raw.take_endpoint(), format!("ferry-{device_id}-ingest"), cx)?;
     let topics = filters(raw.topics.unwrap_or_default(), "topics", cx)?;
     Ok(MqttIngestConfig { endpoint, topics })
+}
+
+pub(super) fn local_state_mqtt(
+    mut raw: RawLocalStateMqtt,
+    device_id: &str,
+    cx: &Ctx<'_>,
+) -> Result<super::state::LocalStateMqtt, ConfigError> {
+    let endpoint = endpoint(raw.take_endpoint(), format!("ferry-{device_id}-state"), cx)?;
+    let topic_prefix = raw.topic_prefix.unwrap_or_else(|| "ferry/state/".into());
+    topic::validate_name(&format!("{topic_prefix}x"))
+        .map_err(|e| cx.err("topic_prefix", format!("`{topic_prefix}` would make invalid topics: {e}")))?;
+    Ok(super::state::LocalStateMqtt { endpoint, topic_prefix })
 }

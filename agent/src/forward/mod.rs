@@ -391,7 +391,9 @@ impl Task {
             if event.sequence > p.window.next() {
                 p.window.skip_to(event.sequence - 1);
             }
-            if !self.config.routes(&event.body.subject) || !event.body.routed_to(&self.config.name) {
+            // State updates name their destination themselves (ferryroute).
+            let state = event.body.is_state();
+            if !(state || self.config.routes(&event.body.subject)) || !event.body.routed_to(&self.config.name) {
                 p.window.settled(event.sequence);
                 continue;
             }
@@ -427,7 +429,8 @@ impl Task {
             }
             p.bytes_sent += payload.len() as u64;
             p.published += 1;
-            link.publish(topic, payload, content_type, props, false)?;
+            // State is published retained: the broker then holds the merged value.
+            link.publish(topic, payload, content_type, props, state)?;
             p.window.sent(sequence, at_ms);
         }
         Ok(())

@@ -1,0 +1,203 @@
+//! Multi-cloud state sync over real brokers: three Mosquitto brokers stand in
+//! for three clouds, each writes the same key while one is partitioned from
+//! the device, and after the partition heals the device and every broker's
+//! retained value converge on one merged value — with no update loop.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use ferry::clock::SystemClock;
+use ferry::config::Config;
+use ferry::runtime::Agent;
+use ferry::state::wire;
+use ferry_harness::{Collector, FaultProxy, Mosquitto, MosquittoOptions, Protocol, Received, mqtt};
+use serde_json::{Value, json};
+
+const WAIT: Duration = Duration::from_secs(90);
+const KEY: &str = "desired/fan";
+const TOPIC: &str = "ferry/gw-1/desired/fan";
+
+struct Cloud {
+    name: &'static str,
+    broker: Mosquitto,
+    protocol: Protocol,
+}
+
+impl Cloud {
+    fn protocol_name(&self) -> &'static str {
+        match self.protocol {
+            Protocol::V5 => "v5",
+            Protocol::V311 => "v311",
+        }
+    }
+}
+
+/// Publishes `payload` retained with QoS 1, as a cloud application that
+/// knows nothing of Ferry would, and waits for the PUBACK.
+async fn cloud_write(url: &str, topic: &str, payload: &[u8]) {
+    use ferry_harness::rumqttc::{AsyncClient, Event, Packet, QoS};
+    let opts = mqtt::options_v311(url, &mqtt::unique_client_id("cloud-app"), None).unwrap();
+    let (client, mut el) = AsyncClient::new(opts, 8);
+    client.publish(topic, QoS::AtLeastOnce, true, payload.to_vec()).await.unwrap();
+    tokio::time::timeout(WAIT, async {
+        loop {
+            if let Event::Incoming(Packet::PubAck(_)) = el.poll().await.unwrap() {
+                break;
+            }
+        }
+    })
+    .await
+    .expect("PUBACK from the cloud broker");
+    let _ = client.disconnect().await;
+    let _ = tokio::time::timeout(Duration::from_secs(1), el.poll()).await;
+}
+
+/// The value a received message carries (unwrapping a Ferry envelope).
+fn value_of(m: &Received) -> Value {
+    let update =
+        wire::decode(&m.payload, &m.user_properties, m.content_type.as_deref()).expect("a valid state message");
+    serde_json::from_slice(&update.data).unwrap_or_else(|_| Value::String(m.payload_str()))
+}
+
+/// The retained value at a broker now, read by a fresh subscriber.
+async fn retained(cloud: &Cloud) -> Option<Value> {
+    let c = Collector::start(&cloud.broker.url(), TOPIC, cloud.protocol).await.ok()?;
+    let got = c.wait_for(1, Duration::from_secs(2)).await.ok()?;
+    got.iter().find(|m| m.retain).map(value_of)
+}
+
+async fn device_value(client: &reqwest::Client, agent: &Agent) -> Option<Value> {
+    let r = client.get(format!("http://{}/v1/state/{KEY}", agent.http_addr())).send().await.ok()?;
+    if r.status() != 200 {
+        return None;
+    }
+    r.json::<Value>().await.ok()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_clouds_with_conflicting_writes_during_a_partition_converge_after_healing_without_loops() {
+    let clouds = [
+        Cloud {
+            name: "aws",
+            broker: Mosquitto::start(MosquittoOptions::default()).await.unwrap(),
+            protocol: Protocol::V5,
+        },
+        Cloud {
+            name: "azure",
+            broker: Mosquitto::start(MosquittoOptions::default()).await.unwrap(),
+            protocol: Protocol::V5,
+        },
+        Cloud {
+            name: "gcp",
+            broker: Mosquitto::start(MosquittoOptions::default()).await.unwrap(),
+            protocol: Protocol::V311,
+        },
+    ];
+    // The device reaches the third cloud through a proxy that partitions it.
+    let proxy = FaultProxy::start(clouds[2].broker.addr()).await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let mut toml = format!(
+        "[agent]\ndevice_id = \"gw-1\"\ndata_dir = {:?}\n[ingest.http]\nlisten = \"127.0.0.1:0\"\n",
+        dir.path().display().to_string()
+    );
+    for (i, c) in clouds.iter().enumerate() {
+        let url = if i == 2 { proxy.url() } else { c.broker.url() };
+        toml.push_str(&format!(
+            "[[destination]]\nname = \"{}\"\nurl = \"{url}\"\nprotocol = \"{}\"\nkeep_alive = \"5s\"\n\
+             backoff_base = \"100ms\"\nbackoff_cap = \"1s\"\nroutes = [\"telemetry/#\"]\nsubscribe = [\"desired/#\"]\n",
+            c.name,
+            c.protocol_name()
+        ));
+    }
+    let agent = Agent::start(Config::parse(&toml, "test.toml").unwrap(), Arc::new(SystemClock)).await.unwrap();
+    let client = reqwest::Client::new();
+    // Everything every broker sees on the key, from the start.
+    let mut watchers = Vec::new();
+    for c in &clouds {
+        watchers.push(Collector::start(&c.broker.url(), TOPIC, c.protocol).await.unwrap());
+    }
+
+    // A local write reaches every cloud, retained.
+    let r = client
+        .put(format!("http://{}/v1/state/{KEY}", agent.http_addr()))
+        .header("content-type", "application/json")
+        .body(r#"{"speed":0}"#)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200, "{}", r.text().await.unwrap());
+    let start = Instant::now();
+    for c in &clouds {
+        while retained(c).await != Some(json!({"speed": 0})) {
+            assert!(start.elapsed() < WAIT, "the local write never reached {}", c.name);
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+
+    // Partition the third cloud, then every cloud writes its own value.
+    proxy.handle().cut();
+    cloud_write(&clouds[0].broker.url(), TOPIC, br#"{"speed":1}"#).await;
+    cloud_write(&clouds[1].broker.url(), TOPIC, br#"{"speed":2}"#).await;
+    cloud_write(&clouds[2].broker.url(), TOPIC, br#"{"speed":3}"#).await;
+    // The device sees the two reachable clouds' writes while partitioned.
+    let start = Instant::now();
+    loop {
+        let v = device_value(&client, &agent).await.expect("the key has a value");
+        let vv = &v["version"]["vv"];
+        if vv.get("aws").is_some() && vv.get("azure").is_some() {
+            break;
+        }
+        assert!(start.elapsed() < WAIT, "the reachable clouds' writes never arrived: {v}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    proxy.handle().restore();
+
+    // Converge: the device's value includes all three writes, and every
+    // broker's retained value is the device's value.
+    let start = Instant::now();
+    let converged = loop {
+        let device = device_value(&client, &agent).await.expect("the key has a value");
+        let vv = &device["version"]["vv"];
+        if ["aws", "azure", "gcp"].iter().all(|o| vv.get(o).is_some()) {
+            let mut all = true;
+            for c in &clouds {
+                all &= retained(c).await.as_ref() == Some(&device["value"]);
+            }
+            if all {
+                break device;
+            }
+        }
+        assert!(start.elapsed() < WAIT, "no convergence within {WAIT:?}; device: {device}");
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    };
+    let value = &converged["value"];
+    assert!(
+        [json!({"speed":1}), json!({"speed":2}), json!({"speed":3})].contains(value),
+        "last-writer-wins keeps one of the concurrent writes whole: {value}"
+    );
+
+    // No loop: once converged, nothing more is published anywhere.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let counts: Vec<usize> = watchers.iter().map(Collector::len).collect();
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    let later: Vec<usize> = watchers.iter().map(Collector::len).collect();
+    assert_eq!(counts, later, "publishes continued after convergence (an update loop)");
+    for (c, w) in clouds.iter().zip(&watchers) {
+        let n = w.len();
+        assert!(n <= 6, "{} saw {n} publishes on the key for 1 local write and 3 cloud writes", c.name);
+        // The last thing each broker saw is the converged value.
+        assert_eq!(&value_of(w.messages().last().unwrap()), value, "{}", c.name);
+    }
+    // The device still holds it, and the status shows the merge.
+    let status: Value = client
+        .get(format!("http://{}/v1/state?prefix=desired/", agent.http_addr()))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(&status["entries"][0]["value"], value);
+    assert!(status["sync"]["merged"].as_u64().unwrap() >= 1, "{status}");
+    agent.shutdown().await.unwrap();
+}
