@@ -201,3 +201,109 @@ async fn three_clouds_with_conflicting_writes_during_a_partition_converge_after_
     assert!(status["sync"]["merged"].as_u64().unwrap() >= 1, "{status}");
     agent.shutdown().await.unwrap();
 }
+
+mod crdt {
+    //! The convergence property with the real `crdt-merge` example plugin
+    //! (a map of PN-counters) doing the merges: random causal histories of
+    //! increments on three replicas, delivered with duplicates and in
+    //! shuffled orders, end with every replica holding the same bytes — and
+    //! no increment lost.
+
+    use std::path::Path;
+
+    use ferry::config::plugin::{PluginConfig, World};
+    use ferry::plugin::{Plugin, Versioned};
+    use ferry::state::version::{Decision, Version, VersionVector, decide, new_write};
+    use proptest::prelude::*;
+
+    fn plugin() -> Plugin {
+        let repo = Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap();
+        let path = repo.join("plugins/build/crdt-merge.wasm");
+        assert!(path.is_file(), "{} is missing: run scripts/build-plugins.sh first", path.display());
+        let cache = Path::new(env!("CARGO_TARGET_TMPDIR")).join("plugin-cache");
+        Plugin::load(&PluginConfig::new("crdt", path, World::Merge), Some(&cache)).unwrap().0
+    }
+
+    fn wit(v: &Version, data: &[u8]) -> Versioned {
+        Versioned {
+            data: data.to_vec(),
+            version: v.vv.entries().map(|(o, n)| (o.to_owned(), n)).collect(),
+            hlc: v.hlc,
+            origin: v.origin.clone(),
+        }
+    }
+
+    type Held = Option<(Version, Vec<u8>)>;
+
+    fn apply(p: &mut Plugin, held: &mut Held, incoming: &(Version, Vec<u8>)) {
+        match decide(held.as_ref().map(|h| &h.0), &incoming.0) {
+            Decision::Duplicate | Decision::Dominated => {}
+            Decision::Replace => *held = Some(incoming.clone()),
+            Decision::Merge(v) => {
+                let (cv, cd) = held.as_ref().unwrap();
+                let data = p.merge("counters", Some(&wit(cv, cd)), &wit(&incoming.0, &incoming.1)).unwrap().unwrap();
+                *held = Some((v, data));
+            }
+        }
+    }
+
+    /// Increments `origin`'s own entry of counter `c` in PN-counter JSON.
+    fn increment(data: Option<&[u8]>, origin: &str) -> Vec<u8> {
+        let mut v: serde_json::Value =
+            data.map(|d| serde_json::from_slice(d).unwrap()).unwrap_or_else(|| serde_json::json!({}));
+        let entry = &mut v["c"]["p"][origin];
+        *entry = (entry.as_u64().unwrap_or(0) + 1).into();
+        serde_json::to_vec(&v).unwrap()
+    }
+
+    fn total(data: &[u8]) -> u64 {
+        let v: serde_json::Value = serde_json::from_slice(data).unwrap();
+        v["c"]["p"].as_object().map_or(0, |m| m.values().map(|n| n.as_u64().unwrap()).sum())
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 48, .. ProptestConfig::default() })]
+
+        #[test]
+        fn the_crdt_merge_plugin_converges_without_losing_an_increment(
+            steps in prop::collection::vec((0..3usize, any::<bool>(), any::<usize>()), 1..30),
+            order in prop::collection::vec(any::<usize>(), 0..40),
+        ) {
+            let mut p = plugin();
+            let origins = ["a", "b", "c"];
+            let mut replicas: Vec<Held> = vec![None; 3];
+            let mut produced: Vec<(Version, Vec<u8>)> = Vec::new();
+            let mut hlc = 0;
+            for (r, write, which) in steps {
+                if write || produced.is_empty() {
+                    hlc += 1;
+                    let seen = replicas[r].as_ref().map(|h| h.0.vv.clone()).unwrap_or_default();
+                    let floor = produced.iter().fold(VersionVector::new(), |mut acc, (v, _)| { acc.join(&v.vv); acc });
+                    let v = new_write(&seen, &floor, origins[r], hlc);
+                    let data = increment(replicas[r].as_ref().map(|h| h.1.as_slice()), origins[r]);
+                    let w = (v, data);
+                    apply(&mut p, &mut replicas[r], &w);
+                    produced.push(w);
+                } else {
+                    let w = produced[which % produced.len()].clone();
+                    apply(&mut p, &mut replicas[r], &w);
+                }
+            }
+            let mut fresh: Held = None;
+            for i in order {
+                apply(&mut p, &mut fresh, &produced[i % produced.len()]);
+            }
+            replicas.push(fresh);
+            for r in &mut replicas {
+                for w in produced.iter().rev() {
+                    apply(&mut p, r, w);
+                }
+            }
+            let first = replicas[0].clone().unwrap();
+            for r in &replicas[1..] {
+                prop_assert_eq!(r.as_ref().unwrap(), &first);
+            }
+            prop_assert_eq!(total(&first.1), produced.len() as u64, "every increment survives");
+        }
+    }
+}

@@ -66,6 +66,9 @@ pub struct Change {
     pub entry: Entry,
 }
 
+/// A page of the change history: numbered changes, and the oldest change still kept.
+pub type ChangePage = (Vec<(u64, Change)>, Option<u64>);
+
 /// What one cloud is known to hold for one key.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Peer {
@@ -165,7 +168,7 @@ impl StateDb {
     /// Changes numbered above `after`, oldest first, at most `limit`;
     /// also the oldest change still kept (a stream resuming before it
     /// missed changes and should re-read the state).
-    pub fn changes_after(&self, after: u64, limit: usize) -> Result<(Vec<(u64, Change)>, Option<u64>), DbError> {
+    pub fn changes_after(&self, after: u64, limit: usize) -> Result<ChangePage, DbError> {
         let txn = self.db.begin_read().map_err(db_err)?;
         let t = txn.open_table(CHANGES).map_err(db_err)?;
         let oldest = t.first().map_err(db_err)?.map(|(k, _)| k.value());

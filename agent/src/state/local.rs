@@ -85,9 +85,7 @@ async fn session(
             ev = link.poll() => { ev?; }
             change = changes.recv() => match change {
                 Ok((_, c)) => {
-                    if let Err(e) = publish(link, &c.key, &c.entry) {
-                        return Err(e);
-                    }
+                    publish(link, &c.key, &c.entry)?;
                 }
                 // Fell behind: reconnect republishes everything.
                 Err(_) => return Err(LinkError::Connection("fell behind the change feed".into())),

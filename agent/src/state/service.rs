@@ -120,11 +120,7 @@ impl StateHandle {
     }
 
     /// Changes after `after` still in the history, and the oldest kept.
-    pub async fn changes_after(
-        &self,
-        after: u64,
-        limit: usize,
-    ) -> Result<(Vec<(u64, Change)>, Option<u64>), StateError> {
+    pub async fn changes_after(&self, after: u64, limit: usize) -> Result<super::db::ChangePage, StateError> {
         let db = self.db.clone();
         Ok(blocking(move || db.changes_after(after, limit)).await?)
     }
