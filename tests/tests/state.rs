@@ -61,7 +61,12 @@ fn value_of(m: &Received) -> Value {
 
 /// The retained value at a broker now, read by a fresh subscriber.
 async fn retained(cloud: &Cloud) -> Option<Value> {
-    let c = Collector::start(&cloud.broker.url(), TOPIC, cloud.protocol).await.ok()?;
+    retained_at(cloud, TOPIC).await
+}
+
+/// The retained value on `topic` at a broker now.
+async fn retained_at(cloud: &Cloud, topic: &str) -> Option<Value> {
+    let c = Collector::start(&cloud.broker.url(), topic, cloud.protocol).await.ok()?;
     let got = c.wait_for(1, Duration::from_secs(2)).await.ok()?;
     got.iter().find(|m| m.retain).map(value_of)
 }
@@ -306,4 +311,196 @@ mod crdt {
             prop_assert_eq!(total(&first.1), produced.len() as u64, "every increment survives");
         }
     }
+}
+
+/// A device config with one cloud `cloud` at `url` subscribing to `desired/#`.
+fn device_config(data_dir: &std::path::Path, url: &str, extra: &str) -> Config {
+    let toml = format!(
+        "[agent]\ndevice_id = \"gw-1\"\ndata_dir = {:?}\n[ingest.http]\nlisten = \"127.0.0.1:0\"\n\
+         [[destination]]\nname = \"cloud\"\nurl = \"{url}\"\nkeep_alive = \"5s\"\nbackoff_base = \"100ms\"\n\
+         backoff_cap = \"1s\"\nsubscribe = [\"desired/#\"]\n{extra}",
+        data_dir.display().to_string()
+    );
+    Config::parse(&toml, "test.toml").unwrap()
+}
+
+async fn put(client: &reqwest::Client, agent: &Agent, key: &str, body: &str) -> reqwest::Response {
+    client
+        .put(format!("http://{}/v1/state/{key}", agent.http_addr()))
+        .header("content-type", "application/json")
+        .body(body.to_owned())
+        .send()
+        .await
+        .unwrap()
+}
+
+/// Polls `probe` until it returns `want`.
+async fn eventually<F: AsyncFnMut() -> Option<Value>>(what: &str, want: &Value, mut probe: F) {
+    let start = Instant::now();
+    loop {
+        let got = probe().await;
+        if got.as_ref() == Some(want) {
+            return;
+        }
+        assert!(start.elapsed() < WAIT, "{what}: wanted {want}, last saw {got:?}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// Reads a server-sent-events stream until `n` change events arrived; returns their (id, value).
+async fn read_changes(client: &reqwest::Client, url: &str, n: usize) -> Vec<(u64, Value)> {
+    let mut r = client.get(url).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    let mut text = String::new();
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let events: Vec<(u64, Value)> = text
+            .split("\n\n")
+            .filter(|block| block.contains("event: change"))
+            .filter_map(|block| {
+                let field = |name: &str| block.lines().find_map(|l| l.strip_prefix(name)).map(str::to_owned);
+                let id = field("id: ")?.parse().ok()?;
+                let data: Value = serde_json::from_str(&field("data: ")?).ok()?;
+                Some((id, data["value"].clone()))
+            })
+            .collect();
+        if events.len() >= n {
+            return events;
+        }
+        assert!(Instant::now() < deadline, "only {} change events within {WAIT:?}: {text}", events.len());
+        match tokio::time::timeout(Duration::from_secs(1), r.chunk()).await {
+            Ok(Ok(Some(chunk))) => text.push_str(&String::from_utf8_lossy(&chunk)),
+            Ok(Ok(None)) => panic!("the change stream ended: {text}"),
+            Ok(Err(e)) => panic!("the change stream failed: {e}"),
+            Err(_) => {}
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_local_write_made_while_the_cloud_is_down_survives_a_restart_and_reaches_it_and_the_local_broker() {
+    let cloud = Mosquitto::start(MosquittoOptions::default()).await.unwrap();
+    let local = Mosquitto::start(MosquittoOptions::default()).await.unwrap();
+    let proxy = FaultProxy::start(cloud.addr()).await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let extra = format!("[state.local_mqtt]\nurl = \"{}\"\nkeep_alive = \"5s\"\n", local.url());
+    let client = reqwest::Client::new();
+    let cloud_view = Cloud { name: "cloud", broker: cloud, protocol: Protocol::V5 };
+    let local_retained = async || {
+        let c = Collector::start(&local.url(), "ferry/state/desired/fan", Protocol::V5).await.ok()?;
+        let got = c.wait_for(1, Duration::from_secs(2)).await.ok()?;
+        got.iter().find(|m| m.retain).map(value_of)
+    };
+
+    let agent = Agent::start(device_config(dir.path(), &proxy.url(), &extra), Arc::new(SystemClock)).await.unwrap();
+    assert_eq!(put(&client, &agent, KEY, r#"{"speed":1}"#).await.status(), 200);
+    eventually("the cloud's retained value", &json!({"speed": 1}), async || retained(&cloud_view).await).await;
+    eventually("the local broker's retained value", &json!({"speed": 1}), local_retained).await;
+
+    // The cloud becomes unreachable; a write is made and the agent restarts.
+    proxy.handle().cut();
+    assert_eq!(put(&client, &agent, KEY, r#"{"speed":2}"#).await.status(), 200);
+    agent.shutdown().await.unwrap();
+    let agent = Agent::start(device_config(dir.path(), &proxy.url(), &extra), Arc::new(SystemClock)).await.unwrap();
+    let v = device_value(&client, &agent).await.expect("the value survives the restart");
+    assert_eq!(v["value"], json!({"speed": 2}));
+    assert_eq!(v["version"]["vv"], json!({"gw-1": 2}));
+    assert_eq!(retained(&cloud_view).await, Some(json!({"speed": 1})), "the cloud has not seen it yet");
+    proxy.handle().restore();
+    eventually("the cloud's retained value after healing", &json!({"speed": 2}), async || retained(&cloud_view).await)
+        .await;
+    eventually("the local broker's retained value", &json!({"speed": 2}), local_retained).await;
+
+    // The change stream replays history from any point, then goes live.
+    let base = format!("http://{}/v1/state?watch=true", agent.http_addr());
+    let all = read_changes(&client, &format!("{base}&after=0"), 2).await;
+    assert_eq!(all, vec![(1, json!({"speed": 1})), (2, json!({"speed": 2}))]);
+    let resumed = read_changes(&client, &format!("{base}&after=1"), 1).await;
+    assert_eq!(resumed[0], (2, json!({"speed": 2})));
+    let live = tokio::spawn({
+        let (client, url) = (client.clone(), format!("{base}&after=2"));
+        async move { read_changes(&client, &url, 1).await }
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(put(&client, &agent, KEY, r#"{"speed":3}"#).await.status(), 200);
+    assert_eq!(live.await.unwrap()[0], (3, json!({"speed": 3})));
+    agent.shutdown().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_merge_plugin_merges_concurrent_updates_and_its_failures_follow_on_error_and_show_in_status() {
+    let cloud = Mosquitto::start(MosquittoOptions::default()).await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let repo = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap();
+    let wasm = repo.join("plugins/build/crdt-merge.wasm");
+    assert!(wasm.is_file(), "{} is missing: run scripts/build-plugins.sh first", wasm.display());
+    let extra = format!(
+        "[[plugin]]\nname = \"crdt\"\npath = {:?}\nworld = \"merge\"\non_error = \"dead-letter\"\n\
+         [[merge]]\nkeys = \"desired/counters/#\"\nplugin = \"crdt\"\n",
+        wasm.display().to_string()
+    );
+    let agent = Agent::start(device_config(dir.path(), &cloud.url(), &extra), Arc::new(SystemClock)).await.unwrap();
+    let client = reqwest::Client::new();
+    let key = "desired/counters/door";
+    let topic = format!("ferry/gw-1/{key}");
+    let get = async || -> Value {
+        client.get(format!("http://{}/v1/state/{key}", agent.http_addr())).send().await.unwrap().json().await.unwrap()
+    };
+    let sync = async || -> Value {
+        let v: Value = client
+            .get(format!("http://{}/v1/state?prefix=desired/", agent.http_addr()))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        v["sync"].clone()
+    };
+    assert_eq!(put(&client, &agent, key, r#"{"opened":{"p":{"gw-1":1}}}"#).await.status(), 200);
+    // Wait until the cloud holds it, so the device's subscription is live.
+    let cloud_view = Cloud { name: "cloud", broker: cloud, protocol: Protocol::V5 };
+    let c = Collector::start(&cloud_view.broker.url(), &topic, Protocol::V5).await.unwrap();
+    c.wait_for(1, WAIT).await.unwrap();
+
+    // A Ferry-aware cloud writer sends a version concurrent with the
+    // device's, with data the plugin cannot merge: it refuses, the value
+    // stays (dead-letter policy), and the failure is counted and named.
+    let versioned = |n: u64| {
+        vec![
+            ("ferryvv".to_owned(), format!("{{\"cloud-app\":{n}}}")),
+            ("ferryhlc".to_owned(), (n << 16).to_string()),
+            ("ferryorigin".to_owned(), "cloud-app".to_owned()),
+        ]
+    };
+    mqtt::publish_v5(&cloud_view.broker.url(), &topic, b"not a counter".to_vec(), versioned(1), None, WAIT)
+        .await
+        .unwrap();
+    let start = Instant::now();
+    while sync().await["merge_failures"] != json!(1) {
+        assert!(start.elapsed() < WAIT, "no merge failure recorded: {}", sync().await);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(sync().await["last_merge_error"].as_str().unwrap().contains("crdt"), "{}", sync().await);
+    let held = get().await;
+    assert_eq!(held["value"], json!({"opened": {"p": {"gw-1": 1}}}));
+    assert_eq!(held["version"]["vv"], json!({"gw-1": 1}), "a failed merge changes nothing");
+
+    // A concurrent valid increment is merged: both sides' increments survive,
+    // and the merged value goes back to the cloud.
+    mqtt::publish_v5(
+        &cloud_view.broker.url(),
+        &topic,
+        br#"{"opened":{"p":{"cloud-app":2}}}"#.to_vec(),
+        versioned(2),
+        Some("application/json".into()),
+        WAIT,
+    )
+    .await
+    .unwrap();
+    let want = json!({"opened": {"p": {"cloud-app": 2, "gw-1": 1}, "n": {}}});
+    eventually("the merged counter", &want, async || Some(get().await["value"].clone())).await;
+    assert_eq!(get().await["version"]["vv"], json!({"cloud-app": 2, "gw-1": 1}));
+    eventually("the cloud's retained value", &want, async || retained_at(&cloud_view, &topic).await).await;
+    agent.shutdown().await.unwrap();
 }
