@@ -504,3 +504,47 @@ async fn a_merge_plugin_merges_concurrent_updates_and_its_failures_follow_on_err
     eventually("the cloud's retained value", &want, async || retained_at(&cloud_view, &topic).await).await;
     agent.shutdown().await.unwrap();
 }
+
+#[tokio::test]
+async fn the_state_api_refuses_bad_input_naming_what_is_wrong_and_changes_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    // No cloud: the state API works on the device alone.
+    let toml = format!(
+        "[agent]\ndevice_id = \"gw-1\"\ndata_dir = {:?}\n[ingest.http]\nlisten = \"127.0.0.1:0\"\n",
+        dir.path().display().to_string()
+    );
+    let agent = Agent::start(Config::parse(&toml, "test.toml").unwrap(), Arc::new(SystemClock)).await.unwrap();
+    let client = reqwest::Client::new();
+    let base = format!("http://{}", agent.http_addr());
+    let r = client.get(format!("{base}/v1/state/desired/none")).send().await.unwrap();
+    assert_eq!(r.status(), 404);
+    assert!(r.text().await.unwrap().contains("desired/none"));
+    let r = put(&client, &agent, "desired/x", "{not json").await;
+    assert_eq!(r.status(), 400);
+    assert!(r.text().await.unwrap().contains("JSON"));
+    let r = client.put(format!("{base}/v1/state/desired/+")).body("1").send().await.unwrap();
+    assert_eq!(r.status(), 400);
+    assert!(r.text().await.unwrap().contains("desired/+"));
+    let r = client.get(format!("{base}/v1/state?after=3")).send().await.unwrap();
+    assert_eq!(r.status(), 400);
+    let r = client.get(format!("{base}/v1/state?prefx=a")).send().await.unwrap();
+    assert_eq!(r.status(), 400);
+    assert!(r.text().await.unwrap().contains("prefx"));
+    let list: Value = client.get(format!("{base}/v1/state")).send().await.unwrap().json().await.unwrap();
+    assert_eq!(list["entries"], json!([]), "nothing was written");
+
+    // A non-JSON value round-trips as base64 with its content type.
+    let r = client
+        .put(format!("{base}/v1/state/config/blob"))
+        .header("content-type", "application/octet-stream")
+        .body(vec![0u8, 159, 146, 150])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let v: Value = client.get(format!("{base}/v1/state/config/blob")).send().await.unwrap().json().await.unwrap();
+    assert_eq!(v["value_base64"], "AJ+Slg==");
+    assert_eq!(v["content_type"], "application/octet-stream");
+    assert_eq!(v["version"]["vv"], json!({"gw-1": 1}));
+    agent.shutdown().await.unwrap();
+}
