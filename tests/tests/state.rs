@@ -548,3 +548,91 @@ async fn the_state_api_refuses_bad_input_naming_what_is_wrong_and_changes_nothin
     assert_eq!(v["version"]["vv"], json!({"gw-1": 1}));
     agent.shutdown().await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_same_command_through_two_clouds_is_applied_once_and_a_redelivered_plain_value_is_not_a_new_write() {
+    let a = Cloud {
+        name: "a",
+        broker: Mosquitto::start(MosquittoOptions::default()).await.unwrap(),
+        protocol: Protocol::V5,
+    };
+    let b = Cloud {
+        name: "b",
+        broker: Mosquitto::start(MosquittoOptions::default()).await.unwrap(),
+        protocol: Protocol::V5,
+    };
+    let proxy = FaultProxy::start(b.broker.addr()).await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let mut toml = format!(
+        "[agent]\ndevice_id = \"gw-1\"\ndata_dir = {:?}\n[ingest.http]\nlisten = \"127.0.0.1:0\"\n",
+        dir.path().display().to_string()
+    );
+    for (name, url) in [("a", a.broker.url()), ("b", proxy.url())] {
+        toml.push_str(&format!(
+            "[[destination]]\nname = \"{name}\"\nurl = \"{url}\"\nkeep_alive = \"5s\"\nbackoff_base = \"100ms\"\n\
+             backoff_cap = \"500ms\"\nsubscribe = [\"desired/#\"]\n"
+        ));
+    }
+    let agent = Agent::start(Config::parse(&toml, "test.toml").unwrap(), Arc::new(SystemClock)).await.unwrap();
+    let client = reqwest::Client::new();
+    let sync = async || -> Value {
+        let v: Value =
+            client.get(format!("http://{}/v1/state", agent.http_addr())).send().await.unwrap().json().await.unwrap();
+        v["sync"].clone()
+    };
+    let wait_sync = async |what: &str, done: &dyn Fn(&Value) -> bool| {
+        let start = Instant::now();
+        loop {
+            let s = sync().await;
+            if done(&s) {
+                return s;
+            }
+            assert!(start.elapsed() < WAIT, "{what}: {s}");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    };
+
+    // One command, one version, published (retained) into both clouds.
+    let topic = "ferry/gw-1/desired/cmd";
+    let props = vec![
+        ("ferryvv".to_owned(), r#"{"ops":1}"#.to_owned()),
+        ("ferryhlc".to_owned(), (1u64 << 40).to_string()),
+        ("ferryorigin".to_owned(), "ops".to_owned()),
+    ];
+    for cloud in [&a, &b] {
+        use ferry_harness::rumqttc::v5::mqttbytes::QoS;
+        use ferry_harness::rumqttc::v5::mqttbytes::v5::{Packet, PublishProperties};
+        use ferry_harness::rumqttc::v5::{AsyncClient, Event};
+        let opts = mqtt::options_v5(&cloud.broker.url(), &mqtt::unique_client_id("ops"), None).unwrap();
+        let (c, mut el) = AsyncClient::new(opts, 8);
+        let p = PublishProperties { user_properties: props.clone(), ..Default::default() };
+        c.publish_with_properties(topic, QoS::AtLeastOnce, true, br#"{"reboot":true}"#.to_vec(), p).await.unwrap();
+        tokio::time::timeout(WAIT, async {
+            while !matches!(el.poll().await.unwrap(), Event::Incoming(Packet::PubAck(_))) {}
+        })
+        .await
+        .unwrap();
+    }
+    let s = wait_sync("both copies of the command handled", &|s| s["received"].as_u64().unwrap() >= 2).await;
+    assert_eq!(s["last_change"], 1, "applied once: {s}");
+    assert!(s["duplicates"].as_u64().unwrap() >= 1, "{s}");
+    let v = client.get(format!("http://{}/v1/state/desired/cmd", agent.http_addr())).send().await.unwrap();
+    let v: Value = v.json().await.unwrap();
+    assert_eq!(v["value"], json!({"reboot": true}));
+    assert_eq!(v["version"], json!({"vv": {"ops": 1}, "hlc": 1u64 << 40, "origin": "ops"}));
+
+    // A plain retained value from cloud b, then b's link drops and returns:
+    // the broker delivers the retained value again, which is not a new write.
+    cloud_write(&b.broker.url(), "ferry/gw-1/desired/mode", br#""eco""#).await;
+    let s = wait_sync("the plain value applied", &|s| s["last_change"] == 2).await;
+    let received = s["received"].as_u64().unwrap();
+    let reconnects = agent.destinations()[1].reconnects;
+    proxy.handle().cut();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    proxy.handle().restore();
+    // Both retained values (cmd and mode) come again on the new subscription.
+    let s = wait_sync("the retained values redelivered", &|s| s["received"].as_u64().unwrap() >= received + 2).await;
+    assert!(agent.destinations()[1].reconnects > reconnects);
+    assert_eq!(s["last_change"], 2, "a redelivered value changes nothing: {s}");
+    agent.shutdown().await.unwrap();
+}
