@@ -432,6 +432,7 @@ impl Task {
             });
             let _ = self.changes.send((entry.change, Change { key: key.to_owned(), entry: entry.clone() }));
             for d in dirty {
+                // A failure stays marked; the retry tick sends it.
                 self.send_upstream(&d, key).await;
             }
         }
@@ -538,24 +539,25 @@ impl Task {
 
     /// Queues the current value of `key` for `destination` through the
     /// event log, unless that cloud already holds it. A failure leaves the
-    /// mark for the retry tick.
-    async fn send_upstream(&mut self, destination: &str, key: &str) {
+    /// mark for the retry tick and returns false.
+    async fn send_upstream(&mut self, destination: &str, key: &str) -> bool {
         let (d, k, db) = (destination.to_owned(), key.to_owned(), self.db.clone());
         let read = blocking(move || Ok((db.get(&k)?, db.peer(&d, &k)?))).await;
         let (entry, held) = match read {
             Ok(r) => r,
             Err(e) => {
                 tracing::warn!(%destination, %key, error = %e, "cannot read state for upstream; will retry");
-                return;
+                return false;
             }
         };
         let done = |this: &Self| this.status(|s| s.pending_upstream = s.pending_upstream.saturating_sub(1));
         let Some(entry) = entry.filter(|e| held.as_ref().is_none_or(|p| p.version != e.version)) else {
             let (d, k, db) = (destination.to_owned(), key.to_owned(), self.db.clone());
-            if blocking(move || db.clean(&d, &k)).await.is_ok() {
+            let cleaned = blocking(move || db.clean(&d, &k)).await.is_ok();
+            if cleaned {
                 done(self);
             }
-            return;
+            return cleaned;
         };
         let body = self.state_event(key, &entry.data, entry.content_type.clone(), &entry.version, Some(destination));
         let (priority, expires) = self.classify(key);
@@ -563,11 +565,11 @@ impl Task {
             Ok(_) => {}
             Err(e @ (AppendError::Full { .. } | AppendError::DiskFull { .. } | AppendError::Closed)) => {
                 tracing::warn!(%destination, %key, error = %e, "state update not queued for the cloud yet; will retry");
-                return;
+                return false;
             }
             Err(e) => {
                 tracing::error!(%destination, %key, error = %e, "state update not queued for the cloud; will retry");
-                return;
+                return false;
             }
         }
         let peer = Peer {
@@ -584,6 +586,7 @@ impl Task {
             // The event is queued; a retry would only queue it again (harmless).
             Err(e) => tracing::warn!(%destination, %key, error = %e, "could not record the upstream send"),
         }
+        true
     }
 
     /// Sends every pending mark.
@@ -598,7 +601,10 @@ impl Task {
         };
         self.status(|s| s.pending_upstream = marks.len() as u64);
         for (destination, key) in marks {
-            self.send_upstream(&destination, &key).await;
+            // The store refusing one (full) refuses the rest: try again next tick.
+            if !self.send_upstream(&destination, &key).await {
+                break;
+            }
         }
     }
 }
