@@ -9,9 +9,12 @@
 //! Dependencies point down this list; nothing lower knows what is above it.
 //!
 //! - [`cli`] — the `ferry` command line and its HTTP client commands.
+//! - `demo` — `ferry demo`: two in-process clouds, a sensor fleet and an
+//!   outage, verified end to end (cargo feature `demo`, on by default).
 //! - [`runtime`] — wiring: builds the services, runs them, orders shutdown.
 //! - [`ingest`] — producer input: body decoding ([`ingest::parse`]), defaults
 //!   and limits, and the HTTP API ([`ingest::http`]).
+//! - [`metrics`] — Prometheus metrics: lock-free histograms and the scrape.
 //! - [`store`] — the redb event log: group commit, dedup, quota and
 //!   eviction, TTL and dead letters, forwarder cursors.
 //! - [`plugin`] — the WebAssembly plugin host: sandboxed filter and merge
@@ -24,9 +27,12 @@
 pub mod cli;
 pub mod clock;
 pub mod config;
+#[cfg(feature = "demo")]
+pub mod demo;
 pub mod event;
 pub mod forward;
 pub mod ingest;
+pub mod metrics;
 pub mod plugin;
 pub mod runtime;
 pub mod store;

@@ -19,8 +19,10 @@ use crate::clock::SharedClock;
 use crate::config::Config;
 use crate::config::plugin::Stage;
 use crate::forward::{Forwarder, link};
+use crate::ingest::admin::Admin;
 use crate::ingest::mqtt::MqttIngest;
 use crate::ingest::{Ingest, http};
+use crate::metrics::{DestinationSource, Sources};
 use crate::plugin::{Plugin, PluginError, PluginHandle};
 use crate::store::{Store, StoreError};
 
@@ -120,6 +122,17 @@ impl Agent {
             .map(|(d, tls)| Forwarder::spawn(d.clone(), tls, store.clone(), clock.clone(), stop_rx.clone()))
             .collect();
         let statuses = forwarders.iter().map(Forwarder::status_handle).collect();
+        let admin = Admin {
+            sources: Sources {
+                store: store.clone(),
+                destinations: forwarders
+                    .iter()
+                    .map(|f| DestinationSource { status: f.status_handle(), lag: f.lag_histogram() })
+                    .collect(),
+                plugins: plugins.clone(),
+            },
+            clock: clock.clone(),
+        };
 
         let ingest = Ingest::new(store.clone(), config.agent.source(), clock).with_filters(ingest_filters);
         let mqtt_ingest = match &config.mqtt_ingest {
@@ -143,6 +156,7 @@ impl Agent {
             ingest,
             config.agent.device_id.clone(),
             statuses,
+            admin,
             async {
                 let _ = stopped.await;
             },
