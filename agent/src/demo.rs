@@ -570,8 +570,11 @@ fn sensor_loop(
         noise ^= noise >> 7;
         noise ^= noise << 17;
         // About one reading in fifty is a glitch.
-        let celsius =
-            if noise % 50 == 0 { GLITCH_CELSIUS } else { 18.0 + (noise % 1200) as f64 / 100.0 + sensor as f64 * 0.1 };
+        let celsius = if noise.is_multiple_of(50) {
+            GLITCH_CELSIUS
+        } else {
+            18.0 + (noise % 1200) as f64 / 100.0 + sensor as f64 * 0.1
+        };
         let id = format!("sensor-{sensor}-{n}");
         let body = json!({
             "topic": format!("sensors/{sensor}/temperature"),

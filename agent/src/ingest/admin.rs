@@ -52,19 +52,32 @@ pub fn router(admin: Admin) -> Router {
 }
 
 fn fail(status: StatusCode, message: impl std::fmt::Display) -> Response {
-    (status, axum::Json(json!({ "error": message.to_string() }))).into_response()
+    Failure(status, message.to_string()).into_response()
 }
 
-async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T, Response> + Send + 'static) -> Result<T, Response> {
-    tokio::task::spawn_blocking(f).await.map_err(|e| fail(StatusCode::INTERNAL_SERVER_ERROR, e))?
+/// A refusal: its status and message (answered as `{"error": …}`).
+struct Failure(StatusCode, String);
+
+impl IntoResponse for Failure {
+    fn into_response(self) -> Response {
+        (self.0, axum::Json(json!({ "error": self.1 }))).into_response()
+    }
+}
+
+fn internal(e: impl std::fmt::Display) -> Failure {
+    Failure(StatusCode::INTERNAL_SERVER_ERROR, e.to_string())
+}
+
+async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T, Failure> + Send + 'static) -> Result<T, Failure> {
+    tokio::task::spawn_blocking(f).await.map_err(internal)?
 }
 
 async fn get_metrics(State(admin): State<Admin>) -> Response {
     let now_ms = admin.clock.now_millis();
     let sources = admin.sources.clone();
-    match blocking(move || sources.render(now_ms).map_err(|e| fail(StatusCode::INTERNAL_SERVER_ERROR, e))).await {
+    match blocking(move || sources.render(now_ms).map_err(internal)).await {
         Ok(text) => ([(header::CONTENT_TYPE, metrics::CONTENT_TYPE)], text).into_response(),
-        Err(r) => r,
+        Err(f) => f.into_response(),
     }
 }
 
@@ -123,8 +136,8 @@ async fn list_dead_letters(State(admin): State<Admin>, Query(q): Query<ListQuery
     }
     let store = admin.store().clone();
     let listed = blocking(move || {
-        let letters = store.dead_letters(q.after, limit).map_err(|e| fail(StatusCode::INTERNAL_SERVER_ERROR, e))?;
-        let total = store.status(0).map_err(|e| fail(StatusCode::INTERNAL_SERVER_ERROR, e))?.dead_letters;
+        let letters = store.dead_letters(q.after, limit).map_err(internal)?;
+        let total = store.status(0).map_err(internal)?.dead_letters;
         Ok((letters, total))
     })
     .await;
@@ -134,7 +147,7 @@ async fn list_dead_letters(State(admin): State<Admin>, Query(q): Query<ListQuery
             let items: Vec<DeadLetterSummary> = letters.into_iter().map(DeadLetterSummary::new).collect();
             axum::Json(json!({ "total": total, "dead_letters": items, "next_after": next_after })).into_response()
         }
-        Err(r) => r,
+        Err(f) => f.into_response(),
     }
 }
 
@@ -143,8 +156,7 @@ async fn show_dead_letter(State(admin): State<Admin>, Path(number): Path<String>
         return fail(StatusCode::BAD_REQUEST, format!("dead letter number `{number}` is not a whole number"));
     };
     let store = admin.store().clone();
-    let found =
-        blocking(move || store.dead_letter(number).map_err(|e| fail(StatusCode::INTERNAL_SERVER_ERROR, e))).await;
+    let found = blocking(move || store.dead_letter(number).map_err(internal)).await;
     match found {
         Ok(Some(d)) => {
             let event =
@@ -157,7 +169,7 @@ async fn show_dead_letter(State(admin): State<Admin>, Path(number): Path<String>
             axum::Json(body).into_response()
         }
         Ok(None) => fail(StatusCode::NOT_FOUND, DeadLetterError::NotFound(number)),
-        Err(r) => r,
+        Err(f) => f.into_response(),
     }
 }
 
@@ -170,16 +182,16 @@ struct Selection {
     all: bool,
 }
 
-fn selection(body: &[u8]) -> Result<Option<Vec<u64>>, Response> {
-    let s: Selection = serde_json::from_slice(body).map_err(|e| {
-        fail(StatusCode::BAD_REQUEST, format!("body must be {{\"numbers\": [..]}} or {{\"all\": true}}: {e}"))
-    })?;
+fn selection(body: &[u8]) -> Result<Option<Vec<u64>>, Failure> {
+    let bad = |m: String| Failure(StatusCode::BAD_REQUEST, m);
+    let s: Selection = serde_json::from_slice(body)
+        .map_err(|e| bad(format!("body must be {{\"numbers\": [..]}} or {{\"all\": true}}: {e}")))?;
     match (s.numbers, s.all) {
-        (Some(_), true) => Err(fail(StatusCode::BAD_REQUEST, "give either `numbers` or `all`, not both")),
-        (Some(n), false) if n.is_empty() => Err(fail(StatusCode::BAD_REQUEST, "`numbers` is empty")),
+        (Some(_), true) => Err(bad("give either `numbers` or `all`, not both".into())),
+        (Some(n), false) if n.is_empty() => Err(bad("`numbers` is empty".into())),
         (Some(n), false) => Ok(Some(n)),
         (None, true) => Ok(None),
-        (None, false) => Err(fail(StatusCode::BAD_REQUEST, "give `numbers` (a list) or `all: true`")),
+        (None, false) => Err(bad("give `numbers` (a list) or `all: true`".into())),
     }
 }
 
@@ -196,7 +208,7 @@ fn dead_letter_error(e: DeadLetterError) -> Response {
 async fn replay(State(admin): State<Admin>, body: axum::body::Bytes) -> Response {
     let numbers = match selection(&body) {
         Ok(n) => n,
-        Err(r) => return r,
+        Err(f) => return f.into_response(),
     };
     let store = admin.store().clone();
     let mut replayed = Vec::new();
@@ -207,13 +219,9 @@ async fn replay(State(admin): State<Admin>, body: axum::body::Bytes) -> Response
         },
         None => loop {
             let s = store.clone();
-            let chunk = match blocking(move || {
-                s.dead_letters(0, REPLAY_CHUNK).map_err(|e| fail(StatusCode::INTERNAL_SERVER_ERROR, e))
-            })
-            .await
-            {
+            let chunk = match blocking(move || s.dead_letters(0, REPLAY_CHUNK).map_err(internal)).await {
                 Ok(c) => c,
-                Err(r) => return r,
+                Err(f) => return f.into_response(),
             };
             if chunk.is_empty() {
                 break;
@@ -231,7 +239,7 @@ async fn replay(State(admin): State<Admin>, body: axum::body::Bytes) -> Response
 async fn purge(State(admin): State<Admin>, body: axum::body::Bytes) -> Response {
     let numbers = match selection(&body) {
         Ok(n) => n,
-        Err(r) => return r,
+        Err(f) => return f.into_response(),
     };
     match admin.store().purge_dead_letters(numbers).await {
         Ok(purged) => {

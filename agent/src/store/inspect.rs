@@ -137,7 +137,7 @@ pub fn inspect(path: &Path) -> Result<Inspection, InspectError> {
             }
         }
     }
-    reasons.sort_by(|a, b| b.1.cmp(&a.1));
+    reasons.sort_by_key(|r| std::cmp::Reverse(r.1));
     reasons.truncate(10);
     let mut cursors = Vec::new();
     if let Ok(t) = txn.open_table(tables::CURSORS) {
