@@ -341,6 +341,34 @@ pub fn status(args: &StatusArgs) -> anyhow::Result<()> {
         n(&c["expired_events"]),
         n(&s["dead_letters"])
     )?;
+    let dests = body["destinations"].as_array().cloned().unwrap_or_default();
+    if dests.is_empty() {
+        writeln!(out, "destinations: none configured (events are kept until one is added)")?;
+    } else {
+        writeln!(
+            out,
+            "\n{:<16} {:<6} {:<10} {:>10} {:>10} {:>9} {:>9} {:>8} {:>10}  last error",
+            "DESTINATION", "PROTO", "STATE", "ACKED", "BACKLOG", "LAG", "RATE/s", "ETA", "RECONNECTS"
+        )?;
+    }
+    for d in dests {
+        let state = if d["connected"].as_bool() == Some(true) { "connected" } else { "down" };
+        let eta = d["drain_eta_seconds"].as_f64().map_or_else(|| "-".to_owned(), |s| format!("{s:.0}s"));
+        writeln!(
+            out,
+            "{:<16} {:<6} {:<10} {:>10} {:>10} {:>8.1}s {:>9.0} {:>8} {:>10}  {}",
+            d["name"].as_str().unwrap_or("?"),
+            d["protocol"].as_str().unwrap_or("?"),
+            state,
+            n(&d["acked_sequence"]),
+            n(&d["backlog_events"]),
+            n(&d["lag_ms"]) as f64 / 1000.0,
+            d["send_rate"].as_f64().unwrap_or(0.0),
+            eta,
+            n(&d["reconnects"]),
+            d["last_error"].as_str().unwrap_or("")
+        )?;
+    }
     let plugins = body["plugins"].as_array().cloned().unwrap_or_default();
     if !plugins.is_empty() {
         writeln!(
@@ -363,34 +391,6 @@ pub fn status(args: &StatusArgs) -> anyhow::Result<()> {
                 p["last_error"].as_str().unwrap_or("")
             )?;
         }
-    }
-    let dests = body["destinations"].as_array().cloned().unwrap_or_default();
-    if dests.is_empty() {
-        writeln!(out, "destinations: none configured (events are kept until one is added)")?;
-        return Ok(());
-    }
-    writeln!(
-        out,
-        "\n{:<16} {:<6} {:<10} {:>10} {:>10} {:>9} {:>9} {:>8} {:>10}  last error",
-        "DESTINATION", "PROTO", "STATE", "ACKED", "BACKLOG", "LAG", "RATE/s", "ETA", "RECONNECTS"
-    )?;
-    for d in dests {
-        let state = if d["connected"].as_bool() == Some(true) { "connected" } else { "down" };
-        let eta = d["drain_eta_seconds"].as_f64().map_or_else(|| "-".to_owned(), |s| format!("{s:.0}s"));
-        writeln!(
-            out,
-            "{:<16} {:<6} {:<10} {:>10} {:>10} {:>8.1}s {:>9.0} {:>8} {:>10}  {}",
-            d["name"].as_str().unwrap_or("?"),
-            d["protocol"].as_str().unwrap_or("?"),
-            state,
-            n(&d["acked_sequence"]),
-            n(&d["backlog_events"]),
-            n(&d["lag_ms"]) as f64 / 1000.0,
-            d["send_rate"].as_f64().unwrap_or(0.0),
-            eta,
-            n(&d["reconnects"]),
-            d["last_error"].as_str().unwrap_or("")
-        )?;
     }
     Ok(())
 }

@@ -12,7 +12,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use prometheus_client::collector::Collector;
-use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric};
+use prometheus_client::encoding::{DescriptorEncoder, EncodeGaugeValue, EncodeMetric};
 use prometheus_client::metrics::MetricType;
 use prometheus_client::metrics::counter::ConstCounter;
 use prometheus_client::metrics::gauge::ConstGauge;
@@ -140,7 +140,7 @@ fn counter(e: &mut DescriptorEncoder, name: &str, help: &str, v: u64) -> Fmt {
     ConstCounter::new(v).encode(e.encode_descriptor(name, help, None, MetricType::Counter)?)
 }
 
-fn gauge(e: &mut DescriptorEncoder, name: &str, help: &str, v: i64) -> Fmt {
+fn gauge<N: EncodeGaugeValue + std::fmt::Debug>(e: &mut DescriptorEncoder, name: &str, help: &str, v: N) -> Fmt {
     ConstGauge::new(v).encode(e.encode_descriptor(name, help, None, MetricType::Gauge)?)
 }
 
@@ -152,7 +152,7 @@ fn family<T>(
     kind: MetricType,
     label: &str,
     items: &[T],
-    value: impl Fn(&T) -> (&str, u64),
+    value: impl Fn(&T) -> (&str, f64),
 ) -> Fmt {
     if items.is_empty() {
         return Ok(());
@@ -163,8 +163,8 @@ fn family<T>(
         let labels = [(label, item_name)];
         let sample = m.encode_family(&labels)?;
         match kind {
-            MetricType::Counter => ConstCounter::new(v).encode(sample)?,
-            _ => ConstGauge::new(i64::try_from(v).unwrap_or(i64::MAX)).encode(sample)?,
+            MetricType::Counter => ConstCounter::new(v as u64).encode(sample)?,
+            _ => ConstGauge::new(v).encode(sample)?,
         }
     }
     Ok(())
@@ -209,7 +209,7 @@ impl Collector for Snapshot {
             &mut e,
             "ferry_store_oldest_event_age_seconds",
             "Age of the oldest event in the log (0 when empty).",
-            i(s.oldest_age_ms.unwrap_or(0) / 1000),
+            s.oldest_age_ms.unwrap_or(0) as f64 / 1000.0,
         )?;
         counter(
             &mut e,
@@ -240,7 +240,7 @@ impl Collector for Snapshot {
         )?;
 
         let d = &self.destinations;
-        let dest = |name: &str, help: &str, kind, f: fn(&DestinationStatus, &StoreStatus) -> u64, e: &mut _| {
+        let dest = |name: &str, help: &str, kind, f: fn(&DestinationStatus, &StoreStatus) -> f64, e: &mut _| {
             family(e, name, help, kind, "destination", d, |(st, _)| (st.name.as_str(), f(st, s)))
         };
         use MetricType::{Counter, Gauge};
@@ -248,59 +248,65 @@ impl Collector for Snapshot {
             "ferry_destination_up",
             "1 while a connection to the broker is up.",
             Gauge,
-            |d, _| u64::from(d.connected),
+            |d, _| f64::from(u8::from(d.connected)),
             &mut e,
         )?;
         dest(
             "ferry_destination_backlog_events",
             "Events after the destination's durable cursor (an upper bound: it includes events its routes skip).",
             Gauge,
-            |d, s| s.last_sequence.saturating_sub(d.acked_sequence),
+            |d, s| s.last_sequence.saturating_sub(d.acked_sequence) as f64,
             &mut e,
         )?;
         dest(
             "ferry_destination_acked_sequence",
             "The destination's durable cursor.",
             Gauge,
-            |d, _| d.acked_sequence,
+            |d, _| d.acked_sequence as f64,
             &mut e,
         )?;
-        dest("ferry_destination_in_flight", "Publishes awaiting PUBACK.", Gauge, |d, _| d.in_flight as u64, &mut e)?;
+        dest("ferry_destination_in_flight", "Publishes awaiting PUBACK.", Gauge, |d, _| d.in_flight as f64, &mut e)?;
         dest(
             "ferry_destination_lag_seconds",
             "Age of the oldest event not yet acknowledged (0 when caught up).",
             Gauge,
-            |d, _| d.lag_ms / 1000,
+            |d, _| d.lag_ms as f64 / 1000.0,
             &mut e,
         )?;
         dest(
             "ferry_destination_delivered_events",
             "Events acknowledged by the broker.",
             Counter,
-            |d, _| d.delivered,
+            |d, _| d.delivered as f64,
             &mut e,
         )?;
         dest(
             "ferry_destination_published_events",
             "Publishes sent, resends included.",
             Counter,
-            |d, _| d.published,
+            |d, _| d.published as f64,
             &mut e,
         )?;
-        dest("ferry_destination_sent_bytes", "Payload bytes published.", Counter, |d, _| d.bytes_sent, &mut e)?;
-        dest("ferry_destination_reconnects", "Connections lost or refused.", Counter, |d, _| d.reconnects, &mut e)?;
+        dest("ferry_destination_sent_bytes", "Payload bytes published.", Counter, |d, _| d.bytes_sent as f64, &mut e)?;
+        dest(
+            "ferry_destination_reconnects",
+            "Connections lost or refused.",
+            Counter,
+            |d, _| d.reconnects as f64,
+            &mut e,
+        )?;
         dest(
             "ferry_destination_publish_errors",
             "Publishes lost to a failed link before their PUBACK (they are resent).",
             Counter,
-            |d, _| d.publish_errors,
+            |d, _| d.publish_errors as f64,
             &mut e,
         )?;
         dest(
             "ferry_destination_dead_letters",
             "Events this destination could not take (dead-lettered for it).",
             Counter,
-            |d, _| d.dead_lettered,
+            |d, _| d.dead_lettered as f64,
             &mut e,
         )?;
         if !d.is_empty() {
@@ -318,28 +324,40 @@ impl Collector for Snapshot {
         }
 
         let p = &self.plugins;
-        let plugin = |name: &str, help: &str, kind, f: fn(&PluginStatus) -> u64, e: &mut _| {
+        let plugin = |name: &str, help: &str, kind, f: fn(&PluginStatus) -> f64, e: &mut _| {
             family(e, name, help, kind, "plugin", p, |st| (st.name.as_str(), f(st)))
         };
-        plugin("ferry_plugin_calls", "Calls made, failed ones included.", Counter, |p| p.calls, &mut e)?;
-        plugin("ferry_plugin_events", "Events passed to the plugin.", Counter, |p| p.events, &mut e)?;
-        plugin("ferry_plugin_failures", "Failed calls of every kind.", Counter, |p| p.failures, &mut e)?;
-        plugin("ferry_plugin_traps", "Calls that trapped.", Counter, |p| p.traps, &mut e)?;
-        plugin("ferry_plugin_timeouts", "Calls that ran out of fuel or time.", Counter, |p| p.timeouts, &mut e)?;
-        plugin("ferry_plugin_out_of_memory", "Calls that hit the memory limit.", Counter, |p| p.out_of_memory, &mut e)?;
-        plugin("ferry_plugin_refused", "Calls refused while the circuit was open.", Counter, |p| p.refused, &mut e)?;
+        plugin("ferry_plugin_calls", "Calls made, failed ones included.", Counter, |p| p.calls as f64, &mut e)?;
+        plugin("ferry_plugin_events", "Events passed to the plugin.", Counter, |p| p.events as f64, &mut e)?;
+        plugin("ferry_plugin_failures", "Failed calls of every kind.", Counter, |p| p.failures as f64, &mut e)?;
+        plugin("ferry_plugin_traps", "Calls that trapped.", Counter, |p| p.traps as f64, &mut e)?;
+        plugin("ferry_plugin_timeouts", "Calls that ran out of fuel or time.", Counter, |p| p.timeouts as f64, &mut e)?;
+        plugin(
+            "ferry_plugin_out_of_memory",
+            "Calls that hit the memory limit.",
+            Counter,
+            |p| p.out_of_memory as f64,
+            &mut e,
+        )?;
+        plugin(
+            "ferry_plugin_refused",
+            "Calls refused while the circuit was open.",
+            Counter,
+            |p| p.refused as f64,
+            &mut e,
+        )?;
         plugin(
             "ferry_plugin_fuel_used",
             "Fuel consumed (fuel-metered plugins only).",
             Counter,
-            |p| p.fuel_used,
+            |p| p.fuel_used as f64,
             &mut e,
         )?;
         plugin(
             "ferry_plugin_circuit_open",
             "1 while the plugin's circuit breaker is open.",
             Gauge,
-            |p| u64::from(p.circuit == CircuitState::Open),
+            |p| f64::from(u8::from(p.circuit == CircuitState::Open)),
             &mut e,
         )?;
         Ok(())
