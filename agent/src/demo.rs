@@ -85,12 +85,20 @@ fn find_plugin(given: Option<&Path>) -> anyhow::Result<Option<PathBuf>> {
 async fn demo(args: &DemoArgs) -> anyhow::Result<()> {
     let plugin = find_plugin(args.plugin.as_deref())?;
     let data = match &args.data {
+        // Never a store someone may still want: the demo starts from nothing.
+        Some(d) if d.read_dir().is_ok_and(|mut entries| entries.next().is_some()) => {
+            bail!("--data {}: the directory is not empty; give a new or empty one", d.display())
+        }
         Some(d) => d.clone(),
-        None => std::env::temp_dir().join(format!("ferry-demo-{}", std::process::id())),
+        None => {
+            let d = std::env::temp_dir().join(format!("ferry-demo-{}", std::process::id()));
+            if d.exists() {
+                // A leftover of an earlier demo that had this process id.
+                std::fs::remove_dir_all(&d).with_context(|| format!("clearing {}", d.display()))?;
+            }
+            d
+        }
     };
-    if data.exists() {
-        std::fs::remove_dir_all(&data).with_context(|| format!("clearing {}", data.display()))?;
-    }
 
     println!("Ferry demo: a gateway forwarding a sensor fleet's readings to two clouds.\n");
     let cloud_a = Broker::start(Protocol::V5).await.context("starting cloud-a")?;

@@ -343,3 +343,13 @@ fn ferry_demo_shows_an_outage_and_verifies_every_event_reached_both_clouds() {
         assert!(text.contains("the example filter is not built"), "{text}");
     }
 }
+
+#[test]
+fn ferry_demo_refuses_a_data_directory_that_holds_anything() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("keep.txt"), "mine").unwrap();
+    let out = Command::new(ferry_bin!()).args(["demo", "--data"]).arg(dir.path()).output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("not empty"), "{err}");
+    assert_eq!(std::fs::read_to_string(dir.path().join("keep.txt")).unwrap(), "mine");
+}
