@@ -353,3 +353,46 @@ fn ferry_demo_refuses_a_data_directory_that_holds_anything() {
     assert!(!out.status.success() && err.contains("not empty"), "{err}");
     assert_eq!(std::fs::read_to_string(dir.path().join("keep.txt")).unwrap(), "mine");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn plugin_metrics_count_calls_traps_and_timeouts_of_a_hostile_filter() {
+    // Built by scripts/build-plugins.sh, which scripts/test.sh runs first.
+    let hostile =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../plugins/build/testdata/hostile-filter.wasm");
+    assert!(hostile.is_file(), "{} is missing: run scripts/build-plugins.sh first", hostile.display());
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_config_with(
+        dir.path(),
+        "",
+        &format!(
+            "[[plugin]]\nname = \"hostile\"\npath = {:?}\nworld = \"filter\"\nstage = \"ingest\"\ntimeout_ms = 200\n",
+            hostile.display().to_string()
+        ),
+    );
+    let agent = spawn_agent(&config).await;
+    let client = reqwest::Client::new();
+    for topic in ["good/1", "hostile/trap", "good/2", "hostile/loop", "good/3"] {
+        let r = client
+            .post(format!("{}/v1/events", agent.url()))
+            .json(&json!({"topic": topic, "data": {"n": 1}}))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200);
+    }
+    let text = client.get(format!("{}/metrics", agent.url())).send().await.unwrap().text().await.unwrap();
+    let m = scrape(&text);
+    let get = |name: &str, label: &str| {
+        number(m.get(&(name.to_owned(), label.to_owned())).unwrap_or_else(|| panic!("no {name}{{{label}}} in\n{text}")))
+    };
+    assert_eq!(get("ferry_plugin_calls_total", "hostile"), 5.0);
+    assert_eq!(get("ferry_plugin_events_total", "hostile"), 5.0);
+    assert_eq!(get("ferry_plugin_failures_total", "hostile"), 2.0);
+    assert_eq!(get("ferry_plugin_traps_total", "hostile"), 1.0);
+    assert_eq!(get("ferry_plugin_timeouts_total", "hostile"), 1.0);
+    assert_eq!(get("ferry_plugin_circuit_open", "hostile"), 0.0);
+    assert_eq!(get("ferry_dead_letters", ""), 2.0, "both failed events are dead letters");
+    assert_eq!(get("ferry_ingest_events_total", ""), 3.0);
+    let (exit, _) = agent.terminate();
+    assert!(exit.success());
+}
