@@ -13,14 +13,17 @@
 //!   outage, verified end to end (cargo feature `demo`, on by default).
 //! - [`runtime`] — wiring: builds the services, runs them, orders shutdown.
 //! - [`ingest`] — producer input: body decoding ([`ingest::parse`]), defaults
-//!   and limits, and the HTTP API ([`ingest::http`]).
-//! - [`metrics`] — Prometheus metrics: lock-free histograms and the scrape.
+//!   and limits, the HTTP API ([`ingest::http`]) and its operator routes
+//!   (`/metrics`, dead letters: [`ingest::admin`]).
+//! - [`metrics`] — the Prometheus scrape: reads every part below.
+//! - [`forward`] — one task per destination publishing the log over MQTT.
 //! - [`store`] — the redb event log: group commit, dedup, quota and
 //!   eviction, TTL and dead letters, forwarder cursors.
 //! - [`plugin`] — the WebAssembly plugin host: sandboxed filter and merge
 //!   components (wasmtime), their bounds, failure policy and circuit breaker.
 //! - [`event`] — the CloudEvents record and its versioned storage encoding.
 //! - [`topic`] — MQTT topic name validation and filter matching.
+//! - [`histogram`] — lock-free fixed-bucket histograms (commit time, delivery lag).
 //! - [`clock`] — the injectable wall clock and the hybrid logical clock.
 //! - [`config`] — the TOML config: parsed, then validated into [`config::Config`].
 
@@ -31,6 +34,7 @@ pub mod config;
 pub mod demo;
 pub mod event;
 pub mod forward;
+pub mod histogram;
 pub mod ingest;
 pub mod metrics;
 pub mod plugin;

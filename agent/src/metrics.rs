@@ -1,14 +1,12 @@
-//! Prometheus metrics: the lock-free histograms the hot paths record into,
-//! and the scrape that renders `GET /metrics`.
+//! The Prometheus scrape that renders `GET /metrics`.
 //!
 //! Counters and gauges are not kept twice: a scrape reads them from where
 //! they already live (the store's persistent counters, each forwarder's
 //! status, each plugin's status), so the hot paths only pay for the two
-//! histograms, a few relaxed atomic adds per observation. The text is
+//! [`crate::histogram`]s, a few relaxed atomic adds per observation. The text is
 //! rendered by `prometheus-client` in the OpenMetrics text format, which
 //! Prometheus scrapes natively.
 
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use prometheus_client::collector::Collector;
@@ -19,69 +17,12 @@ use prometheus_client::metrics::gauge::ConstGauge;
 use prometheus_client::registry::Registry;
 
 use crate::forward::DestinationStatus;
+use crate::histogram::{Histogram, HistogramSnapshot};
 use crate::plugin::{CircuitState, PluginHandle, PluginStatus};
 use crate::store::{Store, StoreError, StoreStatus};
 
-/// Bucket bounds of the commit latency histogram, in seconds: an fsync
-/// takes from a fraction of a millisecond (NVMe) to tens (SD cards).
-pub const COMMIT_BUCKETS: &[f64] = &[0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5];
-
-/// Bucket bounds of the delivery lag histogram, in seconds: from a live
-/// link (milliseconds) to a backlog drained after a day offline.
-pub const LAG_BUCKETS: &[f64] =
-    &[0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 5.0, 10.0, 30.0, 60.0, 300.0, 1800.0, 3600.0, 21600.0, 86400.0];
-
 /// The OpenMetrics content type `GET /metrics` answers with.
 pub const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
-
-/// A histogram with fixed buckets, recorded with relaxed atomic adds so
-/// that the writer thread and forwarders never take a lock for it.
-#[derive(Debug)]
-pub struct Histogram {
-    bounds: &'static [f64],
-    /// One count per bound plus the `+Inf` bucket (not cumulative).
-    counts: Box<[AtomicU64]>,
-    /// Sum of observations in microseconds.
-    sum_micros: AtomicU64,
-}
-
-impl Histogram {
-    /// An empty histogram over `bounds` (ascending, in seconds).
-    pub fn new(bounds: &'static [f64]) -> Self {
-        Self { bounds, counts: (0..=bounds.len()).map(|_| AtomicU64::new(0)).collect(), sum_micros: AtomicU64::new(0) }
-    }
-
-    /// Records one observation of `seconds`.
-    pub fn observe(&self, seconds: f64) {
-        let i = self.bounds.iter().position(|b| seconds <= *b).unwrap_or(self.bounds.len());
-        self.counts[i].fetch_add(1, Ordering::Relaxed);
-        self.sum_micros.fetch_add((seconds.max(0.0) * 1e6) as u64, Ordering::Relaxed);
-    }
-
-    /// Observations so far.
-    pub fn count(&self) -> u64 {
-        self.counts.iter().map(|c| c.load(Ordering::Relaxed)).sum()
-    }
-
-    /// Sum, count and per-bucket counts (the encoder accumulates them).
-    fn snapshot(&self) -> HistogramSnapshot {
-        let buckets: Vec<(f64, u64)> = self
-            .counts
-            .iter()
-            .enumerate()
-            .map(|(i, c)| (self.bounds.get(i).copied().unwrap_or(f64::INFINITY), c.load(Ordering::Relaxed)))
-            .collect();
-        let count = buckets.iter().map(|(_, n)| n).sum();
-        HistogramSnapshot { sum: self.sum_micros.load(Ordering::Relaxed) as f64 / 1e6, count, buckets }
-    }
-}
-
-#[derive(Debug)]
-struct HistogramSnapshot {
-    sum: f64,
-    count: u64,
-    buckets: Vec<(f64, u64)>,
-}
 
 /// One destination as metrics see it.
 #[derive(Clone)]
@@ -361,22 +302,5 @@ impl Collector for Snapshot {
             &mut e,
         )?;
         Ok(())
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn histogram_counts_each_observation_in_its_bucket() {
-        let h = Histogram::new(&[0.1, 1.0]);
-        for v in [0.05, 0.1, 0.5, 3.0] {
-            h.observe(v);
-        }
-        let s = h.snapshot();
-        assert_eq!(s.count, 4);
-        assert_eq!(s.buckets, vec![(0.1, 2), (1.0, 1), (f64::INFINITY, 1)]);
-        assert!((s.sum - 3.65).abs() < 1e-6, "sum {}", s.sum);
     }
 }

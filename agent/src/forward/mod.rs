@@ -31,7 +31,7 @@ use tokio::task::JoinHandle;
 use crate::clock::SharedClock;
 use crate::config::{DestinationConfig, Protocol};
 use crate::event::Event;
-use crate::metrics::Histogram;
+use crate::histogram::Histogram;
 use crate::store::Store;
 use backoff::Backoff;
 use link::{Link, LinkError, LinkEvent, LinkOptions};
@@ -106,7 +106,7 @@ impl Forwarder {
             },
             ..DestinationStatus::default()
         }));
-        let lag = Arc::new(Histogram::new(crate::metrics::LAG_BUCKETS));
+        let lag = Arc::new(Histogram::new(crate::histogram::LAG_BUCKETS));
         let task = Task { config, tls, store, clock, shutdown, status: status.clone(), lag: lag.clone() };
         Self { status, lag, task: tokio::spawn(task.run()) }
     }

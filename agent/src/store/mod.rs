@@ -25,7 +25,7 @@ use tokio::sync::{oneshot, watch};
 use crate::clock::{Hlc, SharedClock};
 use crate::config::StoreConfig;
 use crate::event::{self, DecodeError, Event, EventBody};
-use crate::metrics::Histogram;
+use crate::histogram::Histogram;
 use writer::{Request, Writer};
 
 /// How long a producer refused for a full store is told to wait.
@@ -411,7 +411,7 @@ impl Store {
             .create(&config.path)
             .map_err(|e| open_err(e.into()))?;
         let db = Arc::new(db);
-        let commit_latency = Arc::new(Histogram::new(crate::metrics::COMMIT_BUCKETS));
+        let commit_latency = Arc::new(Histogram::new(crate::histogram::COMMIT_BUCKETS));
         let (writer, committed) =
             Writer::new(db.clone(), config.clone(), clock, commit_latency.clone()).map_err(open_err)?;
         let (requests, rx) = flume::bounded(config.queue_depth);

@@ -21,7 +21,7 @@ use super::{
 use crate::clock::{Hlc, HlcState, SharedClock};
 use crate::config::{Durability, FullPolicy, StoreConfig};
 use crate::event::{self, DecodeError, RecordHeader};
-use crate::metrics::Histogram;
+use crate::histogram::Histogram;
 
 /// Most events one transaction takes before it commits and starts another,
 /// which bounds commit latency under a flood.
