@@ -217,8 +217,13 @@ backoff_cap = "1s"
         fleet.sent.load(Ordering::Relaxed),
         accepted.len()
     );
+    let unanswered = fleet.unanswered.load(Ordering::Relaxed);
+    if unanswered > 0 {
+        println!("            {unanswered} readings got no answer after 5 tries (the sensor gave up on them)");
+    }
     if let Some(p) = plugin_status {
-        let dropped = fleet.sent.load(Ordering::Relaxed).saturating_sub(accepted.len() as u64);
+        let answered = fleet.sent.load(Ordering::Relaxed) - fleet.unanswered.load(Ordering::Relaxed);
+        let dropped = answered.saturating_sub(accepted.len() as u64);
         println!(
             "  plugin    threshold filter: {} calls, {} glitched readings dropped before storage",
             p.calls, dropped
@@ -510,6 +515,8 @@ struct Fleet {
     threads: Mutex<Vec<std::thread::JoinHandle<()>>>,
     accepted: Arc<Mutex<HashSet<String>>>,
     sent: Arc<AtomicU64>,
+    /// Readings that got no answer after every retry.
+    unanswered: Arc<AtomicU64>,
     finished: Arc<AtomicBool>,
     started: Instant,
     duration: Duration,
@@ -519,15 +526,19 @@ impl Fleet {
     fn start(api: &str, sensors: usize, rate: u32, duration: Duration) -> Self {
         let accepted: Arc<Mutex<HashSet<String>>> = Arc::default();
         let sent = Arc::new(AtomicU64::new(0));
+        let unanswered = Arc::new(AtomicU64::new(0));
         let finished = Arc::new(AtomicBool::new(false));
         let started = Instant::now();
         let threads = (0..sensors)
             .map(|sensor| {
-                let (url, accepted, sent) = (format!("{api}/v1/events"), accepted.clone(), sent.clone());
-                std::thread::spawn(move || sensor_loop(&url, sensor, rate, started + duration, &accepted, &sent))
+                let (url, accepted) = (format!("{api}/v1/events"), accepted.clone());
+                let counters = (sent.clone(), unanswered.clone());
+                std::thread::spawn(move || {
+                    sensor_loop(&url, sensor, rate, started + duration, &accepted, (&counters.0, &counters.1))
+                })
             })
             .collect();
-        Self { threads: Mutex::new(threads), accepted, sent, finished, started, duration }
+        Self { threads: Mutex::new(threads), accepted, sent, unanswered, finished, started, duration }
     }
 
     fn done(&self) -> bool {
@@ -560,7 +571,7 @@ fn sensor_loop(
     rate: u32,
     until: Instant,
     accepted: &Mutex<HashSet<String>>,
-    sent: &AtomicU64,
+    (sent, unanswered): (&AtomicU64, &AtomicU64),
 ) {
     let agent: ureq::Agent = ureq::Agent::config_builder()
         .timeout_global(Some(Duration::from_secs(10)))
@@ -593,6 +604,7 @@ fn sensor_loop(
         sent.fetch_add(1, Ordering::Relaxed);
         // A refused or failed request is retried with the same id: the
         // agent stores it once however often it arrives.
+        let mut answered = false;
         for _ in 0..5 {
             let Ok(mut r) = agent.post(url).header("content-type", "application/json").send(body.to_string()) else {
                 std::thread::sleep(Duration::from_millis(100));
@@ -609,7 +621,11 @@ fn sensor_loop(
                     accepted.lock().expect("fleet lock").insert(id.to_owned());
                 }
             }
+            answered = true;
             break;
+        }
+        if !answered {
+            unanswered.fetch_add(1, Ordering::Relaxed);
         }
         next += period;
         if let Some(wait) = next.checked_duration_since(Instant::now()) {
