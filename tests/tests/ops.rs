@@ -207,6 +207,9 @@ async fn a_dead_letter_redriven_after_the_limit_is_raised_reaches_the_broker_onc
     assert!(redriven.get("ferryroute").is_none(), "the route stays on the device: {redriven}");
     let (ok, out) = ferry(&url, &["dlq", "replay", &by_id("big-1").to_string()]);
     assert!(!ok && out.contains("no dead letter numbered"), "a replayed dead letter is gone: {out}");
+    let (ok, out) = ferry(&url, &["status"]);
+    assert!(ok && out.contains("DESTINATION") && out.contains("cloud") && out.contains("connected"), "{out}");
+    assert!(out.contains("dead letters 1 held"), "{out}");
     let (ok, out) = ferry(&url, &["dlq", "purge", "--all"]);
     assert!(ok && out.contains("purged 1"), "{out}");
     let (ok, out) = ferry(&url, &["dlq", "list"]);
