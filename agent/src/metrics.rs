@@ -14,6 +14,7 @@ use prometheus_client::encoding::{DescriptorEncoder, EncodeGaugeValue, EncodeMet
 use prometheus_client::metrics::MetricType;
 use prometheus_client::metrics::counter::ConstCounter;
 use prometheus_client::metrics::gauge::ConstGauge;
+use prometheus_client::metrics::info::Info;
 use prometheus_client::registry::Registry;
 
 use crate::forward::DestinationStatus;
@@ -36,6 +37,8 @@ pub struct DestinationSource {
 /// Everything a scrape reads.
 #[derive(Clone)]
 pub struct Sources {
+    /// This device (labels `ferry_agent_info`).
+    pub device_id: String,
     /// The store (persistent counters, sizes, commit latency).
     pub store: Store,
     /// Each destination, in config order.
@@ -49,6 +52,7 @@ impl Sources {
     /// reads the store.
     pub fn render(&self, now_ms: u64) -> Result<String, StoreError> {
         let snapshot = Snapshot {
+            device_id: self.device_id.clone(),
             store: self.store.status(now_ms)?,
             commit: self.store.commit_latency().snapshot(),
             destinations: self
@@ -69,6 +73,7 @@ impl Sources {
 /// The values of one scrape.
 #[derive(Debug)]
 struct Snapshot {
+    device_id: String,
     store: StoreStatus,
     commit: HistogramSnapshot,
     destinations: Vec<(DestinationStatus, HistogramSnapshot)>,
@@ -120,6 +125,13 @@ impl Collector for Snapshot {
         let s = &self.store;
         let c = &s.counters;
         let i = |v: u64| i64::try_from(v).unwrap_or(i64::MAX);
+        let info = Info::new([("device_id", self.device_id.as_str()), ("version", env!("CARGO_PKG_VERSION"))]);
+        info.encode(e.encode_descriptor(
+            "ferry_agent",
+            "This agent: device id and version.",
+            None,
+            MetricType::Info,
+        )?)?;
         counter(
             &mut e,
             "ferry_ingest_events",

@@ -124,6 +124,7 @@ impl Agent {
         let statuses = forwarders.iter().map(Forwarder::status_handle).collect();
         let admin = Admin {
             sources: Sources {
+                device_id: config.agent.device_id.clone(),
                 store: store.clone(),
                 destinations: forwarders
                     .iter()

@@ -94,6 +94,9 @@ async fn metrics_parse_as_prometheus_and_count_what_was_ingested_and_delivered()
         number(m.get(&(name.to_owned(), label.to_owned())).unwrap_or_else(|| panic!("no {name}{{{label}}} in\n{text}")))
     };
     assert_eq!(get("ferry_ingest_events_total", ""), n as f64);
+    let info =
+        text.lines().find(|l| l.starts_with("ferry_agent_info{")).unwrap_or_else(|| panic!("no info in\n{text}"));
+    assert!(info.contains(r#"device_id="gw-1""#) && info.ends_with(" 1"), "{info}");
     assert_eq!(get("ferry_ingest_dedup_hits_total", ""), 10.0);
     assert_eq!(get("ferry_store_last_sequence", ""), n as f64);
     assert_eq!(get("ferry_destination_delivered_events_total", "cloud"), n as f64);
