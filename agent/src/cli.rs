@@ -18,7 +18,9 @@ use crate::clock::SystemClock;
 use crate::config::{Config, ConfigError};
 use tracing_subscriber::EnvFilter;
 
+pub mod dlq;
 pub mod plugin;
+pub mod store;
 
 /// Ferry: durable store-and-forward of device events to several clouds.
 #[derive(Debug, Parser)]
@@ -44,6 +46,16 @@ pub enum Command {
     /// Check, benchmark and scaffold WebAssembly plugins.
     #[command(subcommand)]
     Plugin(plugin::PluginCommand),
+    /// Inspect, replay and purge a running agent's dead letters.
+    #[command(subcommand)]
+    Dlq(dlq::DlqCommand),
+    /// Inspect a store offline.
+    #[command(subcommand)]
+    Store(store::StoreCommand),
+    /// See Ferry work in under a minute: two in-process clouds, a sensor
+    /// fleet, one cloud going offline and coming back, verified end to end.
+    #[cfg(feature = "demo")]
+    Demo(crate::demo::DemoArgs),
 }
 
 /// Log output format.
@@ -179,7 +191,7 @@ fn agent() -> ureq::Agent {
         .into()
 }
 
-fn request(
+pub(crate) fn request(
     api: &ApiArgs,
     method: &str,
     path: &str,
@@ -212,7 +224,7 @@ fn request(
     Ok((status, value))
 }
 
-fn check(status: u16, body: &Value) -> anyhow::Result<()> {
+pub(crate) fn check(status: u16, body: &Value) -> anyhow::Result<()> {
     if status == 200 {
         return Ok(());
     }
@@ -332,13 +344,13 @@ pub fn status(args: &StatusArgs) -> anyhow::Result<()> {
     let dests = body["destinations"].as_array().cloned().unwrap_or_default();
     if dests.is_empty() {
         writeln!(out, "destinations: none configured (events are kept until one is added)")?;
-        return Ok(());
+    } else {
+        writeln!(
+            out,
+            "\n{:<16} {:<6} {:<10} {:>10} {:>10} {:>9} {:>9} {:>8} {:>10}  last error",
+            "DESTINATION", "PROTO", "STATE", "ACKED", "BACKLOG", "LAG", "RATE/s", "ETA", "RECONNECTS"
+        )?;
     }
-    writeln!(
-        out,
-        "\n{:<16} {:<6} {:<10} {:>10} {:>10} {:>9} {:>9} {:>8} {:>10}  last error",
-        "DESTINATION", "PROTO", "STATE", "ACKED", "BACKLOG", "LAG", "RATE/s", "ETA", "RECONNECTS"
-    )?;
     for d in dests {
         let state = if d["connected"].as_bool() == Some(true) { "connected" } else { "down" };
         let eta = d["drain_eta_seconds"].as_f64().map_or_else(|| "-".to_owned(), |s| format!("{s:.0}s"));
@@ -357,6 +369,29 @@ pub fn status(args: &StatusArgs) -> anyhow::Result<()> {
             d["last_error"].as_str().unwrap_or("")
         )?;
     }
+    let plugins = body["plugins"].as_array().cloned().unwrap_or_default();
+    if !plugins.is_empty() {
+        writeln!(
+            out,
+            "\n{:<16} {:<8} {:>10} {:>10} {:>9} {:>7} {:>9} {:<10}  last error",
+            "PLUGIN", "WORLD", "CALLS", "EVENTS", "FAILURES", "TRAPS", "TIMEOUTS", "CIRCUIT"
+        )?;
+        for p in &plugins {
+            writeln!(
+                out,
+                "{:<16} {:<8} {:>10} {:>10} {:>9} {:>7} {:>9} {:<10}  {}",
+                p["name"].as_str().unwrap_or("?"),
+                p["world"].as_str().unwrap_or("?"),
+                n(&p["calls"]),
+                n(&p["events"]),
+                n(&p["failures"]),
+                n(&p["traps"]),
+                n(&p["timeouts"]),
+                p["circuit"].as_str().unwrap_or("?"),
+                p["last_error"].as_str().unwrap_or("")
+            )?;
+        }
+    }
     Ok(())
 }
 
@@ -371,6 +406,14 @@ pub fn main() -> ExitCode {
         Command::Plugin(cmd) => {
             init_logging(LogFormat::Human);
             plugin::run(cmd)
+        }
+        Command::Dlq(cmd) => dlq::run(cmd),
+        Command::Store(cmd) => store::run(cmd),
+        #[cfg(feature = "demo")]
+        Command::Demo(args) => {
+            // The demo's brokers log every cut connection; the progress lines tell the story.
+            init_logging_with(LogFormat::Human, "error,rumqttd=off");
+            crate::demo::run(args)
         }
     };
     match result {
@@ -398,7 +441,12 @@ fn run(args: &RunArgs) -> anyhow::Result<()> {
 }
 
 fn init_logging(format: LogFormat) {
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    init_logging_with(format, "info");
+}
+
+/// Logs to stderr at `default_level` unless `RUST_LOG` says otherwise.
+fn init_logging_with(format: LogFormat, default_level: &str) {
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default_level));
     let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
     match format {
         LogFormat::Human => builder.init(),

@@ -9,29 +9,39 @@
 //! Dependencies point down this list; nothing lower knows what is above it.
 //!
 //! - [`cli`] — the `ferry` command line and its HTTP client commands.
+//! - `demo` — `ferry demo`: two in-process clouds, a sensor fleet and an
+//!   outage, verified end to end (cargo feature `demo`, on by default).
 //! - [`runtime`] — wiring: builds the services, runs them, orders shutdown.
 //! - [`ingest`] — producer input: body decoding ([`ingest::parse`]), defaults
-//!   and limits, and the HTTP API ([`ingest::http`]).
+//!   and limits, the HTTP API ([`ingest::http`]) and its operator routes
+//!   (`/metrics`, dead letters: [`ingest::admin`]).
 //! - [`state`] — multi-cloud state sync: versions, merge, the state table,
 //!   reconciliation of the clouds, the `/v1/state` API.
 //! - [`downlink`] — cloud-to-device messages: the forwarders' subscriptions,
 //!   routed by topic filter to their consumers, acked once handled.
+//! - [`metrics`] — the Prometheus scrape: reads every part below.
+//! - [`forward`] — one task per destination publishing the log over MQTT.
 //! - [`store`] — the redb event log: group commit, dedup, quota and
 //!   eviction, TTL and dead letters, forwarder cursors.
 //! - [`plugin`] — the WebAssembly plugin host: sandboxed filter and merge
 //!   components (wasmtime), their bounds, failure policy and circuit breaker.
 //! - [`event`] — the CloudEvents record and its versioned storage encoding.
 //! - [`topic`] — MQTT topic name validation and filter matching.
+//! - [`histogram`] — lock-free fixed-bucket histograms (commit time, delivery lag).
 //! - [`clock`] — the injectable wall clock and the hybrid logical clock.
 //! - [`config`] — the TOML config: parsed, then validated into [`config::Config`].
 
 pub mod cli;
 pub mod clock;
 pub mod config;
+#[cfg(feature = "demo")]
+pub mod demo;
 pub mod downlink;
 pub mod event;
 pub mod forward;
+pub mod histogram;
 pub mod ingest;
+pub mod metrics;
 pub mod plugin;
 pub mod runtime;
 pub mod state;

@@ -21,8 +21,10 @@ use crate::config::Config;
 use crate::config::plugin::Stage;
 use crate::downlink::DownlinkRouter;
 use crate::forward::{Forwarder, link};
+use crate::ingest::admin::Admin;
 use crate::ingest::mqtt::MqttIngest;
 use crate::ingest::{Ingest, http};
+use crate::metrics::{DestinationSource, Sources};
 use crate::plugin::{Plugin, PluginError, PluginHandle, World};
 use crate::state::{StateError, StateHandle, StateService, StateServiceConfig};
 use crate::store::{Store, StoreError};
@@ -179,6 +181,18 @@ impl Agent {
             })
             .collect();
         let statuses = forwarders.iter().map(Forwarder::status_handle).collect();
+        let admin = Admin {
+            sources: Sources {
+                device_id: config.agent.device_id.clone(),
+                store: store.clone(),
+                destinations: forwarders
+                    .iter()
+                    .map(|f| DestinationSource { status: f.status_handle(), lag: f.lag_histogram() })
+                    .collect(),
+                plugins: plugins.clone(),
+            },
+            clock: clock.clone(),
+        };
 
         let ingest = Ingest::new(store.clone(), config.agent.source(), clock).with_filters(ingest_filters);
         let mqtt_ingest = match &config.mqtt_ingest {
@@ -202,6 +216,7 @@ impl Agent {
             ingest,
             config.agent.device_id.clone(),
             statuses,
+            admin,
             Some(crate::state::http::routes(state.handle(), config.store.max_event_bytes)),
             async {
                 let _ = stopped.await;

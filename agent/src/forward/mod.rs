@@ -32,6 +32,7 @@ use crate::clock::SharedClock;
 use crate::config::{DestinationConfig, Protocol};
 use crate::downlink::DestinationDownlink;
 use crate::event::Event;
+use crate::histogram::Histogram;
 use crate::store::Store;
 use backoff::Backoff;
 use link::{Link, LinkError, LinkEvent, LinkOptions};
@@ -77,11 +78,14 @@ pub struct DestinationStatus {
     pub bytes_sent: u64,
     /// Events this destination could not take (dead-lettered for it).
     pub dead_lettered: u64,
+    /// Publishes lost to a failed link before their PUBACK (resent later).
+    pub publish_errors: u64,
 }
 
 /// A running forwarder.
 pub struct Forwarder {
     status: Arc<Mutex<DestinationStatus>>,
+    lag: Arc<Histogram>,
     task: JoinHandle<()>,
 }
 
@@ -106,8 +110,14 @@ impl Forwarder {
             },
             ..DestinationStatus::default()
         }));
-        let task = Task { config, tls, store, clock, downlink, shutdown, status: status.clone() };
-        Self { status, task: tokio::spawn(task.run()) }
+        let lag = Arc::new(Histogram::new(crate::histogram::LAG_BUCKETS));
+        let task = Task { config, tls, store, clock, downlink, shutdown, status: status.clone(), lag: lag.clone() };
+        Self { status, lag, task: tokio::spawn(task.run()) }
+    }
+
+    /// Its event time → PUBACK histogram.
+    pub fn lag_histogram(&self) -> Arc<Histogram> {
+        self.lag.clone()
     }
 
     /// A snapshot of its status.
@@ -140,6 +150,7 @@ struct Task {
     downlink: DestinationDownlink,
     shutdown: watch::Receiver<bool>,
     status: Arc<Mutex<DestinationStatus>>,
+    lag: Arc<Histogram>,
 }
 
 /// A received message whose consumers have not all acked yet.
@@ -199,6 +210,7 @@ impl Task {
             }
             let mut link = Link::open(&self.config.endpoint, self.tls.as_ref(), &opts);
             let end = self.session(&mut link, &mut progress, &mut backoff).await;
+            let lost = progress.window.in_flight() as u64;
             progress.window.reconnect();
             self.update(|s| {
                 s.connected = false;
@@ -216,6 +228,7 @@ impl Task {
                     let lag_ms = self.oldest_unsent_age(progress.window.acked_through()).await;
                     self.update(|s| {
                         s.reconnects += 1;
+                        s.publish_errors += lost;
                         s.last_error = Some(e.to_string());
                         s.lag_ms = lag_ms;
                     });
@@ -294,13 +307,15 @@ impl Task {
                     // Take whatever else is ready too, so one wake-up handles a burst of acks.
                     let mut event = Some(event);
                     let mut burst = 0;
+                    let now_ms = self.clock.now_millis();
                     while let Some(e) = event.take() {
                         match e {
                             Ok(LinkEvent::Sent(pkid)) => p.window.on_wire(pkid),
                             Ok(LinkEvent::Acked(pkid)) => {
-                                if p.window.acked(pkid) {
+                                if let Some(at_ms) = p.window.acked_at(pkid) {
                                     last_ack = Instant::now();
                                     p.delivered += 1;
+                                    self.lag.observe(now_ms.saturating_sub(at_ms) as f64 / 1000.0);
                                 }
                             }
                             Ok(LinkEvent::Message(m)) => {
@@ -420,7 +435,7 @@ impl Task {
                 );
                 tracing::warn!(destination = %self.config.name, sequence, %reason, "event dead-lettered");
                 self.store
-                    .dead_letter_copy(sequence, &reason)
+                    .dead_letter_copy_for(sequence, &self.config.name, &reason)
                     .await
                     .map_err(|e| LinkError::Connection(e.to_string()))?;
                 self.update(|s| s.dead_lettered += 1);

@@ -111,12 +111,20 @@ impl Window {
 
     /// PUBACK for `pkid`. Returns false for an id we do not know.
     pub fn acked(&mut self, pkid: u16) -> bool {
-        let Some(seq) = self.on_wire.remove(&pkid) else { return false };
+        self.acked_at(pkid).is_some()
+    }
+
+    /// PUBACK for `pkid`: when the acknowledged event was accepted, in ms,
+    /// or `None` for an id we do not know.
+    pub fn acked_at(&mut self, pkid: u16) -> Option<u64> {
+        let seq = self.on_wire.remove(&pkid)?;
+        let mut at_ms = 0;
         if let Some(entry) = self.pending.iter_mut().find(|(s, _, _)| *s == seq) {
             entry.1 = true;
+            at_ms = entry.2;
         }
         self.advance();
-        true
+        Some(at_ms)
     }
 
     fn advance(&mut self) {

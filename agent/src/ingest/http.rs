@@ -1,8 +1,9 @@
 //! The HTTP API: event ingest, status and health.
 //!
 //! Routes: `POST /v1/events`, `GET /v1/status` (store and destinations),
-//! `GET /healthz`, plus routes other services hand in (the state API,
-//! [`crate::state::http`]). Every route
+//! `GET /healthz`, the operator's routes of [`super::admin`]
+//! (`/metrics`, `/v1/dead-letters…`), plus routes other services hand in
+//! (the state API, [`crate::state::http`]). Every route
 //! but `/healthz` requires the bearer token when one is configured. Bodies
 //! are decoded by [`super::parse`]; large ones off the async threads.
 
@@ -55,6 +56,7 @@ pub async fn serve(
     ingest: Ingest,
     device_id: String,
     destinations: Vec<Arc<std::sync::Mutex<DestinationStatus>>>,
+    admin: super::admin::Admin,
     extra: Option<Router>,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
@@ -69,9 +71,10 @@ pub async fn serve(
         .route("/v1/events", post(post_events))
         .route("/v1/status", get(get_status))
         .route_layer(middleware::from_fn_with_state(api.clone(), require_token));
+    let admin = super::admin::router(admin).route_layer(middleware::from_fn_with_state(api.clone(), require_token));
     // Routes other services own (the state API), behind the same token.
     let extra = extra.map(|r| r.route_layer(middleware::from_fn_with_state(api.clone(), require_token)));
-    let mut app = Router::new().route("/healthz", get(|| async { "ok\n" })).merge(protected).with_state(api);
+    let mut app = Router::new().route("/healthz", get(|| async { "ok\n" })).merge(protected).with_state(api).merge(admin);
     if let Some(extra) = extra {
         app = app.merge(extra);
     }

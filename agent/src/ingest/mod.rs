@@ -17,6 +17,7 @@
 //! producer gets its answer, `pass` keeps the events as they were, `drop`
 //! discards them. The producer's answer lists only the events stored.
 
+pub mod admin;
 pub mod http;
 pub mod mqtt;
 pub mod parse;

@@ -7,6 +7,7 @@
 //! one fsync. Reads open their own redb snapshots and never wait for the
 //! writer. Nothing here knows about MQTT or HTTP.
 
+pub mod inspect;
 mod tables;
 #[cfg(test)]
 mod tests;
@@ -24,6 +25,7 @@ use tokio::sync::{oneshot, watch};
 use crate::clock::{Hlc, SharedClock};
 use crate::config::StoreConfig;
 use crate::event::{self, DecodeError, Event, EventBody};
+use crate::histogram::Histogram;
 use writer::{Request, Writer};
 
 /// How long a producer refused for a full store is told to wait.
@@ -161,25 +163,48 @@ pub struct DeadLetter {
     pub at_ms: u64,
     /// The stored record (see [`event::decode_record`]).
     pub record: Vec<u8>,
+    /// The one destination that could not take it, when it was
+    /// dead-lettered for a single destination; a replay goes there only.
+    pub destination: Option<String>,
 }
 
-/// Dead-letter record format version.
+/// Dead-letter record format versions. Version 1 had no `destination`.
 const DEAD_V1: u8 = 1;
+const DEAD_V2: u8 = 2;
+
+/// The version 1 dead-letter layout, still read.
+#[derive(Deserialize)]
+struct DeadLetterV1 {
+    sequence: u64,
+    reason: String,
+    at_ms: u64,
+    record: Vec<u8>,
+}
 
 impl DeadLetter {
     fn encode(&self) -> Vec<u8> {
-        let mut out = vec![DEAD_V1];
+        let mut out = vec![DEAD_V2];
         out.extend(postcard::to_stdvec(self).expect("encoding to a Vec cannot fail"));
         out
     }
 
     fn decode(number: u64, bytes: &[u8]) -> Result<Self, DecodeError> {
-        match bytes.first() {
-            Some(&DEAD_V1) => {}
+        let mut dl: DeadLetter = match bytes.first() {
+            Some(&DEAD_V2) => postcard::from_bytes(&bytes[1..])?,
+            Some(&DEAD_V1) => {
+                let v1: DeadLetterV1 = postcard::from_bytes(&bytes[1..])?;
+                DeadLetter {
+                    number,
+                    sequence: v1.sequence,
+                    reason: v1.reason,
+                    at_ms: v1.at_ms,
+                    record: v1.record,
+                    destination: None,
+                }
+            }
             Some(&v) => return Err(DecodeError::UnknownVersion(v)),
             None => return Err(DecodeError::Truncated(0)),
-        }
-        let mut dl: DeadLetter = postcard::from_bytes(&bytes[1..])?;
+        };
         dl.number = number;
         Ok(dl)
     }
@@ -188,6 +213,39 @@ impl DeadLetter {
     pub fn event(&self) -> Result<Event, DecodeError> {
         event::decode_record(self.sequence, &self.record)
     }
+}
+
+/// Why a dead-letter operation was refused; nothing was changed.
+#[derive(Debug, Clone, thiserror::Error)]
+#[non_exhaustive]
+pub enum DeadLetterError {
+    /// No dead letter has this number.
+    #[error("no dead letter numbered {0}")]
+    NotFound(u64),
+    /// A dead letter's record cannot be decoded, so it cannot be replayed.
+    #[error("dead letter {number} is unreadable: {reason}")]
+    Unreadable {
+        /// Its number.
+        number: u64,
+        /// The decode error.
+        reason: String,
+    },
+    /// The store failed or is closed.
+    #[error(transparent)]
+    Store(#[from] AppendError),
+}
+
+/// A replayed dead letter: its number and the sequence it was appended as.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Replayed {
+    /// The dead letter's number (now removed).
+    pub number: u64,
+    /// The event id.
+    pub id: String,
+    /// Its new sequence in the log.
+    pub sequence: u64,
+    /// The destination it goes to, if only one.
+    pub destination: Option<String>,
 }
 
 /// Persistent counters, kept in the `meta` table and updated in the same
@@ -335,6 +393,7 @@ struct Inner {
     committed: watch::Receiver<u64>,
     config: StoreConfig,
     writer: Mutex<Option<JoinHandle<()>>>,
+    commit_latency: Arc<Histogram>,
 }
 
 impl Store {
@@ -352,13 +411,29 @@ impl Store {
             .create(&config.path)
             .map_err(|e| open_err(e.into()))?;
         let db = Arc::new(db);
-        let (writer, committed) = Writer::new(db.clone(), config.clone(), clock).map_err(open_err)?;
+        let commit_latency = Arc::new(Histogram::new(crate::histogram::COMMIT_BUCKETS));
+        let (writer, committed) =
+            Writer::new(db.clone(), config.clone(), clock, commit_latency.clone()).map_err(open_err)?;
         let (requests, rx) = flume::bounded(config.queue_depth);
         let handle = std::thread::Builder::new()
             .name("ferry-store-writer".into())
             .spawn(move || writer.run(rx))
             .map_err(|e| open_err(redb::Error::Io(e)))?;
-        Ok(Self { inner: Arc::new(Inner { db, requests, committed, config, writer: Mutex::new(Some(handle)) }) })
+        Ok(Self {
+            inner: Arc::new(Inner {
+                db,
+                requests,
+                committed,
+                config,
+                writer: Mutex::new(Some(handle)),
+                commit_latency,
+            }),
+        })
+    }
+
+    /// How long each write transaction took to apply and commit.
+    pub fn commit_latency(&self) -> &Histogram {
+        &self.inner.commit_latency
     }
 
     /// The configuration the store runs with.
@@ -399,10 +474,59 @@ impl Store {
     /// in the log for the destinations that can still take it.
     pub async fn dead_letter_copy(&self, sequence: u64, reason: &str) -> Result<(), AppendError> {
         let (reply, rx) = oneshot::channel();
-        self.send(Request::DeadLetterCopy { sequence, reason: reason.to_owned(), reply })
+        self.send(Request::DeadLetterCopy { sequence, reason: reason.to_owned(), destination: None, reply })
             .await
             .map_err(|_| AppendError::Closed)?;
         rx.await.map_err(|_| AppendError::Closed)?
+    }
+
+    /// Like [`Store::dead_letter_copy`], recording that `destination` is the
+    /// one that could not take it, so a replay goes there only.
+    pub async fn dead_letter_copy_for(
+        &self,
+        sequence: u64,
+        destination: &str,
+        reason: &str,
+    ) -> Result<(), AppendError> {
+        let (reply, rx) = oneshot::channel();
+        self.send(Request::DeadLetterCopy {
+            sequence,
+            reason: reason.to_owned(),
+            destination: Some(destination.to_owned()),
+            reply,
+        })
+        .await
+        .map_err(|_| AppendError::Closed)?;
+        rx.await.map_err(|_| AppendError::Closed)?
+    }
+
+    /// Moves dead letters `numbers` back into the log, in one transaction:
+    /// each becomes a new event (new sequence and HLC, same attributes and
+    /// data, no TTL) and its dead letter is removed. One dead-lettered for a
+    /// single destination is routed to that destination only. All or
+    /// nothing: an unknown number changes nothing.
+    pub async fn replay_dead_letters(&self, numbers: Vec<u64>) -> Result<Vec<Replayed>, DeadLetterError> {
+        let (reply, rx) = oneshot::channel();
+        self.send(Request::Replay { numbers, reply }).await.map_err(|_| AppendError::Closed)?;
+        rx.await.map_err(|_| AppendError::Closed)?
+    }
+
+    /// Deletes dead letters `numbers`, or every one when `None`; answers
+    /// how many were deleted. All or nothing: an unknown number changes nothing.
+    pub async fn purge_dead_letters(&self, numbers: Option<Vec<u64>>) -> Result<u64, DeadLetterError> {
+        let (reply, rx) = oneshot::channel();
+        self.send(Request::Purge { numbers, reply }).await.map_err(|_| AppendError::Closed)?;
+        rx.await.map_err(|_| AppendError::Closed)?
+    }
+
+    /// The dead letter numbered `number`, if there is one.
+    pub fn dead_letter(&self, number: u64) -> Result<Option<DeadLetter>, StoreError> {
+        let txn = self.inner.db.begin_read().map_err(storage)?;
+        let dead = txn.open_table(tables::DEAD).map_err(storage)?;
+        let Some(v) = dead.get(number).map_err(storage)? else { return Ok(None) };
+        DeadLetter::decode(number, v.value())
+            .map(Some)
+            .map_err(|source| StoreError::Corrupt { sequence: number, source })
     }
 
     /// Forgets dedup entries of `ids`: the producer confirmed it will not

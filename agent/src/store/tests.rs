@@ -272,3 +272,96 @@ async fn events_never_appended_can_be_dead_lettered_durably_without_a_sequence()
     let s = f.status();
     assert_eq!((s.events, s.last_sequence, s.dead_letters), (1, 1, 2), "the log and its sequence are untouched");
 }
+
+#[tokio::test]
+async fn a_replayed_dead_letter_is_a_new_event_for_its_destination_and_leaves_the_queue() {
+    let f = Fixture::new(|_| {});
+    f.store.append(vec![event("a", "t/1", 4), event("b", "t/2", 4)]).await.unwrap();
+    f.store.dead_letter_copy_for(1, "cloud-b", "too large for cloud-b").await.unwrap();
+    f.store.dead_letter_new(vec![event("c", "t/3", 4)], "plugin f: trapped".into()).await.unwrap();
+    let numbers: Vec<u64> = f.store.dead_letters(0, 10).unwrap().iter().map(|d| d.number).collect();
+    assert_eq!(f.store.dead_letters(0, 10).unwrap()[0].destination.as_deref(), Some("cloud-b"));
+
+    // An unknown number refuses the whole request and changes nothing.
+    let before = f.status();
+    let err = f.store.replay_dead_letters(vec![numbers[0], 999]).await.unwrap_err();
+    assert!(matches!(err, DeadLetterError::NotFound(999)), "{err}");
+    let after = f.status();
+    assert_eq!((after.last_sequence, after.dead_letters), (before.last_sequence, before.dead_letters));
+
+    let replayed = f.store.replay_dead_letters(numbers.clone()).await.unwrap();
+    assert_eq!(replayed.iter().map(|r| r.sequence).collect::<Vec<_>>(), vec![3, 4]);
+    assert_eq!(replayed[0].destination.as_deref(), Some("cloud-b"));
+    let f = f.reopen();
+    let s = f.status();
+    assert_eq!((s.events, s.last_sequence, s.dead_letters, s.dead_letter_bytes), (4, 4, 0, 0));
+    let log = f.store.read_after(2, 10).unwrap();
+    assert_eq!(log[0].body.id, "a");
+    assert!(log[0].body.routed_to("cloud-b") && !log[0].body.routed_to("cloud-a"), "only where it failed");
+    assert_eq!(log[1].body.id, "c");
+    assert!(
+        log[1].body.routed_to("cloud-a") && log[1].body.routed_to("cloud-b"),
+        "a dead letter of no destination goes everywhere"
+    );
+    assert!(log[0].hlc > f.store.read_after(0, 1).unwrap()[0].hlc, "a replay gets a fresh HLC");
+    let err = f.store.replay_dead_letters(vec![numbers[0]]).await.unwrap_err();
+    assert!(matches!(err, DeadLetterError::NotFound(_)), "replayed once only: {err}");
+}
+
+#[tokio::test]
+async fn purge_deletes_the_named_dead_letters_or_all_and_refuses_unknown_ones_whole() {
+    let f = Fixture::new(|_| {});
+    f.store
+        .dead_letter_new(vec![event("a", "t", 4), event("b", "t", 4), event("c", "t", 4)], "r".into())
+        .await
+        .unwrap();
+    let numbers: Vec<u64> = f.store.dead_letters(0, 10).unwrap().iter().map(|d| d.number).collect();
+    assert!(matches!(
+        f.store.purge_dead_letters(Some(vec![numbers[0], 999])).await,
+        Err(DeadLetterError::NotFound(999))
+    ));
+    assert_eq!(f.status().dead_letters, 3);
+    assert_eq!(f.store.purge_dead_letters(Some(vec![numbers[1]])).await.unwrap(), 1);
+    assert!(f.store.dead_letter(numbers[1]).unwrap().is_none());
+    assert_eq!(f.store.purge_dead_letters(None).await.unwrap(), 2);
+    let s = f.status();
+    assert_eq!((s.dead_letters, s.dead_letter_bytes), (0, 0));
+}
+
+#[test]
+fn a_version_1_dead_letter_still_decodes_without_a_destination() {
+    // The v1 layout: version byte, then postcard (sequence, reason, at_ms, record).
+    let record = vec![7u8, 8, 9];
+    let mut bytes = vec![1u8];
+    bytes.extend(postcard::to_stdvec(&(5u64, "ttl expired", 42u64, record.clone())).unwrap());
+    let d = DeadLetter::decode(3, &bytes).unwrap();
+    assert_eq!(
+        (d.number, d.sequence, d.reason.as_str(), d.at_ms, d.record, d.destination),
+        (3, 5, "ttl expired", 42, record, None)
+    );
+    assert!(matches!(DeadLetter::decode(3, &[9]), Err(DecodeError::UnknownVersion(9))));
+}
+
+#[tokio::test]
+async fn inspect_reads_a_closed_store_and_refuses_an_open_one() {
+    let f = Fixture::new(|_| {});
+    f.store.append(vec![event("a", "t/1", 4), event("b", "t/2", 4), event("c", "t/3", 4)]).await.unwrap();
+    f.store.set_cursor("cloud", 2).await.unwrap();
+    f.store.dead_letter_copy_for(3, "cloud", "too large").await.unwrap();
+    let err = inspect::inspect(&f.config.path).unwrap_err();
+    assert!(matches!(err, inspect::InspectError::InUse(_)), "{err}");
+    f.store.close();
+    let (path, store) = (f.config.path.clone(), f.store);
+    drop(store);
+    let i = inspect::inspect(&path).unwrap();
+    assert_eq!((i.events, i.last_sequence, i.dead_letters), (3, 3, 1));
+    assert_eq!(i.oldest.as_ref().unwrap().sequence, 1);
+    assert_eq!(i.newest.as_ref().unwrap().subject.as_deref(), Some("t/3"));
+    assert_eq!(
+        (i.cursors[0].destination.as_str(), i.cursors[0].acked_sequence, i.cursors[0].backlog_events),
+        ("cloud", 2, 1)
+    );
+    assert_eq!(i.dead_letter_reasons, vec![("too large".to_owned(), 1)]);
+    let missing = inspect::inspect(&path.with_file_name("nope.redb")).unwrap_err();
+    assert!(matches!(missing, inspect::InspectError::Missing(_)), "{missing}");
+}

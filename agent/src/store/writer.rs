@@ -15,10 +15,13 @@ use redb::{Database, ReadableTable, Table, WriteTransaction};
 use tokio::sync::{oneshot, watch};
 
 use super::tables;
-use super::{AppendError, Appended, DeadLetter, FULL_RETRY_AFTER, Meta, PreparedEvent, SweepReport};
+use super::{
+    AppendError, Appended, DeadLetter, DeadLetterError, FULL_RETRY_AFTER, Meta, PreparedEvent, Replayed, SweepReport,
+};
 use crate::clock::{Hlc, HlcState, SharedClock};
 use crate::config::{Durability, FullPolicy, StoreConfig};
-use crate::event::{self, RecordHeader};
+use crate::event::{self, DecodeError, RecordHeader};
+use crate::histogram::Histogram;
 
 /// Most events one transaction takes before it commits and starts another,
 /// which bounds commit latency under a flood.
@@ -75,12 +78,41 @@ fn consumers_fingerprint(consumers: &[crate::config::Consumer]) -> u64 {
 
 /// A request to the writer.
 pub(super) enum Request {
-    Append { events: Vec<PreparedEvent>, reply: oneshot::Sender<Result<Vec<Appended>, AppendError>> },
-    SetCursor { name: String, sequence: u64, reply: oneshot::Sender<Result<(), AppendError>> },
-    DeadLetterCopy { sequence: u64, reason: String, reply: oneshot::Sender<Result<(), AppendError>> },
-    Forget { ids: Vec<String>, reply: oneshot::Sender<Result<(), AppendError>> },
-    Sweep { reply: oneshot::Sender<Result<SweepReport, AppendError>> },
-    DeadLetterNew { events: Vec<PreparedEvent>, reason: String, reply: oneshot::Sender<Result<(), AppendError>> },
+    Append {
+        events: Vec<PreparedEvent>,
+        reply: oneshot::Sender<Result<Vec<Appended>, AppendError>>,
+    },
+    SetCursor {
+        name: String,
+        sequence: u64,
+        reply: oneshot::Sender<Result<(), AppendError>>,
+    },
+    DeadLetterCopy {
+        sequence: u64,
+        reason: String,
+        destination: Option<String>,
+        reply: oneshot::Sender<Result<(), AppendError>>,
+    },
+    Replay {
+        numbers: Vec<u64>,
+        reply: oneshot::Sender<Result<Vec<Replayed>, DeadLetterError>>,
+    },
+    Purge {
+        numbers: Option<Vec<u64>>,
+        reply: oneshot::Sender<Result<u64, DeadLetterError>>,
+    },
+    Forget {
+        ids: Vec<String>,
+        reply: oneshot::Sender<Result<(), AppendError>>,
+    },
+    Sweep {
+        reply: oneshot::Sender<Result<SweepReport, AppendError>>,
+    },
+    DeadLetterNew {
+        events: Vec<PreparedEvent>,
+        reason: String,
+        reply: oneshot::Sender<Result<(), AppendError>>,
+    },
     Shutdown,
 }
 
@@ -98,6 +130,8 @@ enum Pending {
     Append(oneshot::Sender<Result<Vec<Appended>, AppendError>>, Result<Vec<Appended>, AppendError>),
     Done(oneshot::Sender<Result<(), AppendError>>),
     Sweep(oneshot::Sender<Result<SweepReport, AppendError>>, SweepReport),
+    Replay(oneshot::Sender<Result<Vec<Replayed>, DeadLetterError>>, Result<Vec<Replayed>, DeadLetterError>),
+    Purge(oneshot::Sender<Result<u64, DeadLetterError>>, Result<u64, DeadLetterError>),
 }
 
 impl Pending {
@@ -106,6 +140,8 @@ impl Pending {
             Pending::Append(tx, _) => drop(tx.send(Err(error.clone()))),
             Pending::Done(tx) => drop(tx.send(Err(error.clone()))),
             Pending::Sweep(tx, _) => drop(tx.send(Err(error.clone()))),
+            Pending::Replay(tx, _) => drop(tx.send(Err(error.clone().into()))),
+            Pending::Purge(tx, _) => drop(tx.send(Err(error.clone().into()))),
         }
     }
 
@@ -114,6 +150,8 @@ impl Pending {
             Pending::Append(tx, outcome) => drop(tx.send(outcome)),
             Pending::Done(tx) => drop(tx.send(Ok(()))),
             Pending::Sweep(tx, report) => drop(tx.send(Ok(report))),
+            Pending::Replay(tx, outcome) => drop(tx.send(outcome)),
+            Pending::Purge(tx, outcome) => drop(tx.send(outcome)),
         }
     }
 }
@@ -158,6 +196,7 @@ pub(super) struct Writer {
     /// Requests in the previous batch, and how long its commit took.
     last_batch_len: usize,
     last_commit_time: Duration,
+    commit_latency: Arc<Histogram>,
 }
 
 impl Writer {
@@ -166,6 +205,7 @@ impl Writer {
         db: Arc<Database>,
         config: StoreConfig,
         clock: SharedClock,
+        commit_latency: Arc<Histogram>,
     ) -> Result<(Self, watch::Receiver<u64>), redb::Error> {
         let txn = db.begin_write()?;
         let meta = {
@@ -196,6 +236,7 @@ impl Writer {
             last_sweep: Instant::now(),
             last_batch_len: 1,
             last_commit_time: Duration::ZERO,
+            commit_latency,
             disk_free: (u64::MAX, Instant::now() - DISK_CHECK_INTERVAL),
         };
         Ok((writer, rx))
@@ -264,6 +305,7 @@ impl Writer {
         match result {
             Ok(pending) => {
                 self.last_commit_time = started.elapsed();
+                self.commit_latency.observe(self.last_commit_time.as_secs_f64());
                 for p in pending {
                     p.succeed();
                 }
@@ -306,10 +348,10 @@ impl Writer {
                             }
                             pending.push(Pending::Done(reply));
                         }
-                        Request::DeadLetterCopy { sequence, reason, reply } => {
+                        Request::DeadLetterCopy { sequence, reason, destination, reply } => {
                             let record = t.log.get(sequence)?.map(|r| r.value().to_vec());
                             if let Some(record) = record {
-                                self.dead_letter(&mut t, sequence, &reason, now_ms, record)?;
+                                self.dead_letter(&mut t, sequence, &reason, now_ms, record, destination)?;
                             }
                             pending.push(Pending::Done(reply));
                         }
@@ -327,10 +369,18 @@ impl Writer {
                             for e in &events {
                                 let mut record = Vec::new();
                                 self.stamp(e, now_ms, &mut record);
-                                self.dead_letter(&mut t, 0, &reason, now_ms, record)?;
+                                self.dead_letter(&mut t, 0, &reason, now_ms, record, None)?;
                             }
                             // Answers `()` after the commit, as a cursor update does.
                             pending.push(Pending::Done(reply));
+                        }
+                        Request::Replay { numbers, reply } => {
+                            let outcome = self.replay(&mut t, &numbers, now_ms)?;
+                            pending.push(Pending::Replay(reply, outcome));
+                        }
+                        Request::Purge { numbers, reply } => {
+                            let outcome = self.purge(&mut t, numbers)?;
+                            pending.push(Pending::Purge(reply, outcome));
                         }
                         Request::Shutdown => {}
                     }
@@ -558,7 +608,7 @@ impl Writer {
                 let priority = event::decode_header(&record).map_or(0, |(h, _)| h.priority);
                 t.by_priority.remove((priority, seq))?;
                 self.meta.log_bytes -= record.len() as u64;
-                self.dead_letter(t, seq, "ttl expired", now_ms, record)?;
+                self.dead_letter(t, seq, "ttl expired", now_ms, record, None)?;
                 report.expired += 1;
             }
         }
@@ -661,13 +711,87 @@ impl Writer {
         reason: &str,
         at_ms: u64,
         record: Vec<u8>,
+        destination: Option<String>,
     ) -> Result<(), redb::Error> {
         let number = self.meta.next_dead.max(1);
         self.meta.next_dead = number + 1;
-        let bytes = DeadLetter { number, sequence, reason: reason.to_owned(), at_ms, record }.encode();
+        let bytes = DeadLetter { number, sequence, reason: reason.to_owned(), at_ms, record, destination }.encode();
         self.meta.dead_bytes += bytes.len() as u64;
         t.dead.insert(number, bytes.as_slice())?;
         Ok(())
+    }
+
+    /// Moves dead letters back into the log as new events (see
+    /// [`super::Store::replay_dead_letters`]). Checks every number before
+    /// changing anything.
+    fn replay(
+        &mut self,
+        t: &mut Tables<'_>,
+        numbers: &[u64],
+        now_ms: u64,
+    ) -> Result<Result<Vec<Replayed>, DeadLetterError>, redb::Error> {
+        let mut letters = Vec::with_capacity(numbers.len());
+        for &number in numbers {
+            let Some(raw) = t.dead.get(number)? else { return Ok(Err(DeadLetterError::NotFound(number))) };
+            let raw_len = raw.value().len() as u64;
+            let unreadable = |e: DecodeError| DeadLetterError::Unreadable { number, reason: e.to_string() };
+            let letter = match DeadLetter::decode(number, raw.value()) {
+                Ok(l) => l,
+                Err(e) => return Ok(Err(unreadable(e))),
+            };
+            let mut event = match letter.event() {
+                Ok(e) => e,
+                Err(e) => return Ok(Err(unreadable(e))),
+            };
+            if let Some(d) = &letter.destination {
+                event.body.extensions.retain(|(k, _)| k != event::ROUTE_EXTENSION);
+                event.body.extensions.push((event::ROUTE_EXTENSION.to_owned(), d.clone()));
+            }
+            letters.push((number, raw_len, letter.destination, event));
+        }
+        let mut out = Vec::with_capacity(letters.len());
+        let mut record = Vec::new();
+        for (number, raw_len, destination, event) in letters {
+            t.dead.remove(number)?;
+            self.meta.dead_bytes = self.meta.dead_bytes.saturating_sub(raw_len);
+            // A replay is the operator's decision: no TTL, and no dedup entry
+            // (the original id may still be in the log for other destinations).
+            let prepared = PreparedEvent::new(&event.body, false, event.priority, None);
+            let sequence = self.meta.next_sequence;
+            self.meta.next_sequence += 1;
+            record.clear();
+            self.stamp(&prepared, now_ms, &mut record);
+            t.log.insert(sequence, record.as_slice())?;
+            t.by_priority.insert((prepared.priority, sequence), record.len() as u32)?;
+            self.meta.log_bytes += record.len() as u64;
+            out.push(Replayed { number, id: prepared.id, sequence, destination });
+        }
+        Ok(Ok(out))
+    }
+
+    /// Deletes dead letters `numbers` (all when `None`), after checking every number.
+    fn purge(
+        &mut self,
+        t: &mut Tables<'_>,
+        numbers: Option<Vec<u64>>,
+    ) -> Result<Result<u64, DeadLetterError>, redb::Error> {
+        let numbers = match numbers {
+            Some(n) => n,
+            None => t.dead.iter()?.map(|r| r.map(|(k, _)| k.value())).collect::<Result<Vec<_>, _>>()?,
+        };
+        for &n in &numbers {
+            if t.dead.get(n)?.is_none() {
+                return Ok(Err(DeadLetterError::NotFound(n)));
+            }
+        }
+        let mut removed = 0;
+        for n in numbers {
+            if let Some(v) = t.dead.remove(n)? {
+                self.meta.dead_bytes = self.meta.dead_bytes.saturating_sub(v.value().len() as u64);
+                removed += 1;
+            }
+        }
+        Ok(Ok(removed))
     }
 
     /// Idle-time housekeeping in its own transaction, which also makes
