@@ -9,6 +9,7 @@
 //! Dependencies point down this list; nothing lower knows what is above it.
 //!
 //! - [`cli`] — the `ferry` command line and its HTTP client commands.
+//! - [`systemd`] — readiness, watchdog and stopping notifications under systemd.
 //! - [`runtime`] — wiring: builds the services, runs them, orders shutdown.
 //! - [`ingest`] — producer input: body decoding ([`ingest::parse`]), defaults
 //!   and limits, and the HTTP API ([`ingest::http`]).
@@ -30,4 +31,5 @@ pub mod ingest;
 pub mod plugin;
 pub mod runtime;
 pub mod store;
+pub mod systemd;
 pub mod topic;
