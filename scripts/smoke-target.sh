@@ -57,10 +57,8 @@ build() {
     fi
 }
 FULL=$(build)
-BINARIES=("$FULL")
-if [ "$RUNTIME_ONLY" -eq 1 ]; then
-    BINARIES+=("$(build --runtime-only)")
-fi
+RUNTIME=""
+[ "$RUNTIME_ONLY" -eq 0 ] || RUNTIME=$(build --runtime-only)
 
 # How to run a target binary: under qemu-user with the cross sysroot, or
 # natively. An array, not a function, so `&` gives the agent's own pid.
@@ -130,12 +128,16 @@ for _ in 1 2 3 4 5; do
 done
 [ -n "$BROKER_PID" ] || fail "mosquitto did not start"
 
+# The agent runs: the full build compiling the plugin at start-up (the
+# cache is empty) and loading the precompiled one, and the runtime-only build.
+RUNS=("$FULL|$PLUGIN|.wasm" "$FULL|$CWASM|.cwasm")
+[ -z "$RUNTIME" ] || RUNS+=("$RUNTIME|$CWASM|.cwasm")
 RESULTS=$CARGO_TARGET_DIR/firmware/results.tsv
 run=0
-for BIN in "${BINARIES[@]}"; do
+for entry in "${RUNS[@]}"; do
+    IFS='|' read -r BIN PLUGIN_FILE KIND <<<"$entry"
     run=$((run + 1))
-    NAME=$(basename "$BIN")
-    if [ "$NAME" = ferry-runtime-only ]; then PLUGIN_FILE=$CWASM; else PLUGIN_FILE=$PLUGIN; fi
+    NAME="$(basename "$BIN") with the plugin as $KIND"
     # A persistent session registered before the agent starts, so every
     # QoS 1 publish is queued for it however fast the agent forwards.
     SESSION=ferry-smoke-$run
@@ -170,7 +172,7 @@ timeout_ms = 5000
 TOML
     LOG=$WORK/agent-$run.log
     started=$(now_ms)
-    "${RUN[@]}" "$BIN" run --config "$WORK/ferry-$run.toml" >"$LOG" 2>&1 &
+    "${RUN[@]}" "$BIN" run --log-format json --config "$WORK/ferry-$run.toml" >"$LOG" 2>&1 &
     AGENT_PID=$!
     URL=""
     for _ in $(seq 1200); do
@@ -184,6 +186,9 @@ TOML
     done
     [ -n "$URL" ] || fail "$NAME did not answer /healthz within 60 s"
     startup_ms=$(($(now_ms) - started))
+    if [ "$KIND" = .cwasm ]; then
+        grep -q '"compiled":"Precompiled"' "$LOG" || fail "$NAME: the plugin was not loaded as precompiled"
+    fi
     sleep 1
     rss_idle=$(awk '/VmRSS/ {print $2}' "/proc/$AGENT_PID/status")
 
@@ -230,7 +235,7 @@ print(json.dumps([{"topic": "load/t", "data": {"celsius": 25, "n": i}} for i in 
         "start-up ${startup_ms} ms, RSS idle ${rss_idle} KiB, peak under load ${rss_peak} KiB" \
         "(4000 events in ${load_ms} ms)${QEMU:+ — under $QEMU, emulated}"
     mkdir -p "$(dirname "$RESULTS")"
-    printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$TARGET" "$NAME" "$size" "$engine" "$startup_ms" \
+    printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$TARGET" "$(basename "$BIN")" "$KIND" "$size" "$engine" "$startup_ms" \
         "$rss_idle" "$rss_peak" "$load_ms" "${QEMU:-native}" >>"$RESULTS"
 done
 echo "smoke-target $TARGET: passed"
