@@ -14,26 +14,24 @@ use sd_notify::NotifyState;
 /// it only once the agent has started: on that first poll it reports ready
 /// and starts the watchdog pings, and when `shutdown` resolves it reports
 /// stopping.
-pub fn supervised(shutdown: impl Future<Output = ()>) -> impl Future<Output = ()> {
-    async move {
-        notify(&[NotifyState::Ready]);
-        let pings = sd_notify::watchdog_enabled().map(|period| {
-            // Twice per period, as sd_watchdog_enabled(3) recommends, so one
-            // late tick never trips it.
-            tokio::spawn(async move {
-                let mut every = tokio::time::interval(period / 2);
-                loop {
-                    every.tick().await;
-                    notify(&[NotifyState::Watchdog]);
-                }
-            })
-        });
-        shutdown.await;
-        notify(&[NotifyState::Stopping]);
-        // Shutdown may take a while (final commit, in-flight sends); keep
-        // pinging until the process exits, which ends the task.
-        drop(pings);
-    }
+pub async fn supervised(shutdown: impl Future<Output = ()>) {
+    notify(&[NotifyState::Ready]);
+    let pings = sd_notify::watchdog_enabled().map(|period| {
+        // Twice per period, as sd_watchdog_enabled(3) recommends, so one
+        // late tick never trips it.
+        tokio::spawn(async move {
+            let mut every = tokio::time::interval(period / 2);
+            loop {
+                every.tick().await;
+                notify(&[NotifyState::Watchdog]);
+            }
+        })
+    });
+    shutdown.await;
+    notify(&[NotifyState::Stopping]);
+    // Shutdown may take a while (final commit, in-flight sends); the pings
+    // go on until the process exits, which ends the task.
+    drop(pings);
 }
 
 fn notify(state: &[NotifyState]) {

@@ -17,12 +17,17 @@
 //! is refused with the mismatch named. Builds without the `compiler`
 //! feature load only such artifacts.
 
+#[cfg(feature = "compiler")]
 use std::hash::{Hash, Hasher};
+#[cfg(feature = "compiler")]
 use std::io::Write;
-use std::path::{Path, PathBuf};
+use std::path::Path;
+#[cfg(feature = "compiler")]
+use std::path::PathBuf;
 use std::sync::OnceLock;
 use std::time::Duration;
 
+#[cfg(feature = "compiler")]
 use sha2::{Digest, Sha256};
 use wasmtime::component::Component;
 use wasmtime::{Config, Engine};
@@ -187,6 +192,7 @@ pub enum CompileSource {
 }
 
 /// The cache file for `wasm` under `engine` in `dir`.
+#[cfg(feature = "compiler")]
 pub fn cache_path(dir: &Path, engine: &Engine, wasm: &[u8]) -> PathBuf {
     // The engine hash covers wasmtime's version and every setting that
     // changes generated code; deserialisation re-checks both anyway.
@@ -224,9 +230,20 @@ pub fn load_component(
         }
         None => {}
     }
-    if !HAS_COMPILER {
-        return Err(PluginError::NoCompiler { target: NATIVE_TARGET });
-    }
+    compile_cached(engine, wasm, cache_dir)
+}
+
+#[cfg(not(feature = "compiler"))]
+fn compile_cached(_: &Engine, _: &[u8], _: Option<&Path>) -> Result<(Component, CompileSource), PluginError> {
+    Err(PluginError::NoCompiler { target: NATIVE_TARGET })
+}
+
+#[cfg(feature = "compiler")]
+fn compile_cached(
+    engine: &Engine,
+    wasm: &[u8],
+    cache_dir: Option<&Path>,
+) -> Result<(Component, CompileSource), PluginError> {
     let Some(dir) = cache_dir else {
         return Ok((compile(engine, wasm)?, CompileSource::Compiled));
     };
@@ -258,11 +275,7 @@ fn compile(engine: &Engine, wasm: &[u8]) -> Result<Component, PluginError> {
     Component::from_binary(engine, wasm).map_err(|e| PluginError::Invalid(format!("{e:#}")))
 }
 
-#[cfg(not(feature = "compiler"))]
-fn compile(_: &Engine, _: &[u8]) -> Result<Component, PluginError> {
-    Err(PluginError::NoCompiler { target: NATIVE_TARGET })
-}
-
+#[cfg(feature = "compiler")]
 fn write_atomically(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
     let dir = path.parent().unwrap_or(Path::new("."));
     std::fs::create_dir_all(dir)?;
