@@ -22,3 +22,14 @@ cargo clippy --workspace --all-targets --locked -- -D warnings
 step "tests"
 scripts/build-plugins.sh # tests/plugins.rs runs the components it builds into plugins/build
 cargo test --workspace --locked
+
+step "runtime-only build (no Cranelift): lints and the plugin engine's tests"
+cargo clippy -p ferry --locked --no-default-features --all-targets -- -D warnings
+cargo test -p ferry --locked --no-default-features --lib plugin::engine
+
+# Cross builds in the `firmware` profile with and without Cranelift, each
+# smoke-tested under qemu-user (firmware-targets/README.md). riscv64 and
+# x86-64 musl build the same way but are left to a release run for time.
+step "firmware targets under qemu-user"
+scripts/smoke-target.sh aarch64-unknown-linux-gnu --runtime-only
+scripts/smoke-target.sh armv7-unknown-linux-gnueabihf --runtime-only

@@ -436,7 +436,11 @@ fn run(args: &RunArgs) -> anyhow::Result<()> {
         );
     }
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
-    runtime.block_on(crate::runtime::run(config, Arc::new(SystemClock), shutdown_signal()))?;
+    runtime.block_on(crate::runtime::run(
+        config,
+        Arc::new(SystemClock),
+        crate::systemd::supervised(shutdown_signal()),
+    ))?;
     Ok(())
 }
 

@@ -11,6 +11,7 @@
 //! - [`cli`] — the `ferry` command line and its HTTP client commands.
 //! - `demo` — `ferry demo`: two in-process clouds, a sensor fleet and an
 //!   outage, verified end to end (cargo feature `demo`, on by default).
+//! - [`systemd`] — readiness, watchdog and stopping notifications under systemd.
 //! - [`runtime`] — wiring: builds the services, runs them, orders shutdown.
 //! - [`ingest`] — producer input: body decoding ([`ingest::parse`]), defaults
 //!   and limits, the HTTP API ([`ingest::http`]) and its operator routes
@@ -46,4 +47,5 @@ pub mod plugin;
 pub mod runtime;
 pub mod state;
 pub mod store;
+pub mod systemd;
 pub mod topic;

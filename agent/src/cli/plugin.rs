@@ -1,8 +1,10 @@
-//! `ferry plugin check|bench|new`: the plugin author's tools.
+//! `ferry plugin check|bench|new|precompile`: the plugin author's tools.
 //!
 //! `check` and `bench` print what [`crate::plugin::check`] finds; `new`
 //! writes a starter plugin from the templates in `templates/`, with its own
-//! copy of the WIT contract so it builds outside this repository.
+//! copy of the WIT contract so it builds outside this repository;
+//! `precompile` compiles a component ahead of time for a device
+//! ([`crate::plugin::engine::precompile`]).
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -27,6 +29,29 @@ pub enum PluginCommand {
     Bench(RunArgs),
     /// Create a starter plugin in a new directory.
     New(NewArgs),
+    /// Compile a component ahead of time for a device (a `.cwasm` a
+    /// `[[plugin]]` path can name), so the device never compiles at start-up
+    /// and a build without the compiler can run it.
+    Precompile(PrecompileArgs),
+}
+
+/// `ferry plugin precompile`.
+#[derive(Debug, Args)]
+pub struct PrecompileArgs {
+    /// The component (.wasm).
+    pub file: PathBuf,
+    /// The device's target triple, e.g. aarch64-unknown-linux-gnu or
+    /// armv7-unknown-linux-gnueabihf (default: this ferry's own target).
+    #[arg(long)]
+    pub target: Option<String>,
+    /// Compile for plugins bounded by `fuel` in their config (the default
+    /// is for the time bound, `timeout_ms`); the artifact loads only into a
+    /// plugin with the same kind of bound.
+    #[arg(long)]
+    pub fuel: bool,
+    /// Where to write the artifact (default: FILE with extension .cwasm).
+    #[arg(short, long)]
+    pub output: Option<PathBuf>,
 }
 
 /// How to load and run a component.
@@ -137,7 +162,33 @@ pub fn run(cmd: &PluginCommand) -> anyhow::Result<()> {
         PluginCommand::Check(args) => check_command(args),
         PluginCommand::Bench(args) => bench_command(args),
         PluginCommand::New(args) => new_command(args),
+        PluginCommand::Precompile(args) => precompile_command(args),
     }
+}
+
+#[cfg(feature = "compiler")]
+fn precompile_command(args: &PrecompileArgs) -> anyhow::Result<()> {
+    use crate::plugin::engine::{self, Metering};
+    let target = args.target.as_deref().unwrap_or(engine::NATIVE_TARGET);
+    let metering = if args.fuel { Metering::Fuel } else { Metering::Epoch };
+    let wasm = std::fs::read(&args.file).with_context(|| format!("reading {}", args.file.display()))?;
+    let artifact = engine::precompile(&wasm, target, metering)
+        .with_context(|| format!("{}: cannot precompile for {target}", args.file.display()))?;
+    let output = args.output.clone().unwrap_or_else(|| args.file.with_extension("cwasm"));
+    std::fs::write(&output, &artifact).with_context(|| format!("writing {}", output.display()))?;
+    println!(
+        "{}: {} for {target} ({}), {} bytes",
+        output.display(),
+        if args.fuel { "fuel-bounded" } else { "time-bounded" },
+        engine::compile_target(target)?,
+        artifact.len()
+    );
+    Ok(())
+}
+
+#[cfg(not(feature = "compiler"))]
+fn precompile_command(_: &PrecompileArgs) -> anyhow::Result<()> {
+    bail!("this ferry has no plugin compiler (built without the `compiler` feature); precompile on a full build")
 }
 
 fn check_command(args: &RunArgs) -> anyhow::Result<()> {

@@ -10,16 +10,27 @@
 //! version, component hash): a restart deserialises instead of compiling.
 //! Files are written to a temporary name, synced and renamed, so a crash
 //! never leaves a torn artifact under a real key.
+//!
+//! A plugin file may also be an artifact precompiled for this device
+//! ([`precompile`], `ferry plugin precompile`): it is loaded as it is, and
+//! one built for another target, wasmtime version or engine configuration
+//! is refused with the mismatch named. Builds without the `compiler`
+//! feature load only such artifacts.
 
+#[cfg(feature = "compiler")]
 use std::hash::{Hash, Hasher};
+#[cfg(feature = "compiler")]
 use std::io::Write;
-use std::path::{Path, PathBuf};
+use std::path::Path;
+#[cfg(feature = "compiler")]
+use std::path::PathBuf;
 use std::sync::OnceLock;
 use std::time::Duration;
 
+#[cfg(feature = "compiler")]
 use sha2::{Digest, Sha256};
 use wasmtime::component::Component;
-use wasmtime::{Config, Engine, OptLevel};
+use wasmtime::{Config, Engine};
 
 use super::PluginError;
 
@@ -46,13 +57,7 @@ pub fn engine(metering: Metering) -> Result<&'static Engine, PluginError> {
     if let Some(engine) = cell.get() {
         return Ok(engine);
     }
-    let mut config = Config::new();
-    config.wasm_component_model(true).cranelift_opt_level(OptLevel::Speed).parallel_compilation(true);
-    match metering {
-        Metering::Fuel => config.consume_fuel(true),
-        Metering::Epoch => config.epoch_interruption(true),
-    };
-    let engine = Engine::new(&config).map_err(|e| PluginError::Engine(format!("{e:#}")))?;
+    let engine = Engine::new(&config(metering)).map_err(|e| PluginError::Engine(format!("{e:#}")))?;
     let mut started = false;
     let engine = cell.get_or_init(|| {
         started = true;
@@ -73,6 +78,107 @@ pub fn engine(metering: Metering) -> Result<&'static Engine, PluginError> {
     Ok(engine)
 }
 
+/// The engine configuration for `metering`, shared by the agent's engines
+/// and [`precompile`] so that precompiled artifacts load into the agent.
+fn config(metering: Metering) -> Config {
+    let mut config = Config::new();
+    config.wasm_component_model(true);
+    #[cfg(feature = "compiler")]
+    config.cranelift_opt_level(wasmtime::OptLevel::Speed).parallel_compilation(true);
+    match metering {
+        Metering::Fuel => config.consume_fuel(true),
+        Metering::Epoch => config.epoch_interruption(true),
+    };
+    config
+}
+
+/// The target triple this binary was built for.
+pub const NATIVE_TARGET: &str = env!("FERRY_BUILD_TARGET");
+
+/// Whether this build can compile `.wasm` plugins (the `compiler` feature).
+pub const HAS_COMPILER: bool = cfg!(feature = "compiler");
+
+/// How this build runs plugin code: `"Cranelift"` (native code) or
+/// `"Pulley"` (wasmtime's interpreter, on targets Cranelift cannot generate
+/// code for, such as 32-bit ARM).
+pub const EXECUTION: &str = if native_arch_has_cranelift(NATIVE_TARGET) { "Cranelift" } else { "Pulley" };
+
+/// Whether Cranelift generates native code for the architecture of `triple`.
+const fn native_arch_has_cranelift(triple: &str) -> bool {
+    let arch = triple.as_bytes();
+    starts_with(arch, b"x86_64-")
+        || starts_with(arch, b"aarch64-")
+        || starts_with(arch, b"riscv64")
+        || starts_with(arch, b"s390x-")
+}
+
+const fn starts_with(text: &[u8], prefix: &[u8]) -> bool {
+    if text.len() < prefix.len() {
+        return false;
+    }
+    let mut i = 0;
+    while i < prefix.len() {
+        if text[i] != prefix[i] {
+            return false;
+        }
+        i += 1;
+    }
+    true
+}
+
+/// The code-generation target wasmtime uses for plugins on `triple`: the
+/// triple itself where Cranelift has a native backend, else the Pulley
+/// interpreter of the same pointer width (`pulley32`/`pulley64`).
+pub fn compile_target(triple: &str) -> Result<String, PluginError> {
+    let arch = triple.split('-').next().unwrap_or_default();
+    if arch.starts_with("pulley") || native_arch_has_cranelift(triple) {
+        return Ok(triple.to_owned());
+    }
+    const BITS32: [&str; 9] = ["arm", "thumb", "i386", "i586", "i686", "riscv32", "mips", "mipsel", "powerpc"];
+    const BITS64: [&str; 3] = ["powerpc64le", "mips64el", "loongarch64"];
+    if BITS64.contains(&arch) {
+        Ok("pulley64".into())
+    } else if BITS32.iter().any(|p| arch.starts_with(p)) && !arch.contains("64") {
+        let big_endian = arch == "mips" || arch == "powerpc" || arch.ends_with("eb");
+        Ok(if big_endian { "pulley32be" } else { "pulley32" }.into())
+    } else {
+        Err(PluginError::Engine(format!("`{triple}` is not a target triple ferry knows how to compile plugins for")))
+    }
+}
+
+/// Compiles the component `wasm` ahead of time for a device of target
+/// `triple` whose plugins are CPU-bounded by `metering`. The artifact loads
+/// only into a ferry of that target built with the same wasmtime (major
+/// version) and engine configuration.
+#[cfg(feature = "compiler")]
+pub fn precompile(wasm: &[u8], triple: &str, metering: Metering) -> Result<Vec<u8>, PluginError> {
+    let target = compile_target(triple)?;
+    let mut config = config(metering);
+    config.target(&target).map_err(|e| PluginError::Engine(format!("target `{target}`: {e:#}")))?;
+    let engine = Engine::new(&config).map_err(|e| {
+        PluginError::Engine(format!(
+            "cannot compile for `{target}` with this build ({e:#}); \
+             a ferry built with the `all-arch` feature compiles for every target, \
+             and any ferry compiles for its own target and for Pulley"
+        ))
+    })?;
+    if wasmtime::Engine::detect_precompiled(wasm).is_some() {
+        return Err(PluginError::Invalid("the file is already precompiled; give the .wasm component".into()));
+    }
+    engine.precompile_component(wasm).map_err(|e| PluginError::Invalid(format!("{e:#}")))
+}
+
+/// What an engine of this build expects of a precompiled artifact, for
+/// error messages.
+pub fn describe(metering: Metering) -> String {
+    let code = if EXECUTION == "Pulley" { "Pulley bytecode" } else { "native code" };
+    let bound = match metering {
+        Metering::Fuel => "fuel",
+        Metering::Epoch => "a time bound (epoch)",
+    };
+    format!("target {NATIVE_TARGET}, {code}, plugins CPU-bounded by {bound}")
+}
+
 /// Whether a component came from the cache or was compiled.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
 #[serde(rename_all = "kebab-case")]
@@ -81,9 +187,12 @@ pub enum CompileSource {
     Cache,
     /// Compiled now (and cached, when a cache directory is set).
     Compiled,
+    /// Loaded from an artifact precompiled for this target.
+    Precompiled,
 }
 
 /// The cache file for `wasm` under `engine` in `dir`.
+#[cfg(feature = "compiler")]
 pub fn cache_path(dir: &Path, engine: &Engine, wasm: &[u8]) -> PathBuf {
     // The engine hash covers wasmtime's version and every setting that
     // changes generated code; deserialisation re-checks both anyway.
@@ -94,8 +203,43 @@ pub fn cache_path(dir: &Path, engine: &Engine, wasm: &[u8]) -> PathBuf {
     dir.join(format!("{hex}-{:016x}.cwasm", hasher.finish()))
 }
 
-/// Compiles `wasm`, or loads it from `cache_dir` when it was compiled before.
+/// Loads a precompiled artifact, or compiles `wasm` (or loads it from
+/// `cache_dir` when it was compiled before).
 pub fn load_component(
+    engine: &Engine,
+    metering: Metering,
+    wasm: &[u8],
+    cache_dir: Option<&Path>,
+) -> Result<(Component, CompileSource), PluginError> {
+    match Engine::detect_precompiled(wasm) {
+        Some(wasmtime::Precompiled::Component) => {
+            // SAFETY: a precompiled artifact is native code; it comes from
+            // the operator's own configuration, trusted as much as the
+            // binary itself. wasmtime checks its header for target, version
+            // and configuration before using anything in it.
+            return match unsafe { Component::deserialize(engine, wasm) } {
+                Ok(component) => Ok((component, CompileSource::Precompiled)),
+                Err(e) => Err(PluginError::Incompatible { reason: format!("{e:#}"), expected: describe(metering) }),
+            };
+        }
+        Some(wasmtime::Precompiled::Module) => {
+            return Err(PluginError::Invalid(
+                "a precompiled core module, not a component: precompile the component with `ferry plugin precompile`"
+                    .into(),
+            ));
+        }
+        None => {}
+    }
+    compile_cached(engine, wasm, cache_dir)
+}
+
+#[cfg(not(feature = "compiler"))]
+fn compile_cached(_: &Engine, _: &[u8], _: Option<&Path>) -> Result<(Component, CompileSource), PluginError> {
+    Err(PluginError::NoCompiler { target: NATIVE_TARGET })
+}
+
+#[cfg(feature = "compiler")]
+fn compile_cached(
     engine: &Engine,
     wasm: &[u8],
     cache_dir: Option<&Path>,
@@ -126,10 +270,12 @@ pub fn load_component(
     Ok((component, CompileSource::Compiled))
 }
 
+#[cfg(feature = "compiler")]
 fn compile(engine: &Engine, wasm: &[u8]) -> Result<Component, PluginError> {
     Component::from_binary(engine, wasm).map_err(|e| PluginError::Invalid(format!("{e:#}")))
 }
 
+#[cfg(feature = "compiler")]
 fn write_atomically(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
     let dir = path.parent().unwrap_or(Path::new("."));
     std::fs::create_dir_all(dir)?;
@@ -146,4 +292,84 @@ fn write_atomically(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
         let _ = std::fs::remove_file(&tmp);
     }
     result
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The smallest valid component: the preamble alone.
+    const EMPTY_COMPONENT: &[u8] = b"\0asm\x0d\x00\x01\x00";
+
+    #[test]
+    fn compile_target_keeps_native_backends_and_sends_the_rest_to_pulley() {
+        for native in ["x86_64-unknown-linux-musl", "aarch64-unknown-linux-gnu", "riscv64gc-unknown-linux-gnu"] {
+            assert_eq!(compile_target(native).unwrap(), native);
+        }
+        assert_eq!(compile_target("armv7-unknown-linux-gnueabihf").unwrap(), "pulley32");
+        assert_eq!(compile_target("i686-unknown-linux-gnu").unwrap(), "pulley32");
+        assert_eq!(compile_target("pulley64").unwrap(), "pulley64");
+        let e = compile_target("sparc64-unknown-linux-gnu").unwrap_err();
+        assert!(e.to_string().contains("sparc64-unknown-linux-gnu"), "{e}");
+    }
+
+    #[test]
+    fn the_build_names_its_own_target_and_engine() {
+        assert!(NATIVE_TARGET.contains('-'), "{NATIVE_TARGET}");
+        assert_eq!(EXECUTION == "Cranelift", native_arch_has_cranelift(NATIVE_TARGET));
+    }
+
+    #[test]
+    fn a_component_without_a_compiler_or_artifact_is_refused_by_a_runtime_only_build() {
+        if HAS_COMPILER {
+            return;
+        }
+        let engine = engine(Metering::Epoch).unwrap();
+        let e = load_component(engine, Metering::Epoch, EMPTY_COMPONENT, None).unwrap_err();
+        assert!(matches!(e, PluginError::NoCompiler { .. }), "{e}");
+        assert!(e.to_string().contains("ferry plugin precompile"), "{e}");
+    }
+
+    #[cfg(feature = "compiler")]
+    mod precompiled {
+        use super::*;
+
+        #[test]
+        fn an_artifact_for_this_target_loads_without_compiling() {
+            let artifact = precompile(EMPTY_COMPONENT, NATIVE_TARGET, Metering::Epoch).unwrap();
+            let engine = engine(Metering::Epoch).unwrap();
+            let (_, source) = load_component(engine, Metering::Epoch, &artifact, None).unwrap();
+            assert_eq!(source, CompileSource::Precompiled);
+        }
+
+        #[test]
+        fn an_artifact_for_another_target_is_refused_naming_it() {
+            // Every build compiles for Pulley; a native engine cannot run it
+            // (and a 64-bit one not pulley32 in any case).
+            let artifact = precompile(EMPTY_COMPONENT, "armv7-unknown-linux-gnueabihf", Metering::Epoch).unwrap();
+            let engine = engine(Metering::Epoch).unwrap();
+            let e = load_component(engine, Metering::Epoch, &artifact, None).unwrap_err();
+            assert!(matches!(e, PluginError::Incompatible { .. }), "{e}");
+            let text = e.to_string();
+            assert!(text.contains("pulley32"), "{text}");
+            assert!(text.contains(NATIVE_TARGET), "{text}");
+        }
+
+        #[test]
+        fn an_artifact_for_another_cpu_bound_is_refused_naming_it() {
+            let artifact = precompile(EMPTY_COMPONENT, NATIVE_TARGET, Metering::Fuel).unwrap();
+            let engine = engine(Metering::Epoch).unwrap();
+            let e = load_component(engine, Metering::Epoch, &artifact, None).unwrap_err();
+            let text = e.to_string();
+            assert!(text.contains("fuel"), "{text}");
+            assert!(text.contains("epoch"), "{text}");
+        }
+
+        #[test]
+        fn precompiling_an_artifact_again_is_refused() {
+            let artifact = precompile(EMPTY_COMPONENT, NATIVE_TARGET, Metering::Epoch).unwrap();
+            let e = precompile(&artifact, NATIVE_TARGET, Metering::Epoch).unwrap_err();
+            assert!(e.to_string().contains("already precompiled"), "{e}");
+        }
+    }
 }

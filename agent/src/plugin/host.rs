@@ -316,7 +316,7 @@ impl Plugin {
             CpuLimit::Timeout(_) => Metering::Epoch,
         };
         let engine = engine::engine(metering)?.clone();
-        let (component, source) = engine::load_component(&engine, wasm, cache_dir)?;
+        let (component, source) = engine::load_component(&engine, metering, wasm, cache_dir)?;
         let linker = linker(&engine, config.world)?;
         let instance_pre = linker.instantiate_pre(&component).map_err(|e| PluginError::Link(format!("{e:#}")))?;
         let wrong_world =

@@ -48,6 +48,28 @@ pub enum PluginError {
     /// The component imports something the host does not provide.
     #[error("the component needs an import the host does not provide: {0}")]
     Link(String),
+    /// A precompiled artifact was built for another target, wasmtime
+    /// version or engine configuration.
+    #[error(
+        "the precompiled plugin does not fit this agent: {reason} (this agent expects {expected}); \
+         precompile the .wasm again with `ferry plugin precompile --target …` for this device"
+    )]
+    Incompatible {
+        /// wasmtime's account of the mismatch.
+        reason: String,
+        /// What this agent's engine expects.
+        expected: String,
+    },
+    /// This build has no compiler and the plugin is not precompiled.
+    #[error(
+        "this ferry has no plugin compiler (built without the `compiler` feature) and loads only \
+         precompiled plugins: run `ferry plugin precompile --target {target} PLUGIN.wasm -o PLUGIN.cwasm` \
+         on a full build and point the plugin's path at the .cwasm"
+    )]
+    NoCompiler {
+        /// This build's target triple.
+        target: &'static str,
+    },
     /// The component's exports do not match the world.
     #[error("the component does not target the `{}` world: {reason}", world.as_str())]
     WrongWorld {

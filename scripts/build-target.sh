@@ -1,0 +1,69 @@
+#!/usr/bin/env bash
+# Cross-builds the agent for one firmware target with the size-optimised
+# `firmware` profile.
+#
+# Usage: scripts/build-target.sh TARGET [--runtime-only]
+#   TARGET          a folder of firmware-targets/, e.g. aarch64-unknown-linux-gnu
+#   --runtime-only  leave Cranelift out: the agent then loads only plugins
+#                   precompiled for TARGET (`ferry plugin precompile`)
+#
+# Installs what it needs and skips what is present: the rustup target and
+# Debian's cross gcc (the linker, and the C compiler for ring and wasmtime's
+# helpers). Prints the path of the built binary, which is copied to
+# $CARGO_TARGET_DIR/firmware/TARGET/ferry (or ferry-runtime-only).
+set -euo pipefail
+
+ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/ferry/target}"
+
+usage() { echo "usage: $0 TARGET [--runtime-only]  (targets: $(cd "$ROOT/firmware-targets" && ls -d */ | tr -d / | tr '\n' ' '))" >&2; exit 2; }
+[ $# -ge 1 ] || usage
+TARGET=$1
+RUNTIME_ONLY=0
+case ${2:-} in
+    "") ;;
+    --runtime-only) RUNTIME_ONLY=1 ;;
+    *) usage ;;
+esac
+DIR=$ROOT/firmware-targets/$TARGET
+[ -f "$DIR/target.env" ] || { echo "build-target: no target '$TARGET' in firmware-targets/" >&2; usage; }
+# shellcheck source=/dev/null
+. "$DIR/target.env"
+
+SUDO=""
+[ "$(id -u)" -eq 0 ] || SUDO="sudo"
+
+if ! rustup target list --installed | grep -qx "$TRIPLE"; then
+    echo "build-target: rustup target add $TRIPLE"
+    rustup target add "$TRIPLE" >/dev/null
+fi
+if ! command -v "$CROSS_CC" >/dev/null 2>&1; then
+    echo "build-target: installing $APT_GCC"
+    export DEBIAN_FRONTEND=noninteractive
+    $SUDO apt-get update -qq
+    $SUDO apt-get install -y -qq --no-install-recommends "$APT_GCC" >/dev/null
+fi
+
+# Cargo and the cc crate read these per target, so host builds are untouched.
+var=${TRIPLE//-/_}
+export "CC_$var=$CROSS_CC"
+if [ -n "$SYSROOT" ]; then
+    export "CARGO_TARGET_${var^^}_LINKER=$CROSS_CC"
+    export "AR_$var=${CROSS_CC%-gcc}-ar"
+fi
+
+if [ "$RUNTIME_ONLY" -eq 1 ]; then
+    FEATURES=$RUNTIME_ONLY_FEATURES
+    NAME=ferry-runtime-only
+else
+    NAME=ferry
+fi
+
+cd "$ROOT"
+cargo build --locked -p ferry --bin ferry --profile firmware --target "$TRIPLE" \
+    --no-default-features ${FEATURES:+--features "$FEATURES"} >&2
+
+OUT=$CARGO_TARGET_DIR/firmware/$TARGET
+mkdir -p "$OUT"
+cp "$CARGO_TARGET_DIR/$TRIPLE/firmware/ferry" "$OUT/$NAME"
+echo "$OUT/$NAME"
