@@ -18,7 +18,7 @@ use tokio::task::JoinHandle;
 use crate::clock::SharedClock;
 use crate::config::Config;
 use crate::config::plugin::Stage;
-use crate::forward::{Forwarder, link};
+use crate::forward::{Forwarder, Stage as ForwardStage, link};
 use crate::ingest::mqtt::MqttIngest;
 use crate::ingest::{Ingest, http};
 use crate::plugin::{Plugin, PluginError, PluginHandle};
@@ -117,7 +117,17 @@ impl Agent {
             .destinations
             .iter()
             .zip(tls)
-            .map(|(d, tls)| Forwarder::spawn(d.clone(), tls, store.clone(), clock.clone(), stop_rx.clone()))
+            .map(|(d, tls)| {
+                let filters = config
+                    .plugins
+                    .iter()
+                    .zip(&plugins)
+                    .filter(|(c, _)| matches!(&c.stage, Some(Stage::Destination(name)) if *name == d.name))
+                    .map(|(_, h)| h.clone())
+                    .collect();
+                let stage = ForwardStage::new(d.name.clone(), filters);
+                Forwarder::spawn(d.clone(), tls, store.clone(), clock.clone(), stage, stop_rx.clone())
+            })
             .collect();
         let statuses = forwarders.iter().map(Forwarder::status_handle).collect();
 

@@ -9,6 +9,7 @@
 //! Forwarders share nothing but the store, so a dead cloud never slows
 //! another.
 //!
+//! - [`stage`] — destination-stage filter plugins, run just before publish.
 //! - [`window`] — the pure in-flight and cursor state.
 //! - [`wire`] — the CloudEvents MQTT binding.
 //! - [`link`] — one rumqttc connection of either protocol version.
@@ -16,6 +17,7 @@
 
 pub mod backoff;
 pub mod link;
+pub mod stage;
 pub mod window;
 pub mod wire;
 
@@ -34,6 +36,8 @@ use crate::event::Event;
 use crate::store::Store;
 use backoff::Backoff;
 use link::{Link, LinkError, LinkEvent, LinkOptions};
+pub use stage::Stage;
+use stage::Step;
 use window::Window;
 
 /// Events read from the store per read.
@@ -85,12 +89,14 @@ pub struct Forwarder {
 }
 
 impl Forwarder {
-    /// Starts forwarding to `config`'s broker until `shutdown` turns true.
+    /// Starts forwarding to `config`'s broker until `shutdown` turns true,
+    /// running `stage`'s filters on each batch just before publish.
     pub fn spawn(
         config: DestinationConfig,
         tls: Option<Arc<rustls::ClientConfig>>,
         store: Store,
         clock: SharedClock,
+        stage: Stage,
         shutdown: watch::Receiver<bool>,
     ) -> Self {
         let status = Arc::new(Mutex::new(DestinationStatus {
@@ -102,7 +108,7 @@ impl Forwarder {
             },
             ..DestinationStatus::default()
         }));
-        let task = Task { config, tls, store, clock, shutdown, status: status.clone() };
+        let task = Task { config, tls, store, clock, stage, shutdown, status: status.clone() };
         Self { status, task: tokio::spawn(task.run()) }
     }
 
@@ -133,6 +139,7 @@ struct Task {
     tls: Option<Arc<rustls::ClientConfig>>,
     store: Store,
     clock: SharedClock,
+    stage: Stage,
     shutdown: watch::Receiver<bool>,
     status: Arc<Mutex<DestinationStatus>>,
 }
@@ -256,7 +263,7 @@ impl Task {
         tracing::info!(destination = %self.config.name, url = %self.config.endpoint.url(), resume_after = p.window.acked_through(), "connected");
 
         let mut committed = self.store.committed();
-        let mut buffer: VecDeque<Event> = VecDeque::new();
+        let mut buffer: VecDeque<Step> = VecDeque::new();
         let mut last_ack = Instant::now();
         let mut tick = tokio::time::interval(Duration::from_millis(100));
         // No PUBACK for this long while publishes wait: the link is black-holed.
@@ -318,9 +325,9 @@ impl Task {
         }
     }
 
-    /// Offers events to the window while it has room: publishes the routed
-    /// ones, settles the rest.
-    async fn fill(&mut self, link: &mut Link, p: &mut Progress, buffer: &mut VecDeque<Event>) -> Result<(), LinkError> {
+    /// Offers events to the window while it has room: publishes what the
+    /// routes and destination-stage filters select, settles the rest.
+    async fn fill(&mut self, link: &mut Link, p: &mut Progress, buffer: &mut VecDeque<Step>) -> Result<(), LinkError> {
         while p.window.has_room() {
             if buffer.is_empty() {
                 let newest = *self.store.committed().borrow();
@@ -338,15 +345,20 @@ impl Task {
                     p.window.skip_to(newest);
                     return Ok(());
                 }
-                buffer.extend(events);
+                self.plan(events, buffer).await?;
             }
-            let event = buffer.pop_front().expect("buffer refilled");
+            let (event, last) = match buffer.pop_front().expect("buffer refilled") {
+                Step::Settle(sequence) => {
+                    if sequence > p.window.next() {
+                        p.window.skip_to(sequence - 1);
+                    }
+                    p.window.settled(sequence);
+                    continue;
+                }
+                Step::Publish { event, last } => (event, last),
+            };
             if event.sequence > p.window.next() {
                 p.window.skip_to(event.sequence - 1);
-            }
-            if !self.config.routes(&event.body.subject) || !event.body.routed_to(&self.config.name) {
-                p.window.settled(event.sequence);
-                continue;
             }
             let topic = wire::topic(&self.config.topic_prefix, &event);
             let (sequence, at_ms) = (event.sequence, event.hlc.millis());
@@ -375,14 +387,40 @@ impl Task {
                     .await
                     .map_err(|e| LinkError::Connection(e.to_string()))?;
                 self.update(|s| s.dead_lettered += 1);
-                p.window.settled(sequence);
+                if last {
+                    p.window.settled(sequence);
+                }
                 continue;
             }
             p.bytes_sent += payload.len() as u64;
             p.published += 1;
             link.publish(topic, payload, content_type, props, false)?;
-            p.window.sent(sequence, at_ms);
+            if last {
+                p.window.sent(sequence, at_ms);
+            } else {
+                p.window.sent_part(sequence, at_ms);
+            }
         }
+        Ok(())
+    }
+
+    /// Turns a batch read from the store into steps: the routes select, then
+    /// the destination-stage filters (if any) decide.
+    async fn plan(&self, events: Vec<Event>, buffer: &mut VecDeque<Step>) -> Result<(), LinkError> {
+        let name = self.config.name.as_str();
+        let selected = |e: &Event| self.config.routes(&e.body.subject) && e.body.routed_to(name);
+        if self.stage.is_empty() {
+            buffer.extend(events.into_iter().map(|event| {
+                if selected(&event) { Step::Publish { event, last: true } } else { Step::Settle(event.sequence) }
+            }));
+            return Ok(());
+        }
+        let (steps, dead_lettered) =
+            self.stage.run(events, selected, &self.store).await.map_err(|e| LinkError::Connection(e.to_string()))?;
+        if dead_lettered > 0 {
+            self.update(|s| s.dead_lettered += dead_lettered);
+        }
+        buffer.extend(steps);
         Ok(())
     }
 
@@ -426,11 +464,16 @@ impl Task {
         }
     }
 
-    fn refresh_status(&self, p: &mut Progress, buffer: &VecDeque<Event>) {
+    fn refresh_status(&self, p: &mut Progress, buffer: &VecDeque<Step>) {
         let now = Instant::now();
         let (mark_at, mark_count) = p.rate_mark;
         let now_ms = self.clock.now_millis();
-        let oldest = p.window.oldest_unacked_ms().or_else(|| buffer.front().map(|e| e.hlc.millis()));
+        let oldest = p.window.oldest_unacked_ms().or_else(|| {
+            buffer.iter().find_map(|s| match s {
+                Step::Publish { event, .. } => Some(event.hlc.millis()),
+                Step::Settle(_) => None,
+            })
+        });
         let in_flight = p.window.in_flight();
         let durable = p.window.durable();
         let (delivered, published, bytes_sent) = (p.delivered, p.published, p.bytes_sent);
