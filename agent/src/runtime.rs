@@ -131,7 +131,9 @@ impl Agent {
             .collect();
         let statuses = forwarders.iter().map(Forwarder::status_handle).collect();
 
-        let ingest = Ingest::new(store.clone(), config.agent.source(), clock).with_filters(ingest_filters);
+        let ingest = Ingest::new(store.clone(), config.agent.source(), clock)
+            .with_filters(ingest_filters)
+            .reporting(plugins.clone());
         let mqtt_ingest = match &config.mqtt_ingest {
             Some(m) => {
                 let tls = if m.endpoint.tls {

@@ -187,7 +187,7 @@ pub struct Status {
     pub uptime_seconds: u64,
     /// The store.
     pub store: StoreStatus,
-    /// Ingest-stage plugins: calls, failures, circuit state.
+    /// Every plugin, whatever its stage: calls, failures, circuit state.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub plugins: Vec<crate::plugin::PluginStatus>,
     /// Each destination, with its backlog.
