@@ -3,7 +3,8 @@
 //!
 //! Start: load TLS material, open the store (recovering it after a crash),
 //! load every plugin (compiled code comes from `{data_dir}/plugin-cache`),
-//! start one forwarder per destination, then bind and serve the HTTP API.
+//! start one forwarder per destination (with the filters whose stage names
+//! it), then bind and serve the HTTP API (with the ingest-stage filters).
 //! Stop: the API stops accepting and finishes the requests in flight (each
 //! waits for its commit); forwarders collect outstanding PUBACKs and save
 //! their cursors; then the store writer commits what is queued and exits.

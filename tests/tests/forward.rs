@@ -571,12 +571,10 @@ async fn a_trapping_destination_stage_plugin_dead_letters_for_its_destination_on
     let t = TestAgent::start(&config).await;
     // One event per request, each after the previous one settled for a, so
     // every plugin call holds exactly one event.
-    let mut sequence = 0;
-    for (id, topic) in [("g0", "good/0"), ("bad", "hostile/trap"), ("g1", "good/1")] {
+    for (sequence, (id, topic)) in (1u64..).zip([("g0", "good/0"), ("bad", "hostile/trap"), ("g1", "good/1")]) {
         let body = json!({"topic": topic, "id": id, "data": 1});
         let r = t.client.post(format!("http://{}/v1/events", t.agent.http_addr())).json(&body).send().await.unwrap();
         assert_eq!(r.status(), 200);
-        sequence += 1;
         t.wait_until("a's cursor to pass the event", |t| t.destination("a").acked_sequence == sequence).await;
     }
     wait_for_ids(&cb, Protocol::V5, &["g0".into(), "bad".into(), "g1".into()]).await;

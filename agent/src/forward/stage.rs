@@ -26,6 +26,9 @@ use crate::plugin::{OnError, PluginHandle, Verdict, convert};
 use crate::store::{AppendError, Store};
 
 /// What the forwarder does next for a stored sequence.
+// Nearly every step is a publish, so boxing the event would only add an
+// allocation per event.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Step {
     /// Publish this event (the stored one or a replacement, with the stored
