@@ -4,7 +4,8 @@
 //! Start: load TLS material, open the store (recovering it after a crash),
 //! load every plugin (compiled code comes from `{data_dir}/plugin-cache`),
 //! start the state service, then one forwarder per destination (subscribed
-//! to what the state service consumes), then bind and serve the HTTP API.
+//! to what the state service consumes, with the filters whose stage names
+//! it), then bind and serve the HTTP API (with the ingest-stage filters).
 //! Stop: the API stops accepting and finishes the requests in flight (each
 //! waits for its commit); forwarders collect outstanding PUBACKs and save
 //! their cursors; then the store writer commits what is queued and exits.
@@ -20,7 +21,7 @@ use crate::clock::SharedClock;
 use crate::config::Config;
 use crate::config::plugin::Stage;
 use crate::downlink::DownlinkRouter;
-use crate::forward::{Forwarder, link};
+use crate::forward::{Forwarder, Stage as ForwardStage, link};
 use crate::ingest::admin::Admin;
 use crate::ingest::mqtt::MqttIngest;
 use crate::ingest::{Ingest, http};
@@ -177,7 +178,15 @@ impl Agent {
             .zip(tls)
             .map(|(d, tls)| {
                 let downlink = downlink.for_destination(&d.name, &d.topic_prefix);
-                Forwarder::spawn(d.clone(), tls, store.clone(), clock.clone(), downlink, stop_rx.clone())
+                let filters = config
+                    .plugins
+                    .iter()
+                    .zip(&plugins)
+                    .filter(|(c, _)| matches!(&c.stage, Some(Stage::Destination(name)) if *name == d.name))
+                    .map(|(_, h)| h.clone())
+                    .collect();
+                let stage = ForwardStage::new(d.name.clone(), filters);
+                Forwarder::spawn(d.clone(), tls, store.clone(), clock.clone(), stage, downlink, stop_rx.clone())
             })
             .collect();
         let statuses = forwarders.iter().map(Forwarder::status_handle).collect();
@@ -194,7 +203,9 @@ impl Agent {
             clock: clock.clone(),
         };
 
-        let ingest = Ingest::new(store.clone(), config.agent.source(), clock).with_filters(ingest_filters);
+        let ingest = Ingest::new(store.clone(), config.agent.source(), clock)
+            .with_filters(ingest_filters)
+            .reporting(plugins.clone());
         let mqtt_ingest = match &config.mqtt_ingest {
             Some(m) => {
                 let tls = if m.endpoint.tls {

@@ -8,7 +8,7 @@ use std::time::Duration;
 use ferry::clock::SystemClock;
 use ferry::config::{Config, StoreConfig};
 use ferry::downlink::{Delivery, DownlinkRouter};
-use ferry::forward::Forwarder;
+use ferry::forward::{Forwarder, Stage};
 use ferry::store::Store;
 use ferry::topic::TopicFilter;
 use ferry_harness::{FaultProxy, Mosquitto, MosquittoOptions, mqtt};
@@ -46,7 +46,8 @@ async fn forwarder(url: &str, protocol: &str, filter: &str, consumer: mpsc::Send
     router.register("cloud", TopicFilter::new(filter).unwrap(), consumer);
     let (stop, stop_rx) = watch::channel(false);
     let downlink = router.for_destination("cloud", &d.topic_prefix);
-    let forwarder = Forwarder::spawn(d, None, store.clone(), Arc::new(SystemClock), downlink, stop_rx);
+    let stage = Stage::new("cloud".into(), Vec::new());
+    let forwarder = Forwarder::spawn(d, None, store.clone(), Arc::new(SystemClock), stage, downlink, stop_rx);
     Running { _dir: dir, forwarder, stop, store }
 }
 

@@ -496,3 +496,163 @@ async fn a_route_verdict_limits_an_event_to_the_named_destinations_and_stays_off
     assert!(!ids_of(&cb, Protocol::V5).0.contains("only-a"));
     assert!(ca.messages().iter().all(|m| m.user_property("ferryroute").is_none()));
 }
+
+/// A `[[plugin]]` table for a component built by scripts/build-plugins.sh.
+fn plugin(name: &str, file: &str, stage: &str, extra: &str) -> String {
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../plugins/build").join(format!("{file}.wasm"));
+    assert!(path.is_file(), "{} is missing: run scripts/build-plugins.sh first", path.display());
+    format!(
+        "[[plugin]]\nname = \"{name}\"\npath = {:?}\nworld = \"filter\"\nstage = \"{stage}\"\n{extra}\n",
+        path.display().to_string()
+    )
+}
+
+/// Each received message's id and payload.
+fn payloads(c: &Collector) -> Vec<(String, String)> {
+    c.messages()
+        .into_iter()
+        .filter(|m| m.topic != "ferry/probe")
+        .map(|m| (m.user_property("id").unwrap().to_owned(), m.payload_str()))
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_destination_stage_filter_drops_and_transforms_for_its_destination_only() {
+    let (ma, mb) = (
+        Mosquitto::start(MosquittoOptions::default()).await.unwrap(),
+        Mosquitto::start(MosquittoOptions::default()).await.unwrap(),
+    );
+    let (ca, cb) = (
+        Collector::start(&ma.url(), "ferry/#", Protocol::V5).await.unwrap(),
+        Collector::start(&mb.url(), "ferry/#", Protocol::V5).await.unwrap(),
+    );
+    let config = [
+        destination("a", &ma.url(), "v5", ""),
+        destination("b", &mb.url(), "v5", ""),
+        plugin("no-debug", "prefix-filter", "a", "config = { prefixes = \"debug/\" }"),
+        plugin("redact", "redact-transform", "a", "config = { fields = \"secret\" }"),
+    ]
+    .concat();
+    let t = TestAgent::start(&config).await;
+    let body = json!([
+        {"topic": "debug/trace", "id": "dbg", "data": {"secret": "s1"}},
+        {"topic": "telemetry/t", "id": "tel", "data": {"secret": "s2", "v": 1}},
+        {"topic": "telemetry/t", "id": "plain", "data": {"v": 2}},
+    ]);
+    let r = t.client.post(format!("http://{}/v1/events", t.agent.http_addr())).json(&body).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    wait_for_ids(&cb, Protocol::V5, &["dbg".into(), "tel".into(), "plain".into()]).await;
+    wait_for_ids(&ca, Protocol::V5, &["tel".into(), "plain".into()]).await;
+    t.wait_until("a's cursor to pass the dropped event too", |t| t.destination("a").acked_sequence == 3).await;
+    assert!(!ids_of(&ca, Protocol::V5).0.contains("dbg"), "dropped for a");
+    let a: std::collections::HashMap<_, _> = payloads(&ca).into_iter().collect();
+    assert_eq!(serde_json::from_str::<Value>(&a["tel"]).unwrap(), json!({"secret": "[redacted]", "v": 1}));
+    assert_eq!(serde_json::from_str::<Value>(&a["plain"]).unwrap(), json!({"v": 2}));
+    let b: std::collections::HashMap<_, _> = payloads(&cb).into_iter().collect();
+    assert_eq!(serde_json::from_str::<Value>(&b["tel"]).unwrap(), json!({"secret": "s2", "v": 1}), "b is untouched");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_trapping_destination_stage_plugin_dead_letters_for_its_destination_only() {
+    let (ma, mb) = (
+        Mosquitto::start(MosquittoOptions::default()).await.unwrap(),
+        Mosquitto::start(MosquittoOptions::default()).await.unwrap(),
+    );
+    let (ca, cb) = (
+        Collector::start(&ma.url(), "ferry/#", Protocol::V5).await.unwrap(),
+        Collector::start(&mb.url(), "ferry/#", Protocol::V5).await.unwrap(),
+    );
+    let config = [
+        destination("a", &ma.url(), "v5", ""),
+        destination("b", &mb.url(), "v5", ""),
+        plugin("hostile", "testdata/hostile-filter", "a", "timeout_ms = 200\nconfig = { k = \"v\" }"),
+    ]
+    .concat();
+    let t = TestAgent::start(&config).await;
+    // One event per request, each after the previous one settled for a, so
+    // every plugin call holds exactly one event.
+    for (sequence, (id, topic)) in (1u64..).zip([("g0", "good/0"), ("bad", "hostile/trap"), ("g1", "good/1")]) {
+        let body = json!({"topic": topic, "id": id, "data": 1});
+        let r = t.client.post(format!("http://{}/v1/events", t.agent.http_addr())).json(&body).send().await.unwrap();
+        assert_eq!(r.status(), 200);
+        t.wait_until("a's cursor to pass the event", |t| t.destination("a").acked_sequence == sequence).await;
+    }
+    wait_for_ids(&cb, Protocol::V5, &["g0".into(), "bad".into(), "g1".into()]).await;
+    wait_for_ids(&ca, Protocol::V5, &["g0".into(), "g1".into()]).await;
+    assert!(!ids_of(&ca, Protocol::V5).0.contains("bad"));
+    assert!(ca.messages().iter().all(|m| m.user_property("cfgecho") == Some("k=v")), "a gets the plugin's output");
+    assert!(cb.messages().iter().all(|m| m.user_property("cfgecho").is_none()), "b never sees the plugin");
+    let dead = t.agent.store().dead_letters(0, 10).unwrap();
+    assert_eq!(dead.len(), 1, "{dead:?}");
+    assert_eq!(dead[0].event().unwrap().body.id, "bad");
+    assert!(dead[0].reason.starts_with("destination a: plugin hostile: plugin trapped"), "{}", dead[0].reason);
+    assert_eq!((t.destination("a").dead_lettered, t.destination("b").dead_lettered), (1, 0));
+    let plugin = &t.agent.plugins()[0].status();
+    assert_eq!((plugin.traps, plugin.instances_built), (1, 2), "{plugin:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_resend_after_a_broker_kill_gives_the_same_filtered_output() {
+    let mut broker = Mosquitto::start(MosquittoOptions::default()).await.unwrap();
+    let collector = Collector::start(&broker.url(), "ferry/#", Protocol::V5).await.unwrap();
+    let proxy = FaultProxy::start(broker.addr()).await.unwrap();
+    proxy.handle().cut();
+    let config = [
+        destination("cloud", &proxy.url(), "v5", "inflight = 64"),
+        plugin("no-debug", "prefix-filter", "cloud", "config = { prefixes = \"debug/\" }"),
+        plugin("redact", "redact-transform", "cloud", "config = { fields = \"secret\" }"),
+    ]
+    .concat();
+    let t = TestAgent::start(&config).await;
+    const N: usize = 6_000;
+    let mut kept = Vec::new();
+    for chunk in (0..N).collect::<Vec<_>>().chunks(500) {
+        let body: Vec<Value> = chunk
+            .iter()
+            .map(|i| {
+                let (topic, id) =
+                    if i % 3 == 0 { ("debug/t", format!("d-{i}")) } else { ("telemetry/t", format!("k-{i}")) };
+                json!({"topic": topic, "id": id, "data": {"n": i, "secret": format!("s{i}")}})
+            })
+            .collect();
+        kept.extend(body.iter().filter(|e| e["topic"] == "telemetry/t").map(|e| e["id"].as_str().unwrap().to_owned()));
+        let r = t.client.post(format!("http://{}/v1/events", t.agent.http_addr())).json(&body).send().await.unwrap();
+        assert_eq!(r.status(), 200);
+    }
+    proxy.handle().restore();
+    let start = Instant::now();
+    while collector.len() < 1_000 {
+        assert!(start.elapsed() < WAIT);
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    broker.kill().unwrap();
+    proxy.handle().cut();
+    assert!(collector.len() < kept.len(), "the stream finished before the kill; nothing was tested");
+    broker.restart().await.unwrap();
+    let probe_start = Instant::now();
+    loop {
+        let _ =
+            ferry_harness::mqtt::publish_v311(&broker.url(), "ferry/probe", b"probe".to_vec(), Duration::from_secs(2))
+                .await;
+        if collector.messages().iter().any(|m| m.topic == "ferry/probe") {
+            break;
+        }
+        assert!(probe_start.elapsed() < WAIT, "collector did not resubscribe");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    proxy.handle().restore();
+    wait_for_ids(&collector, Protocol::V5, &kept).await;
+    t.wait_until("the cursor to pass every event", |t| t.destination("cloud").acked_sequence == N as u64).await;
+    let mut seen: std::collections::HashMap<String, String> = std::collections::HashMap::new();
+    let mut resent = 0;
+    for (id, payload) in payloads(&collector) {
+        assert!(id.starts_with("k-"), "{id} should have been dropped for this destination");
+        let n: usize = id[2..].parse().unwrap();
+        assert_eq!(serde_json::from_str::<Value>(&payload).unwrap(), json!({"n": n, "secret": "[redacted]"}));
+        if let Some(first) = seen.insert(id.clone(), payload.clone()) {
+            assert_eq!(first, payload, "{id}: a resend must carry the same output");
+            resent += 1;
+        }
+    }
+    eprintln!("{resent} events were resent after the broker kill");
+}

@@ -321,3 +321,60 @@ fn a_restart_loads_the_compiled_plugin_from_the_cache_instead_of_compiling() {
     let (_, third) = Plugin::load(&config, Some(dir.path())).unwrap();
     assert_eq!(third.source, ferry::plugin::engine::CompileSource::Compiled);
 }
+
+/// Where scripts/build-plugins.sh keeps the plugin toolchains.
+fn tools() -> PathBuf {
+    std::env::var_os("FERRY_TOOLS")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| Path::new(&std::env::var_os("HOME").expect("HOME is set")).join(".cache/ferry-tools"))
+}
+
+fn run(command: &mut Command, what: &str) {
+    let out = command.output().unwrap_or_else(|e| panic!("{what}: {e}"));
+    assert!(
+        out.status.success(),
+        "{what} failed:\n{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[test]
+fn scaffolded_rust_and_c_plugins_of_both_worlds_build_and_pass_plugin_check() {
+    let dir = tempfile::tempdir().unwrap();
+    let scratch = dir.path().to_str().unwrap();
+    // Shared across runs so the Rust scaffolds' dependencies build once.
+    let rust_target = ferry_bin!().parent().expect("binary dir").join("scaffold-target");
+    let tools = tools();
+    let adapter = tools.join("npm/node_modules/@bytecodealliance/jco/lib/wasi_snapshot_preview1.reactor.wasm");
+    assert!(adapter.is_file(), "{} is missing: run scripts/build-plugins.sh first", adapter.display());
+    let path = format!("{}:{}", tools.join("cargo/bin").display(), std::env::var("PATH").unwrap_or_default());
+    for world in ["filter", "merge"] {
+        let rust = format!("rust-{world}");
+        let (ok, out) = ferry_plugin(&["new", "--lang", "rust", "--world", world, &rust, "--dir", scratch]);
+        assert!(ok && out.contains(&format!("{world} plugin")), "{out}");
+        run(
+            Command::new("cargo")
+                .args(["build", "--release", "--quiet", "--target", "wasm32-wasip2"])
+                .current_dir(dir.path().join(&rust))
+                .env("CARGO_TARGET_DIR", &rust_target)
+                .env_remove("RUSTFLAGS"),
+            &format!("building the {rust} scaffold"),
+        );
+        let wasm = rust_target.join(format!("wasm32-wasip2/release/{}.wasm", rust.replace('-', "_")));
+
+        let c = format!("c-{world}");
+        let (ok, out) = ferry_plugin(&["new", "--lang", "c", "--world", world, &c, "--dir", scratch]);
+        assert!(ok, "{out}");
+        run(
+            Command::new(dir.path().join(&c).join("build.sh")).env("ADAPTER", &adapter).env("PATH", &path),
+            &format!("building the {c} scaffold"),
+        );
+        let c_wasm = dir.path().join(&c).join(format!("{c}.wasm"));
+
+        for component in [wasm, c_wasm] {
+            let (ok, out) = ferry_plugin(&["check", component.to_str().unwrap(), "--world", world]);
+            assert!(ok && out.contains("checks passed") && !out.contains("FAIL"), "{}:\n{out}", component.display());
+        }
+    }
+}

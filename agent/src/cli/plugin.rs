@@ -88,6 +88,15 @@ pub enum WorldArg {
     Merge,
 }
 
+impl From<WorldArg> for World {
+    fn from(world: WorldArg) -> Self {
+        match world {
+            WorldArg::Filter => World::Filter,
+            WorldArg::Merge => World::Merge,
+        }
+    }
+}
+
 /// A language `plugin new` can scaffold.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum Lang {
@@ -107,6 +116,9 @@ pub struct NewArgs {
     /// The language.
     #[arg(long, value_enum)]
     pub lang: Lang,
+    /// The world it targets: a filter (and transform) or a merge function.
+    #[arg(long, value_enum, default_value = "filter")]
+    pub world: WorldArg,
     /// The plugin's name (letters, digits, `-`); also the new directory.
     pub name: String,
     /// Where to create the directory (default: the current one).
@@ -125,10 +137,7 @@ fn parse_entry(text: &str) -> Result<(String, String), String> {
 impl RunArgs {
     fn options(&self) -> CheckOptions {
         let mut options = CheckOptions {
-            world: self.world.map(|w| match w {
-                WorldArg::Filter => World::Filter,
-                WorldArg::Merge => World::Merge,
-            }),
+            world: self.world.map(World::from),
             config: self.config.iter().cloned().collect::<BTreeMap<_, _>>(),
             cases: self.cases,
             ..CheckOptions::default()
@@ -239,27 +248,56 @@ const WIT: [(&str, &str); 3] = [
     ("worlds.wit", include_str!("../../../wit/worlds.wit")),
 ];
 
-/// (path in the new directory, template) per language; `{{name}}` and
-/// `{{crate}}` are replaced.
-fn templates(lang: Lang) -> &'static [(&'static str, &'static str)] {
+/// (path in the new directory, template) per language and world;
+/// `{{name}}`, `{{crate}}`, `{{world}}` and `{{stage_line}}` are replaced.
+fn templates(lang: Lang, world: World) -> Vec<(&'static str, &'static str)> {
+    let filter = world == World::Filter;
     match lang {
-        Lang::Rust => &[
+        Lang::Rust => vec![
             ("Cargo.toml", include_str!("templates/rust/Cargo.toml.tmpl")),
-            ("src/lib.rs", include_str!("templates/rust/lib.rs.tmpl")),
+            (
+                "src/lib.rs",
+                if filter {
+                    include_str!("templates/rust/lib.rs.tmpl")
+                } else {
+                    include_str!("templates/rust/merge.rs.tmpl")
+                },
+            ),
             ("README.md", include_str!("templates/rust/README.md.tmpl")),
         ],
-        Lang::C => &[
-            ("{{crate}}.c", include_str!("templates/c/plugin.c.tmpl")),
+        Lang::C => vec![
+            (
+                "{{crate}}.c",
+                if filter {
+                    include_str!("templates/c/plugin.c.tmpl")
+                } else {
+                    include_str!("templates/c/merge.c.tmpl")
+                },
+            ),
             ("build.sh", include_str!("templates/c/build.sh.tmpl")),
             ("README.md", include_str!("templates/c/README.md.tmpl")),
         ],
-        Lang::Python => &[
-            ("app.py", include_str!("templates/python/app.py.tmpl")),
+        Lang::Python => vec![
+            (
+                "app.py",
+                if filter {
+                    include_str!("templates/python/app.py.tmpl")
+                } else {
+                    include_str!("templates/python/merge.py.tmpl")
+                },
+            ),
             ("build.sh", include_str!("templates/python/build.sh.tmpl")),
             ("README.md", include_str!("templates/python/README.md.tmpl")),
         ],
-        Lang::Js => &[
-            ("plugin.js", include_str!("templates/js/plugin.js.tmpl")),
+        Lang::Js => vec![
+            (
+                "plugin.js",
+                if filter {
+                    include_str!("templates/js/plugin.js.tmpl")
+                } else {
+                    include_str!("templates/js/merge.js.tmpl")
+                },
+            ),
             ("build.sh", include_str!("templates/js/build.sh.tmpl")),
             ("README.md", include_str!("templates/js/README.md.tmpl")),
         ],
@@ -281,9 +319,16 @@ pub fn scaffold(args: &NewArgs) -> anyhow::Result<PathBuf> {
         bail!("{} already exists", root.display());
     }
     let crate_name = name.replace('-', "_");
-    for (path, text) in templates(args.lang) {
+    let world = args.world.into();
+    // Filters need a stage in the agent config; merge plugins have none.
+    let stage_line = if world == World::Filter { "stage = \"ingest\"          # or a destination name\n" } else { "" };
+    for (path, text) in templates(args.lang, world) {
         let path = root.join(path.replace("{{crate}}", &crate_name));
-        let text = text.replace("{{name}}", name).replace("{{crate}}", &crate_name);
+        let text = text
+            .replace("{{name}}", name)
+            .replace("{{crate}}", &crate_name)
+            .replace("{{world}}", world.as_str())
+            .replace("{{stage_line}}", stage_line);
         write_file(&path, &text)?;
     }
     for (file, text) in WIT {
@@ -308,7 +353,13 @@ fn write_file(path: &Path, text: &str) -> anyhow::Result<()> {
 
 fn new_command(args: &NewArgs) -> anyhow::Result<()> {
     let root = scaffold(args)?;
-    println!("created {} ({:?} filter plugin); see its README.md to build and check it", root.display(), args.lang);
+    let world: World = args.world.into();
+    println!(
+        "created {} ({:?} {} plugin); see its README.md to build and check it",
+        root.display(),
+        args.lang,
+        world.as_str()
+    );
     Ok(())
 }
 
@@ -320,24 +371,32 @@ mod tests {
     fn new_writes_every_language_template_with_the_name_filled_in_and_the_wit() {
         let dir = tempfile::tempdir().unwrap();
         for lang in [Lang::Rust, Lang::C, Lang::Python, Lang::Js] {
-            let name = format!("my-{lang:?}").to_lowercase();
-            let root = scaffold(&NewArgs { lang, name: name.clone(), dir: dir.path().into() }).unwrap();
-            for (file, _) in WIT {
-                assert!(root.join("wit").join(file).is_file());
+            for world in [WorldArg::Filter, WorldArg::Merge] {
+                let name = format!("my-{lang:?}-{world:?}").to_lowercase();
+                let root = scaffold(&NewArgs { lang, world, name: name.clone(), dir: dir.path().into() }).unwrap();
+                for (file, _) in WIT {
+                    assert!(root.join("wit").join(file).is_file());
+                }
+                let world: World = world.into();
+                for (path, _) in templates(lang, world) {
+                    let path = root.join(path.replace("{{crate}}", &name.replace('-', "_")));
+                    let text = std::fs::read_to_string(&path).unwrap();
+                    assert!(!text.contains("{{"), "{} keeps a placeholder", path.display());
+                }
+                assert!(std::fs::read_to_string(root.join("README.md")).unwrap().contains(&name));
             }
-            for (path, _) in templates(lang) {
-                let path = root.join(path.replace("{{crate}}", &name.replace('-', "_")));
-                let text = std::fs::read_to_string(&path).unwrap();
-                assert!(!text.contains("{{"), "{} keeps a placeholder", path.display());
-            }
-            assert!(std::fs::read_to_string(root.join("README.md")).unwrap().contains(&name));
         }
     }
 
     #[test]
     fn new_refuses_bad_names_and_existing_directories() {
         let dir = tempfile::tempdir().unwrap();
-        let args = |name: &str| NewArgs { lang: Lang::Rust, name: name.into(), dir: dir.path().into() };
+        let args = |name: &str| NewArgs {
+            lang: Lang::Rust,
+            world: WorldArg::Filter,
+            name: name.into(),
+            dir: dir.path().into(),
+        };
         assert!(scaffold(&args("Bad Name")).is_err());
         assert!(scaffold(&args("../escape")).is_err());
         scaffold(&args("ok")).unwrap();

@@ -9,6 +9,7 @@
 //! Forwarders share nothing but the store, so a dead cloud never slows
 //! another.
 //!
+//! - [`stage`] — destination-stage filter plugins, run just before publish.
 //! - [`window`] — the pure in-flight and cursor state.
 //! - [`wire`] — the CloudEvents MQTT binding.
 //! - [`link`] — one rumqttc connection of either protocol version.
@@ -16,6 +17,7 @@
 
 pub mod backoff;
 pub mod link;
+pub mod stage;
 pub mod window;
 pub mod wire;
 
@@ -36,6 +38,8 @@ use crate::histogram::Histogram;
 use crate::store::Store;
 use backoff::Backoff;
 use link::{Link, LinkError, LinkEvent, LinkOptions};
+pub use stage::Stage;
+use stage::Step;
 use window::Window;
 
 /// Events read from the store per read.
@@ -90,14 +94,16 @@ pub struct Forwarder {
 }
 
 impl Forwarder {
-    /// Starts forwarding to `config`'s broker until `shutdown` turns true.
-    /// On every connection it also subscribes to `downlink`'s filters and
-    /// hands what arrives to their consumers (see [`crate::downlink`]).
+    /// Starts forwarding to `config`'s broker until `shutdown` turns true,
+    /// running `stage`'s filters on each batch just before publish. On every
+    /// connection it also subscribes to `downlink`'s filters and hands what
+    /// arrives to their consumers (see [`crate::downlink`]).
     pub fn spawn(
         config: DestinationConfig,
         tls: Option<Arc<rustls::ClientConfig>>,
         store: Store,
         clock: SharedClock,
+        stage: Stage,
         downlink: DestinationDownlink,
         shutdown: watch::Receiver<bool>,
     ) -> Self {
@@ -111,7 +117,8 @@ impl Forwarder {
             ..DestinationStatus::default()
         }));
         let lag = Arc::new(Histogram::new(crate::histogram::LAG_BUCKETS));
-        let task = Task { config, tls, store, clock, downlink, shutdown, status: status.clone(), lag: lag.clone() };
+        let task =
+            Task { config, tls, store, clock, stage, downlink, shutdown, status: status.clone(), lag: lag.clone() };
         Self { status, lag, task: tokio::spawn(task.run()) }
     }
 
@@ -147,6 +154,7 @@ struct Task {
     tls: Option<Arc<rustls::ClientConfig>>,
     store: Store,
     clock: SharedClock,
+    stage: Stage,
     downlink: DestinationDownlink,
     shutdown: watch::Receiver<bool>,
     status: Arc<Mutex<DestinationStatus>>,
@@ -290,7 +298,7 @@ impl Task {
         let mut unacked: VecDeque<Unacked> = VecDeque::new();
 
         let mut committed = self.store.committed();
-        let mut buffer: VecDeque<Event> = VecDeque::new();
+        let mut buffer: VecDeque<Step> = VecDeque::new();
         let mut last_ack = Instant::now();
         let mut tick = tokio::time::interval(Duration::from_millis(100));
         // No PUBACK for this long while publishes wait: the link is black-holed.
@@ -380,9 +388,9 @@ impl Task {
         }
     }
 
-    /// Offers events to the window while it has room: publishes the routed
-    /// ones, settles the rest.
-    async fn fill(&mut self, link: &mut Link, p: &mut Progress, buffer: &mut VecDeque<Event>) -> Result<(), LinkError> {
+    /// Offers events to the window while it has room: publishes what the
+    /// routes and destination-stage filters select, settles the rest.
+    async fn fill(&mut self, link: &mut Link, p: &mut Progress, buffer: &mut VecDeque<Step>) -> Result<(), LinkError> {
         while p.window.has_room() {
             if buffer.is_empty() {
                 let newest = *self.store.committed().borrow();
@@ -400,18 +408,23 @@ impl Task {
                     p.window.skip_to(newest);
                     return Ok(());
                 }
-                buffer.extend(events);
+                self.plan(events, buffer).await?;
             }
-            let event = buffer.pop_front().expect("buffer refilled");
+            let (event, last) = match buffer.pop_front().expect("buffer refilled") {
+                Step::Settle(sequence) => {
+                    if sequence > p.window.next() {
+                        p.window.skip_to(sequence - 1);
+                    }
+                    p.window.settled(sequence);
+                    continue;
+                }
+                Step::Publish { event, last } => (event, last),
+            };
             if event.sequence > p.window.next() {
                 p.window.skip_to(event.sequence - 1);
             }
-            // State updates name their destination themselves (ferryroute).
+            // State is published retained: the broker then holds the merged value.
             let state = event.body.is_state();
-            if !(state || self.config.routes(&event.body.subject)) || !event.body.routed_to(&self.config.name) {
-                p.window.settled(event.sequence);
-                continue;
-            }
             let topic = wire::topic(&self.config.topic_prefix, &event);
             let (sequence, at_ms) = (event.sequence, event.hlc.millis());
             let (payload, content_type, props) = match self.config.endpoint.protocol {
@@ -439,15 +452,41 @@ impl Task {
                     .await
                     .map_err(|e| LinkError::Connection(e.to_string()))?;
                 self.update(|s| s.dead_lettered += 1);
-                p.window.settled(sequence);
+                if last {
+                    p.window.settled(sequence);
+                }
                 continue;
             }
             p.bytes_sent += payload.len() as u64;
             p.published += 1;
-            // State is published retained: the broker then holds the merged value.
             link.publish(topic, payload, content_type, props, state)?;
-            p.window.sent(sequence, at_ms);
+            if last {
+                p.window.sent(sequence, at_ms);
+            } else {
+                p.window.sent_part(sequence, at_ms);
+            }
         }
+        Ok(())
+    }
+
+    /// Turns a batch read from the store into steps: the routes select, then
+    /// the destination-stage filters (if any) decide.
+    async fn plan(&self, events: Vec<Event>, buffer: &mut VecDeque<Step>) -> Result<(), LinkError> {
+        let name = self.config.name.as_str();
+        // State updates name their destination themselves (ferryroute).
+        let selected = |e: &Event| (e.body.is_state() || self.config.routes(&e.body.subject)) && e.body.routed_to(name);
+        if self.stage.is_empty() {
+            buffer.extend(events.into_iter().map(|event| {
+                if selected(&event) { Step::Publish { event, last: true } } else { Step::Settle(event.sequence) }
+            }));
+            return Ok(());
+        }
+        let (steps, dead_lettered) =
+            self.stage.run(events, selected, &self.store).await.map_err(|e| LinkError::Connection(e.to_string()))?;
+        if dead_lettered > 0 {
+            self.update(|s| s.dead_lettered += dead_lettered);
+        }
+        buffer.extend(steps);
         Ok(())
     }
 
@@ -491,11 +530,16 @@ impl Task {
         }
     }
 
-    fn refresh_status(&self, p: &mut Progress, buffer: &VecDeque<Event>) {
+    fn refresh_status(&self, p: &mut Progress, buffer: &VecDeque<Step>) {
         let now = Instant::now();
         let (mark_at, mark_count) = p.rate_mark;
         let now_ms = self.clock.now_millis();
-        let oldest = p.window.oldest_unacked_ms().or_else(|| buffer.front().map(|e| e.hlc.millis()));
+        let oldest = p.window.oldest_unacked_ms().or_else(|| {
+            buffer.iter().find_map(|s| match s {
+                Step::Publish { event, .. } => Some(event.hlc.millis()),
+                Step::Settle(_) => None,
+            })
+        });
         let in_flight = p.window.in_flight();
         let durable = p.window.durable();
         let (delivered, published, bytes_sent) = (p.delivered, p.published, p.bytes_sent);

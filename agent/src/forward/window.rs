@@ -2,12 +2,28 @@
 //! are acknowledged, and how far the durable cursor may move.
 //!
 //! Pure state, no I/O. Sequence numbers enter in order as either sent (a
-//! publish is queued) or settled (skipped: not routed here, or dead-lettered).
+//! publish is queued) or settled (skipped: not routed here, dropped by a
+//! filter, or dead-lettered). A destination-stage filter may turn one stored
+//! event into several publishes: each is sent as a part, and the sequence
+//! counts as delivered only once every part is acknowledged and the last
+//! one was offered (by [`Window::sent`] or [`Window::settled`]).
 //! rumqttc reports each queued publish's packet id in queue order and then
 //! its PUBACK; the window maps one to the other. Everything at or below
 //! [`Window::acked_through`] is delivered; the cursor is persisted from there.
 
 use std::collections::{HashMap, VecDeque};
+
+/// One publish (or settlement) above `acked_through`.
+#[derive(Debug, Clone, Copy)]
+struct Entry {
+    sequence: u64,
+    acked: bool,
+    /// Acceptance time in ms, for lag.
+    at_ms: u64,
+    /// Whether this entry completes its sequence: once it and everything
+    /// before it is acknowledged, the cursor may pass the sequence.
+    closes: bool,
+}
 
 /// In-flight state of one destination.
 #[derive(Debug)]
@@ -16,9 +32,8 @@ pub struct Window {
     durable: u64,
     /// Every sequence at or below was delivered (perhaps not yet on disk).
     acked_through: u64,
-    /// Entries above `acked_through`, in sequence order: (sequence,
-    /// acknowledged, acceptance time in ms for lag).
-    pending: VecDeque<(u64, bool, u64)>,
+    /// Entries above `acked_through`, in sequence order.
+    pending: VecDeque<Entry>,
     /// Publishes queued in the client, awaiting their packet id, in order.
     queued: VecDeque<u64>,
     /// Packet id → sequence of publishes on the wire.
@@ -74,18 +89,29 @@ impl Window {
     /// `seq`, accepted at `at_ms`, was queued for publishing. Sequences
     /// must be offered in order.
     pub fn sent(&mut self, seq: u64, at_ms: u64) {
+        self.push_send(seq, at_ms, true);
+    }
+
+    /// One publish standing for `seq`, with more to follow: the cursor stays
+    /// before `seq` until [`Window::sent`] or [`Window::settled`] closes it.
+    pub fn sent_part(&mut self, seq: u64, at_ms: u64) {
+        self.push_send(seq, at_ms, false);
+    }
+
+    fn push_send(&mut self, seq: u64, at_ms: u64, closes: bool) {
         debug_assert!(seq >= self.next, "sequence {seq} offered out of order (next {})", self.next);
-        self.next = seq + 1;
-        self.pending.push_back((seq, false, at_ms));
+        self.next = if closes { seq + 1 } else { seq };
+        self.pending.push_back(Entry { sequence: seq, acked: false, at_ms, closes });
         self.queued.push_back(seq);
         self.undurable_sends.push_back(seq);
     }
 
-    /// `seq` needs no acknowledgement here (not routed, or dead-lettered).
+    /// Nothing (more) is sent for `seq` (not routed, dropped, dead-lettered,
+    /// or its parts were all sent).
     pub fn settled(&mut self, seq: u64) {
         debug_assert!(seq >= self.next);
         self.next = seq + 1;
-        self.pending.push_back((seq, true, 0));
+        self.pending.push_back(Entry { sequence: seq, acked: true, at_ms: 0, closes: true });
         self.advance();
     }
 
@@ -96,7 +122,7 @@ impl Window {
             if self.pending.is_empty() {
                 self.acked_through = self.acked_through.max(seq);
             } else {
-                self.pending.push_back((seq, true, 0));
+                self.pending.push_back(Entry { sequence: seq, acked: true, at_ms: 0, closes: true });
                 self.advance();
             }
         }
@@ -119,24 +145,28 @@ impl Window {
     pub fn acked_at(&mut self, pkid: u16) -> Option<u64> {
         let seq = self.on_wire.remove(&pkid)?;
         let mut at_ms = 0;
-        if let Some(entry) = self.pending.iter_mut().find(|(s, _, _)| *s == seq) {
-            entry.1 = true;
-            at_ms = entry.2;
+        // Parts of one sequence are acknowledged in any order: mark the first
+        // unacknowledged send of it.
+        if let Some(entry) = self.pending.iter_mut().find(|e| e.sequence == seq && !e.acked) {
+            entry.acked = true;
+            at_ms = entry.at_ms;
         }
         self.advance();
         Some(at_ms)
     }
 
     fn advance(&mut self) {
-        while let Some(&(seq, true, _)) = self.pending.front() {
-            self.acked_through = seq;
+        while let Some(entry) = self.pending.front().filter(|e| e.acked) {
+            if entry.closes {
+                self.acked_through = entry.sequence;
+            }
             self.pending.pop_front();
         }
     }
 
     /// When the oldest unacknowledged sent event was accepted, in ms.
     pub fn oldest_unacked_ms(&self) -> Option<u64> {
-        self.pending.iter().find(|(_, acked, _)| !acked).map(|(_, _, at)| *at)
+        self.pending.iter().find(|e| !e.acked).map(|e| e.at_ms)
     }
 
     /// The cursor to persist now, if it moved past the durable one.
@@ -263,5 +293,54 @@ mod tests {
         w.on_wire(1);
         w.acked(1);
         assert_eq!(w.acked_through(), 9);
+    }
+
+    #[test]
+    fn a_sequence_with_several_parts_is_delivered_only_when_every_part_is_acked() {
+        let mut w = Window::new(0, 8);
+        w.sent_part(1, 0);
+        w.sent_part(1, 0);
+        w.sent(1, 0);
+        w.sent(2, 0);
+        for pkid in 1..=4 {
+            w.on_wire(pkid);
+        }
+        assert!(w.acked(2) && w.acked(1));
+        assert_eq!(w.acked_through(), 0, "the third part of 1 is not acknowledged");
+        assert!(w.acked(4));
+        assert_eq!(w.acked_through(), 0);
+        assert!(w.acked(3));
+        assert_eq!(w.acked_through(), 2);
+    }
+
+    #[test]
+    fn acked_parts_hold_the_cursor_until_their_sequence_is_closed() {
+        let mut w = Window::new(0, 2);
+        w.sent_part(1, 0);
+        w.sent_part(1, 0);
+        assert!(!w.has_room(), "each part counts against the window");
+        w.on_wire(1);
+        w.on_wire(2);
+        w.acked(1);
+        w.acked(2);
+        assert_eq!(w.acked_through(), 0, "1 may still have parts to send");
+        assert_eq!(w.next(), 1);
+        w.settled(1);
+        assert_eq!((w.acked_through(), w.next()), (1, 2));
+    }
+
+    #[test]
+    fn a_reconnect_mid_sequence_resends_all_of_its_parts() {
+        let mut w = Window::new(0, 8);
+        w.sent(1, 0);
+        w.sent_part(2, 0);
+        w.sent_part(2, 0);
+        for pkid in 1..=3 {
+            w.on_wire(pkid);
+        }
+        w.acked(1);
+        w.acked(2);
+        w.reconnect();
+        assert_eq!((w.acked_through(), w.next()), (1, 2), "2 starts again from its first part");
     }
 }

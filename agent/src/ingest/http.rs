@@ -74,7 +74,8 @@ pub async fn serve(
     let admin = super::admin::router(admin).route_layer(middleware::from_fn_with_state(api.clone(), require_token));
     // Routes other services own (the state API), behind the same token.
     let extra = extra.map(|r| r.route_layer(middleware::from_fn_with_state(api.clone(), require_token)));
-    let mut app = Router::new().route("/healthz", get(|| async { "ok\n" })).merge(protected).with_state(api).merge(admin);
+    let mut app =
+        Router::new().route("/healthz", get(|| async { "ok\n" })).merge(protected).with_state(api).merge(admin);
     if let Some(extra) = extra {
         app = app.merge(extra);
     }
@@ -197,7 +198,7 @@ pub struct Status {
     pub uptime_seconds: u64,
     /// The store.
     pub store: StoreStatus,
-    /// Ingest-stage plugins: calls, failures, circuit state.
+    /// Every plugin, whatever its stage: calls, failures, circuit state.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub plugins: Vec<crate::plugin::PluginStatus>,
     /// Each destination, with its backlog.

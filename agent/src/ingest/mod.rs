@@ -60,23 +60,36 @@ pub struct Ingest {
     source: String,
     clock: SharedClock,
     filters: Arc<[PluginHandle]>,
+    /// Every loaded plugin, whatever its stage, for status.
+    reported: Arc<[PluginHandle]>,
 }
 
 impl Ingest {
     /// Ingest into `store`, stamping events with `source`.
     pub fn new(store: Store, source: String, clock: SharedClock) -> Self {
-        Self { store, source, clock, filters: Arc::new([]) }
+        Self { store, source, clock, filters: Arc::new([]), reported: Arc::new([]) }
     }
 
     /// The same path with these `stage = "ingest"` filters, run in order.
+    /// Unless [`Ingest::reporting`] says otherwise, they are the plugins
+    /// status reports.
     pub fn with_filters(mut self, filters: Vec<PluginHandle>) -> Self {
         self.filters = filters.into();
+        if self.reported.is_empty() {
+            self.reported = self.filters.clone();
+        }
         self
     }
 
-    /// Counters of the ingest-stage filters.
+    /// Reports `plugins` (every loaded plugin, whatever its stage) in status.
+    pub fn reporting(mut self, plugins: Vec<PluginHandle>) -> Self {
+        self.reported = plugins.into();
+        self
+    }
+
+    /// Counters of the reported plugins.
     pub fn plugin_status(&self) -> Vec<PluginStatus> {
-        self.filters.iter().map(PluginHandle::status).collect()
+        self.reported.iter().map(PluginHandle::status).collect()
     }
 
     /// The store behind this ingest path.

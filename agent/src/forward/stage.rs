@@ -1,0 +1,291 @@
+//! Destination-stage filters: the `[[plugin]]`s whose `stage` names this
+//! destination, run in config order over each batch read from the store,
+//! just before publish.
+//!
+//! A batch becomes [`Step`]s in sequence order: each stored event yields
+//! zero or more publishes (the last one closing its sequence) or a
+//! settlement. Nothing here is remembered between batches: a resend after a
+//! reconnect reads the events again and calls the filters again, so a
+//! deterministic filter gives the same output. Filters see the event's
+//! stored sequence and HLC; replacements are published with them too.
+//!
+//! Verdicts, for this destination only: `keep` publishes, `drop` skips,
+//! `replace` publishes the replacements in place of the original, and
+//! `route` keeps the event if it names this destination, else skips it. A
+//! failed call (trap, timeout, out of memory, invalid output, open circuit)
+//! follows the plugin's `on_error`: `dead-letter` copies the events of the
+//! call to the dead-letter table for this destination and skips them here,
+//! `pass` publishes them as they entered the call, `drop` skips them. Other
+//! destinations are never affected.
+
+use std::collections::BTreeSet;
+
+use crate::clock::Hlc;
+use crate::event::{Event, EventBody};
+use crate::plugin::{OnError, PluginHandle, Verdict, convert};
+use crate::store::{AppendError, Store};
+
+/// What the forwarder does next for a stored sequence.
+// Nearly every step is a publish, so boxing the event would only add an
+// allocation per event.
+#[allow(clippy::large_enum_variant)]
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Step {
+    /// Publish this event (the stored one or a replacement, with the stored
+    /// sequence). `last` is the final publish for its sequence.
+    Publish {
+        /// The event to publish.
+        event: Event,
+        /// Whether it closes its sequence.
+        last: bool,
+    },
+    /// Nothing (more) to publish for this sequence.
+    Settle(u64),
+}
+
+/// The destination-stage filters of one destination.
+#[derive(Clone, Default)]
+pub struct Stage {
+    destination: String,
+    filters: Vec<PluginHandle>,
+}
+
+/// What a publish for a stored event inherits from it.
+#[derive(Debug, Clone, Copy)]
+struct Header {
+    sequence: u64,
+    hlc: Hlc,
+    expires_at_ms: Option<u64>,
+    priority: u8,
+}
+
+/// One event on its way through the chain, tied to the stored event
+/// (`origin`, an index into the batch) it stands for.
+struct Item {
+    origin: usize,
+    body: EventBody,
+}
+
+impl Stage {
+    /// The filters for `destination`, run in the given order.
+    pub fn new(destination: String, filters: Vec<PluginHandle>) -> Self {
+        Self { destination, filters }
+    }
+
+    /// Whether any filter runs here.
+    pub fn is_empty(&self) -> bool {
+        self.filters.is_empty()
+    }
+
+    /// Turns a batch read from the store into steps. `selected` says which
+    /// events this destination routes; the others settle untouched. Returns
+    /// the steps and how many events were dead-lettered for this destination.
+    pub async fn run(
+        &self,
+        events: Vec<Event>,
+        selected: impl Fn(&Event) -> bool,
+        store: &Store,
+    ) -> Result<(Vec<Step>, u64), AppendError> {
+        let chosen: Vec<bool> = events.iter().map(&selected).collect();
+        let mut items: Vec<Item> = Vec::new();
+        let mut bypass: Vec<Item> = Vec::new();
+        let mut headers = Vec::with_capacity(events.len());
+        for (origin, (event, chosen)) in events.into_iter().zip(&chosen).enumerate() {
+            let Event { sequence, hlc, expires_at_ms, priority, body } = event;
+            headers.push(Header { sequence, hlc, expires_at_ms, priority });
+            if *chosen {
+                // State updates are the agent's own reconciliation, not user
+                // data: filters never see them.
+                if body.is_state() { bypass.push(Item { origin, body }) } else { items.push(Item { origin, body }) }
+            }
+        }
+        let mut dead_lettered = 0;
+        for filter in &self.filters {
+            if items.is_empty() {
+                break;
+            }
+            let wit = items
+                .iter()
+                .map(|i| convert::to_wit(&i.body, headers[i.origin].sequence, headers[i.origin].hlc.0))
+                .collect();
+            let reason = match filter.filter(wit).await {
+                Ok(verdicts) => match apply(&self.destination, &mut items, verdicts) {
+                    Ok(()) => continue,
+                    Err(invalid) => format!("plugin returned invalid output: {invalid}"),
+                },
+                Err(e) => e.to_string(),
+            };
+            let reason = format!("destination {}: plugin {}: {reason}", self.destination, filter.name());
+            let origins: BTreeSet<usize> = items.iter().map(|i| i.origin).collect();
+            match filter.on_error() {
+                OnError::Pass => {
+                    tracing::warn!(destination = %self.destination, plugin = filter.name(), events = origins.len(), %reason, "plugin failed: events pass unfiltered");
+                }
+                OnError::Drop => {
+                    tracing::warn!(destination = %self.destination, plugin = filter.name(), events = origins.len(), %reason, "plugin failed: events dropped");
+                    items.clear();
+                }
+                OnError::DeadLetter => {
+                    tracing::warn!(destination = %self.destination, plugin = filter.name(), events = origins.len(), %reason, "plugin failed: events dead-lettered");
+                    // Concurrent requests share one commit in the store's writer.
+                    let copies = origins
+                        .iter()
+                        .map(|&o| store.dead_letter_copy_for(headers[o].sequence, &self.destination, &reason));
+                    futures::future::try_join_all(copies).await?;
+                    dead_lettered += origins.len() as u64;
+                    items.clear();
+                }
+            }
+        }
+        if !bypass.is_empty() {
+            // Stable: replacements keep their order within their origin.
+            items.extend(bypass);
+            items.sort_by_key(|i| i.origin);
+        }
+        Ok((steps(headers, &chosen, items), dead_lettered))
+    }
+}
+
+/// Applies one filter's verdicts to the items that went into the call, or
+/// says why they break the contract (then nothing is changed).
+fn apply(destination: &str, items: &mut Vec<Item>, verdicts: Vec<Verdict>) -> Result<(), String> {
+    if verdicts.len() != items.len() {
+        return Err(format!("{} verdicts for {} events", verdicts.len(), items.len()));
+    }
+    let mut out = Vec::with_capacity(items.len());
+    for (item, verdict) in std::mem::take(items).into_iter().zip(verdicts) {
+        match verdict {
+            Verdict::Keep => out.push(item),
+            Verdict::Drop => {}
+            Verdict::Route(names) => {
+                if names.iter().any(|n| n == destination) {
+                    out.push(item);
+                }
+            }
+            Verdict::Replace(events) => {
+                for event in events {
+                    match convert::from_wit(event) {
+                        Ok(body) => out.push(Item { origin: item.origin, body }),
+                        Err(e) => {
+                            // Leave the batch as it was for the error policy.
+                            *items = out;
+                            return Err(e);
+                        }
+                    }
+                }
+            }
+        }
+    }
+    *items = out;
+    Ok(())
+}
+
+/// The steps for a batch: per stored event in order, its publishes or a
+/// settlement. `items` are ordered by origin.
+fn steps(headers: Vec<Header>, chosen: &[bool], items: Vec<Item>) -> Vec<Step> {
+    let mut out = Vec::with_capacity(headers.len());
+    let mut items = items.into_iter().peekable();
+    for (origin, header) in headers.into_iter().enumerate() {
+        let mut bodies = Vec::new();
+        while let Some(item) = items.next_if(|i| i.origin == origin) {
+            bodies.push(item.body);
+        }
+        if !chosen[origin] || bodies.is_empty() {
+            out.push(Step::Settle(header.sequence));
+            continue;
+        }
+        let n = bodies.len();
+        for (i, body) in bodies.into_iter().enumerate() {
+            let Header { sequence, hlc, expires_at_ms, priority } = header;
+            out.push(Step::Publish { event: Event { sequence, hlc, expires_at_ms, priority, body }, last: i + 1 == n });
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn event(sequence: u64, subject: &str) -> Event {
+        Event {
+            sequence,
+            hlc: Hlc(sequence << 16),
+            expires_at_ms: None,
+            priority: 1,
+            body: EventBody {
+                id: format!("e{sequence}"),
+                source: "ferry://gw".into(),
+                ty: "t".into(),
+                subject: subject.into(),
+                time_nanos: 0,
+                datacontenttype: None,
+                data: Vec::new(),
+                partitionkey: None,
+                extensions: Vec::new(),
+            },
+        }
+    }
+
+    fn items(events: &[Event]) -> Vec<Item> {
+        events.iter().enumerate().map(|(origin, e)| Item { origin, body: e.body.clone() }).collect()
+    }
+
+    #[test]
+    fn verdicts_apply_for_this_destination_only() {
+        let events: Vec<Event> = (1..=5).map(|s| event(s, "t")).collect();
+        let mut batch = items(&events);
+        let mut wit = convert::to_wit(&events[3].body, 4, 0);
+        wit.subject = "t/a".into();
+        let verdicts = vec![
+            Verdict::Keep,
+            Verdict::Drop,
+            Verdict::Route(vec!["other".into()]),
+            Verdict::Replace(vec![wit.clone(), wit]),
+            Verdict::Route(vec!["other".into(), "here".into()]),
+        ];
+        apply("here", &mut batch, verdicts).unwrap();
+        let kept: Vec<(usize, &str)> = batch.iter().map(|i| (i.origin, i.body.subject.as_str())).collect();
+        assert_eq!(kept, [(0, "t"), (3, "t/a"), (3, "t/a"), (4, "t")]);
+        assert!(batch.iter().all(|i| i.body.extensions.is_empty()), "no route marker is added at this stage");
+    }
+
+    #[test]
+    fn invalid_verdicts_leave_the_batch_for_the_error_policy() {
+        let events: Vec<Event> = (1..=2).map(|s| event(s, "t")).collect();
+        let mut batch = items(&events);
+        assert!(apply("here", &mut batch, vec![Verdict::Keep]).is_err());
+        let mut bad = convert::to_wit(&events[0].body, 1, 0);
+        bad.subject = "a/#".into();
+        assert!(apply("here", &mut batch, vec![Verdict::Keep, Verdict::Replace(vec![bad])]).is_err());
+        assert!(!batch.is_empty());
+    }
+
+    #[test]
+    fn steps_keep_sequence_order_and_close_each_sequence_once() {
+        let events: Vec<Event> = (1..=4).map(|s| event(s, "t")).collect();
+        let chosen = [true, false, true, true];
+        let mut body = events[2].body.clone();
+        body.subject = "t/x".into();
+        let kept = vec![
+            Item { origin: 2, body: body.clone() },
+            Item { origin: 2, body: body.clone() },
+            Item { origin: 3, body: events[3].body.clone() },
+        ];
+        let headers = events
+            .iter()
+            .map(|e| Header { sequence: e.sequence, hlc: e.hlc, expires_at_ms: e.expires_at_ms, priority: e.priority })
+            .collect();
+        let out = steps(headers, &chosen, kept);
+        let shape: Vec<(u64, Option<bool>)> = out
+            .iter()
+            .map(|s| match s {
+                Step::Publish { event, last } => (event.sequence, Some(*last)),
+                Step::Settle(seq) => (*seq, None),
+            })
+            .collect();
+        assert_eq!(shape, [(1, None), (2, None), (3, Some(false)), (3, Some(true)), (4, Some(true))]);
+        let Step::Publish { event: replaced, .. } = &out[2] else { unreachable!() };
+        assert_eq!((replaced.hlc, replaced.priority, replaced.body.subject.as_str()), (events[2].hlc, 1, "t/x"));
+    }
+}
