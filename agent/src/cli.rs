@@ -18,6 +18,7 @@ use crate::clock::SystemClock;
 use crate::config::{Config, ConfigError};
 use tracing_subscriber::EnvFilter;
 
+pub mod fleet;
 pub mod plugin;
 
 /// Ferry: durable store-and-forward of device events to several clouds.
@@ -44,6 +45,9 @@ pub enum Command {
     /// Check, benchmark and scaffold WebAssembly plugins.
     #[command(subcommand)]
     Plugin(plugin::PluginCommand),
+    /// Sign and push plugin updates to devices, and watch their status.
+    #[command(subcommand)]
+    Fleet(fleet::FleetCommand),
 }
 
 /// Log output format.
@@ -371,6 +375,10 @@ pub fn main() -> ExitCode {
         Command::Plugin(cmd) => {
             init_logging(LogFormat::Human);
             plugin::run(cmd)
+        }
+        Command::Fleet(cmd) => {
+            init_logging(LogFormat::Human);
+            fleet::run(cmd)
         }
     };
     match result {

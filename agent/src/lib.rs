@@ -12,6 +12,8 @@
 //! - [`runtime`] — wiring: builds the services, runs them, orders shutdown.
 //! - [`ingest`] — producer input: body decoding ([`ingest::parse`]), defaults
 //!   and limits, and the HTTP API ([`ingest::http`]).
+//! - [`fleet`] — signed plugin updates from a fleet manager: download,
+//!   verify, check, shadow, activate, roll back.
 //! - [`store`] — the redb event log: group commit, dedup, quota and
 //!   eviction, TTL and dead letters, forwarder cursors.
 //! - [`plugin`] — the WebAssembly plugin host: sandboxed filter and merge
@@ -25,6 +27,7 @@ pub mod cli;
 pub mod clock;
 pub mod config;
 pub mod event;
+pub mod fleet;
 pub mod forward;
 pub mod ingest;
 pub mod plugin;

@@ -18,10 +18,11 @@ use tokio::task::JoinHandle;
 use crate::clock::SharedClock;
 use crate::config::Config;
 use crate::config::plugin::Stage;
+use crate::fleet::FleetPlugin;
 use crate::forward::{Forwarder, link};
 use crate::ingest::mqtt::MqttIngest;
 use crate::ingest::{Ingest, http};
-use crate::plugin::{Plugin, PluginError, PluginHandle};
+use crate::plugin::{Plugin, PluginConfig, PluginError, PluginHandle};
 use crate::store::{Store, StoreError};
 
 /// Calls that may wait for one plugin before callers feel backpressure.
@@ -77,6 +78,7 @@ pub struct Agent {
     stop_forwarders: watch::Sender<bool>,
     forwarders: Vec<Forwarder>,
     mqtt_ingest: Option<JoinHandle<()>>,
+    fleet: Vec<JoinHandle<()>>,
 }
 
 impl Agent {
@@ -113,6 +115,23 @@ impl Agent {
         let (listener, http_addr) =
             http::bind(&config.http).await.map_err(|source| RunError::Bind { addr: config.http.listen, source })?;
         let (stop_forwarders, stop_rx) = watch::channel(false);
+        let fleet = match &config.fleet {
+            Some(f) => crate::fleet::spawn(
+                f.clone(),
+                config.agent.device_id.clone(),
+                config.agent.data_dir.clone(),
+                config.destinations.iter().cloned().zip(tls.iter().cloned()).collect(),
+                config
+                    .plugins
+                    .iter()
+                    .zip(&plugins)
+                    .map(|(spec, handle)| FleetPlugin { spec: spec.clone(), handle: handle.clone() })
+                    .collect(),
+                clock.clone(),
+                stop_rx.clone(),
+            ),
+            None => Vec::new(),
+        };
         let forwarders: Vec<Forwarder> = config
             .destinations
             .iter()
@@ -153,7 +172,7 @@ impl Agent {
             store = %config.store.path.display(),
             "HTTP API listening on {http_addr}"
         );
-        Ok(Self { store, plugins, http_addr, stop_http, http, stop_forwarders, forwarders, mqtt_ingest })
+        Ok(Self { store, plugins, http_addr, stop_http, http, stop_forwarders, forwarders, mqtt_ingest, fleet })
     }
 
     /// Every loaded plugin, in config order (for the stages wired elsewhere
@@ -189,6 +208,9 @@ impl Agent {
         for f in self.forwarders {
             f.join().await;
         }
+        for f in self.fleet {
+            let _ = f.await;
+        }
         let store = self.store.clone();
         tokio::task::spawn_blocking(move || store.close()).await.map_err(|e| RunError::Task(e.to_string()))?;
         tracing::info!("stopped cleanly");
@@ -203,8 +225,26 @@ async fn load_plugins(config: &Config) -> Result<Vec<PluginHandle>, RunError> {
     for spec in &config.plugins {
         let (spec, dir) = (spec.clone(), cache_dir.clone());
         let name = spec.name.clone();
+        let data_dir = config.fleet.is_some().then(|| config.agent.data_dir.clone());
         let loaded = tokio::task::spawn_blocking(move || {
-            let (mut plugin, report) = Plugin::load(&spec, Some(&dir))?;
+            // A version installed by a fleet update replaces the configured file.
+            let installed = data_dir.and_then(|d| crate::fleet::installed_component(&d, &spec.name));
+            let (mut plugin, report) = match installed {
+                Some((version, path)) => {
+                    let fleet_spec = PluginConfig { path, ..spec.clone() };
+                    match Plugin::load(&fleet_spec, Some(&dir)) {
+                        Ok(loaded) => {
+                            tracing::info!(plugin = %spec.name, version, "running the fleet-installed version");
+                            loaded
+                        }
+                        Err(e) => {
+                            tracing::error!(plugin = %spec.name, version, error = %e, "fleet-installed version does not load; using the configured one");
+                            Plugin::load(&spec, Some(&dir))?
+                        }
+                    }
+                }
+                None => Plugin::load(&spec, Some(&dir))?,
+            };
             // A plugin that fails to start is not fatal: calls rebuild it and
             // its error policy applies, as for any later failure.
             if let Err(e) = plugin.warm_up() {

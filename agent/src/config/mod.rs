@@ -16,7 +16,9 @@ use serde::Deserialize;
 
 use crate::topic::{TopicError, TopicFilter};
 
+pub mod fleet;
 pub mod plugin;
+pub use fleet::FleetConfig;
 pub use plugin::PluginConfig;
 
 /// The embedded default configuration, which documents every key.
@@ -51,6 +53,7 @@ pub struct RawConfig {
     destination: Vec<mqtt::RawDestination>,
     #[serde(default)]
     plugin: Vec<plugin::RawPlugin>,
+    fleet: Option<fleet::RawFleet>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -127,6 +130,8 @@ pub struct Config {
     pub destinations: Vec<DestinationConfig>,
     /// `[[plugin]]`, in file order (which is also the order filters of one stage run in).
     pub plugins: Vec<PluginConfig>,
+    /// `[fleet]`: signed plugin updates, if configured.
+    pub fleet: Option<FleetConfig>,
 }
 
 /// `[agent]`.
@@ -400,6 +405,7 @@ impl Config {
         let base = Path::new(file).parent().unwrap_or(Path::new(""));
         let destination_names: Vec<&str> = destinations.iter().map(|d| d.name.as_str()).collect();
         let plugins = plugin::validate(raw.plugin, &destination_names, base, file)?;
+        let fleet = raw.fleet.map(|f| fleet::validate(f, &destination_names, file)).transpose()?;
 
         Ok(Config {
             origin: file.into(),
@@ -426,6 +432,7 @@ impl Config {
             mqtt_ingest,
             destinations,
             plugins,
+            fleet,
         })
     }
 }

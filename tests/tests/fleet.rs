@@ -1,0 +1,361 @@
+//! Fleet plugin updates end to end over a real Mosquitto: the fleet CLI
+//! signs and pushes a bundle that the agent downloads, verifies, checks,
+//! shadows and activates; every bad bundle is refused with a reported reason
+//! while the running version keeps running; a version that fails on
+//! probation is rolled back; a download interrupted by SIGKILL resumes from
+//! disk after the restart.
+//!
+//! The device's plugin slot `f` starts on the threshold filter (drops events
+//! whose `temp` is below 20); the update is the hostile test filter, which
+//! keeps every event and tags it with extension `cfgecho`, so which version
+//! handled an event shows on the wire. Needs `scripts/build-plugins.sh`.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use ed25519_dalek::{SigningKey, VerifyingKey};
+use ferry::config::plugin::World;
+use ferry::fleet::bundle::{self, Chunk, Manifest};
+use ferry::fleet::report::{Report, State};
+use ferry::fleet::topics;
+use ferry_harness::{Collector, Mosquitto, MosquittoOptions, Protocol};
+use ferry_tests::{FerryProcess, ferry_bin, write_config_with};
+use serde_json::json;
+
+const ROOT: &str = "ferry/fleet";
+const DEVICE: &str = "test-device";
+
+fn repo() -> &'static Path {
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("tests/ is in the repository")
+}
+
+fn built(name: &str) -> PathBuf {
+    let path = repo().join("plugins/build").join(format!("{name}.wasm"));
+    assert!(path.is_file(), "{} is missing: run scripts/build-plugins.sh first", path.display());
+    path
+}
+
+fn key(n: u8) -> SigningKey {
+    SigningKey::from_bytes(&[n; 32])
+}
+
+/// A device config: one destination on `broker`, the threshold filter as
+/// plugin `f`, and `[fleet]` trusting `trusted` plus `fleet_extra`.
+fn config(dir: &Path, broker: &str, trusted: &VerifyingKey, fleet_extra: &str) -> PathBuf {
+    let tail = format!(
+        "[[destination]]\nname = \"cloud\"\nurl = \"{broker}\"\nbackoff_base = \"100ms\"\nbackoff_cap = \"500ms\"\n\n\
+         [[plugin]]\nname = \"f\"\npath = {:?}\nworld = \"filter\"\nstage = \"ingest\"\n\
+         config = {{ field = \"temp\", min = \"20\" }}\n\n\
+         [fleet]\ntrusted_keys = [\"{}\"]\n{fleet_extra}\n",
+        built("threshold-filter").display().to_string(),
+        bundle::encode_public(trusted),
+    );
+    write_config_with(dir, "", &tail)
+}
+
+async fn broker() -> Mosquitto {
+    Mosquitto::start(MosquittoOptions::default()).await.expect("starting mosquitto")
+}
+
+/// Publishes (topic, payload, retain) messages with QoS 1 and waits for every PUBACK.
+async fn publish(url: &str, messages: Vec<(String, Vec<u8>, bool)>) {
+    use ferry_harness::rumqttc::{AsyncClient, Event, Packet, QoS};
+    let opts = ferry_harness::mqtt::options_v311(url, &ferry_harness::mqtt::unique_client_id("fleet-test"), None)
+        .expect("broker options");
+    let (client, mut eventloop) = AsyncClient::new(opts, messages.len() + 8);
+    let total = messages.len();
+    for (topic, payload, retain) in messages {
+        client.publish(topic, QoS::AtLeastOnce, retain, payload).await.expect("queueing a publish");
+    }
+    let mut acked = 0;
+    tokio::time::timeout(Duration::from_secs(20), async {
+        while acked < total {
+            if let Event::Incoming(Packet::PubAck(_)) = eventloop.poll().await.expect("publishing") {
+                acked += 1;
+            }
+        }
+    })
+    .await
+    .expect("every PUBACK within 20s");
+}
+
+/// The manifest message of `m` for every device.
+fn manifest_message(m: &Manifest) -> (String, Vec<u8>, bool) {
+    (topics::manifest(ROOT, &m.name, "*"), serde_json::to_vec(m).unwrap(), true)
+}
+
+fn chunk_messages(m: &Manifest, chunks: &[Chunk], retain: bool) -> Vec<(String, Vec<u8>, bool)> {
+    chunks.iter().map(|c| (topics::chunk(ROOT, &m.name, m.version, c.header.index), c.encode(), retain)).collect()
+}
+
+/// Every report of plugin `f` the collector has seen.
+fn reports(status: &Collector) -> Vec<Report> {
+    status.messages().iter().filter(|m| !m.payload.is_empty()).filter_map(|m| serde_json::from_slice(&m.payload).ok()).collect()
+}
+
+/// Waits for a report matching `pred`, failing with every report seen.
+async fn wait_report(status: &Collector, what: &str, pred: impl Fn(&Report) -> bool) -> Report {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        if let Some(r) = reports(status).into_iter().find(|r| pred(r)) {
+            return r;
+        }
+        if Instant::now() > deadline {
+            let seen: Vec<String> = reports(status).iter().map(|r| serde_json::to_string(r).unwrap()).collect();
+            panic!("no report {what} within 60s; seen:\n{}", seen.join("\n"));
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+async fn status_collector(url: &str) -> Collector {
+    Collector::start(url, &topics::status(ROOT, DEVICE, "f"), Protocol::V5).await.expect("status collector")
+}
+
+async fn post(agent: &FerryProcess, topic: &str, data: serde_json::Value) {
+    let r = reqwest::Client::new()
+        .post(format!("{}/v1/events", agent.url()))
+        .json(&json!({ "topic": topic, "data": data }))
+        .send()
+        .await
+        .expect("posting an event");
+    assert!(r.status().is_success() || r.status().is_server_error(), "{}", r.status());
+}
+
+/// Whether the events reaching `events` were handled by the update: a cold
+/// reading gets through only with the hostile filter, tagged `cfgecho`.
+async fn cold_reading_passes(agent: &FerryProcess, events: &Collector, n: usize) -> bool {
+    let (cold, warm) = (format!("telemetry/cold{n}"), format!("telemetry/warm{n}"));
+    post(agent, &cold, json!({ "temp": 5 })).await;
+    post(agent, &warm, json!({ "temp": 25 })).await;
+    // The warm reading always passes, and after the cold one (one
+    // destination keeps sequence order): once it is here, the cold one's fate is known.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !events.messages().iter().any(|m| m.topic.ends_with(&warm)) {
+        assert!(Instant::now() < deadline, "{warm} was not forwarded within 20s");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let got = events.messages();
+    let cold = got.iter().find(|m| m.topic.ends_with(&cold));
+    if let Some(c) = cold {
+        assert_eq!(c.user_property("cfgecho"), Some("field=temp;min=20"), "the update sees the slot's config");
+    }
+    cold.is_some()
+}
+
+fn ferry(args: &[&str], dir: &Path) -> String {
+    let out = Command::new(ferry_bin!()).args(args).current_dir(dir).env("RUST_LOG", "warn").output().unwrap();
+    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(out.status.success(), "ferry {args:?} failed:\n{text}");
+    text
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_pushed_plugin_is_downloaded_verified_shadowed_and_activated() {
+    let mosquitto = broker().await;
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    // The fleet manager's side, from the CLI as the README shows it.
+    ferry(&["fleet", "keygen", "--out", "ops"], dir);
+    let public = std::fs::read_to_string(dir.join("ops.pub")).unwrap();
+    let trusted = bundle::decode_public(&public).unwrap();
+    let hostile = built("testdata/hostile-filter");
+    ferry(
+        &["fleet", "sign", hostile.to_str().unwrap(), "--name", "f", "--version", "1", "--key", "ops.key", "--chunk-size", "16 KiB"],
+        dir,
+    );
+
+    let device = dir.join("device");
+    std::fs::create_dir_all(&device).unwrap();
+    let tail = config(&device, &mosquitto.url(), &trusted, "probation = \"2s\"\n");
+    let agent = FerryProcess::start(ferry_bin!(), &tail).unwrap();
+    let status = status_collector(&mosquitto.url()).await;
+    let events = Collector::start(&mosquitto.url(), &format!("ferry/{DEVICE}/#"), Protocol::V5).await.unwrap();
+    wait_report(&status, "running v0", |r| r.state == State::Running && r.version == 0).await;
+    // Traffic before the push: the shadow run replays it.
+    assert!(!cold_reading_passes(&agent, &events, 0).await, "the configured threshold filter drops cold readings");
+
+    let out = ferry(&["fleet", "push", "f-v1.bundle", "--broker", &mosquitto.url(), "--devices", "test-*"], dir);
+    assert!(out.contains("pushed f v1"), "{out}");
+    let activated = wait_report(&status, "on probation at v1", |r| r.state == State::Probation && r.version == 1).await;
+    let shadow = activated.shadow.expect("a shadow run is reported");
+    assert!(shadow.events >= 1, "the shadow run replayed recent events: {shadow:?}");
+    assert!(shadow.differences >= 1, "the new version answers differently: {shadow:?}");
+    for step in [State::Downloading, State::Verifying, State::Checking, State::Shadow] {
+        assert!(reports(&status).iter().any(|r| r.state == step && r.candidate == Some(1)), "{step:?} was reported");
+    }
+    assert!(cold_reading_passes(&agent, &events, 1).await, "the update handles events once active");
+    let done = wait_report(&status, "running v1 after probation", |r| r.state == State::Running && r.version == 1).await;
+    assert_eq!(done.previous, Some(0), "the configured version is kept for rollback");
+
+    let table = ferry(&["fleet", "status", "--broker", &mosquitto.url(), "--wait", "1s"], dir);
+    let row = table.lines().find(|l| l.starts_with(DEVICE)).unwrap_or_else(|| panic!("no row:\n{table}"));
+    assert!(row.contains(" f ") && row.contains("running"), "{table}");
+
+    // The same version again (another cloud, a retained replay) installs once;
+    // a restart comes back on the installed version.
+    let (_, log) = agent.terminate();
+    assert!(log.iter().filter(|l| l.contains("fleet update activated")).count() == 1, "{}", log.join("\n"));
+    let agent = FerryProcess::start(ferry_bin!(), &tail).unwrap();
+    assert!(cold_reading_passes(&agent, &events, 2).await, "the installed version survives a restart");
+    let (_, log) = agent.terminate();
+    assert!(!log.iter().any(|l| l.contains("fleet update activated")), "installed once:\n{}", log.join("\n"));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn bad_bundles_are_refused_with_a_reason_and_the_running_version_keeps_running() {
+    let mosquitto = broker().await;
+    let url = mosquitto.url();
+    let tmp = tempfile::tempdir().unwrap();
+    let agent = FerryProcess::start(ferry_bin!(), &config(tmp.path(), &url, &key(1).verifying_key(), "probation = \"1s\"\n")).unwrap();
+    let status = status_collector(&url).await;
+    let events = Collector::start(&url, &format!("ferry/{DEVICE}/#"), Protocol::V5).await.unwrap();
+    wait_report(&status, "running v0", |r| r.state == State::Running).await;
+    let hostile = std::fs::read(built("testdata/hostile-filter")).unwrap();
+    let sign = |version: u64, world: World, component: &[u8], with: &SigningKey| {
+        Manifest::sign("f", version, world, component, 16 * 1024, with).unwrap()
+    };
+    let refused = |version: u64, needle: &'static str| {
+        let status = &status;
+        async move {
+            let r = wait_report(status, &format!("refusing v{version} with `{needle}`"), |r| {
+                r.state == State::Rejected && r.candidate == Some(version) && r.reason.as_deref().unwrap_or("").contains(needle)
+            })
+            .await;
+            r.version
+        }
+    };
+
+    // Bad signature: a field changed after signing.
+    let mut m = sign(2, World::Filter, &hostile, &key(1));
+    m.version = 3;
+    publish(&url, vec![manifest_message(&m)]).await;
+    assert_eq!(refused(3, "signature does not verify").await, 0);
+
+    // Signed by a key the device does not trust.
+    let m = sign(4, World::Filter, &hostile, &key(2));
+    publish(&url, vec![manifest_message(&m)]).await;
+    assert_eq!(refused(4, "not in [fleet] trusted_keys").await, 0);
+
+    // A corrupted chunk and a truncated one: each named, the rest kept.
+    let m = sign(5, World::Filter, &hostile, &key(1));
+    let mut chunks = Chunk::split(&m, &hostile);
+    chunks[1].data[100] ^= 0xff;
+    chunks[2].data.truncate(1000);
+    let mut messages = chunk_messages(&m, &chunks, true);
+    messages.push(manifest_message(&m));
+    publish(&url, messages).await;
+    assert_eq!(refused(5, "chunk 1 of f v5 is corrupt").await, 0);
+    assert_eq!(refused(5, "chunk 2 of f v5 is truncated").await, 0);
+
+    // Every chunk as signed, but the manifest's whole-component hash is wrong.
+    let mut m = sign(6, World::Filter, &hostile, &key(1));
+    m.sha256 = bundle::sha256_hex(b"something else");
+    m.resign(&key(1));
+    let mut messages = chunk_messages(&m, &Chunk::split(&m, &hostile), true);
+    messages.push(manifest_message(&m));
+    publish(&url, messages).await;
+    assert_eq!(refused(6, "does not match the manifest").await, 0);
+
+    // A merge component signed as a filter: it does not link against the world.
+    let merge = std::fs::read(built("lww-merge")).unwrap();
+    let m = sign(7, World::Filter, &merge, &key(1));
+    let mut messages = chunk_messages(&m, &Chunk::split(&m, &merge), true);
+    messages.push(manifest_message(&m));
+    publish(&url, messages).await;
+    assert_eq!(refused(7, "world").await, 0);
+    // And a bundle for the merge world sent to this filter slot.
+    let m = sign(8, World::Merge, &merge, &key(1));
+    publish(&url, vec![manifest_message(&m)]).await;
+    assert_eq!(refused(8, "targets the `merge` world").await, 0);
+    assert!(!cold_reading_passes(&agent, &events, 0).await, "the configured version still runs");
+
+    // Install v10, then replay the older v9: refused, v10 keeps running.
+    let good = sign(10, World::Filter, &hostile, &key(1));
+    let mut messages = chunk_messages(&good, &Chunk::split(&good, &hostile), true);
+    messages.push(manifest_message(&good));
+    publish(&url, messages).await;
+    wait_report(&status, "running v10", |r| r.state == State::Running && r.version == 10).await;
+    let old = sign(9, World::Filter, &hostile, &key(1));
+    let mut messages = chunk_messages(&old, &Chunk::split(&old, &hostile), true);
+    messages.push((topics::manifest(ROOT, "f", "test-*"), serde_json::to_vec(&old).unwrap(), true));
+    publish(&url, messages).await;
+    assert_eq!(refused(9, "older than the running version 10").await, 10);
+    assert!(cold_reading_passes(&agent, &events, 1).await, "v10 still runs");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_version_that_fails_on_probation_is_rolled_back() {
+    let mosquitto = broker().await;
+    let url = mosquitto.url();
+    let tmp = tempfile::tempdir().unwrap();
+    let cfg = config(
+        tmp.path(),
+        &url,
+        &key(1).verifying_key(),
+        "probation = \"10m\"\nrollback_min_failures = 3\nrollback_failure_rate = 0.2\n",
+    );
+    let agent = FerryProcess::start(ferry_bin!(), &cfg).unwrap();
+    let status = status_collector(&url).await;
+    let events = Collector::start(&url, &format!("ferry/{DEVICE}/#"), Protocol::V5).await.unwrap();
+    let hostile = std::fs::read(built("testdata/hostile-filter")).unwrap();
+    let m = Manifest::sign("f", 1, World::Filter, &hostile, 64 * 1024, &key(1)).unwrap();
+    let mut messages = chunk_messages(&m, &Chunk::split(&m, &hostile), true);
+    messages.push(manifest_message(&m));
+    publish(&url, messages).await;
+    wait_report(&status, "on probation at v1", |r| r.state == State::Probation && r.version == 1).await;
+    assert!(cold_reading_passes(&agent, &events, 0).await);
+
+    // In production the new version meets input the checks never tried.
+    for _ in 0..4 {
+        post(&agent, "hostile/trap", json!({})).await;
+    }
+    let r = wait_report(&status, "rolled back", |r| r.state == State::RolledBack).await;
+    assert_eq!((r.version, r.candidate), (0, Some(1)), "{r:?}");
+    assert!(r.reason.as_deref().unwrap_or("").contains("trap"), "{r:?}");
+    assert!(!cold_reading_passes(&agent, &events, 1).await, "the previous version runs again");
+
+    // The failed version is not installed again, even after a restart that
+    // sees its retained manifest once more.
+    agent.kill();
+    let agent = FerryProcess::start(ferry_bin!(), &cfg).unwrap();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert!(!cold_reading_passes(&agent, &events, 2).await, "still the previous version after a restart");
+    let (_, log) = agent.terminate();
+    assert!(!log.iter().any(|l| l.contains("fleet update activated")), "{}", log.join("\n"));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_download_cut_by_sigkill_resumes_from_disk_and_completes() {
+    let mosquitto = broker().await;
+    let url = mosquitto.url();
+    let tmp = tempfile::tempdir().unwrap();
+    let cfg = config(tmp.path(), &url, &key(1).verifying_key(), "probation = \"1s\"\n");
+    let agent = FerryProcess::start(ferry_bin!(), &cfg).unwrap();
+    let status = status_collector(&url).await;
+    let events = Collector::start(&url, &format!("ferry/{DEVICE}/#"), Protocol::V5).await.unwrap();
+    wait_report(&status, "running v0", |r| r.state == State::Running).await;
+
+    let hostile = std::fs::read(built("testdata/hostile-filter")).unwrap();
+    let m = Manifest::sign("f", 1, World::Filter, &hostile, 4 * 1024, &key(1)).unwrap();
+    let chunks = Chunk::split(&m, &hostile);
+    let half = chunks.len() / 2;
+    publish(&url, vec![manifest_message(&m)]).await;
+    wait_report(&status, "downloading", |r| r.state == State::Downloading && r.received == Some(0)).await;
+    // The first half is sent once, not retained: after the kill, only the
+    // agent's disk still has it.
+    publish(&url, chunk_messages(&m, &chunks[..half], false)).await;
+    wait_report(&status, "half downloaded", |r| r.received == Some(half as u32)).await;
+    agent.kill();
+
+    // Forget the reports from before the kill, then restart.
+    publish(&url, vec![(topics::status(ROOT, DEVICE, "f"), Vec::new(), true)]).await;
+    let status = status_collector(&url).await;
+    let agent = FerryProcess::start(ferry_bin!(), &cfg).unwrap();
+    let resumed = wait_report(&status, "resumed", |r| r.state == State::Downloading).await;
+    assert_eq!(resumed.received, Some(half as u32), "the chunks on disk count after the restart: {resumed:?}");
+    publish(&url, chunk_messages(&m, &chunks[half..], false)).await;
+    wait_report(&status, "on probation at v1", |r| r.state == State::Probation && r.version == 1).await;
+    assert!(cold_reading_passes(&agent, &events, 0).await);
+}
