@@ -61,8 +61,9 @@ async fn broker() -> Mosquitto {
 /// Publishes (topic, payload, retain) messages with QoS 1 and waits for every PUBACK.
 async fn publish(url: &str, messages: Vec<(String, Vec<u8>, bool)>) {
     use ferry_harness::rumqttc::{AsyncClient, Event, Packet, QoS};
-    let opts = ferry_harness::mqtt::options_v311(url, &ferry_harness::mqtt::unique_client_id("fleet-test"), None)
+    let mut opts = ferry_harness::mqtt::options_v311(url, &ferry_harness::mqtt::unique_client_id("fleet-test"), None)
         .expect("broker options");
+    opts.set_max_packet_size(256 * 1024, 256 * 1024);
     let (client, mut eventloop) = AsyncClient::new(opts, messages.len() + 8);
     let total = messages.len();
     for (topic, payload, retain) in messages {
