@@ -92,7 +92,12 @@ fn chunk_messages(m: &Manifest, chunks: &[Chunk], retain: bool) -> Vec<(String, 
 
 /// Every report of plugin `f` the collector has seen.
 fn reports(status: &Collector) -> Vec<Report> {
-    status.messages().iter().filter(|m| !m.payload.is_empty()).filter_map(|m| serde_json::from_slice(&m.payload).ok()).collect()
+    status
+        .messages()
+        .iter()
+        .filter(|m| !m.payload.is_empty())
+        .filter_map(|m| serde_json::from_slice(&m.payload).ok())
+        .collect()
 }
 
 /// Waits for a report matching `pred`, failing with every report seen.
@@ -163,7 +168,19 @@ async fn a_pushed_plugin_is_downloaded_verified_shadowed_and_activated() {
     let trusted = bundle::decode_public(&public).unwrap();
     let hostile = built("testdata/hostile-filter");
     ferry(
-        &["fleet", "sign", hostile.to_str().unwrap(), "--name", "f", "--version", "1", "--key", "ops.key", "--chunk-size", "16 KiB"],
+        &[
+            "fleet",
+            "sign",
+            hostile.to_str().unwrap(),
+            "--name",
+            "f",
+            "--version",
+            "1",
+            "--key",
+            "ops.key",
+            "--chunk-size",
+            "16 KiB",
+        ],
         dir,
     );
 
@@ -187,7 +204,8 @@ async fn a_pushed_plugin_is_downloaded_verified_shadowed_and_activated() {
         assert!(reports(&status).iter().any(|r| r.state == step && r.candidate == Some(1)), "{step:?} was reported");
     }
     assert!(cold_reading_passes(&agent, &events, 1).await, "the update handles events once active");
-    let done = wait_report(&status, "running v1 after probation", |r| r.state == State::Running && r.version == 1).await;
+    let done =
+        wait_report(&status, "running v1 after probation", |r| r.state == State::Running && r.version == 1).await;
     assert_eq!(done.previous, Some(0), "the configured version is kept for rollback");
 
     let table = ferry(&["fleet", "status", "--broker", &mosquitto.url(), "--wait", "1s"], dir);
@@ -209,7 +227,9 @@ async fn bad_bundles_are_refused_with_a_reason_and_the_running_version_keeps_run
     let mosquitto = broker().await;
     let url = mosquitto.url();
     let tmp = tempfile::tempdir().unwrap();
-    let agent = FerryProcess::start(ferry_bin!(), &config(tmp.path(), &url, &key(1).verifying_key(), "probation = \"1s\"\n")).unwrap();
+    let agent =
+        FerryProcess::start(ferry_bin!(), &config(tmp.path(), &url, &key(1).verifying_key(), "probation = \"1s\"\n"))
+            .unwrap();
     let status = status_collector(&url).await;
     let events = Collector::start(&url, &format!("ferry/{DEVICE}/#"), Protocol::V5).await.unwrap();
     wait_report(&status, "running v0", |r| r.state == State::Running).await;
@@ -221,7 +241,9 @@ async fn bad_bundles_are_refused_with_a_reason_and_the_running_version_keeps_run
         let status = &status;
         async move {
             let r = wait_report(status, &format!("refusing v{version} with `{needle}`"), |r| {
-                r.state == State::Rejected && r.candidate == Some(version) && r.reason.as_deref().unwrap_or("").contains(needle)
+                r.state == State::Rejected
+                    && r.candidate == Some(version)
+                    && r.reason.as_deref().unwrap_or("").contains(needle)
             })
             .await;
             r.version

@@ -174,7 +174,8 @@ fn keygen(args: &KeygenArgs) -> anyhow::Result<()> {
         f.write_all(bundle::encode_secret(&key).as_bytes())?;
         f.sync_all()?;
     }
-    std::fs::write(&public_path, format!("{public}\n")).with_context(|| format!("writing {}", public_path.display()))?;
+    std::fs::write(&public_path, format!("{public}\n"))
+        .with_context(|| format!("writing {}", public_path.display()))?;
     println!("secret key  {} (keep it private)", secret_path.display());
     println!("public key  {} (key id {})", public_path.display(), bundle::key_id(&key.verifying_key()));
     println!("\nTrust it on devices with:\n[fleet]\ntrusted_keys = [\"{public}\"]");
@@ -244,7 +245,8 @@ fn endpoint(args: &BrokerArgs, client_id: &str) -> anyhow::Result<MqttEndpoint> 
             d.insert(key.into(), v.clone().into());
         }
     }
-    for (key, value) in [("ca_file", &args.ca_file), ("client_cert", &args.client_cert), ("client_key", &args.client_key)]
+    for (key, value) in
+        [("ca_file", &args.ca_file), ("client_cert", &args.client_cert), ("client_key", &args.client_key)]
     {
         if let Some(v) = value {
             d.insert(key.into(), v.display().to_string().into());
@@ -252,8 +254,9 @@ fn endpoint(args: &BrokerArgs, client_id: &str) -> anyhow::Result<MqttEndpoint> 
     }
     let mut doc = toml::Table::new();
     doc.insert("destination".into(), toml::Value::Array(vec![toml::Value::Table(d)]));
-    let config = Config::parse(&toml::to_string(&doc)?, "command line")
-        .map_err(|e| anyhow::anyhow!("{}", e.reason).context(format!("--{}", e.key.rsplit('.').next().unwrap_or("broker"))))?;
+    let config = Config::parse(&toml::to_string(&doc)?, "command line").map_err(|e| {
+        anyhow::anyhow!("{}", e.reason).context(format!("--{}", e.key.rsplit('.').next().unwrap_or("broker")))
+    })?;
     Ok(config.destinations.into_iter().next().expect("one destination").endpoint)
 }
 

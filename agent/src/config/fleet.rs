@@ -62,7 +62,10 @@ pub fn validate(raw: RawFleet, destinations: &[&str], file: &str) -> Result<Flee
         || topic_root.contains(['+', '#'])
         || topic_root.split('/').any(str::is_empty)
     {
-        return Err(err("topic_root", format!("`{topic_root}` must be topic levels without wildcards, like \"ferry/fleet\"")));
+        return Err(err(
+            "topic_root",
+            format!("`{topic_root}` must be topic levels without wildcards, like \"ferry/fleet\""),
+        ));
     }
     let chosen = match raw.destinations {
         None => destinations.iter().map(|d| (*d).to_owned()).collect(),

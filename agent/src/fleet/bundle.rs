@@ -129,9 +129,8 @@ pub fn encode_public(key: &VerifyingKey) -> String {
 }
 
 fn decode_32(text: &str, what: &'static str) -> Result<[u8; 32], BundleError> {
-    let bytes = B64
-        .decode(text.trim())
-        .map_err(|e| BundleError::Malformed { what, reason: format!("not base64: {e}") })?;
+    let bytes =
+        B64.decode(text.trim()).map_err(|e| BundleError::Malformed { what, reason: format!("not base64: {e}") })?;
     bytes.try_into().map_err(|b: Vec<u8>| BundleError::Malformed {
         what,
         reason: format!("{} bytes, an ed25519 key has 32", b.len()),

@@ -231,10 +231,8 @@ mod tests {
         let dir = PluginDir::new(tmp.path(), "p");
         assert_eq!(dir.load().unwrap().running(), 0);
         dir.write_component(4, b"wasm").unwrap();
-        let state = Persisted {
-            active: Some(Installed { version: 4, sha256: sha256_hex(b"wasm") }),
-            ..Persisted::default()
-        };
+        let state =
+            Persisted { active: Some(Installed { version: 4, sha256: sha256_hex(b"wasm") }), ..Persisted::default() };
         dir.save(&state).unwrap();
         assert_eq!(dir.load().unwrap().running(), 4);
         assert_eq!(installed_component(tmp.path(), "p").unwrap().0, 4);

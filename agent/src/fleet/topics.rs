@@ -64,9 +64,7 @@ pub fn parse<'a>(root: &str, topic: &'a str) -> Option<FleetTopic<'a>> {
     let levels: Vec<&str> = rest.split('/').collect();
     match levels.as_slice() {
         [name, "manifest", devices] => Some(FleetTopic::Manifest { name, devices }),
-        [name, version, _index] => {
-            Some(FleetTopic::Chunk { name, version: version.strip_prefix('v')?.parse().ok()? })
-        }
+        [name, version, _index] => Some(FleetTopic::Chunk { name, version: version.strip_prefix('v')?.parse().ok()? }),
         _ => None,
     }
 }
@@ -78,10 +76,7 @@ mod tests {
     #[test]
     fn topics_parse_back_to_what_they_carry() {
         let r = "ferry/fleet";
-        assert_eq!(
-            parse(r, &manifest(r, "th", "gw-*")),
-            Some(FleetTopic::Manifest { name: "th", devices: "gw-*" })
-        );
+        assert_eq!(parse(r, &manifest(r, "th", "gw-*")), Some(FleetTopic::Manifest { name: "th", devices: "gw-*" }));
         assert_eq!(parse(r, &chunk(r, "th", 7, 3)), Some(FleetTopic::Chunk { name: "th", version: 7 }));
         assert_eq!(parse(r, &status(r, "gw", "th")), None);
         assert_eq!(parse(r, "ferry/fleet/plugin/th/x/1"), None);

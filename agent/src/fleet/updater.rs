@@ -188,7 +188,11 @@ impl Updater {
                 },
             };
             self.publish(&name, report, false).await;
-            if self.slots[&name].state.target.as_ref().is_some_and(|t| self.slots[&name].received.len() as u32 == t.total())
+            if self.slots[&name]
+                .state
+                .target
+                .as_ref()
+                .is_some_and(|t| self.slots[&name].received.len() as u32 == t.total())
             {
                 self.install(&name).await;
             }
@@ -223,7 +227,8 @@ impl Updater {
             state,
             time: self.now(),
             candidate: None,
-            previous: s.and_then(|s| s.state.active.as_ref().map(|_| s.state.previous.as_ref().map_or(0, |p| p.version))),
+            previous: s
+                .and_then(|s| s.state.active.as_ref().map(|_| s.state.previous.as_ref().map_or(0, |p| p.version))),
             reason: None,
             received: None,
             total: None,
@@ -627,8 +632,7 @@ fn shadow(candidate: &mut Plugin, samples: &[Sample], limit: usize) -> Result<Sh
         budget -= sample.events();
         let same = match sample {
             Sample::Filter(events, verdicts) => {
-                &candidate.filter(events).map_err(|e| Refusal::permanent(format!("failed in shadow: {e}")))?
-                    == verdicts
+                &candidate.filter(events).map_err(|e| Refusal::permanent(format!("failed in shadow: {e}")))? == verdicts
             }
             Sample::Merge(key, current, incoming, merged) => {
                 &candidate
