@@ -27,6 +27,11 @@ pub const DEFAULT_TYPE: &str = "ferry.event";
 /// forwarders honour it and never send it on the wire.
 pub const ROUTE_EXTENSION: &str = "ferryroute";
 
+/// Extension attribute carrying a state version's vector (see
+/// [`crate::state::wire`]). An event that has it is a state update: it goes
+/// to its destinations whatever their routes, as a retained message.
+pub const STATE_EXTENSION: &str = "ferryvv";
+
 /// Content type given to JSON data whose producer named none.
 pub const JSON_CONTENT_TYPE: &str = "application/json";
 
@@ -62,6 +67,11 @@ impl EventBody {
             Some((_, names)) => names.split(',').any(|n| n.trim() == destination),
             None => true,
         }
+    }
+
+    /// Whether this is a state update published by the state service.
+    pub fn is_state(&self) -> bool {
+        self.extensions.iter().any(|(k, _)| k == STATE_EXTENSION)
     }
 
     /// Whether the data is JSON text (so structured mode embeds it as JSON).

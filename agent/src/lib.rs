@@ -14,6 +14,10 @@
 //!   and limits, and the HTTP API ([`ingest::http`]).
 //! - [`fleet`] — signed plugin updates from a fleet manager: download,
 //!   verify, check, shadow, activate, roll back.
+//! - [`state`] — multi-cloud state sync: versions, merge, the state table,
+//!   reconciliation of the clouds, the `/v1/state` API.
+//! - [`downlink`] — cloud-to-device messages: the forwarders' subscriptions,
+//!   routed by topic filter to their consumers, acked once handled.
 //! - [`store`] — the redb event log: group commit, dedup, quota and
 //!   eviction, TTL and dead letters, forwarder cursors.
 //! - [`plugin`] — the WebAssembly plugin host: sandboxed filter and merge
@@ -26,11 +30,13 @@
 pub mod cli;
 pub mod clock;
 pub mod config;
+pub mod downlink;
 pub mod event;
 pub mod fleet;
 pub mod forward;
 pub mod ingest;
 pub mod plugin;
 pub mod runtime;
+pub mod state;
 pub mod store;
 pub mod topic;

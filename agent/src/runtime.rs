@@ -3,7 +3,8 @@
 //!
 //! Start: load TLS material, open the store (recovering it after a crash),
 //! load every plugin (compiled code comes from `{data_dir}/plugin-cache`),
-//! start one forwarder per destination, then bind and serve the HTTP API.
+//! start the state service, then one forwarder per destination (subscribed
+//! to what the state service consumes), then bind and serve the HTTP API.
 //! Stop: the API stops accepting and finishes the requests in flight (each
 //! waits for its commit); forwarders collect outstanding PUBACKs and save
 //! their cursors; then the store writer commits what is queued and exits.
@@ -18,15 +19,20 @@ use tokio::task::JoinHandle;
 use crate::clock::SharedClock;
 use crate::config::Config;
 use crate::config::plugin::Stage;
+use crate::downlink::DownlinkRouter;
 use crate::fleet::FleetPlugin;
 use crate::forward::{Forwarder, link};
 use crate::ingest::mqtt::MqttIngest;
 use crate::ingest::{Ingest, http};
-use crate::plugin::{Plugin, PluginConfig, PluginError, PluginHandle};
+use crate::plugin::{Plugin, PluginConfig, PluginError, PluginHandle, World};
+use crate::state::{StateError, StateHandle, StateService, StateServiceConfig};
 use crate::store::{Store, StoreError};
 
 /// Calls that may wait for one plugin before callers feel backpressure.
 const PLUGIN_QUEUE_DEPTH: usize = 64;
+
+/// State updates (cloud or local) that may wait for the state service.
+const STATE_QUEUE_DEPTH: usize = 256;
 
 /// Why the agent could not start or stopped with an error.
 #[derive(Debug, thiserror::Error)]
@@ -63,6 +69,9 @@ pub enum RunError {
         /// The cause.
         source: PluginError,
     },
+    /// The state tables could not be opened.
+    #[error("state: {0}")]
+    State(#[from] StateError),
     /// A service task panicked.
     #[error("a service task failed: {0}")]
     Task(String),
@@ -79,6 +88,8 @@ pub struct Agent {
     forwarders: Vec<Forwarder>,
     mqtt_ingest: Option<JoinHandle<()>>,
     fleet: Vec<JoinHandle<()>>,
+    state: StateService,
+    local_state: Option<JoinHandle<()>>,
 }
 
 impl Agent {
@@ -132,11 +143,59 @@ impl Agent {
             ),
             None => Vec::new(),
         };
+        // Consumers of cloud-to-device messages register here before the
+        // forwarders start, so every connection subscribes to their filters.
+        let mut downlink = DownlinkRouter::new();
+        let (state_tx, state_rx) = tokio::sync::mpsc::channel(STATE_QUEUE_DEPTH);
+        for d in &config.destinations {
+            for f in &d.subscribe {
+                downlink.register(&d.name, d.subscription_filter(f), state_tx.clone());
+            }
+        }
+        drop(state_tx);
+        let merge_plugins = config
+            .plugins
+            .iter()
+            .zip(&plugins)
+            .filter(|(c, _)| c.world == World::Merge)
+            .map(|(c, h)| (c.name.clone(), h.clone()))
+            .collect();
+        let state = StateService::start(
+            StateServiceConfig {
+                device_id: config.agent.device_id.clone(),
+                destinations: config.destinations.clone(),
+                state: config.state.clone(),
+                merge_plugins,
+                queue_depth: STATE_QUEUE_DEPTH,
+            },
+            store.clone(),
+            clock.clone(),
+            state_rx,
+            stop_rx.clone(),
+        )
+        .await?;
+        let local_state = match &config.state.local_mqtt {
+            Some(m) => {
+                let tls = if m.endpoint.tls {
+                    Some(
+                        link::tls_config(&m.endpoint)
+                            .map_err(|source| RunError::Destination { name: "state.local_mqtt".into(), source })?,
+                    )
+                } else {
+                    None
+                };
+                Some(tokio::spawn(crate::state::local::run(m.clone(), tls, state.handle(), stop_rx.clone())))
+            }
+            None => None,
+        };
         let forwarders: Vec<Forwarder> = config
             .destinations
             .iter()
             .zip(tls)
-            .map(|(d, tls)| Forwarder::spawn(d.clone(), tls, store.clone(), clock.clone(), stop_rx.clone()))
+            .map(|(d, tls)| {
+                let downlink = downlink.for_destination(&d.name, &d.topic_prefix);
+                Forwarder::spawn(d.clone(), tls, store.clone(), clock.clone(), downlink, stop_rx.clone())
+            })
             .collect();
         let statuses = forwarders.iter().map(Forwarder::status_handle).collect();
 
@@ -162,6 +221,7 @@ impl Agent {
             ingest,
             config.agent.device_id.clone(),
             statuses,
+            Some(crate::state::http::routes(state.handle(), config.store.max_event_bytes)),
             async {
                 let _ = stopped.await;
             },
@@ -172,7 +232,19 @@ impl Agent {
             store = %config.store.path.display(),
             "HTTP API listening on {http_addr}"
         );
-        Ok(Self { store, plugins, http_addr, stop_http, http, stop_forwarders, forwarders, mqtt_ingest, fleet })
+        Ok(Self {
+            store,
+            plugins,
+            http_addr,
+            stop_http,
+            http,
+            stop_forwarders,
+            forwarders,
+            mqtt_ingest,
+            state,
+            local_state,
+            fleet,
+        })
     }
 
     /// Every loaded plugin, in config order (for the stages wired elsewhere
@@ -189,6 +261,11 @@ impl Agent {
     /// The event store.
     pub fn store(&self) -> &Store {
         &self.store
+    }
+
+    /// The merged state (reads and local writes).
+    pub fn state(&self) -> StateHandle {
+        self.state.handle()
     }
 
     /// Status of each destination, in config order.
@@ -210,6 +287,11 @@ impl Agent {
         }
         for f in self.fleet {
             let _ = f.await;
+        }
+        // After the forwarders: none of them waits on its queue any more.
+        self.state.join().await;
+        if let Some(l) = self.local_state {
+            let _ = l.await;
         }
         let store = self.store.clone();
         tokio::task::spawn_blocking(move || store.close()).await.map_err(|e| RunError::Task(e.to_string()))?;

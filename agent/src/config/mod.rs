@@ -27,6 +27,9 @@ pub const DEFAULT_TOML: &str = include_str!("ferry.default.toml");
 mod mqtt;
 pub use mqtt::{DestinationConfig, MqttEndpoint, MqttIngestConfig, Protocol};
 
+pub mod state;
+pub use state::{LocalStateMqtt, MergeRule, StateConfig};
+
 /// A configuration mistake, reported before anything starts.
 #[derive(Debug, thiserror::Error)]
 #[error("{file}: {key}: {reason}")]
@@ -54,6 +57,16 @@ pub struct RawConfig {
     #[serde(default)]
     plugin: Vec<plugin::RawPlugin>,
     fleet: Option<fleet::RawFleet>,
+    #[serde(default)]
+    merge: Vec<state::RawMerge>,
+    #[serde(default)]
+    state: RawState,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawState {
+    local_mqtt: Option<mqtt::RawLocalStateMqtt>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -132,6 +145,8 @@ pub struct Config {
     pub plugins: Vec<PluginConfig>,
     /// `[fleet]`: signed plugin updates, if configured.
     pub fleet: Option<FleetConfig>,
+    /// Merged state: `[[merge]]` rules and `[state]`.
+    pub state: StateConfig,
 }
 
 /// `[agent]`.
@@ -406,6 +421,15 @@ impl Config {
         let destination_names: Vec<&str> = destinations.iter().map(|d| d.name.as_str()).collect();
         let plugins = plugin::validate(raw.plugin, &destination_names, base, file)?;
         let fleet = raw.fleet.map(|f| fleet::validate(f, &destination_names, file)).transpose()?;
+        let state = StateConfig {
+            merge: state::merge_rules(raw.merge, &plugins, file)?,
+            local_mqtt: match raw.state.local_mqtt {
+                Some(m) => {
+                    Some(mqtt::local_state_mqtt(m, &device_id, &mqtt::Ctx { file, prefix: "state.local_mqtt".into() })?)
+                }
+                None => None,
+            },
+        };
 
         Ok(Config {
             origin: file.into(),
@@ -423,9 +447,14 @@ impl Config {
                 queue_depth: 1024,
                 cache_bytes: usize::try_from(s.cache_size.map_or(64 << 20, |b| b.as_u64())).unwrap_or(usize::MAX),
                 min_free_disk_bytes: s.min_free_disk.map_or(256 << 20, |b| b.as_u64()),
+                // A destination also takes the state updates it subscribes to
+                // (see `state`), whatever its routes say.
                 consumers: destinations
                     .iter()
-                    .map(|d| Consumer { name: d.name.clone(), routes: d.routes.clone() })
+                    .map(|d| Consumer {
+                        name: d.name.clone(),
+                        routes: d.routes.iter().chain(&d.subscribe).cloned().collect(),
+                    })
                     .collect(),
             },
             http: HttpConfig { listen, token, max_body_bytes },
@@ -433,6 +462,7 @@ impl Config {
             destinations,
             plugins,
             fleet,
+            state,
         })
     }
 }
@@ -555,5 +585,25 @@ mod tests {
         )
         .unwrap_err();
         assert_eq!(dup.key, "destination[1].name");
+    }
+
+    #[test]
+    fn subscriptions_sit_below_the_prefix_and_merge_rules_name_a_merge_plugin() {
+        let c = parse(
+            "[agent]\ndevice_id = \"gw\"\n[[destination]]\nname = \"a\"\nurl = \"mqtt://x\"\nroutes = [\"t/#\"]\n\
+             subscribe = [\"desired/#\"]\n",
+        )
+        .unwrap();
+        let d = &c.destinations[0];
+        assert!(d.subscribes("desired/fan") && !d.subscribes("t/x"));
+        assert_eq!(d.subscription_filter(&d.subscribe[0]).as_str(), "ferry/gw/desired/#");
+        assert!(c.store.consumers[0].routes("desired/fan"), "state updates are retained until delivered");
+        let e = parse("[[destination]]\nname = \"a\"\nurl = \"mqtt://x\"\nsubscribe = [\"a/#/b\"]\n").unwrap_err();
+        assert_eq!(e.key, "destination[0].subscribe");
+        let e = parse("[[merge]]\nkeys = \"desired/#\"\nplugin = \"nope\"\n").unwrap_err();
+        assert_eq!(e.key, "merge[0].plugin");
+        assert!(e.reason.contains("nope"), "{e}");
+        let e = parse("[[merge]]\nkeys = \"a/#/b\"\nplugin = \"nope\"\n").unwrap_err();
+        assert_eq!(e.key, "merge[0].keys");
     }
 }

@@ -73,12 +73,26 @@ pub struct DestinationConfig {
     pub backoff_base: Duration,
     /// Longest reconnect delay.
     pub backoff_cap: Duration,
+    /// Topic filters below `topic_prefix` whose messages this cloud sends
+    /// the device (state updates); each is subscribed as `{topic_prefix}{filter}`.
+    pub subscribe: Vec<TopicFilter>,
 }
 
 impl DestinationConfig {
     /// Whether this destination forwards events on `topic`.
     pub fn routes(&self, topic: &str) -> bool {
         self.routes.iter().any(|f| f.matches(topic))
+    }
+
+    /// Whether this destination subscribes to the key (topic below the prefix) `key`.
+    pub fn subscribes(&self, key: &str) -> bool {
+        self.subscribe.iter().any(|f| f.matches(key))
+    }
+
+    /// The full MQTT filter of one of [`DestinationConfig::subscribe`].
+    pub fn subscription_filter(&self, filter: &TopicFilter) -> TopicFilter {
+        TopicFilter::new(&format!("{}{}", self.topic_prefix, filter.as_str()))
+            .expect("validated: the prefix and the filter form a valid filter")
     }
 }
 
@@ -161,6 +175,14 @@ raw_with_endpoint! {
         inflight: Option<usize>,
         backoff_base: Option<String>,
         backoff_cap: Option<String>,
+        subscribe: Option<Vec<String>>,
+    }
+}
+
+raw_with_endpoint! {
+    /// `[state.local_mqtt]` as written.
+    RawLocalStateMqtt {
+        topic_prefix: Option<String>,
     }
 }
 
@@ -292,7 +314,14 @@ pub(super) fn destination(
     if backoff_base.is_zero() || backoff_cap < backoff_base {
         return Err(cx.err("backoff_cap", "backoff_base must be above zero and backoff_cap at least backoff_base"));
     }
-    Ok(DestinationConfig { name, endpoint, topic_prefix, routes, inflight, backoff_base, backoff_cap })
+    let mut subscribe = Vec::new();
+    for f in raw.subscribe.unwrap_or_default() {
+        let filter = TopicFilter::new(&f).map_err(|e| cx.err("subscribe", format!("`{f}` {e}")))?;
+        TopicFilter::new(&format!("{topic_prefix}{f}"))
+            .map_err(|e| cx.err("subscribe", format!("`{topic_prefix}{f}` (topic_prefix + filter) {e}")))?;
+        subscribe.push(filter);
+    }
+    Ok(DestinationConfig { name, endpoint, topic_prefix, routes, inflight, backoff_base, backoff_cap, subscribe })
 }
 
 pub(super) fn mqtt_ingest(
@@ -303,4 +332,16 @@ pub(super) fn mqtt_ingest(
     let endpoint = endpoint(raw.take_endpoint(), format!("ferry-{device_id}-ingest"), cx)?;
     let topics = filters(raw.topics.unwrap_or_default(), "topics", cx)?;
     Ok(MqttIngestConfig { endpoint, topics })
+}
+
+pub(super) fn local_state_mqtt(
+    mut raw: RawLocalStateMqtt,
+    device_id: &str,
+    cx: &Ctx<'_>,
+) -> Result<super::state::LocalStateMqtt, ConfigError> {
+    let endpoint = endpoint(raw.take_endpoint(), format!("ferry-{device_id}-state"), cx)?;
+    let topic_prefix = raw.topic_prefix.unwrap_or_else(|| "ferry/state/".into());
+    topic::validate_name(&format!("{topic_prefix}x"))
+        .map_err(|e| cx.err("topic_prefix", format!("`{topic_prefix}` would make invalid topics: {e}")))?;
+    Ok(super::state::LocalStateMqtt { endpoint, topic_prefix })
 }

@@ -30,6 +30,7 @@ use tokio::task::JoinHandle;
 
 use crate::clock::SharedClock;
 use crate::config::{DestinationConfig, Protocol};
+use crate::downlink::DestinationDownlink;
 use crate::event::Event;
 use crate::store::Store;
 use backoff::Backoff;
@@ -86,11 +87,14 @@ pub struct Forwarder {
 
 impl Forwarder {
     /// Starts forwarding to `config`'s broker until `shutdown` turns true.
+    /// On every connection it also subscribes to `downlink`'s filters and
+    /// hands what arrives to their consumers (see [`crate::downlink`]).
     pub fn spawn(
         config: DestinationConfig,
         tls: Option<Arc<rustls::ClientConfig>>,
         store: Store,
         clock: SharedClock,
+        downlink: DestinationDownlink,
         shutdown: watch::Receiver<bool>,
     ) -> Self {
         let status = Arc::new(Mutex::new(DestinationStatus {
@@ -102,7 +106,7 @@ impl Forwarder {
             },
             ..DestinationStatus::default()
         }));
-        let task = Task { config, tls, store, clock, shutdown, status: status.clone() };
+        let task = Task { config, tls, store, clock, downlink, shutdown, status: status.clone() };
         Self { status, task: tokio::spawn(task.run()) }
     }
 
@@ -133,8 +137,15 @@ struct Task {
     tls: Option<Arc<rustls::ClientConfig>>,
     store: Store,
     clock: SharedClock,
+    downlink: DestinationDownlink,
     shutdown: watch::Receiver<bool>,
     status: Arc<Mutex<DestinationStatus>>,
+}
+
+/// A received message whose consumers have not all acked yet.
+struct Unacked {
+    message: Box<link::Incoming>,
+    handled: futures::future::JoinAll<tokio::sync::oneshot::Receiver<()>>,
 }
 
 /// Per-connection progress, kept across sessions for rate and persistence.
@@ -176,8 +187,11 @@ impl Task {
         let opts = LinkOptions {
             inflight: u16::try_from(self.config.inflight).unwrap_or(u16::MAX),
             queue: self.config.inflight + 16,
-            clean_session: true,
-            manual_acks: false,
+            // With subscriptions, the broker keeps our session (and the QoS 1
+            // messages sent while we were away) and waits for acks that come
+            // only once consumers have handled each message.
+            clean_session: self.downlink.is_empty(),
+            manual_acks: !self.downlink.is_empty(),
         };
         loop {
             if *self.shutdown.borrow() {
@@ -254,6 +268,13 @@ impl Task {
         backoff.reset();
         self.update(|s| s.connected = true);
         tracing::info!(destination = %self.config.name, url = %self.config.endpoint.url(), resume_after = p.window.acked_through(), "connected");
+        // Every connection subscribes again: a broker may have lost the session.
+        for filter in self.downlink.subscriptions() {
+            if let Err(e) = link.subscribe(filter.as_str()) {
+                return End::Failed(e);
+            }
+        }
+        let mut unacked: VecDeque<Unacked> = VecDeque::new();
 
         let mut committed = self.store.committed();
         let mut buffer: VecDeque<Event> = VecDeque::new();
@@ -282,6 +303,19 @@ impl Task {
                                     p.delivered += 1;
                                 }
                             }
+                            Ok(LinkEvent::Message(m)) => {
+                                let handled = self
+                                    .downlink
+                                    .dispatch(
+                                        m.topic.clone(),
+                                        m.payload.clone(),
+                                        m.user_properties.clone(),
+                                        m.content_type.clone(),
+                                        m.retain,
+                                    )
+                                    .await;
+                                unacked.push_back(Unacked { message: m, handled: futures::future::join_all(handled) });
+                            }
                             Ok(_) => {}
                             Err(e) => return End::Failed(e),
                         }
@@ -292,6 +326,19 @@ impl Task {
                     }
                 }
                 _ = committed.changed(), if caught_up && window_open => {}
+                handled = async { (&mut unacked.front_mut().expect("guarded").handled).await }, if !unacked.is_empty() => {
+                    let front = unacked.pop_front().expect("guarded");
+                    if handled.iter().any(Result::is_err) {
+                        // Unhandled: drop the link so the broker delivers it again.
+                        return End::Failed(LinkError::Connection(format!(
+                            "a downlink consumer did not handle the message on {}", front.message.topic
+                        )));
+                    }
+                    // PUBACKs leave in arrival order, each once its consumers are done.
+                    if let Err(e) = link.ack(&front.message) {
+                        return End::Failed(e);
+                    }
+                }
                 done = async { p.persisting.as_mut().expect("guarded").await }, if p.persisting.is_some() => {
                     p.persisting = None;
                     if let Ok(Some(seq)) = done {
@@ -344,7 +391,9 @@ impl Task {
             if event.sequence > p.window.next() {
                 p.window.skip_to(event.sequence - 1);
             }
-            if !self.config.routes(&event.body.subject) || !event.body.routed_to(&self.config.name) {
+            // State updates name their destination themselves (ferryroute).
+            let state = event.body.is_state();
+            if !(state || self.config.routes(&event.body.subject)) || !event.body.routed_to(&self.config.name) {
                 p.window.settled(event.sequence);
                 continue;
             }
@@ -380,7 +429,8 @@ impl Task {
             }
             p.bytes_sent += payload.len() as u64;
             p.published += 1;
-            link.publish(topic, payload, content_type, props, false)?;
+            // State is published retained: the broker then holds the merged value.
+            link.publish(topic, payload, content_type, props, state)?;
             p.window.sent(sequence, at_ms);
         }
         Ok(())

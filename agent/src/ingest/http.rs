@@ -1,7 +1,8 @@
 //! The HTTP API: event ingest, status and health.
 //!
 //! Routes: `POST /v1/events`, `GET /v1/status` (store and destinations),
-//! `GET /healthz`. Every route
+//! `GET /healthz`, plus routes other services hand in (the state API,
+//! [`crate::state::http`]). Every route
 //! but `/healthz` requires the bearer token when one is configured. Bodies
 //! are decoded by [`super::parse`]; large ones off the async threads.
 
@@ -54,6 +55,7 @@ pub async fn serve(
     ingest: Ingest,
     device_id: String,
     destinations: Vec<Arc<std::sync::Mutex<DestinationStatus>>>,
+    extra: Option<Router>,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
     let api = Api {
@@ -67,7 +69,12 @@ pub async fn serve(
         .route("/v1/events", post(post_events))
         .route("/v1/status", get(get_status))
         .route_layer(middleware::from_fn_with_state(api.clone(), require_token));
-    let app = Router::new().route("/healthz", get(|| async { "ok\n" })).merge(protected).with_state(api);
+    // Routes other services own (the state API), behind the same token.
+    let extra = extra.map(|r| r.route_layer(middleware::from_fn_with_state(api.clone(), require_token)));
+    let mut app = Router::new().route("/healthz", get(|| async { "ok\n" })).merge(protected).with_state(api);
+    if let Some(extra) = extra {
+        app = app.merge(extra);
+    }
     axum::serve(listener, app).with_graceful_shutdown(shutdown).await
 }
 

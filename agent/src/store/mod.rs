@@ -522,6 +522,13 @@ impl Store {
         }
     }
 
+    /// The database, for services that keep their own tables in the same
+    /// file (the state table). They write in their own transactions, which
+    /// redb serialises with the writer's group commits.
+    pub fn database(&self) -> Arc<Database> {
+        self.inner.db.clone()
+    }
+
     /// Path of the database file.
     pub fn path(&self) -> &Path {
         &self.inner.config.path
