@@ -19,7 +19,7 @@ use ferry::config::plugin::World;
 use ferry::fleet::bundle::{self, Chunk, Manifest};
 use ferry::fleet::report::{Report, State};
 use ferry::fleet::topics;
-use ferry_harness::{Collector, Mosquitto, MosquittoOptions, Protocol};
+use ferry_harness::{Collector, FaultProxy, Mosquitto, MosquittoOptions, Protocol};
 use ferry_tests::{FerryProcess, ferry_bin, write_config_with};
 use serde_json::json;
 
@@ -43,9 +43,22 @@ fn key(n: u8) -> SigningKey {
 /// A device config: one destination on `broker`, the threshold filter as
 /// plugin `f`, and `[fleet]` trusting `trusted` plus `fleet_extra`.
 fn config(dir: &Path, broker: &str, trusted: &VerifyingKey, fleet_extra: &str) -> PathBuf {
+    config_with(dir, &[("cloud", broker)], trusted, fleet_extra)
+}
+
+/// Like [`config`], with one destination per (name, broker URL).
+fn config_with(dir: &Path, brokers: &[(&str, &str)], trusted: &VerifyingKey, fleet_extra: &str) -> PathBuf {
+    let destinations: String = brokers
+        .iter()
+        .map(|(name, url)| {
+            format!(
+                "[[destination]]\nname = \"{name}\"\nurl = \"{url}\"\nkeep_alive = \"5s\"\n\
+                 backoff_base = \"100ms\"\nbackoff_cap = \"500ms\"\n\n"
+            )
+        })
+        .collect();
     let tail = format!(
-        "[[destination]]\nname = \"cloud\"\nurl = \"{broker}\"\nbackoff_base = \"100ms\"\nbackoff_cap = \"500ms\"\n\n\
-         [[plugin]]\nname = \"f\"\npath = {:?}\nworld = \"filter\"\nstage = \"ingest\"\n\
+        "{destinations}[[plugin]]\nname = \"f\"\npath = {:?}\nworld = \"filter\"\nstage = \"ingest\"\n\
          config = {{ field = \"temp\", min = \"20\" }}\n\n\
          [fleet]\ntrusted_keys = [\"{}\"]\n{fleet_extra}\n",
         built("threshold-filter").display().to_string(),
@@ -381,4 +394,47 @@ async fn a_download_cut_by_sigkill_resumes_from_disk_and_completes() {
     publish(&url, chunk_messages(&m, &chunks[half..], false)).await;
     wait_report(&status, "on probation at v1", |r| r.state == State::Probation && r.version == 1).await;
     assert!(cold_reading_passes(&agent, &events, 0).await);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_download_survives_a_cut_link_and_takes_chunks_from_either_cloud() {
+    let (a, b) = (broker().await, broker().await);
+    let proxy = FaultProxy::start(a.addr()).await.unwrap();
+    let tmp = tempfile::tempdir().unwrap();
+    let cfg = config_with(
+        tmp.path(),
+        &[("cloud-a", &proxy.url()), ("cloud-b", &b.url())],
+        &key(1).verifying_key(),
+        "probation = \"1s\"\n",
+    );
+    let agent = FerryProcess::start(ferry_bin!(), &cfg).unwrap();
+    // Reports reach every fleet destination; cloud B's stay visible while A is cut.
+    let status = status_collector(&b.url()).await;
+    let events = Collector::start(&b.url(), &format!("ferry/{DEVICE}/#"), Protocol::V5).await.unwrap();
+    wait_report(&status, "running v0", |r| r.state == State::Running).await;
+
+    let hostile = std::fs::read(built("testdata/hostile-filter")).unwrap();
+    let m = Manifest::sign("f", 1, World::Filter, &hostile, 4 * 1024, &key(1)).unwrap();
+    let chunks = Chunk::split(&m, &hostile);
+    let (first, second) = (chunks.len() / 3, 2 * chunks.len() / 3);
+    // The same push on both clouds.
+    publish(&a.url(), vec![manifest_message(&m)]).await;
+    publish(&b.url(), vec![manifest_message(&m)]).await;
+    wait_report(&status, "downloading", |r| r.state == State::Downloading && r.received == Some(0)).await;
+    tokio::time::sleep(Duration::from_millis(300)).await; // both links subscribed to the chunks
+    publish(&a.url(), chunk_messages(&m, &chunks[..first], false)).await;
+    wait_report(&status, "a third from A", |r| r.received == Some(first as u32)).await;
+
+    // A's link is cut; what A publishes meanwhile waits there, retained.
+    proxy.handle().cut();
+    publish(&a.url(), chunk_messages(&m, &chunks[first..second], true)).await;
+    publish(&b.url(), chunk_messages(&m, &chunks[second..], false)).await;
+    let from_b = (chunks.len() - second + first) as u32;
+    wait_report(&status, "the last third from B", |r| r.received == Some(from_b)).await;
+    proxy.handle().restore();
+    wait_report(&status, "on probation at v1", |r| r.state == State::Probation && r.version == 1).await;
+    assert!(cold_reading_passes(&agent, &events, 0).await);
+    let (_, log) = agent.terminate();
+    let activations = log.iter().filter(|l| l.contains("fleet update activated")).count();
+    assert_eq!(activations, 1, "the same version from two clouds installs once:\n{}", log.join("\n"));
 }

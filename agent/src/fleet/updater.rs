@@ -40,6 +40,9 @@ const PROBATION_TICK: Duration = Duration::from_millis(200);
 /// Messages that may wait for the updater before links feel backpressure.
 const INBOUND_QUEUE: usize = 64;
 
+/// Most plugin names this device does not have that it reports on.
+const MAX_UNKNOWN_REPORTS: usize = 16;
+
 /// Reports a slow link may fall behind by before it republishes the latest ones instead.
 const REPORT_QUEUE: usize = 256;
 
@@ -334,7 +337,14 @@ impl Updater {
         if !self.slots.contains_key(name) {
             // Still reported, so the fleet manager sees why nothing happens.
             let reason = format!("this device has no [[plugin]] named `{name}`");
-            if self.outbound.borrow().reports.contains_key(&topics::status(&self.root, &self.env.device, name)) {
+            // Once per name, and for a bounded number of names: whoever can
+            // publish on the broker must not grow this device's memory.
+            let topic = topics::status(&self.root, &self.env.device, name);
+            let full_or_known = {
+                let reports = &self.outbound.borrow().reports;
+                reports.len() >= self.slots.len() + MAX_UNKNOWN_REPORTS || reports.contains_key(&topic)
+            };
+            if full_or_known {
                 return;
             }
             let report = Report { reason: Some(reason), ..self.report(name, State::Rejected) };

@@ -194,6 +194,8 @@ impl PluginHandle {
                         Job::Swap(next, reply) => {
                             // Between two calls: no batch ever sees two versions.
                             let previous = std::mem::replace(&mut plugin, *next);
+                            // Samples hold the old version's answers; a later shadow run compares with the new one.
+                            *samples.lock().expect("recent samples lock") = Recent::default();
                             let _ = reply.send(Box::new(previous));
                         }
                     }
