@@ -255,7 +255,11 @@ fn endpoint(args: &BrokerArgs, client_id: &str) -> anyhow::Result<MqttEndpoint> 
     let mut doc = toml::Table::new();
     doc.insert("destination".into(), toml::Value::Array(vec![toml::Value::Table(d)]));
     let config = Config::parse(&toml::to_string(&doc)?, "command line").map_err(|e| {
-        anyhow::anyhow!("{}", e.reason).context(format!("--{}", e.key.rsplit('.').next().unwrap_or("broker")))
+        let flag = match e.key.rsplit('.').next().unwrap_or("url") {
+            "url" => "broker".to_owned(),
+            other => other.replace('_', "-"),
+        };
+        anyhow::anyhow!("--{flag}: {}", e.reason)
     })?;
     Ok(config.destinations.into_iter().next().expect("one destination").endpoint)
 }

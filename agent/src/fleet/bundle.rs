@@ -12,8 +12,9 @@
 //! JSON and the component as self-describing [`Chunk`]s, each well under the
 //! 128 KiB payload limit of the strictest brokers (AWS IoT Core).
 //!
-//! Key files are one line of base64: the 32-byte ed25519 seed (secret) or
-//! the 32-byte public key.
+//! Key files are one line: `ferry-fleet-secret-key:` and the base64 32-byte
+//! ed25519 seed (secret), or the base64 32-byte public key (what
+//! `[fleet] trusted_keys` lists).
 
 use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD as B64;
@@ -118,9 +119,13 @@ pub fn generate_key() -> SigningKey {
     SigningKey::from_bytes(&seed)
 }
 
+/// Marks a secret key file, so a public key given by mistake is refused
+/// instead of silently signing with a key nobody trusts.
+const SECRET_PREFIX: &str = "ferry-fleet-secret-key:";
+
 /// The secret key file text.
 pub fn encode_secret(key: &SigningKey) -> String {
-    format!("{}\n", B64.encode(key.to_bytes()))
+    format!("{SECRET_PREFIX}{}\n", B64.encode(key.to_bytes()))
 }
 
 /// The public key file text (also what `[fleet] trusted_keys` lists).
@@ -139,7 +144,11 @@ fn decode_32(text: &str, what: &'static str) -> Result<[u8; 32], BundleError> {
 
 /// Parses a secret key file.
 pub fn decode_secret(text: &str) -> Result<SigningKey, BundleError> {
-    Ok(SigningKey::from_bytes(&decode_32(text, "secret key")?))
+    let encoded = text.trim().strip_prefix(SECRET_PREFIX).ok_or_else(|| BundleError::Malformed {
+        what: "secret key",
+        reason: "not a secret key file from `ferry fleet keygen` (the .key file, not the .pub one)".into(),
+    })?;
+    Ok(SigningKey::from_bytes(&decode_32(encoded, "secret key")?))
 }
 
 /// Parses a public key (base64 of 32 bytes).
@@ -573,6 +582,8 @@ mod tests {
         assert_eq!(decode_secret(&encode_secret(&k)).unwrap().to_bytes(), k.to_bytes());
         assert_eq!(decode_public(&encode_public(&k.verifying_key())).unwrap(), k.verifying_key());
         assert!(decode_public("AAAA").is_err());
+        let public_as_secret = decode_secret(&encode_public(&k.verifying_key())).unwrap_err().to_string();
+        assert!(public_as_secret.contains(".pub"), "{public_as_secret}");
     }
 
     #[test]
