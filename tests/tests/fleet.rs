@@ -438,3 +438,26 @@ async fn a_download_survives_a_cut_link_and_takes_chunks_from_either_cloud() {
     let activations = log.iter().filter(|l| l.contains("fleet update activated")).count();
     assert_eq!(activations, 1, "the same version from two clouds installs once:\n{}", log.join("\n"));
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_device_offline_during_two_pushes_installs_the_latest_when_it_returns() {
+    let mosquitto = broker().await;
+    let url = mosquitto.url();
+    let hostile = std::fs::read(built("testdata/hostile-filter")).unwrap();
+    // Two pushes while the device is away: v2 replaces v1's retained manifest.
+    for version in [1, 2] {
+        let m = Manifest::sign("f", version, World::Filter, &hostile, 32 * 1024, &key(1)).unwrap();
+        let mut messages = chunk_messages(&m, &Chunk::split(&m, &hostile), true);
+        messages.push(manifest_message(&m));
+        publish(&url, messages).await;
+    }
+    let status = status_collector(&url).await;
+    let tmp = tempfile::tempdir().unwrap();
+    let agent =
+        FerryProcess::start(ferry_bin!(), &config(tmp.path(), &url, &key(1).verifying_key(), "probation = \"1s\"\n"))
+            .unwrap();
+    wait_report(&status, "running v2", |r| r.state == State::Running && r.version == 2).await;
+    assert!(reports(&status).iter().all(|r| r.candidate != Some(1)), "v1 was never fetched");
+    let (_, log) = agent.terminate();
+    assert_eq!(log.iter().filter(|l| l.contains("fleet update activated")).count(), 1, "{}", log.join("\n"));
+}
