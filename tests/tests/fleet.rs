@@ -461,3 +461,37 @@ async fn a_device_offline_during_two_pushes_installs_the_latest_when_it_returns(
     let (_, log) = agent.terminate();
     assert_eq!(log.iter().filter(|l| l.contains("fleet update activated")).count(), 1, "{}", log.join("\n"));
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_merge_plugin_that_breaks_the_convergence_laws_is_refused() {
+    let mosquitto = broker().await;
+    let url = mosquitto.url();
+    let tmp = tempfile::tempdir().unwrap();
+    let cfg = config(tmp.path(), &url, &key(1).verifying_key(), "probation = \"1s\"\n");
+    let merge_slot = format!(
+        "\n[[plugin]]\nname = \"m\"\npath = {:?}\nworld = \"merge\"\n",
+        built("lww-merge").display().to_string()
+    );
+    std::fs::write(&cfg, std::fs::read_to_string(&cfg).unwrap() + &merge_slot).unwrap();
+    let _agent = FerryProcess::start(ferry_bin!(), &cfg).unwrap();
+    let status = Collector::start(&url, &topics::status(ROOT, DEVICE, "m"), Protocol::V5).await.unwrap();
+    wait_report(&status, "running v0", |r| r.state == State::Running).await;
+
+    // "Incoming wins" is not commutative: replicas would diverge.
+    let diverge = std::fs::read(built("testdata/diverge-merge")).unwrap();
+    let m = Manifest::sign("m", 1, World::Merge, &diverge, 64 * 1024, &key(1)).unwrap();
+    let mut messages = chunk_messages(&m, &Chunk::split(&m, &diverge), true);
+    messages.push(manifest_message(&m));
+    publish(&url, messages).await;
+    let r = wait_report(&status, "refusing the divergent merge", |r| r.state == State::Rejected).await;
+    assert_eq!((r.version, r.candidate), (0, Some(1)));
+    assert!(r.reason.as_deref().unwrap_or("").contains("commutative"), "{r:?}");
+
+    // A lawful merge plugin for the same slot installs.
+    let crdt = std::fs::read(built("crdt-merge")).unwrap();
+    let m = Manifest::sign("m", 2, World::Merge, &crdt, 64 * 1024, &key(1)).unwrap();
+    let mut messages = chunk_messages(&m, &Chunk::split(&m, &crdt), true);
+    messages.push(manifest_message(&m));
+    publish(&url, messages).await;
+    wait_report(&status, "running v2", |r| r.state == State::Running && r.version == 2).await;
+}
