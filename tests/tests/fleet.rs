@@ -495,3 +495,35 @@ async fn a_merge_plugin_that_breaks_the_convergence_laws_is_refused() {
     publish(&url, messages).await;
     wait_report(&status, "running v2", |r| r.state == State::Running && r.version == 2).await;
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_damaged_installed_version_is_not_run_and_is_fetched_again() {
+    let mosquitto = broker().await;
+    let url = mosquitto.url();
+    let tmp = tempfile::tempdir().unwrap();
+    let cfg = config(tmp.path(), &url, &key(1).verifying_key(), "probation = \"1s\"\n");
+    let agent = FerryProcess::start(ferry_bin!(), &cfg).unwrap();
+    let status = status_collector(&url).await;
+    let events = Collector::start(&url, &format!("ferry/{DEVICE}/#"), Protocol::V5).await.unwrap();
+    let hostile = std::fs::read(built("testdata/hostile-filter")).unwrap();
+    let m = Manifest::sign("f", 1, World::Filter, &hostile, 64 * 1024, &key(1)).unwrap();
+    let mut messages = chunk_messages(&m, &Chunk::split(&m, &hostile), true);
+    messages.push(manifest_message(&m));
+    publish(&url, messages).await;
+    wait_report(&status, "running v1", |r| r.state == State::Running && r.version == 1).await;
+    agent.terminate();
+
+    // The disk flips a byte in the installed component while the agent is down.
+    let installed = tmp.path().join("data/fleet/f/v1.wasm");
+    let mut bytes = std::fs::read(&installed).unwrap();
+    bytes[1000] ^= 0xff;
+    std::fs::write(&installed, bytes).unwrap();
+    publish(&url, vec![(topics::status(ROOT, DEVICE, "f"), Vec::new(), true)]).await;
+    let status = status_collector(&url).await;
+    let agent = FerryProcess::start(ferry_bin!(), &cfg).unwrap();
+    let r = wait_report(&status, "a report after the restart", |_| true).await;
+    assert_eq!(r.version, 0, "the configured version runs and is reported: {r:?}");
+    // The bundle is still retained: the device heals itself from it.
+    wait_report(&status, "running v1 again", |r| r.state == State::Running && r.version == 1).await;
+    assert!(cold_reading_passes(&agent, &events, 0).await);
+}

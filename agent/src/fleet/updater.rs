@@ -166,6 +166,22 @@ impl Updater {
                 Err(_) => return,
             };
             let name = plugin.spec.name.clone();
+            let mut state = state;
+            let data_dir = self.env.data_dir.clone();
+            let n = name.clone();
+            let intact = tokio::task::spawn_blocking(move || super::installed_component(&data_dir, &n).is_some())
+                .await
+                .unwrap_or(false);
+            let reset = state.active.is_some() && !intact;
+            if reset {
+                // The start-up fell back to the configured component (see
+                // `installed_component`): say so instead of claiming the version.
+                tracing::error!(plugin = %name, "the installed fleet version is missing or damaged; running the configured one");
+                state.active = None;
+                state.previous = None;
+                state.probation_until_ms = None;
+                state.last = None;
+            }
             let mut slot = Slot { plugin, dir, state, received: BTreeSet::new() };
             if let Some(target) = slot.state.target.clone() {
                 let d = slot.dir.clone();
@@ -182,6 +198,9 @@ impl Updater {
                 );
             }
             self.slots.insert(name.clone(), slot);
+            if reset {
+                self.save(&name).await;
+            }
             self.sync_subscriptions();
             let report = match self.slots[&name].state.target.clone() {
                 Some(t) => self.progress(&name, &t),
