@@ -527,3 +527,39 @@ async fn a_damaged_installed_version_is_not_run_and_is_fetched_again() {
     wait_report(&status, "running v1 again", |r| r.state == State::Running && r.version == 1).await;
     assert!(cold_reading_passes(&agent, &events, 0).await);
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_push_clears_the_chunks_of_versions_no_manifest_names_any_more() {
+    let mosquitto = broker().await;
+    let url = mosquitto.url();
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    ferry(&["fleet", "keygen", "--out", "ops"], dir);
+    let hostile = built("testdata/hostile-filter");
+    for v in ["1", "2", "3"] {
+        // Small chunks: the collector's client takes packets up to 10 KiB.
+        let args = ["fleet", "sign", hostile.to_str().unwrap(), "--name", "f", "--version", v, "--key", "ops.key"];
+        ferry(&[&args[..], &["--chunk-size", "4 KiB"]].concat(), dir);
+    }
+    let versions_retained = || async {
+        let c = Collector::start(&url, &format!("{ROOT}/plugin/f/+/+"), Protocol::V5).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let mut v: Vec<String> = c
+            .messages()
+            .iter()
+            .filter_map(|m| m.topic.split('/').nth(4).map(str::to_owned))
+            .filter(|level| level != "manifest")
+            .collect();
+        v.sort();
+        v.dedup();
+        v
+    };
+    ferry(&["fleet", "push", "f-v1.bundle", "--broker", &url, "--devices", "gw-*"], dir);
+    // v2 for one device: the `gw-*` manifest still names v1, so v1 stays.
+    ferry(&["fleet", "push", "f-v2.bundle", "--broker", &url, "--devices", "gw-1"], dir);
+    assert_eq!(versions_retained().await, ["v1", "v2"]);
+    // v3 for everyone replaces the `gw-*` manifest: v1 is named by no manifest any more.
+    let out = ferry(&["fleet", "push", "f-v3.bundle", "--broker", &url, "--devices", "gw-*"], dir);
+    assert!(out.contains("cleared the 16 retained chunks of v1"), "{out}");
+    assert_eq!(versions_retained().await, ["v2", "v3"]);
+}

@@ -6,7 +6,7 @@
 //! reports devices publish. Formats and topics are those of
 //! [`crate::fleet`].
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::io::Write as _;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -325,6 +325,7 @@ async fn push(args: &PushArgs) -> anyhow::Result<()> {
     // The manifest goes last: a device that sees it finds every chunk retained.
     messages.push((topics::manifest(root, &m.name, &args.devices), serde_json::to_vec(m)?));
     let mut link = connect(&args.broker, "push").await?;
+    let before = retained_manifests(&mut link, root, &m.name).await?;
     let n = messages.len();
     publish_all(&mut link, messages, 16).await?;
     println!(
@@ -335,8 +336,49 @@ async fn push(args: &PushArgs) -> anyhow::Result<()> {
         args.broker.broker,
         n - 1
     );
+    // Older versions no manifest points to any more only cost broker storage
+    // and device bandwidth: clear their retained chunks.
+    let mut after = before.clone();
+    after.insert(args.devices.clone(), m.clone());
+    let live: BTreeSet<u64> = after.values().map(|x| x.version).collect();
+    let stale: BTreeMap<u64, u32> = before
+        .values()
+        .filter(|x| x.version < m.version && !live.contains(&x.version))
+        .map(|x| (x.version, x.total()))
+        .collect();
+    for (version, total) in stale {
+        let clear = (0..total).map(|i| (topics::chunk(root, &m.name, version, i), Vec::new())).collect();
+        publish_all(&mut link, clear, 16).await?;
+        println!("cleared the {total} retained chunks of v{version}, which no manifest names any more");
+    }
     println!("watch it with: ferry fleet status --broker {}", args.broker.broker);
     Ok(())
+}
+
+/// The manifests of plugin `name` retained on the broker, by device pattern.
+async fn retained_manifests(link: &mut Link, root: &str, name: &str) -> anyhow::Result<BTreeMap<String, Manifest>> {
+    let prefix = format!("{root}/plugin/{name}/manifest/");
+    link.subscribe(&format!("{prefix}+"))?;
+    let mut found = BTreeMap::new();
+    // Retained messages follow the SUBACK at once; a short quiet spell ends them.
+    let mut subscribed = false;
+    loop {
+        let quiet = if subscribed { Duration::from_millis(500) } else { Duration::from_secs(15) };
+        match tokio::time::timeout(quiet, link.poll()).await {
+            Err(_) if subscribed => return Ok(found),
+            Err(_) => bail!("no SUBACK within 15s"),
+            Ok(Err(e)) => bail!("the broker connection failed: {e}"),
+            Ok(Ok(LinkEvent::Subscribed)) => subscribed = true,
+            Ok(Ok(LinkEvent::Message(msg))) => {
+                if let (Some(devices), Ok(manifest)) =
+                    (msg.topic.strip_prefix(&prefix), Manifest::from_json(&msg.payload))
+                {
+                    found.insert(devices.to_owned(), manifest);
+                }
+            }
+            Ok(Ok(_)) => {}
+        }
+    }
 }
 
 async fn status(args: &StatusArgs) -> anyhow::Result<()> {
