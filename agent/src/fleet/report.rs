@@ -86,10 +86,9 @@ pub struct Report {
     pub shadow: Option<Shadow>,
 }
 
-/// RFC 3339 text of a wall-clock time in ms.
+/// RFC 3339 text of a wall-clock time in ms, to the second.
 pub fn rfc3339(ms: u64) -> String {
-    let nanos = i128::from(ms) * 1_000_000;
-    time::OffsetDateTime::from_unix_timestamp_nanos(nanos)
+    time::OffsetDateTime::from_unix_timestamp(i64::try_from(ms / 1000).unwrap_or(i64::MAX))
         .ok()
         .and_then(|t| t.format(&time::format_description::well_known::Rfc3339).ok())
         .unwrap_or_else(|| ms.to_string())
@@ -119,5 +118,6 @@ mod tests {
         assert!(!text.contains("received"), "{text}");
         assert_eq!(serde_json::from_str::<Report>(&text).unwrap(), r);
         assert_eq!(rfc3339(0), "1970-01-01T00:00:00Z");
+        assert_eq!(rfc3339(1_500), "1970-01-01T00:00:01Z");
     }
 }
