@@ -420,8 +420,12 @@ async fn a_download_survives_a_cut_link_and_takes_chunks_from_either_cloud() {
     // The same push on both clouds.
     publish(&a.url(), vec![manifest_message(&m)]).await;
     publish(&b.url(), vec![manifest_message(&m)]).await;
-    wait_report(&status, "downloading", |r| r.state == State::Downloading && r.received == Some(0)).await;
-    tokio::time::sleep(Duration::from_millis(300)).await; // both links subscribed to the chunks
+    // A link subscribes before it publishes a report, so once each broker
+    // has the report, each link takes the chunks.
+    let status_a = status_collector(&a.url()).await;
+    for s in [&status, &status_a] {
+        wait_report(s, "downloading", |r| r.state == State::Downloading && r.received == Some(0)).await;
+    }
     publish(&a.url(), chunk_messages(&m, &chunks[..first], false)).await;
     wait_report(&status, "a third from A", |r| r.received == Some(first as u32)).await;
 
