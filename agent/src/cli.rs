@@ -19,6 +19,7 @@ use crate::config::{Config, ConfigError};
 use tracing_subscriber::EnvFilter;
 
 pub mod dlq;
+pub mod fleet;
 pub mod plugin;
 pub mod store;
 
@@ -56,6 +57,9 @@ pub enum Command {
     /// fleet, one cloud going offline and coming back, verified end to end.
     #[cfg(feature = "demo")]
     Demo(crate::demo::DemoArgs),
+    /// Sign and push plugin updates to devices, and watch their status.
+    #[command(subcommand)]
+    Fleet(fleet::FleetCommand),
 }
 
 /// Log output format.
@@ -414,6 +418,10 @@ pub fn main() -> ExitCode {
             // The demo's brokers log every cut connection; the progress lines tell the story.
             init_logging_with(LogFormat::Human, "error,rumqttd=off");
             crate::demo::run(args)
+        }
+        Command::Fleet(cmd) => {
+            init_logging(LogFormat::Human);
+            fleet::run(cmd)
         }
     };
     match result {

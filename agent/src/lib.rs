@@ -16,6 +16,8 @@
 //! - [`ingest`] — producer input: body decoding ([`ingest::parse`]), defaults
 //!   and limits, the HTTP API ([`ingest::http`]) and its operator routes
 //!   (`/metrics`, dead letters: [`ingest::admin`]).
+//! - [`fleet`] — signed plugin updates from a fleet manager: download,
+//!   verify, check, shadow, activate, roll back.
 //! - [`state`] — multi-cloud state sync: versions, merge, the state table,
 //!   reconciliation of the clouds, the `/v1/state` API.
 //! - [`downlink`] — cloud-to-device messages: the forwarders' subscriptions,
@@ -39,6 +41,7 @@ pub mod config;
 pub mod demo;
 pub mod downlink;
 pub mod event;
+pub mod fleet;
 pub mod forward;
 pub mod histogram;
 pub mod ingest;

@@ -21,12 +21,13 @@ use crate::clock::SharedClock;
 use crate::config::Config;
 use crate::config::plugin::Stage;
 use crate::downlink::DownlinkRouter;
+use crate::fleet::FleetPlugin;
 use crate::forward::{Forwarder, Stage as ForwardStage, link};
 use crate::ingest::admin::Admin;
 use crate::ingest::mqtt::MqttIngest;
 use crate::ingest::{Ingest, http};
 use crate::metrics::{DestinationSource, Sources};
-use crate::plugin::{Plugin, PluginError, PluginHandle, World};
+use crate::plugin::{Plugin, PluginConfig, PluginError, PluginHandle, World};
 use crate::state::{StateError, StateHandle, StateService, StateServiceConfig};
 use crate::store::{Store, StoreError};
 
@@ -89,6 +90,7 @@ pub struct Agent {
     stop_forwarders: watch::Sender<bool>,
     forwarders: Vec<Forwarder>,
     mqtt_ingest: Option<JoinHandle<()>>,
+    fleet: Vec<JoinHandle<()>>,
     state: StateService,
     local_state: Option<JoinHandle<()>>,
 }
@@ -127,6 +129,23 @@ impl Agent {
         let (listener, http_addr) =
             http::bind(&config.http).await.map_err(|source| RunError::Bind { addr: config.http.listen, source })?;
         let (stop_forwarders, stop_rx) = watch::channel(false);
+        let fleet = match &config.fleet {
+            Some(f) => crate::fleet::spawn(
+                f.clone(),
+                config.agent.device_id.clone(),
+                config.agent.data_dir.clone(),
+                config.destinations.iter().cloned().zip(tls.iter().cloned()).collect(),
+                config
+                    .plugins
+                    .iter()
+                    .zip(&plugins)
+                    .map(|(spec, handle)| FleetPlugin { spec: spec.clone(), handle: handle.clone() })
+                    .collect(),
+                clock.clone(),
+                stop_rx.clone(),
+            ),
+            None => Vec::new(),
+        };
         // Consumers of cloud-to-device messages register here before the
         // forwarders start, so every connection subscribes to their filters.
         let mut downlink = DownlinkRouter::new();
@@ -250,6 +269,7 @@ impl Agent {
             mqtt_ingest,
             state,
             local_state,
+            fleet,
         })
     }
 
@@ -291,6 +311,9 @@ impl Agent {
         for f in self.forwarders {
             f.join().await;
         }
+        for f in self.fleet {
+            let _ = f.await;
+        }
         // After the forwarders: none of them waits on its queue any more.
         self.state.join().await;
         if let Some(l) = self.local_state {
@@ -310,8 +333,26 @@ async fn load_plugins(config: &Config) -> Result<Vec<PluginHandle>, RunError> {
     for spec in &config.plugins {
         let (spec, dir) = (spec.clone(), cache_dir.clone());
         let name = spec.name.clone();
+        let data_dir = config.fleet.is_some().then(|| config.agent.data_dir.clone());
         let loaded = tokio::task::spawn_blocking(move || {
-            let (mut plugin, report) = Plugin::load(&spec, Some(&dir))?;
+            // A version installed by a fleet update replaces the configured file.
+            let installed = data_dir.and_then(|d| crate::fleet::installed_component(&d, &spec.name));
+            let (mut plugin, report) = match installed {
+                Some((version, path)) => {
+                    let fleet_spec = PluginConfig { path, ..spec.clone() };
+                    match Plugin::load(&fleet_spec, Some(&dir)) {
+                        Ok(loaded) => {
+                            tracing::info!(plugin = %spec.name, version, "running the fleet-installed version");
+                            loaded
+                        }
+                        Err(e) => {
+                            tracing::error!(plugin = %spec.name, version, error = %e, "fleet-installed version does not load; using the configured one");
+                            Plugin::load(&spec, Some(&dir))?
+                        }
+                    }
+                }
+                None => Plugin::load(&spec, Some(&dir))?,
+            };
             // A plugin that fails to start is not fatal: calls rebuild it and
             // its error policy applies, as for any later failure.
             if let Err(e) = plugin.warm_up() {

@@ -16,7 +16,9 @@ use serde::Deserialize;
 
 use crate::topic::{TopicError, TopicFilter};
 
+pub mod fleet;
 pub mod plugin;
+pub use fleet::FleetConfig;
 pub use plugin::PluginConfig;
 
 /// The embedded default configuration, which documents every key.
@@ -54,6 +56,7 @@ pub struct RawConfig {
     destination: Vec<mqtt::RawDestination>,
     #[serde(default)]
     plugin: Vec<plugin::RawPlugin>,
+    fleet: Option<fleet::RawFleet>,
     #[serde(default)]
     merge: Vec<state::RawMerge>,
     #[serde(default)]
@@ -140,6 +143,8 @@ pub struct Config {
     pub destinations: Vec<DestinationConfig>,
     /// `[[plugin]]`, in file order (which is also the order filters of one stage run in).
     pub plugins: Vec<PluginConfig>,
+    /// `[fleet]`: signed plugin updates, if configured.
+    pub fleet: Option<FleetConfig>,
     /// Merged state: `[[merge]]` rules and `[state]`.
     pub state: StateConfig,
 }
@@ -415,6 +420,7 @@ impl Config {
         let base = Path::new(file).parent().unwrap_or(Path::new(""));
         let destination_names: Vec<&str> = destinations.iter().map(|d| d.name.as_str()).collect();
         let plugins = plugin::validate(raw.plugin, &destination_names, base, file)?;
+        let fleet = raw.fleet.map(|f| fleet::validate(f, &destination_names, file)).transpose()?;
         let state = StateConfig {
             merge: state::merge_rules(raw.merge, &plugins, file)?,
             local_mqtt: match raw.state.local_mqtt {
@@ -455,6 +461,7 @@ impl Config {
             mqtt_ingest,
             destinations,
             plugins,
+            fleet,
             state,
         })
     }

@@ -13,6 +13,7 @@
 //! - [`breaker`] — the circuit breaker (pure state).
 //! - [`convert`] — events to and from the WIT types; verdict validation.
 //! - [`check`] — `ferry plugin check|bench`: generated inputs, laws, timing.
+//! - [`recent`] — a bounded sample of recent calls, replayed by fleet shadow runs.
 //! - [`PluginHandle`] — the cloneable async handle to a plugin's own thread.
 
 pub mod breaker;
@@ -20,6 +21,7 @@ pub mod check;
 pub mod convert;
 pub mod engine;
 pub mod host;
+pub mod recent;
 
 use std::sync::{Arc, Mutex};
 
@@ -29,6 +31,7 @@ use tokio::sync::oneshot;
 pub use crate::config::plugin::{CpuLimit, OnError, PluginConfig, World};
 pub use breaker::CircuitState;
 pub use host::{LoadReport, Plugin, Verdict, Versioned, WitEvent};
+pub use recent::{Recent, Sample};
 
 /// Why a plugin could not be loaded or a call failed.
 #[derive(Debug, Clone, thiserror::Error)]
@@ -166,6 +169,7 @@ impl PluginStatus {
 enum Job {
     Filter(Vec<WitEvent>, oneshot::Sender<Result<Vec<Verdict>, PluginError>>),
     Merge(String, Option<Versioned>, Versioned, oneshot::Sender<Result<Result<Vec<u8>, String>, PluginError>>),
+    Swap(Box<Plugin>, oneshot::Sender<Box<Plugin>>),
 }
 
 /// Cloneable async handle to a plugin running on its own thread. Calls queue
@@ -175,6 +179,7 @@ enum Job {
 pub struct PluginHandle {
     jobs: flume::Sender<Job>,
     status: Arc<Mutex<PluginStatus>>,
+    recent: Arc<Mutex<Recent>>,
     name: Arc<str>,
     world: World,
     on_error: OnError,
@@ -186,6 +191,8 @@ impl PluginHandle {
         let (jobs, rx) = flume::bounded::<Job>(queue_depth.max(1));
         let status = Arc::new(Mutex::new(plugin.status()));
         let shared = status.clone();
+        let recent = Arc::new(Mutex::new(Recent::default()));
+        let samples = recent.clone();
         let (name, world, on_error) = (Arc::<str>::from(plugin.name()), plugin.world(), plugin.on_error());
         std::thread::Builder::new()
             .name(format!("ferry-plugin-{name}"))
@@ -193,17 +200,47 @@ impl PluginHandle {
                 for job in rx.iter() {
                     match job {
                         Job::Filter(events, reply) => {
-                            let _ = reply.send(plugin.filter(&events));
+                            let verdicts = plugin.filter(&events);
+                            if let Ok(v) = &verdicts {
+                                recent::offer(&samples, || Sample::Filter(events, v.clone()));
+                            }
+                            let _ = reply.send(verdicts);
                         }
                         Job::Merge(key, current, incoming, reply) => {
-                            let _ = reply.send(plugin.merge(&key, current.as_ref(), &incoming));
+                            let merged = plugin.merge(&key, current.as_ref(), &incoming);
+                            if let Ok(m) = &merged {
+                                recent::offer(&samples, || Sample::Merge(key, current, incoming, m.clone()));
+                            }
+                            let _ = reply.send(merged);
+                        }
+                        Job::Swap(next, reply) => {
+                            // Between two calls: no batch ever sees two versions.
+                            let previous = std::mem::replace(&mut plugin, *next);
+                            // Samples hold the old version's answers; a later shadow run compares with the new one.
+                            *samples.lock().expect("recent samples lock") = Recent::default();
+                            let _ = reply.send(Box::new(previous));
                         }
                     }
                     *shared.lock().expect("plugin status lock") = plugin.status();
                 }
             })
             .map_err(|e| PluginError::Engine(format!("cannot start the plugin thread: {e}")))?;
-        Ok(Self { jobs, status, name, world, on_error })
+        Ok(Self { jobs, status, recent, name, world, on_error })
+    }
+
+    /// Replaces the running plugin with `next` between two calls, and
+    /// returns the one it replaced. Calls queued before run on the old
+    /// version, calls after on the new one; counters restart with `next`.
+    pub async fn swap(&self, next: Plugin) -> Result<Plugin, PluginError> {
+        let (reply, rx) = oneshot::channel();
+        self.jobs.send_async(Job::Swap(Box::new(next), reply)).await.map_err(|_| PluginError::Closed)?;
+        rx.await.map(|p| *p).map_err(|_| PluginError::Closed)
+    }
+
+    /// The most recent successful calls sampled (oldest first), with what
+    /// the running version answered.
+    pub fn recent(&self) -> Vec<Sample> {
+        self.recent.lock().expect("recent samples lock").samples()
     }
 
     /// The plugin's name.

@@ -1,0 +1,795 @@
+//! The update state machine and the link tasks that feed it.
+//!
+//! Per plugin: a verified manifest of a newer version becomes the download
+//! target (persisted); each chunk is checked against it and written to disk;
+//! when all are there the component is assembled and checked against the
+//! manifest, compiled against the plugin's world, put through the plugin
+//! checks (`ferry plugin check`: no failures, valid verdicts, determinism,
+//! and for merge plugins the convergence laws), run in shadow on the active
+//! version's recent calls, then swapped in between two calls. During
+//! probation the updater watches the new version's counters and swaps the
+//! previous one back when it fails above the configured rate.
+//!
+//! Versions only go up: a manifest at or below the running version, or of
+//! a version that already failed, is never installed; the same version from
+//! two clouds is downloaded once (chunks from either count).
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use tokio::sync::{broadcast, mpsc, watch};
+use tokio::task::JoinHandle;
+
+use super::bundle::{Chunk, Manifest, pattern_matches, valid_pattern};
+use super::report::{Report, Shadow, State, rfc3339};
+use super::staging::{Installed, Persisted, PluginDir};
+use super::topics::{self, FleetTopic};
+use crate::clock::SharedClock;
+use crate::config::{DestinationConfig, FleetConfig, PluginConfig};
+use crate::forward::backoff::Backoff;
+use crate::forward::link::{Link, LinkError, LinkEvent, LinkOptions};
+use crate::plugin::check::{self, CheckOptions};
+use crate::plugin::{Plugin, PluginError, PluginHandle, Sample};
+
+/// How often probation counters are looked at.
+const PROBATION_TICK: Duration = Duration::from_millis(200);
+
+/// Messages that may wait for the updater before links feel backpressure.
+const INBOUND_QUEUE: usize = 64;
+
+/// Most plugin names this device does not have that it reports on.
+const MAX_UNKNOWN_REPORTS: usize = 16;
+
+/// Reports a slow link may fall behind by before it republishes the latest ones instead.
+const REPORT_QUEUE: usize = 256;
+
+/// A plugin the fleet may update: its configuration and its running handle.
+#[derive(Clone)]
+pub struct FleetPlugin {
+    /// The `[[plugin]]` it was configured with.
+    pub spec: PluginConfig,
+    /// The running plugin.
+    pub handle: PluginHandle,
+}
+
+/// A message from a fleet topic.
+struct Inbound {
+    destination: Arc<str>,
+    topic: String,
+    payload: Bytes,
+}
+
+/// What the links should be doing: subscriptions and reports to publish.
+#[derive(Debug, Clone, Default, PartialEq)]
+struct Outbound {
+    subscriptions: BTreeSet<String>,
+    /// Status topic → report JSON.
+    reports: BTreeMap<String, Vec<u8>>,
+}
+
+/// Everything the updater needs that is not per plugin.
+struct Env {
+    config: FleetConfig,
+    device: String,
+    data_dir: PathBuf,
+    clock: SharedClock,
+}
+
+struct Slot {
+    plugin: FleetPlugin,
+    dir: PluginDir,
+    state: Persisted,
+    received: BTreeSet<u32>,
+}
+
+/// Starts the updater and one link task per fleet destination. They stop
+/// when `shutdown` turns true.
+pub fn spawn(
+    config: FleetConfig,
+    device: String,
+    data_dir: PathBuf,
+    destinations: Vec<(DestinationConfig, Option<Arc<rustls::ClientConfig>>)>,
+    plugins: Vec<FleetPlugin>,
+    clock: SharedClock,
+    shutdown: watch::Receiver<bool>,
+) -> Vec<JoinHandle<()>> {
+    let (inbound_tx, inbound_rx) = mpsc::channel(INBOUND_QUEUE);
+    let (outbound_tx, outbound_rx) = watch::channel(Outbound::default());
+    let (reports, _) = broadcast::channel(REPORT_QUEUE);
+    let root = config.topic_root.clone();
+    let mut tasks: Vec<JoinHandle<()>> = destinations
+        .into_iter()
+        .filter(|(d, _)| config.destinations.contains(&d.name))
+        .map(|(d, tls)| {
+            let channels = LinkChannels {
+                inbound: inbound_tx.clone(),
+                outbound: outbound_rx.clone(),
+                reports: reports.subscribe(),
+            };
+            tokio::spawn(run_link(d, tls, channels, shutdown.clone()))
+        })
+        .collect();
+    drop(inbound_tx);
+    let env = Env { config, device, data_dir, clock };
+    let updater = Updater { env, slots: BTreeMap::new(), outbound: outbound_tx, reports, root };
+    tasks.push(tokio::spawn(updater.run(plugins, inbound_rx, shutdown)));
+    tasks
+}
+
+struct Updater {
+    env: Env,
+    slots: BTreeMap<String, Slot>,
+    outbound: watch::Sender<Outbound>,
+    /// Every report in order, so each step reaches the brokers even when
+    /// the next one follows at once.
+    reports: broadcast::Sender<(String, Vec<u8>)>,
+    root: String,
+}
+
+/// Why a candidate is refused.
+struct Refusal {
+    reason: String,
+    /// Whether the version itself is bad (never retried), as opposed to a
+    /// message that may be followed by a good one (a bad chunk, a forged manifest).
+    permanent: bool,
+}
+
+impl Refusal {
+    fn transient(reason: impl ToString) -> Self {
+        Self { reason: reason.to_string(), permanent: false }
+    }
+
+    fn permanent(reason: impl ToString) -> Self {
+        Self { reason: reason.to_string(), permanent: true }
+    }
+}
+
+impl Updater {
+    async fn run(
+        mut self,
+        plugins: Vec<FleetPlugin>,
+        mut inbound: mpsc::Receiver<Inbound>,
+        mut shutdown: watch::Receiver<bool>,
+    ) {
+        for plugin in plugins {
+            let dir = PluginDir::new(&self.env.data_dir, &plugin.spec.name);
+            let load_dir = dir.clone();
+            let state = match tokio::task::spawn_blocking(move || load_dir.load()).await {
+                Ok(Ok(s)) => s,
+                Ok(Err(e)) => {
+                    tracing::error!(plugin = %plugin.spec.name, error = %e, "fleet state unreadable; starting afresh");
+                    Persisted::default()
+                }
+                Err(_) => return,
+            };
+            let name = plugin.spec.name.clone();
+            let mut state = state;
+            let data_dir = self.env.data_dir.clone();
+            let n = name.clone();
+            let intact = tokio::task::spawn_blocking(move || super::installed_component(&data_dir, &n).is_some())
+                .await
+                .unwrap_or(false);
+            let reset = state.active.is_some() && !intact;
+            if reset {
+                // The start-up fell back to the configured component (see
+                // `installed_component`): say so instead of claiming the version.
+                tracing::error!(plugin = %name, "the installed fleet version is missing or damaged; running the configured one");
+                state.active = None;
+                state.previous = None;
+                state.probation_until_ms = None;
+                state.last = None;
+            }
+            let mut slot = Slot { plugin, dir, state, received: BTreeSet::new() };
+            if let Some(target) = slot.state.target.clone() {
+                let d = slot.dir.clone();
+                let t = target.clone();
+                slot.received = tokio::task::spawn_blocking(move || d.chunks_on_disk(&t)).await.unwrap_or_default();
+                tracing::info!(
+                    plugin = %name,
+                    version = target.version,
+                    have = slot.received.len(),
+                    total = target.total(),
+                    "resuming download: {} of {} chunks on disk",
+                    slot.received.len(),
+                    target.total()
+                );
+            }
+            self.slots.insert(name.clone(), slot);
+            if reset {
+                self.save(&name).await;
+            }
+            self.sync_subscriptions();
+            let report = match self.slots[&name].state.target.clone() {
+                Some(t) => self.progress(&name, &t),
+                None => match self.slots[&name].state.last.clone() {
+                    Some(last) => Report { time: self.now(), ..last },
+                    None => self.report(&name, State::Running),
+                },
+            };
+            self.publish(&name, report, false).await;
+            if self.slots[&name]
+                .state
+                .target
+                .as_ref()
+                .is_some_and(|t| self.slots[&name].received.len() as u32 == t.total())
+            {
+                self.install(&name).await;
+            }
+        }
+        let mut tick = tokio::time::interval(PROBATION_TICK);
+        loop {
+            tokio::select! {
+                message = inbound.recv() => match message {
+                    Some(m) => self.handle(m).await,
+                    None => break,
+                },
+                _ = tick.tick() => self.watch_probation().await,
+                _ = shutdown.changed() => break,
+            }
+        }
+    }
+
+    fn now_ms(&self) -> u64 {
+        self.env.clock.now_millis()
+    }
+
+    fn now(&self) -> String {
+        rfc3339(self.now_ms())
+    }
+
+    fn report(&self, name: &str, state: State) -> Report {
+        let s = self.slots.get(name);
+        Report {
+            device: self.env.device.clone(),
+            plugin: name.to_owned(),
+            version: s.map_or(0, |s| s.state.running()),
+            state,
+            time: self.now(),
+            candidate: None,
+            previous: s
+                .and_then(|s| s.state.active.as_ref().map(|_| s.state.previous.as_ref().map_or(0, |p| p.version))),
+            reason: None,
+            received: None,
+            total: None,
+            shadow: None,
+        }
+    }
+
+    fn progress(&self, name: &str, target: &Manifest) -> Report {
+        let received = self.slots.get(name).map_or(0, |s| s.received.len() as u32);
+        Report {
+            candidate: Some(target.version),
+            received: Some(received),
+            total: Some(target.total()),
+            ..self.report(name, State::Downloading)
+        }
+    }
+
+    /// Publishes `report` on every fleet destination; with `persist`, also
+    /// keeps it in the plugin's state so a restart republishes it.
+    async fn publish(&mut self, name: &str, report: Report, persist: bool) {
+        tracing::info!(
+            plugin = name,
+            state = report.state.as_str(),
+            version = report.version,
+            candidate = ?report.candidate,
+            reason = report.reason.as_deref().unwrap_or(""),
+            "fleet status"
+        );
+        let topic = topics::status(&self.root, &self.env.device, name);
+        let json = serde_json::to_vec(&report).expect("a report serialises");
+        let _ = self.reports.send((topic.clone(), json.clone()));
+        self.outbound.send_modify(|o| {
+            o.reports.insert(topic, json);
+        });
+        if persist && let Some(slot) = self.slots.get_mut(name) {
+            slot.state.last = Some(report);
+            self.save(name).await;
+        }
+    }
+
+    async fn save(&mut self, name: &str) {
+        let Some(slot) = self.slots.get(name) else { return };
+        let (dir, state) = (slot.dir.clone(), slot.state.clone());
+        match tokio::task::spawn_blocking(move || dir.save(&state)).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => tracing::error!(plugin = name, error = %e, "cannot save fleet state"),
+            Err(e) => tracing::error!(plugin = name, error = %e, "fleet state task failed"),
+        }
+    }
+
+    fn sync_subscriptions(&self) {
+        let mut wanted = BTreeSet::from([topics::manifests(&self.root)]);
+        for (name, slot) in &self.slots {
+            if let Some(t) = &slot.state.target {
+                wanted.insert(topics::chunks(&self.root, name, t.version));
+            }
+        }
+        self.outbound.send_if_modified(|o| {
+            if o.subscriptions == wanted {
+                return false;
+            }
+            o.subscriptions = wanted;
+            true
+        });
+    }
+
+    async fn handle(&mut self, m: Inbound) {
+        let Some(parsed) = topics::parse(&self.root, &m.topic) else { return };
+        match parsed {
+            FleetTopic::Manifest { name, devices } => {
+                let (name, devices) = (name.to_owned(), devices.to_owned());
+                if m.payload.is_empty() || !valid_pattern(&devices) || !pattern_matches(&devices, &self.env.device) {
+                    return;
+                }
+                self.on_manifest(&name, &m.destination, &m.payload).await;
+            }
+            FleetTopic::Chunk { name, version } => {
+                let name = name.to_owned();
+                self.on_chunk(&name, version, &m.payload).await;
+            }
+        }
+    }
+
+    async fn reject(&mut self, name: &str, candidate: Option<u64>, refusal: Refusal) {
+        tracing::warn!(plugin = name, candidate = ?candidate, reason = %refusal.reason, "fleet update refused");
+        if refusal.permanent
+            && let (Some(v), Some(slot)) = (candidate, self.slots.get_mut(name))
+        {
+            slot.state.failed.insert(v, refusal.reason.clone());
+            if slot.state.target.as_ref().is_some_and(|t| t.version == v) {
+                slot.state.target = None;
+                slot.received.clear();
+                let dir = slot.dir.clone();
+                let _ = tokio::task::spawn_blocking(move || dir.clear_downloads()).await;
+            }
+        }
+        let report = Report { candidate, reason: Some(refusal.reason), ..self.report(name, State::Rejected) };
+        self.publish(name, report, true).await;
+        self.sync_subscriptions();
+    }
+
+    async fn on_manifest(&mut self, name: &str, destination: &str, payload: &[u8]) {
+        if !self.slots.contains_key(name) {
+            // Still reported, so the fleet manager sees why nothing happens.
+            let reason = format!("this device has no [[plugin]] named `{name}`");
+            // Once per name, and for a bounded number of names: whoever can
+            // publish on the broker must not grow this device's memory.
+            let topic = topics::status(&self.root, &self.env.device, name);
+            let full_or_known = {
+                let reports = &self.outbound.borrow().reports;
+                reports.len() >= self.slots.len() + MAX_UNKNOWN_REPORTS || reports.contains_key(&topic)
+            };
+            if full_or_known {
+                return;
+            }
+            let report = Report { reason: Some(reason), ..self.report(name, State::Rejected) };
+            self.publish(name, report, false).await;
+            return;
+        }
+        let manifest = match Manifest::from_json(payload) {
+            Ok(m) => m,
+            Err(e) => return self.reject(name, None, Refusal::transient(e)).await,
+        };
+        let version = manifest.version;
+        if manifest.name != name {
+            let reason = format!("manifest names plugin `{}` but was published for `{name}`", manifest.name);
+            return self.reject(name, Some(version), Refusal::transient(reason)).await;
+        }
+        let key_id = match manifest.verify(&self.env.config.trusted_keys) {
+            Ok(k) => k,
+            Err(e) => return self.reject(name, Some(version), Refusal::transient(e)).await,
+        };
+        let slot = &self.slots[name];
+        let running = slot.state.running();
+        if version == running || slot.state.target.as_ref().is_some_and(|t| t.version == version) {
+            return; // Already running or downloading (the same push, maybe from another cloud).
+        }
+        if slot.state.failed.contains_key(&version) {
+            return; // Refused for good before; its retained manifest comes back on every connection.
+        }
+        if version < running {
+            let reason = format!("version {version} is older than the running version {running}");
+            return self.reject(name, Some(version), Refusal::transient(reason)).await;
+        }
+        if let Some(t) = &slot.state.target
+            && version < t.version
+        {
+            let reason = format!("version {version} is older than version {} being installed", t.version);
+            return self.reject(name, Some(version), Refusal::transient(reason)).await;
+        }
+        let world = slot.plugin.spec.world;
+        if manifest.world() != Some(world) {
+            let reason = format!(
+                "the bundle targets the `{}` world but plugin `{name}` is a `{}` plugin",
+                manifest.world,
+                world.as_str()
+            );
+            return self.reject(name, Some(version), Refusal::permanent(reason)).await;
+        }
+        tracing::info!(plugin = name, version, signer = %key_id, from = destination, "fleet update accepted for download");
+        let slot = self.slots.get_mut(name).expect("checked above");
+        slot.state.target = Some(manifest.clone());
+        let dir = slot.dir.clone();
+        let m = manifest.clone();
+        slot.received = tokio::task::spawn_blocking(move || {
+            // A superseded download is dropped; chunks of this version (from
+            // an earlier run) are kept and checked again.
+            dir.chunks_on_disk(&m)
+        })
+        .await
+        .unwrap_or_default();
+        self.save(name).await;
+        // Subscribe before reporting: once a report is seen, chunks published
+        // after it reach this device.
+        self.sync_subscriptions();
+        let report = self.progress(name, &manifest);
+        self.publish(name, report, true).await;
+        if self.slots[name].received.len() as u32 == manifest.total() {
+            self.install(name).await;
+        }
+    }
+
+    async fn on_chunk(&mut self, name: &str, version: u64, payload: &[u8]) {
+        let Some(slot) = self.slots.get(name) else { return };
+        let Some(target) = slot.state.target.clone() else { return };
+        if target.version != version || payload.is_empty() {
+            return;
+        }
+        let chunk = match Chunk::decode(payload).and_then(|c| c.check(&target).map(|()| c)) {
+            Ok(c) => c,
+            Err(e) => {
+                // Only this chunk is bad: the download stays, and a good
+                // copy (re-pushed, or from another cloud) completes it.
+                let permanent = false;
+                return self.reject(name, Some(version), Refusal { reason: e.to_string(), permanent }).await;
+            }
+        };
+        if slot.received.contains(&chunk.header.index) {
+            return;
+        }
+        let dir = slot.dir.clone();
+        let index = chunk.header.index;
+        match tokio::task::spawn_blocking(move || dir.store_chunk(&chunk)).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => {
+                tracing::error!(plugin = name, index, error = %e, "cannot store a downloaded chunk");
+                return;
+            }
+            Err(_) => return,
+        }
+        let slot = self.slots.get_mut(name).expect("checked above");
+        slot.received.insert(index);
+        let done = slot.received.len() as u32 == target.total();
+        let report = self.progress(name, &target);
+        self.publish(name, report, false).await;
+        if done {
+            self.install(name).await;
+        }
+    }
+
+    /// Verifies, checks, shadows and activates the finished download.
+    async fn install(&mut self, name: &str) {
+        let slot = &self.slots[name];
+        let Some(manifest) = slot.state.target.clone() else { return };
+        let version = manifest.version;
+        let candidate = Some(version);
+        let step = |u: &Self, state: State| Report { candidate, ..u.report(name, state) };
+
+        let dir = slot.dir.clone();
+        self.publish(name, step(self, State::Verifying), false).await;
+        let m = manifest.clone();
+        let written = tokio::task::spawn_blocking(move || -> Result<PathBuf, Refusal> {
+            let component = dir.assemble(&m).map_err(|e| Refusal::transient(format!("reading chunks: {e}")))?;
+            m.check_component(&component).map_err(Refusal::permanent)?;
+            dir.write_component(m.version, &component).map_err(|e| Refusal::transient(format!("storing: {e}")))
+        })
+        .await;
+        let path = match written {
+            Ok(Ok(p)) => p,
+            Ok(Err(r)) => return self.reject(name, candidate, r).await,
+            Err(e) => return self.reject(name, candidate, Refusal::transient(e)).await,
+        };
+
+        self.publish(name, step(self, State::Checking), false).await;
+        let spec = PluginConfig { path: path.clone(), ..self.slots[name].plugin.spec.clone() };
+        let cache = self.env.data_dir.join("plugin-cache");
+        let checked = tokio::task::spawn_blocking(move || check_candidate(&spec, &cache)).await;
+        let mut plugin = match checked {
+            Ok(Ok(p)) => p,
+            Ok(Err(r)) => return self.reject(name, candidate, r).await,
+            Err(e) => return self.reject(name, candidate, Refusal::transient(e)).await,
+        };
+
+        self.publish(name, step(self, State::Shadow), false).await;
+        let samples = self.slots[name].plugin.handle.recent();
+        let limit = self.env.config.shadow_events;
+        let shadowed = tokio::task::spawn_blocking(move || {
+            let result = shadow(&mut plugin, &samples, limit);
+            plugin.reset();
+            (plugin, result)
+        })
+        .await;
+        let (plugin, shadow) = match shadowed {
+            Ok((p, Ok(s))) => (p, s),
+            Ok((_, Err(r))) => return self.reject(name, candidate, r).await,
+            Err(e) => return self.reject(name, candidate, Refusal::transient(e)).await,
+        };
+
+        // Activate: persist first, so a crash after the swap restarts on the
+        // new version with the previous one still known.
+        let until = self.now_ms() + u64::try_from(self.env.config.probation.as_millis()).unwrap_or(u64::MAX);
+        let slot = self.slots.get_mut(name).expect("slot exists");
+        let installed = Installed { version, sha256: manifest.sha256.clone() };
+        slot.state.previous = slot.state.active.replace(installed);
+        slot.state.target = None;
+        slot.state.probation_until_ms = Some(until);
+        slot.received.clear();
+        self.save(name).await;
+        let slot = &self.slots[name];
+        if let Err(e) = slot.plugin.handle.swap(plugin).await {
+            tracing::error!(plugin = name, error = %e, "cannot activate: the plugin has stopped");
+            return;
+        }
+        let dir = slot.dir.clone();
+        let keep: Vec<u64> = [slot.state.active.as_ref(), slot.state.previous.as_ref()]
+            .into_iter()
+            .flatten()
+            .map(|i| i.version)
+            .collect();
+        let _ = tokio::task::spawn_blocking(move || {
+            dir.clear_downloads();
+            dir.prune(&keep);
+        })
+        .await;
+        tracing::info!(plugin = name, version, ?shadow, "fleet update activated; on probation");
+        let report = Report { shadow: Some(shadow), ..self.report(name, State::Probation) };
+        self.publish(name, report, true).await;
+        self.sync_subscriptions();
+    }
+
+    /// Ends probations that passed and rolls back versions failing above the rate.
+    async fn watch_probation(&mut self) {
+        let now = self.now_ms();
+        let names: Vec<String> =
+            self.slots.iter().filter(|(_, s)| s.state.probation_until_ms.is_some()).map(|(n, _)| n.clone()).collect();
+        for name in names {
+            let slot = &self.slots[&name];
+            let status = slot.plugin.handle.status();
+            let cfg = &self.env.config;
+            let rate = if status.calls == 0 { 0.0 } else { status.failures as f64 / status.calls as f64 };
+            let failing = status.failures >= cfg.rollback_min_failures && rate >= cfg.rollback_failure_rate;
+            if failing || status.circuit_opened > 0 {
+                let reason = format!(
+                    "failed {} of {} calls on probation ({} traps, {} timeouts, {} out of memory){}",
+                    status.failures,
+                    status.calls,
+                    status.traps,
+                    status.timeouts,
+                    status.out_of_memory,
+                    status.last_error.map(|e| format!("; last: {e}")).unwrap_or_default()
+                );
+                self.rollback(&name, reason).await;
+            } else if slot.state.probation_until_ms.is_some_and(|until| now >= until) {
+                let slot = self.slots.get_mut(&name).expect("listed above");
+                slot.state.probation_until_ms = None;
+                let shadow = slot.state.last.as_ref().and_then(|l| l.shadow);
+                let report = Report { shadow, ..self.report(&name, State::Running) };
+                self.publish(&name, report, true).await;
+            }
+        }
+    }
+
+    async fn rollback(&mut self, name: &str, reason: String) {
+        let slot = &self.slots[name];
+        let Some(failed) = slot.state.active.clone() else { return };
+        let previous = slot.state.previous.clone();
+        let spec = match &previous {
+            Some(p) => PluginConfig { path: slot.dir.component(p.version), ..slot.plugin.spec.clone() },
+            None => slot.plugin.spec.clone(),
+        };
+        let cache = self.env.data_dir.join("plugin-cache");
+        let loaded = tokio::task::spawn_blocking(move || {
+            let (mut p, _) = Plugin::load(&spec, Some(&cache))?;
+            let _ = p.warm_up();
+            Ok::<_, PluginError>(p)
+        })
+        .await;
+        let plugin = match loaded {
+            Ok(Ok(p)) => p,
+            Ok(Err(e)) => {
+                tracing::error!(plugin = name, error = %e, "cannot load the previous version; keeping the failing one");
+                return;
+            }
+            Err(_) => return,
+        };
+        tracing::warn!(plugin = name, failed = failed.version, back_to = previous.as_ref().map_or(0, |p| p.version), %reason, "rolling back");
+        let slot = self.slots.get_mut(name).expect("slot exists");
+        slot.state.failed.insert(failed.version, reason.clone());
+        slot.state.active = previous;
+        slot.state.previous = None;
+        slot.state.probation_until_ms = None;
+        self.save(name).await;
+        if self.slots[name].plugin.handle.swap(plugin).await.is_err() {
+            return;
+        }
+        let report = Report {
+            candidate: Some(failed.version),
+            reason: Some(reason),
+            previous: None,
+            ..self.report(name, State::RolledBack)
+        };
+        self.publish(name, report, true).await;
+    }
+}
+
+/// Compiles the candidate against its world and runs the plugin checks.
+fn check_candidate(spec: &PluginConfig, cache: &std::path::Path) -> Result<Plugin, Refusal> {
+    let (mut plugin, _) = Plugin::load(spec, Some(cache)).map_err(|e| match e {
+        PluginError::Read { .. } | PluginError::Engine(_) => Refusal::transient(e),
+        _ => Refusal::permanent(e),
+    })?;
+    let options = CheckOptions {
+        world: Some(spec.world),
+        config: spec.config.clone(),
+        cpu: spec.cpu,
+        memory_bytes: spec.memory_bytes,
+        ..CheckOptions::default()
+    };
+    let report = check::check(&spec.path, &options, Some(cache)).map_err(Refusal::permanent)?;
+    if !report.passed() {
+        let failed: Vec<String> =
+            report.findings.iter().filter(|f| !f.passed).map(|f| format!("{}: {}", f.property, f.detail)).collect();
+        return Err(Refusal::permanent(format!("plugin checks failed: {}", failed.join("; "))));
+    }
+    let _ = plugin.warm_up();
+    Ok(plugin)
+}
+
+/// Runs `candidate` on the newest recent calls (up to `limit` events) and
+/// counts the answers that differ from the active version's.
+fn shadow(candidate: &mut Plugin, samples: &[Sample], limit: usize) -> Result<Shadow, Refusal> {
+    let mut out = Shadow { calls: 0, events: 0, differences: 0 };
+    let mut budget = limit;
+    for sample in samples.iter().rev() {
+        if sample.events() > budget {
+            break;
+        }
+        budget -= sample.events();
+        let same = match sample {
+            Sample::Filter(events, verdicts) => {
+                &candidate.filter(events).map_err(|e| Refusal::permanent(format!("failed in shadow: {e}")))? == verdicts
+            }
+            Sample::Merge(key, current, incoming, merged) => {
+                &candidate
+                    .merge(key, current.as_ref(), incoming)
+                    .map_err(|e| Refusal::permanent(format!("failed in shadow: {e}")))?
+                    == merged
+            }
+        };
+        out.calls += 1;
+        out.events += sample.events() as u64;
+        out.differences += u64::from(!same);
+    }
+    Ok(out)
+}
+
+/// A link task's channels to and from the updater.
+struct LinkChannels {
+    inbound: mpsc::Sender<Inbound>,
+    outbound: watch::Receiver<Outbound>,
+    reports: broadcast::Receiver<(String, Vec<u8>)>,
+}
+
+/// One fleet destination's own MQTT session: subscribes to what the updater
+/// wants, passes messages on, publishes reports retained; reconnects with
+/// backoff until shutdown.
+async fn run_link(
+    config: DestinationConfig,
+    tls: Option<Arc<rustls::ClientConfig>>,
+    mut channels: LinkChannels,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let mut endpoint = config.endpoint.clone();
+    endpoint.client_id = format!("{}-fleet", endpoint.client_id);
+    let destination: Arc<str> = config.name.as_str().into();
+    let opts = LinkOptions { inflight: 16, queue: REPORT_QUEUE + 16, clean_session: true, manual_acks: false };
+    let mut backoff = Backoff::new(config.backoff_base, config.backoff_cap);
+    loop {
+        if *shutdown.borrow() {
+            return;
+        }
+        let mut link = Link::open(&endpoint, tls.as_ref(), &opts);
+        let error = tokio::select! {
+            e = session(&mut link, &destination, &mut channels, &mut backoff) => e,
+            _ = shutdown.changed() => return,
+        };
+        let delay = backoff.next_delay(&mut rand::rng());
+        tracing::warn!(destination = %destination, error = %error, retry_in = ?delay, "fleet link down");
+        tokio::select! {
+            _ = tokio::time::sleep(delay) => {}
+            _ = shutdown.changed() => return,
+        }
+    }
+}
+
+async fn session(
+    link: &mut Link,
+    destination: &Arc<str>,
+    channels: &mut LinkChannels,
+    backoff: &mut Backoff,
+) -> LinkError {
+    let stopped = || LinkError::Connection("the fleet updater has stopped".into());
+    let deadline = Duration::from_secs(30);
+    let connected = tokio::time::timeout(deadline, async {
+        loop {
+            if let LinkEvent::Connected { .. } = link.poll().await? {
+                return Ok::<(), LinkError>(());
+            }
+        }
+    })
+    .await;
+    match connected {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => return e,
+        Err(_) => return LinkError::Connection(format!("no CONNACK within {deadline:?}")),
+    }
+    backoff.reset();
+    tracing::info!(destination = %destination, "fleet link connected");
+    let mut subscribed: BTreeSet<String> = BTreeSet::new();
+    // A new connection starts from the latest reports; reports queued
+    // before it are superseded by them.
+    channels.reports = channels.reports.resubscribe();
+    let mut republish = true;
+    loop {
+        let wanted = channels.outbound.borrow_and_update().clone();
+        for filter in &wanted.subscriptions {
+            if !subscribed.contains(filter) {
+                if let Err(e) = link.subscribe(filter) {
+                    return e;
+                }
+                subscribed.insert(filter.clone());
+            }
+        }
+        if std::mem::take(&mut republish) {
+            for (topic, json) in &wanted.reports {
+                if let Err(e) = publish_report(link, topic, json) {
+                    return e;
+                }
+            }
+        }
+        tokio::select! {
+            event = link.poll() => match event {
+                Ok(LinkEvent::Message(m)) => {
+                    let m = Inbound { destination: destination.clone(), topic: m.topic, payload: m.payload };
+                    if channels.inbound.send(m).await.is_err() {
+                        return stopped();
+                    }
+                }
+                Ok(_) => {}
+                Err(e) => return e,
+            },
+            report = channels.reports.recv() => match report {
+                Ok((topic, json)) => {
+                    if let Err(e) = publish_report(link, &topic, &json) {
+                        return e;
+                    }
+                }
+                Err(broadcast::error::RecvError::Lagged(_)) => republish = true,
+                Err(broadcast::error::RecvError::Closed) => return stopped(),
+            },
+            changed = channels.outbound.changed() => {
+                if changed.is_err() {
+                    return stopped();
+                }
+            }
+        }
+    }
+}
+
+fn publish_report(link: &Link, topic: &str, json: &[u8]) -> Result<(), LinkError> {
+    link.publish(topic.to_owned(), json.to_vec(), Some("application/json".into()), Vec::new(), true)
+}
