@@ -246,8 +246,8 @@ impl Agent {
             ingest,
             config.agent.device_id.clone(),
             statuses,
-            admin,
-            Some(crate::state::http::routes(state.handle(), config.store.max_event_bytes)),
+            crate::ingest::admin::router(admin)
+                .merge(crate::state::http::routes(state.handle(), config.store.max_event_bytes)),
             async {
                 let _ = stopped.await;
             },

@@ -50,14 +50,15 @@ pub async fn bind(config: &HttpConfig) -> std::io::Result<(TcpListener, SocketAd
 
 /// Serves the API on `listener` until `shutdown` resolves, then finishes
 /// the requests in flight (each waits for its commit) and returns.
+/// `services` are the routes other parts own (the operator routes of
+/// [`super::admin`], the state API); they sit behind the same token.
 pub async fn serve(
     listener: TcpListener,
     config: HttpConfig,
     ingest: Ingest,
     device_id: String,
     destinations: Vec<Arc<std::sync::Mutex<DestinationStatus>>>,
-    admin: super::admin::Admin,
-    extra: Option<Router>,
+    services: Router,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
     let api = Api {
@@ -71,14 +72,10 @@ pub async fn serve(
         .route("/v1/events", post(post_events))
         .route("/v1/status", get(get_status))
         .route_layer(middleware::from_fn_with_state(api.clone(), require_token));
-    let admin = super::admin::router(admin).route_layer(middleware::from_fn_with_state(api.clone(), require_token));
-    // Routes other services own (the state API), behind the same token.
-    let extra = extra.map(|r| r.route_layer(middleware::from_fn_with_state(api.clone(), require_token)));
-    let mut app =
-        Router::new().route("/healthz", get(|| async { "ok\n" })).merge(protected).with_state(api).merge(admin);
-    if let Some(extra) = extra {
-        app = app.merge(extra);
-    }
+    // Routes other services own (operator routes, the state API), behind the same token.
+    let services = services.route_layer(middleware::from_fn_with_state(api.clone(), require_token));
+    let app =
+        Router::new().route("/healthz", get(|| async { "ok\n" })).merge(protected).with_state(api).merge(services);
     axum::serve(listener, app).with_graceful_shutdown(shutdown).await
 }
 
