@@ -134,8 +134,6 @@ impl Rig {
                     );
                 }
                 rig.local = Some(Mosquitto::start(local_options(bridge)).await?);
-                // Let both bridges connect before the first publish.
-                tokio::time::sleep(Duration::from_secs(2)).await;
             }
             System::FerryMqtt | System::FerryHttp => {
                 let mut tail = String::new();
@@ -151,7 +149,40 @@ impl Rig {
                 rig.start_ferry().await?;
             }
         }
+        rig.probe().await?;
         Ok(rig)
+    }
+
+    /// Sends unstamped probes through the system until one reached both
+    /// clouds: then the bridge or the agent's ingest subscription is up, and
+    /// no event of the run can be published before anyone listens.
+    async fn probe(&self) -> anyhow::Result<()> {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        let client = reqwest::Client::new();
+        while !self.tallies.iter().all(|t| t.foreign() > 0) {
+            anyhow::ensure!(
+                Instant::now() < deadline,
+                "{}: no probe reached both clouds within 60 s",
+                self.system.name()
+            );
+            match (&self.local, &self.ferry) {
+                (Some(local), _) => {
+                    ferry_harness::mqtt::publish_v311(&local.url(), "sensors/probe", "probe", Duration::from_secs(5))
+                        .await?
+                }
+                (None, Some(ferry)) => {
+                    client
+                        .post(format!("{}/v1/events", ferry.url()))
+                        .body(r#"{"topic":"sensors/probe","data":"probe"}"#)
+                        .send()
+                        .await?
+                        .error_for_status()?;
+                }
+                (None, None) => anyhow::bail!("nothing to probe"),
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        Ok(())
     }
 
     async fn start_ferry(&mut self) -> anyhow::Result<()> {
@@ -347,7 +378,31 @@ async fn crash(system: System, s: &Settings) -> anyhow::Result<CrashRow> {
     }
     let (a, b) = (rig.tallies[0].missing_of(&p.ledgers), rig.tallies[1].missing_of(&p.ledgers));
     row.missing_both = a.iter().zip(&b).map(|(a, b)| a.iter().filter(|n| b.contains(n)).count() as u64).sum();
+    for (l, m) in p.ledgers.iter().zip(&a) {
+        if !m.is_empty() {
+            let ranges = runs(m);
+            println!(
+                "    producer {}: {} acknowledged events missing at cloud A, in {} runs, first runs {:?}",
+                l.producer,
+                m.len(),
+                ranges.len(),
+                &ranges[..ranges.len().min(5)]
+            );
+        }
+    }
     Ok(row)
+}
+
+/// Consecutive runs `(first, last)` of sorted numbers.
+fn runs(ns: &[u64]) -> Vec<(u64, u64)> {
+    let mut out: Vec<(u64, u64)> = Vec::new();
+    for &n in ns {
+        match out.last_mut() {
+            Some(r) if r.1 + 1 == n => r.1 = n,
+            _ => out.push((n, n)),
+        }
+    }
+    out
 }
 
 fn main() {

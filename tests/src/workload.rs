@@ -411,6 +411,11 @@ impl Tally {
         self.state.lock().expect("tally lock").duplicates
     }
 
+    /// Messages received that carry no event stamp (probes).
+    pub fn foreign(&self) -> u64 {
+        self.state.lock().expect("tally lock").foreign
+    }
+
     /// When the last message arrived.
     pub fn last_arrival(&self) -> Option<Instant> {
         self.state.lock().expect("tally lock").last_arrival

@@ -70,6 +70,10 @@ struct State {
     /// Sector index → that sector's bytes at the last fsync (shorter than a
     /// sector, possibly empty, where the file ended inside or before it).
     undo: BTreeMap<u64, Vec<u8>>,
+    /// The undo log an fsync in progress is making obsolete. The fsync runs
+    /// without the lock so a cut can land during it, which is when a real
+    /// power cut most likely hits a busy store; such a cut loses these too.
+    syncing: Option<(BTreeMap<u64, Vec<u8>>, u64)>,
     syncs: u64,
 }
 
@@ -111,7 +115,7 @@ impl PowerLossBackend {
         file.sync_all()?;
         let shared = Arc::new(Shared {
             file: FileBackend::new(file).map_err(io::Error::other)?,
-            state: Mutex::new(State { powered: true, synced_len, undo: BTreeMap::new(), syncs: 0 }),
+            state: Mutex::new(State { powered: true, synced_len, undo: BTreeMap::new(), syncing: None, syncs: 0 }),
         });
         Ok((Self { shared: shared.clone() }, PowerSwitch { shared }))
     }
@@ -170,13 +174,30 @@ impl StorageBackend for PowerLossBackend {
     }
 
     fn sync_data(&self) -> io::Result<()> {
+        {
+            let mut state = self.shared.state();
+            if !state.powered {
+                return Err(no_power());
+            }
+            let undo = std::mem::take(&mut state.undo);
+            state.syncing = Some((undo, self.shared.file.len()?));
+        }
+        let synced = self.shared.file.sync_data();
         let mut state = self.shared.state();
         if !state.powered {
+            // The cut came first: this fsync never completed.
             return Err(no_power());
         }
-        self.shared.file.sync_data()?;
-        state.synced_len = self.shared.file.len()?;
-        state.undo.clear();
+        let (syncing, len) = state.syncing.take().expect("one fsync at a time");
+        if let Err(e) = synced {
+            // Nothing became durable: the older entries stay the truth.
+            let newer = std::mem::replace(&mut state.undo, syncing);
+            for (sector, old) in newer {
+                state.undo.entry(sector).or_insert(old);
+            }
+            return Err(e);
+        }
+        state.synced_len = len;
         state.syncs += 1;
         Ok(())
     }
@@ -235,7 +256,12 @@ impl PowerSwitch {
         }
         state.powered = false;
         let file = &self.shared.file;
-        let undo = std::mem::take(&mut state.undo);
+        let mut undo = std::mem::take(&mut state.undo);
+        // Sectors an interrupted fsync was flushing are as unsynced as the
+        // rest; their older undo entry holds the last-synced contents.
+        if let Some((syncing, _)) = state.syncing.take() {
+            undo.extend(syncing);
+        }
         let mut report = CutReport { dirty_sectors: undo.len() as u64, syncs: state.syncs, ..CutReport::default() };
         let mut rng = match how {
             PowerCut::LoseAllUnsynced => None,
