@@ -357,11 +357,12 @@ struct CrashRow {
     duplicates: [u64; 2],
 }
 
-/// Kills the bridge's local broker or Ferry `kills` times under full load,
+/// Kills the bridge's local broker or Ferry `kills` times under load (the
+/// producers at the fixed rate), every 1–3 s,
 /// restarting it each time, then counts acknowledged events missing at the clouds.
 async fn crash(system: System, s: &Settings) -> anyhow::Result<CrashRow> {
     let mut rig = Rig::start(system).await?;
-    let mut p = rig.producers(Pace::Max, None)?;
+    let mut p = rig.producers(Pace::Rate(s.rate / f64::from(PRODUCERS)), None)?;
     for _ in 0..s.kills {
         tokio::time::sleep(Duration::from_millis(rand::rng().random_range(1000..3000))).await;
         rig.crash_and_restart().await?;

@@ -67,10 +67,12 @@ pub struct SoakReport {
 
 impl SoakReport {
     /// Mean RSS (KiB) and fds of the first and of the last incarnation,
-    /// each over its samples after the first (start-up) one.
+    /// each over the second half of its samples: the first half includes
+    /// start-up, while producers' connections and caches ramp up.
     pub fn first_and_last(&self) -> ((f64, f64), (f64, f64)) {
         let of = |inc: usize| {
-            let s: Vec<_> = self.samples.iter().filter(|s| s.incarnation == inc).skip(1).collect();
+            let all: Vec<_> = self.samples.iter().filter(|s| s.incarnation == inc).collect();
+            let s = &all[all.len() / 2..];
             let n = s.len().max(1) as f64;
             (s.iter().map(|s| s.rss_kib as f64).sum::<f64>() / n, s.iter().map(|s| s.fds as f64).sum::<f64>() / n)
         };
