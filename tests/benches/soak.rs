@@ -26,6 +26,7 @@ fn main() {
         rate: env("FERRY_SOAK_RATE", 1000.0),
         quota_bytes: env("FERRY_SOAK_QUOTA_MIB", 256.0) as u64 * 1024 * 1024,
         sample_every: Duration::from_secs(5),
+        producer_workers: 16,
     };
     println!("soak: {cfg:?}");
     let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().unwrap();

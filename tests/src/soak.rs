@@ -29,6 +29,9 @@ pub struct SoakConfig {
     pub quota_bytes: u64,
     /// How often the agent's process is sampled.
     pub sample_every: Duration,
+    /// Concurrent single-event requests per producer (four producers); each
+    /// keeps its own connection, which the agent's fd count includes.
+    pub producer_workers: usize,
 }
 
 /// One reading of the agent.
@@ -136,7 +139,7 @@ pub async fn run(bin: &Path, cfg: SoakConfig) -> anyhow::Result<SoakReport> {
     let url: Arc<RwLock<Option<String>>> = Arc::default();
     let mut agent = start_agent(bin, &config).await?;
     *url.write().expect("url lock") = Some(agent.url());
-    let producers = Producers::http(url.clone(), 0, 4, 16, 1, Pace::Rate(cfg.rate / 4.0), None);
+    let producers = Producers::http(url.clone(), 0, 4, cfg.producer_workers, 1, Pace::Rate(cfg.rate / 4.0), None);
 
     let start = Instant::now();
     let (mut next_flap, mut next_restart, mut next_sample) = (cfg.flap_every, cfg.restart_every, Duration::ZERO);
