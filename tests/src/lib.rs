@@ -2,6 +2,16 @@
 //! binary as a child process, and writing throwaway configs.
 //!
 //! Brokers, the fault proxy and MQTT collectors live in `ferry-harness`.
+//!
+//! - [`workload`]: numbered-event producers (MQTT and HTTP) with ledgers of
+//!   what was acknowledged, cloud-side tallies, `/proc` readings; used by the
+//!   comparison and soak benches and their short tests.
+//! - [`powerloss`]: power-cut trials of the store on a fault-injecting backend.
+//! - [`soak`]: the long run with a flapping cloud and agent restarts.
+
+pub mod powerloss;
+pub mod soak;
+pub mod workload;
 
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;

@@ -8,6 +8,8 @@
 //! writer. Nothing here knows about MQTT or HTTP.
 
 pub mod inspect;
+#[cfg(any(test, feature = "fault-injection"))]
+pub mod power_loss;
 mod tables;
 #[cfg(test)]
 mod tests;
@@ -410,6 +412,28 @@ impl Store {
             .set_cache_size(config.cache_bytes)
             .create(&config.path)
             .map_err(|e| open_err(e.into()))?;
+        Self::start(db, config, clock)
+    }
+
+    /// Like [`Store::open`], on a caller-supplied redb storage backend
+    /// instead of the file at `config.path` (which then only names the store
+    /// in errors and status). The seam where tests inject storage faults,
+    /// such as `power_loss::PowerLossBackend` (feature `fault-injection`).
+    pub fn open_with_backend(
+        config: StoreConfig,
+        clock: SharedClock,
+        backend: impl redb::StorageBackend,
+    ) -> Result<Self, StoreError> {
+        let db = redb::Builder::new()
+            .set_cache_size(config.cache_bytes)
+            .create_with_backend(backend)
+            .map_err(|e| StoreError::Open { path: config.path.display().to_string(), source: Box::new(e.into()) })?;
+        Self::start(db, config, clock)
+    }
+
+    fn start(db: Database, config: StoreConfig, clock: SharedClock) -> Result<Self, StoreError> {
+        let open_err =
+            |e: redb::Error| StoreError::Open { path: config.path.display().to_string(), source: Box::new(e) };
         let db = Arc::new(db);
         let commit_latency = Arc::new(Histogram::new(crate::histogram::COMMIT_BUCKETS));
         let (writer, committed) =

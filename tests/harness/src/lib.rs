@@ -34,7 +34,7 @@ pub mod proxy;
 pub mod tls;
 
 pub use inprocess::InProcessBroker;
-pub use mosquitto::{Mosquitto, MosquittoOptions, TlsListener};
+pub use mosquitto::{Autosave, Mosquitto, MosquittoOptions, TlsListener};
 pub use mqtt::{Collector, Protocol, Received};
 pub use proxy::{FaultProxy, Mode, ProxyHandle};
 pub use tls::TestPki;

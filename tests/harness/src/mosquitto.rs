@@ -34,12 +34,35 @@ pub struct MosquittoOptions {
     pub max_packet_size: Option<u32>,
     /// An extra TLS listener on its own ephemeral port.
     pub tls: Option<TlsListener>,
+    /// When the persistence database is written (with `persistence` on).
+    pub autosave: Autosave,
+    /// Lines appended to the generated `mosquitto.conf` as they are, after
+    /// the listeners: for example a bridge (`connection …`).
+    pub extra_config: String,
 }
 
 impl Default for MosquittoOptions {
     fn default() -> Self {
-        Self { allow_anonymous: true, persistence: false, max_packet_size: None, tls: None }
+        Self {
+            allow_anonymous: true,
+            persistence: false,
+            max_packet_size: None,
+            tls: None,
+            autosave: Autosave::OnEveryChange,
+            extra_config: String::new(),
+        }
     }
+}
+
+/// When a persistent broker writes its database to disk.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Autosave {
+    /// After every change (`autosave_on_changes true`, `autosave_interval 1`):
+    /// what tests that SIGKILL a broker and expect its queue back need.
+    OnEveryChange,
+    /// Mosquitto's own default, as users run it: every 1800 s and on a clean
+    /// shutdown (no `autosave_*` lines at all).
+    MosquittoDefault,
 }
 
 /// PEM files for the TLS listener (see [`crate::tls::TestPki`]).
@@ -254,9 +277,11 @@ impl Mosquitto {
         if o.persistence {
             c.push_str("persistence true\n");
             let _ = writeln!(c, "persistence_location {}/", dir.join("data").display());
-            // Save after every change: mosquitto otherwise only writes its db
-            // every 30 min or on clean shutdown, and tests SIGKILL it.
-            c.push_str("autosave_on_changes true\nautosave_interval 1\n");
+            if o.autosave == Autosave::OnEveryChange {
+                // Save after every change: mosquitto otherwise only writes its
+                // db every 30 min or on clean shutdown, and tests SIGKILL it.
+                c.push_str("autosave_on_changes true\nautosave_interval 1\n");
+            }
         } else {
             c.push_str("persistence false\n");
         }
@@ -267,6 +292,10 @@ impl Mosquitto {
             let _ = writeln!(c, "certfile {}", tls.cert.display());
             let _ = writeln!(c, "keyfile {}", tls.key.display());
             let _ = writeln!(c, "require_certificate {}", tls.require_certificate);
+        }
+        if !o.extra_config.is_empty() {
+            c.push_str(&o.extra_config);
+            c.push('\n');
         }
         c
     }
