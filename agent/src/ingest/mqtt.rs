@@ -13,6 +13,7 @@ use std::time::Duration;
 
 use sha2::{Digest, Sha256};
 use tokio::sync::watch;
+use tokio::task::JoinHandle;
 
 use super::parse::{self, BadInput, InputEvent};
 use super::{Ingest, IngestError};
@@ -23,9 +24,6 @@ use crate::store::AppendError;
 
 /// Messages committed together at most.
 const BATCH: usize = 512;
-
-/// How long a partial batch waits for more messages.
-const GATHER: Duration = Duration::from_millis(5);
 
 /// The local MQTT ingest task.
 pub struct MqttIngest {
@@ -78,37 +76,65 @@ impl MqttIngest {
             link.subscribe(filter.as_str())?;
         }
         tracing::info!(url = %self.config.endpoint.url(), topics = ?self.config.topics, "local MQTT ingest subscribed");
+        // One commit at a time; messages that arrive while it is in flight
+        // form the next batch, so batches grow with the commit latency and a
+        // lone message is never held back waiting for company.
         let mut pending: Vec<Incoming> = Vec::new();
-        let mut deadline = tokio::time::Instant::now();
-        loop {
+        let mut commit: Option<Commit> = None;
+        let result = loop {
             tokio::select! {
-                event = link.poll() => {
-                    if let LinkEvent::Message(m) = event? {
-                        if pending.is_empty() {
-                            deadline = tokio::time::Instant::now() + GATHER;
+                event = link.poll() => match event {
+                    Ok(LinkEvent::Message(m)) => pending.push(*m),
+                    Ok(_) => {}
+                    Err(e) => break Err(e),
+                },
+                stored = async { (&mut commit.as_mut().expect("guarded").task).await }, if commit.is_some() => {
+                    let Commit { messages, .. } = commit.take().expect("guarded");
+                    match stored {
+                        Ok(Stored::Yes(ids)) => {
+                            for m in &messages {
+                                link.ack(m)?;
+                            }
+                            // Dedup ids of acknowledged messages are no longer needed; off the ack path.
+                            let store = self.ingest.store().clone();
+                            tokio::spawn(async move {
+                                if let Err(e) = store.forget_ids(ids).await {
+                                    tracing::warn!(error = %e, "could not forget acknowledged MQTT message ids");
+                                }
+                            });
                         }
-                        pending.push(*m);
+                        Ok(Stored::Closed) => break Ok(()),
+                        Err(e) => break Err(LinkError::Connection(format!("storing local MQTT messages failed: {e}"))),
+                        Ok(Stored::Failed(e)) => {
+                            // Storage failure: leave the batch unacknowledged; the broker redelivers it.
+                            break Err(LinkError::Connection(format!("storing local MQTT messages failed: {e}")));
+                        }
                     }
                 }
-                _ = tokio::time::sleep_until(deadline), if !pending.is_empty() => {}
-                _ = self.shutdown.changed() => return Ok(()),
+                _ = self.shutdown.changed() => break Ok(()),
             }
-            if !pending.is_empty() && (pending.len() >= BATCH || tokio::time::Instant::now() >= deadline) {
-                self.commit(link, &mut pending).await?;
+            if commit.is_none() && !pending.is_empty() {
+                let take = pending.len().min(BATCH);
+                commit = self.start_commit(link, pending.drain(..take).collect())?;
             }
+        };
+        if let Some(c) = commit {
+            // Unacknowledged: the broker redelivers, and the derived ids dedupe what did commit.
+            c.task.abort();
         }
+        result
     }
 
-    /// Stores a batch, then acknowledges it. A full store leaves the batch
-    /// unacknowledged and retries, so the local broker holds the messages.
-    async fn commit(&mut self, link: &mut Link, pending: &mut Vec<Incoming>) -> Result<(), LinkError> {
-        let mut inputs = Vec::with_capacity(pending.len());
-        let mut valid = Vec::with_capacity(pending.len());
-        for m in pending.drain(..) {
+    /// Refuses what cannot become an event (acked, so it is not redelivered
+    /// forever) and starts storing the rest. `None` when nothing is left.
+    fn start_commit(&mut self, link: &mut Link, batch: Vec<Incoming>) -> Result<Option<Commit>, LinkError> {
+        let mut inputs = Vec::with_capacity(batch.len());
+        let mut messages = Vec::with_capacity(batch.len());
+        for m in batch {
             match message_to_input(&m) {
                 Ok(input) => {
                     inputs.push(input);
-                    valid.push(m);
+                    messages.push(m);
                 }
                 Err(e) => {
                     // Nothing can be answered over MQTT: log, and ack so it is not redelivered forever.
@@ -118,35 +144,44 @@ impl MqttIngest {
             }
         }
         if inputs.is_empty() {
-            return Ok(());
+            return Ok(None);
         }
-        loop {
-            match self.ingest.submit(inputs.clone()).await {
-                Ok(appended) => {
-                    for m in &valid {
-                        link.ack(m)?;
-                    }
-                    let ids = appended.into_iter().map(|a| a.id).collect();
-                    if let Err(e) = self.ingest.store().forget_ids(ids).await {
-                        tracing::warn!(error = %e, "could not forget acknowledged MQTT message ids");
-                    }
-                    return Ok(());
-                }
-                Err(IngestError::Store(
-                    AppendError::Full { retry_after, .. } | AppendError::DiskFull { retry_after, .. },
-                )) => {
-                    tracing::warn!(retry_in = ?retry_after, "store full: local MQTT messages wait at the broker");
-                    tokio::select! {
-                        _ = tokio::time::sleep(retry_after) => {}
-                        _ = self.shutdown.changed() => return Ok(()),
-                    }
-                }
-                Err(IngestError::Store(AppendError::Closed)) => return Ok(()),
-                Err(e) => {
-                    // Storage failure: leave the batch unacknowledged; the broker redelivers it.
-                    return Err(LinkError::Connection(format!("storing local MQTT messages failed: {e}")));
-                }
+        let ingest = self.ingest.clone();
+        let task = tokio::spawn(store_batch(ingest, inputs));
+        Ok(Some(Commit { task, messages }))
+    }
+}
+
+/// A batch being stored, and the messages to acknowledge once it is.
+struct Commit {
+    task: JoinHandle<Stored>,
+    messages: Vec<Incoming>,
+}
+
+/// How storing a batch ended.
+enum Stored {
+    /// Committed; the ids to forget once acknowledged.
+    Yes(Vec<String>),
+    /// The store closed (shutdown).
+    Closed,
+    /// The store failed.
+    Failed(IngestError),
+}
+
+/// Stores a batch. A full store is waited out (the messages stay
+/// unacknowledged at the broker meanwhile), so nothing is lost or refused.
+async fn store_batch(ingest: Ingest, inputs: Vec<InputEvent>) -> Stored {
+    loop {
+        match ingest.submit(inputs.clone()).await {
+            Ok(appended) => return Stored::Yes(appended.into_iter().map(|a| a.id).collect()),
+            Err(IngestError::Store(
+                AppendError::Full { retry_after, .. } | AppendError::DiskFull { retry_after, .. },
+            )) => {
+                tracing::warn!(retry_in = ?retry_after, "store full: local MQTT messages wait at the broker");
+                tokio::time::sleep(retry_after).await;
             }
+            Err(IngestError::Store(AppendError::Closed)) => return Stored::Closed,
+            Err(e) => return Stored::Failed(e),
         }
     }
 }
