@@ -310,7 +310,7 @@ pub(super) fn destination(
     let backoff_base =
         parse_duration(raw.backoff_base.as_deref().unwrap_or("500ms")).map_err(|r| cx.err("backoff_base", r))?;
     let backoff_cap =
-        parse_duration(raw.backoff_cap.as_deref().unwrap_or("60s")).map_err(|r| cx.err("backoff_cap", r))?;
+        parse_duration(raw.backoff_cap.as_deref().unwrap_or("30s")).map_err(|r| cx.err("backoff_cap", r))?;
     if backoff_base.is_zero() || backoff_cap < backoff_base {
         return Err(cx.err("backoff_cap", "backoff_base must be above zero and backoff_cap at least backoff_base"));
     }
