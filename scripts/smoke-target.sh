@@ -111,6 +111,16 @@ if [ "$ENGINE" = Cranelift ]; then
     echo "smoke-target $TARGET: armv7 artifact refused: $(grep -o 'does not fit this agent: [^(]*' "$WORK/mismatch.log" | head -1)"
 fi
 
+# A runtime-only build refuses a .wasm, saying how to precompile it.
+if [ -n "$RUNTIME" ]; then
+    if "${RUN[@]}" "$RUNTIME" plugin check --cases 1 "$PLUGIN" >"$WORK/nocompiler.log" 2>&1; then
+        fail "the runtime-only build loaded a .wasm"
+    fi
+    grep -q "ferry plugin precompile --target $TRIPLE" "$WORK/nocompiler.log" ||
+        fail "the runtime-only build's refusal does not say how to precompile"
+    echo "smoke-target $TARGET: runtime-only build refuses the .wasm: $(grep -o 'has no plugin compiler[^:]*' "$WORK/nocompiler.log" | head -1)"
+fi
+
 # --- broker ----------------------------------------------------------------
 for _ in 1 2 3 4 5; do
     MQTT_PORT=$(free_port)
