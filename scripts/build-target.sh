@@ -10,7 +10,8 @@
 # Installs what it needs and skips what is present: the rustup target and
 # Debian's cross gcc (the linker, and the C compiler for ring and wasmtime's
 # helpers). Prints the path of the built binary, which is copied to
-# $CARGO_TARGET_DIR/firmware/TARGET/ferry (or ferry-runtime-only).
+# $CARGO_TARGET_DIR/ferry-firmware/TARGET/ferry (or ferry-runtime-only), beside
+# cargo's own `firmware` profile directory rather than in it.
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -63,7 +64,7 @@ cd "$ROOT"
 cargo build --locked -p ferry --bin ferry --profile firmware --target "$TRIPLE" \
     --no-default-features ${FEATURES:+--features "$FEATURES"} >&2
 
-OUT=$CARGO_TARGET_DIR/firmware/$TARGET
+OUT=$CARGO_TARGET_DIR/ferry-firmware/$TARGET
 mkdir -p "$OUT"
 cp "$CARGO_TARGET_DIR/$TRIPLE/firmware/ferry" "$OUT/$NAME"
 echo "$OUT/$NAME"

@@ -11,7 +11,7 @@
 #                   test with it (the full build still precompiles)
 #
 # Prints one result line per binary (size, start-up time, RSS) and appends
-# it to $CARGO_TARGET_DIR/firmware/results.tsv. Under qemu-user every time is
+# it to $CARGO_TARGET_DIR/ferry-firmware/results.tsv. Under qemu-user every time is
 # emulated and RSS includes the emulator's own memory.
 set -euo pipefail
 
@@ -49,7 +49,7 @@ PLUGIN=$ROOT/plugins/build/threshold-filter.wasm
 # run as they are (e.g. ones built on another machine) instead of building.
 build() {
     if [ "${FERRY_SMOKE_PREBUILT:-0}" = 1 ]; then
-        local bin=$CARGO_TARGET_DIR/firmware/$TARGET/ferry${1:+-runtime-only}
+        local bin=$CARGO_TARGET_DIR/ferry-firmware/$TARGET/ferry${1:+-runtime-only}
         [ -x "$bin" ] || { echo "smoke-target: no prebuilt $bin" >&2; exit 1; }
         echo "$bin"
     else
@@ -111,6 +111,16 @@ if [ "$ENGINE" = Cranelift ]; then
     echo "smoke-target $TARGET: armv7 artifact refused: $(grep -o 'does not fit this agent: [^(]*' "$WORK/mismatch.log" | head -1)"
 fi
 
+# A runtime-only build refuses a .wasm, saying how to precompile it.
+if [ -n "$RUNTIME" ]; then
+    if "${RUN[@]}" "$RUNTIME" plugin check --cases 1 "$PLUGIN" >"$WORK/nocompiler.log" 2>&1; then
+        fail "the runtime-only build loaded a .wasm"
+    fi
+    grep -q "ferry plugin precompile --target $TRIPLE" "$WORK/nocompiler.log" ||
+        fail "the runtime-only build's refusal does not say how to precompile"
+    echo "smoke-target $TARGET: runtime-only build refuses the .wasm: $(grep -o 'has no plugin compiler[^:]*' "$WORK/nocompiler.log" | head -1)"
+fi
+
 # --- broker ----------------------------------------------------------------
 for _ in 1 2 3 4 5; do
     MQTT_PORT=$(free_port)
@@ -132,7 +142,7 @@ done
 # cache is empty) and loading the precompiled one, and the runtime-only build.
 RUNS=("$FULL|$PLUGIN|.wasm" "$FULL|$CWASM|.cwasm")
 [ -z "$RUNTIME" ] || RUNS+=("$RUNTIME|$CWASM|.cwasm")
-RESULTS=$CARGO_TARGET_DIR/firmware/results.tsv
+RESULTS=$CARGO_TARGET_DIR/ferry-firmware/results.tsv
 run=0
 for entry in "${RUNS[@]}"; do
     IFS='|' read -r BIN PLUGIN_FILE KIND <<<"$entry"
