@@ -1,8 +1,9 @@
 //! Ferry: an edge store-and-forward agent.
 //!
 //! Local producers hand Ferry events; it stores each one durably in an
-//! embedded redb file before saying yes, and (in later layers) forwards them
-//! over MQTT to several clouds, each on its own schedule.
+//! embedded redb file before saying yes, and forwards them over MQTT to
+//! several clouds, each on its own schedule. User logic runs as sandboxed
+//! WebAssembly plugins; state written in several clouds is merged per key.
 //!
 //! # Layout
 //!
@@ -30,6 +31,7 @@
 //!   components (wasmtime), their bounds, failure policy and circuit breaker.
 //! - [`event`] — the CloudEvents record and its versioned storage encoding.
 //! - [`topic`] — MQTT topic name validation and filter matching.
+//! - [`durable_file`] — crash-safe whole-file writes (plugin artifacts, fleet staging).
 //! - [`histogram`] — lock-free fixed-bucket histograms (commit time, delivery lag).
 //! - [`clock`] — the injectable wall clock and the hybrid logical clock.
 //! - [`config`] — the TOML config: parsed, then validated into [`config::Config`].
@@ -40,6 +42,7 @@ pub mod config;
 #[cfg(feature = "demo")]
 pub mod demo;
 pub mod downlink;
+pub mod durable_file;
 pub mod event;
 pub mod fleet;
 pub mod forward;

@@ -14,10 +14,11 @@
 //! callers run it off the async runtime.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
+
+use crate::durable_file::write_atomically;
 
 use super::bundle::{Chunk, ChunkHeader, Manifest, sha256_hex};
 use super::report::Report;
@@ -182,23 +183,6 @@ pub fn installed_component(data_dir: &Path, name: &str) -> Option<(u64, PathBuf)
         return None;
     }
     Some((active.version, path))
-}
-
-fn write_atomically(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
-    let dir = path.parent().unwrap_or(Path::new("."));
-    std::fs::create_dir_all(dir)?;
-    let tmp = path.with_extension(format!("tmp{}", std::process::id()));
-    let result = (|| {
-        let mut file = std::fs::File::create(&tmp)?;
-        file.write_all(bytes)?;
-        file.sync_all()?;
-        std::fs::rename(&tmp, path)?;
-        std::fs::File::open(dir)?.sync_all()
-    })();
-    if result.is_err() {
-        let _ = std::fs::remove_file(&tmp);
-    }
-    result
 }
 
 #[cfg(test)]

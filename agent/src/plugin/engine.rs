@@ -19,8 +19,6 @@
 
 #[cfg(feature = "compiler")]
 use std::hash::{Hash, Hasher};
-#[cfg(feature = "compiler")]
-use std::io::Write;
 use std::path::Path;
 #[cfg(feature = "compiler")]
 use std::path::PathBuf;
@@ -33,6 +31,8 @@ use wasmtime::component::Component;
 use wasmtime::{Config, Engine};
 
 use super::PluginError;
+#[cfg(feature = "compiler")]
+use crate::durable_file::write_atomically;
 
 /// How often the epoch advances; a timeout is rounded up to whole ticks.
 pub const EPOCH_TICK: Duration = Duration::from_millis(5);
@@ -273,25 +273,6 @@ fn compile_cached(
 #[cfg(feature = "compiler")]
 fn compile(engine: &Engine, wasm: &[u8]) -> Result<Component, PluginError> {
     Component::from_binary(engine, wasm).map_err(|e| PluginError::Invalid(format!("{e:#}")))
-}
-
-#[cfg(feature = "compiler")]
-fn write_atomically(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
-    let dir = path.parent().unwrap_or(Path::new("."));
-    std::fs::create_dir_all(dir)?;
-    let tmp = path.with_extension(format!("tmp{}", std::process::id()));
-    let result = (|| {
-        let mut file = std::fs::File::create(&tmp)?;
-        file.write_all(bytes)?;
-        file.sync_all()?;
-        std::fs::rename(&tmp, path)?;
-        // The rename is durable only once the directory is synced.
-        std::fs::File::open(dir)?.sync_all()
-    })();
-    if result.is_err() {
-        let _ = std::fs::remove_file(&tmp);
-    }
-    result
 }
 
 #[cfg(test)]
