@@ -62,3 +62,20 @@ fn publish_and_status_talk_to_a_running_agent_which_exits_cleanly_on_sigterm() {
     assert!(status.success(), "exit status {status}; log: {log:?}");
     assert!(log.iter().any(|l| l.contains("stopped cleanly")), "{log:?}");
 }
+
+#[test]
+fn every_firmware_targets_shipped_config_passes_config_check() {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../firmware-targets");
+    let mut checked = 0;
+    for entry in std::fs::read_dir(&root).unwrap() {
+        let config = entry.unwrap().path().join("ferry.toml");
+        if !config.exists() {
+            continue;
+        }
+        let out = Command::new(ferry_bin!()).args(["config", "check", "--config"]).arg(&config).output().unwrap();
+        let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+        assert!(out.status.success(), "{}: {text}", config.display());
+        checked += 1;
+    }
+    assert!(checked >= 4, "expected a ferry.toml per firmware target, found {checked}");
+}
