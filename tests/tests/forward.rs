@@ -471,14 +471,7 @@ async fn local_mqtt_ingest_stores_and_forwards_and_loses_nothing_when_the_agent_
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_route_verdict_limits_an_event_to_the_named_destinations_and_stays_off_the_wire() {
-    let (ma, mb) = (
-        Mosquitto::start(MosquittoOptions::default()).await.unwrap(),
-        Mosquitto::start(MosquittoOptions::default()).await.unwrap(),
-    );
-    let (ca, cb) = (
-        Collector::start(&ma.url(), "ferry/#", Protocol::V5).await.unwrap(),
-        Collector::start(&mb.url(), "ferry/#", Protocol::V5).await.unwrap(),
-    );
+    let ([ma, mb], [ca, cb]) = two_clouds().await;
     let t = TestAgent::start(&[destination("a", &ma.url(), "v5", ""), destination("b", &mb.url(), "v5", "")].concat())
         .await;
     let body = json!([
@@ -516,8 +509,8 @@ fn payloads(c: &Collector) -> Vec<(String, String)> {
         .collect()
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn a_destination_stage_filter_drops_and_transforms_for_its_destination_only() {
+/// Two brokers, each with a collector on everything Ferry publishes (MQTT 5).
+async fn two_clouds() -> ([Mosquitto; 2], [Collector; 2]) {
     let (ma, mb) = (
         Mosquitto::start(MosquittoOptions::default()).await.unwrap(),
         Mosquitto::start(MosquittoOptions::default()).await.unwrap(),
@@ -526,6 +519,12 @@ async fn a_destination_stage_filter_drops_and_transforms_for_its_destination_onl
         Collector::start(&ma.url(), "ferry/#", Protocol::V5).await.unwrap(),
         Collector::start(&mb.url(), "ferry/#", Protocol::V5).await.unwrap(),
     );
+    ([ma, mb], [ca, cb])
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_destination_stage_filter_drops_and_transforms_for_its_destination_only() {
+    let ([ma, mb], [ca, cb]) = two_clouds().await;
     let config = [
         destination("a", &ma.url(), "v5", ""),
         destination("b", &mb.url(), "v5", ""),
@@ -554,14 +553,7 @@ async fn a_destination_stage_filter_drops_and_transforms_for_its_destination_onl
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_trapping_destination_stage_plugin_dead_letters_for_its_destination_only() {
-    let (ma, mb) = (
-        Mosquitto::start(MosquittoOptions::default()).await.unwrap(),
-        Mosquitto::start(MosquittoOptions::default()).await.unwrap(),
-    );
-    let (ca, cb) = (
-        Collector::start(&ma.url(), "ferry/#", Protocol::V5).await.unwrap(),
-        Collector::start(&mb.url(), "ferry/#", Protocol::V5).await.unwrap(),
-    );
+    let ([ma, mb], [ca, cb]) = two_clouds().await;
     let config = [
         destination("a", &ma.url(), "v5", ""),
         destination("b", &mb.url(), "v5", ""),
