@@ -27,7 +27,8 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 
 use crate::clock::SystemClock;
-use crate::config::Config;
+use crate::config::{Config, MqttEndpoint, Protocol};
+use crate::forward::link::{Link, LinkEvent, LinkOptions};
 use crate::runtime::Agent;
 
 /// The demo device's id (and so the topic prefix `ferry/demo-gateway/`).
@@ -294,12 +295,6 @@ async fn get_text(url: &str) -> Option<String> {
     .flatten()
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Protocol {
-    V5,
-    V311,
-}
-
 /// An in-process rumqttd broker on its own thread and runtime. It lives
 /// until the process exits: the demo never needs to stop it (the proxy
 /// makes the outage).
@@ -422,56 +417,39 @@ impl Collector {
                 *seen.lock().expect("collector lock").entry(id).or_insert(0) += 1;
             }
         };
-        match protocol {
-            Protocol::V5 => {
-                use rumqttc::v5::mqttbytes::QoS;
-                use rumqttc::v5::{AsyncClient, Event, MqttOptions, mqttbytes::v5::Packet};
-                let mut opts = MqttOptions::new(format!("demo-{name}"), broker.ip().to_string(), broker.port());
-                opts.set_keep_alive(Duration::from_secs(30));
-                let (client, mut events) = AsyncClient::new(opts, 1024);
-                client.subscribe(filter, QoS::AtLeastOnce).await?;
-                tokio::spawn(async move {
-                    let _client = client;
-                    loop {
-                        match events.poll().await {
-                            Ok(Event::Incoming(Packet::SubAck(_))) => drop(ready_tx.send(true)),
-                            Ok(Event::Incoming(Packet::Publish(p))) => {
-                                let id = p.properties.as_ref().and_then(|props| {
-                                    props.user_properties.iter().find(|(k, _)| k == "id").map(|(_, v)| v.clone())
-                                });
-                                record(id);
-                            }
-                            Ok(_) => {}
-                            Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
-                        }
-                    }
-                });
+        let endpoint = MqttEndpoint {
+            host: broker.ip().to_string(),
+            port: broker.port(),
+            tls: false,
+            protocol,
+            client_id: format!("demo-{name}"),
+            username: None,
+            password: None,
+            ca_file: None,
+            client_cert: None,
+            client_key: None,
+            keep_alive: Duration::from_secs(30),
+            max_packet_bytes: 1024 * 1024,
+        };
+        let opts = LinkOptions { inflight: 16, queue: 1024, clean_session: true, manual_acks: false };
+        tokio::spawn(async move {
+            // The clouds run in this process and stay up: one connection for the whole run.
+            let mut link = Link::open(&endpoint, None, &opts);
+            while let Ok(event) = link.poll().await {
+                match event {
+                    LinkEvent::Connected { .. } if link.subscribe(&filter).is_err() => return,
+                    LinkEvent::Subscribed => drop(ready_tx.send(true)),
+                    // MQTT 5 carries the id as a user property (binary mode), 3.1.1 in the JSON envelope.
+                    LinkEvent::Message(m) => record(match protocol {
+                        Protocol::V5 => m.user_properties.iter().find(|(k, _)| k == "id").map(|(_, v)| v.clone()),
+                        Protocol::V311 => serde_json::from_slice::<Value>(&m.payload)
+                            .ok()
+                            .and_then(|v| v["id"].as_str().map(str::to_owned)),
+                    }),
+                    _ => {}
+                }
             }
-            Protocol::V311 => {
-                use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
-                let mut opts = MqttOptions::new(format!("demo-{name}"), broker.ip().to_string(), broker.port());
-                opts.set_keep_alive(Duration::from_secs(30));
-                opts.set_max_packet_size(1024 * 1024, 1024 * 1024);
-                let (client, mut events) = AsyncClient::new(opts, 1024);
-                client.subscribe(filter, QoS::AtLeastOnce).await?;
-                tokio::spawn(async move {
-                    let _client = client;
-                    loop {
-                        match events.poll().await {
-                            Ok(Event::Incoming(Packet::SubAck(_))) => drop(ready_tx.send(true)),
-                            Ok(Event::Incoming(Packet::Publish(p))) => {
-                                let id = serde_json::from_slice::<Value>(&p.payload)
-                                    .ok()
-                                    .and_then(|v| v["id"].as_str().map(str::to_owned));
-                                record(id);
-                            }
-                            Ok(_) => {}
-                            Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
-                        }
-                    }
-                });
-            }
-        }
+        });
         tokio::time::timeout(Duration::from_secs(10), ready.wait_for(|r| *r))
             .await
             .map_err(|_| anyhow::anyhow!("{name}: the subscriber got no SUBACK"))??;
