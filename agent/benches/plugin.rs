@@ -3,9 +3,11 @@
 //! start (deserialise the cached artifact + instantiate).
 //!
 //! The trivial filter is the C example `prefix-filter` with no prefixes: it
-//! keeps every event, so what is measured is the host crossing (lowering
-//! the events into guest memory, the call, lifting the verdicts) plus the
-//! guest's allocator. Needs `scripts/build-plugins.sh c` first.
+//! keeps every event without reading any attribute, so what is measured is
+//! the host crossing (lending the batch, the call, lifting the verdicts).
+//! A second pass configures a prefix, so the filter reads each event's
+//! subject: the cost of one attribute read per event. Needs
+//! `scripts/build-plugins.sh c` first.
 //! Run: `cargo bench -p ferry --bench plugin` (`FERRY_BENCH_PLUGIN` picks
 //! another component, `FERRY_BENCH_SECS` the seconds per batch size).
 
@@ -25,9 +27,9 @@ fn main() {
     assert!(path.is_file(), "{} is missing: run scripts/build-plugins.sh c first", path.display());
     let secs: f64 = std::env::var("FERRY_BENCH_SECS").ok().and_then(|s| s.parse().ok()).unwrap_or(2.0);
     let scratch = tempfile::tempdir().unwrap();
-    let report =
-        check::bench(&path, &CheckOptions::default(), scratch.path(), &[1, 64, 1024], Duration::from_secs_f64(secs))
-            .expect("benchmarking the plugin");
+    let min_time = Duration::from_secs_f64(secs);
+    let report = check::bench(&path, &CheckOptions::default(), scratch.path(), &[1, 64, 1024], min_time)
+        .expect("benchmarking the plugin");
 
     println!("plugin: {} ({} world)", path.display(), report.world.as_str());
     println!("cold start   (compile + instantiate): {:>10.2?}", report.cold_start);
@@ -50,5 +52,15 @@ fn main() {
             print!("  {} target {:?}", verdict(t.per_event <= TARGET_PER_EVENT_AT_1024), TARGET_PER_EVENT_AT_1024);
         }
         println!();
+    }
+
+    let mut reading = CheckOptions::default();
+    reading.config.insert("prefixes".into(), "debug/".into());
+    let report = check::bench(&path, &reading, scratch.path(), &[1024], min_time).expect("benchmarking the plugin");
+    for t in &report.timings {
+        println!(
+            "batch {:>5}, reading each subject (prefixes = \"debug/\"): {:>9.0?} per event, {:>10.2?} per call",
+            t.batch, t.per_event, t.per_call
+        );
     }
 }

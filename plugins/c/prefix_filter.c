@@ -62,20 +62,29 @@ static bool dropped(const filter_string_t *subject) {
   return false;
 }
 
-void exports_filter_filter(filter_list_event_t *events, filter_list_verdict_t *ret) {
+void exports_filter_filter(filter_borrow_batch_t events, filter_list_verdict_t *ret) {
   if (!configured) configure();
 
-  // The export owns `events` and must free them; the host frees `ret`
+  // The events stay in the host: only the subject of each is copied in, and
+  // only when there is a prefix to compare it with. The host frees `ret`
   // after copying it out (post-return).
-  ret->len = events->len;
+  size_t n = ferry_plugin_types_method_batch_len(events);
+  ret->len = n;
   ret->ptr = NULL;
-  if (events->len > 0) {
-    ret->ptr = calloc(events->len, sizeof *ret->ptr);
+  if (n > 0) {
+    ret->ptr = calloc(n, sizeof *ret->ptr);
     if (ret->ptr == NULL) abort();
   }
-  for (size_t i = 0; i < events->len; i++) {
-    ret->ptr[i].tag = dropped(&events->ptr[i].subject) ? FERRY_PLUGIN_TYPES_VERDICT_DROP
-                                                       : FERRY_PLUGIN_TYPES_VERDICT_KEEP;
+  for (size_t i = 0; i < n; i++) {
+    bool drop = false;
+    if (prefix_count > 0) {
+      filter_string_t subject;
+      ferry_plugin_types_method_batch_subject(events, (uint32_t)i, &subject);
+      drop = dropped(&subject);
+      filter_string_free(&subject);
+    }
+    ret->ptr[i].tag = drop ? FERRY_PLUGIN_TYPES_VERDICT_DROP : FERRY_PLUGIN_TYPES_VERDICT_KEEP;
   }
-  filter_list_event_free(events);
+  // A borrowed handle must be released before the export returns.
+  ferry_plugin_types_batch_drop_borrow(events);
 }

@@ -9,7 +9,7 @@ wins; events that match no rule are kept for every destination.
 import router
 import wit_world
 from wit_world.imports import config, log
-from wit_world.imports.types import Event, Verdict, Verdict_Keep, Verdict_Route
+from wit_world.imports.types import Batch, Verdict, Verdict_Keep, Verdict_Route
 
 _routes = None
 
@@ -28,10 +28,11 @@ def _load_routes():
 
 
 class WitWorld(wit_world.WitWorld):
-    def filter(self, events: list[Event]) -> list[Verdict]:
+    def filter(self, events: Batch) -> list[Verdict]:
+        # The events stay in the host; only each one's subject is read.
         routes = _load_routes()
         verdicts: list[Verdict] = []
-        for event in events:
-            names = router.destinations(routes, event.subject)
+        for i in range(events.len()):
+            names = router.destinations(routes, events.subject(i))
             verdicts.append(Verdict_Keep() if names is None else Verdict_Route(names))
         return verdicts

@@ -269,14 +269,14 @@ fn repeated_failures_open_the_circuit_and_a_later_success_closes_it() {
         e
     };
     for _ in 0..3 {
-        assert!(matches!(plugin.filter(&[event("hostile/trap")]), Err(PluginError::Trap(_))));
+        assert!(matches!(plugin.filter(&Arc::new(vec![event("hostile/trap")])), Err(PluginError::Trap(_))));
     }
     let calls = plugin.status().calls;
-    assert!(matches!(plugin.filter(&[event("good/1")]), Err(PluginError::CircuitOpen)));
+    assert!(matches!(plugin.filter(&Arc::new(vec![event("good/1")])), Err(PluginError::CircuitOpen)));
     assert_eq!(plugin.status().calls, calls, "an open circuit does not call the plugin");
     assert_eq!(plugin.status().circuit, ferry::plugin::CircuitState::Open);
     std::thread::sleep(Duration::from_millis(350));
-    assert_eq!(plugin.filter(&[event("good/1")]).unwrap().len(), 1, "the half-open trial succeeds");
+    assert_eq!(plugin.filter(&Arc::new(vec![event("good/1")])).unwrap().len(), 1, "the half-open trial succeeds");
     assert_eq!(plugin.status().circuit, ferry::plugin::CircuitState::Closed);
 }
 
@@ -300,9 +300,9 @@ fn fuel_bounds_a_runaway_plugin_deterministically() {
         0,
         0,
     );
-    assert!(matches!(plugin.filter(std::slice::from_ref(&e)), Err(PluginError::Timeout(CpuLimit::Fuel(_)))));
+    assert!(matches!(plugin.filter(&Arc::new(vec![e.clone()])), Err(PluginError::Timeout(CpuLimit::Fuel(_)))));
     e.subject = "good/1".into();
-    assert_eq!(plugin.filter(&[e]).unwrap().len(), 1);
+    assert_eq!(plugin.filter(&Arc::new(vec![e])).unwrap().len(), 1);
     assert!(plugin.status().fuel_used >= 5_000_000);
 }
 

@@ -11,6 +11,7 @@
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::path::Path;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
@@ -174,7 +175,7 @@ fn gen_event(g: &mut Gen, n: u64) -> WitEvent {
 fn check_filter(plugin: &mut Plugin, options: &CheckOptions, findings: &mut Vec<Finding>) {
     let mut g = Gen(0xF1_17E5);
     let mut n = 0;
-    let batches: Vec<Vec<WitEvent>> = (0..options.cases.max(1))
+    let batches: Vec<Arc<Vec<WitEvent>>> = (0..options.cases.max(1))
         .map(|i| {
             let size = [0, 1, 2, 3, 8, 16, 64][i % 7];
             (0..size)
@@ -182,8 +183,9 @@ fn check_filter(plugin: &mut Plugin, options: &CheckOptions, findings: &mut Vec<
                     n += 1;
                     gen_event(&mut g, n)
                 })
-                .collect()
+                .collect::<Vec<_>>()
         })
+        .map(Arc::new)
         .collect();
     // Ok: every batch's verdicts and the slowest call; Err: the failing batch.
     type Run = Result<(Vec<Vec<Verdict>>, Duration), (usize, PluginError)>;
@@ -197,7 +199,7 @@ fn check_filter(plugin: &mut Plugin, options: &CheckOptions, findings: &mut Vec<
         }
         Ok((out, slowest))
     };
-    let events: usize = batches.iter().map(Vec::len).sum();
+    let events: usize = batches.iter().map(|b| b.len()).sum();
     let first = match run(plugin) {
         Ok(first) => {
             findings.push(Finding {
@@ -567,14 +569,15 @@ pub fn bench(
         World::Filter => {
             let mut g = Gen(7);
             for &batch in batches {
-                let events: Vec<WitEvent> = (0..batch as u64)
+                let events: Arc<Vec<WitEvent>> = (0..batch as u64)
                     .map(|n| {
                         let mut e = gen_event(&mut g, n);
                         e.data = format!("{{\"temp\": {}}}", n % 40).into_bytes();
                         e.datacontenttype = Some("application/json".into());
                         e
                     })
-                    .collect();
+                    .collect::<Vec<_>>()
+                    .into();
                 plugin.filter(&events)?;
                 timings.push(time(batch, min_time, || plugin.filter(&events).map(drop))?);
             }

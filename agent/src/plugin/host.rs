@@ -11,7 +11,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use wasmtime::component::{HasSelf, Linker, ResourceTable};
+use wasmtime::component::{HasSelf, Linker, Resource, ResourceTable};
 use wasmtime::{Engine, ResourceLimiter, Store, Trap};
 use wasmtime_wasi::cli::{IsTerminal, StdoutStream};
 use wasmtime_wasi::p2::{OutputStream, Pollable, StreamResult};
@@ -27,7 +27,14 @@ use crate::config::plugin::{CpuLimit, OnError, PluginConfig, World};
 pub mod bindings {
     /// The `filter` world.
     pub mod filter {
-        wasmtime::component::bindgen!({ path: "../wit", world: "filter", additional_derives: [PartialEq, Eq] });
+        wasmtime::component::bindgen!({
+            path: "../wit",
+            world: "filter",
+            additional_derives: [PartialEq, Eq],
+            with: { "ferry:plugin/types.batch": crate::plugin::host::EventBatch },
+            // A bad index in a `batch` method traps the call.
+            imports: { "ferry:plugin/types": trappable },
+        });
     }
     /// The `merge` world.
     pub mod merge {
@@ -124,7 +131,81 @@ fn clip(text: &str) -> &str {
     &text[..end]
 }
 
+/// The events of one filter call, lent to the plugin as its `batch`
+/// resource while the call runs. Shared, so lending copies nothing.
+pub struct EventBatch(Arc<Vec<WitEvent>>);
+
+impl HostState {
+    fn event(&self, batch: &Resource<EventBatch>, index: u32) -> wasmtime::Result<&WitEvent> {
+        let events = &self.table.get(batch)?.0;
+        events
+            .get(index as usize)
+            .ok_or_else(|| wasmtime::format_err!("event index {index} is out of range for a batch of {}", events.len()))
+    }
+}
+
 impl wit_types::Host for HostState {}
+
+impl wit_types::HostBatch for HostState {
+    fn len(&mut self, batch: Resource<EventBatch>) -> wasmtime::Result<u32> {
+        Ok(u32::try_from(self.table.get(&batch)?.0.len())?)
+    }
+
+    fn get(&mut self, batch: Resource<EventBatch>, index: u32) -> wasmtime::Result<WitEvent> {
+        Ok(self.event(&batch, index)?.clone())
+    }
+
+    fn id(&mut self, batch: Resource<EventBatch>, index: u32) -> wasmtime::Result<String> {
+        Ok(self.event(&batch, index)?.id.clone())
+    }
+
+    fn source(&mut self, batch: Resource<EventBatch>, index: u32) -> wasmtime::Result<String> {
+        Ok(self.event(&batch, index)?.source.clone())
+    }
+
+    fn type_(&mut self, batch: Resource<EventBatch>, index: u32) -> wasmtime::Result<String> {
+        Ok(self.event(&batch, index)?.type_.clone())
+    }
+
+    fn subject(&mut self, batch: Resource<EventBatch>, index: u32) -> wasmtime::Result<String> {
+        Ok(self.event(&batch, index)?.subject.clone())
+    }
+
+    fn time(&mut self, batch: Resource<EventBatch>, index: u32) -> wasmtime::Result<String> {
+        Ok(self.event(&batch, index)?.time.clone())
+    }
+
+    fn datacontenttype(&mut self, batch: Resource<EventBatch>, index: u32) -> wasmtime::Result<Option<String>> {
+        Ok(self.event(&batch, index)?.datacontenttype.clone())
+    }
+
+    fn data(&mut self, batch: Resource<EventBatch>, index: u32) -> wasmtime::Result<Vec<u8>> {
+        Ok(self.event(&batch, index)?.data.clone())
+    }
+
+    fn sequence(&mut self, batch: Resource<EventBatch>, index: u32) -> wasmtime::Result<u64> {
+        Ok(self.event(&batch, index)?.sequence)
+    }
+
+    fn hlc(&mut self, batch: Resource<EventBatch>, index: u32) -> wasmtime::Result<u64> {
+        Ok(self.event(&batch, index)?.hlc)
+    }
+
+    fn partitionkey(&mut self, batch: Resource<EventBatch>, index: u32) -> wasmtime::Result<Option<String>> {
+        Ok(self.event(&batch, index)?.partitionkey.clone())
+    }
+
+    fn extension(&mut self, batch: Resource<EventBatch>, index: u32, name: String) -> wasmtime::Result<Option<String>> {
+        Ok(self.event(&batch, index)?.extensions.iter().find(|(k, _)| *k == name).map(|(_, v)| v.clone()))
+    }
+
+    fn drop(&mut self, batch: Resource<EventBatch>) -> wasmtime::Result<()> {
+        // Only the host owns a batch (the plugin gets a borrow), so this runs
+        // only if a plugin forges an owned handle; the host deletes it after the call anyway.
+        self.table.delete(batch)?;
+        Ok(())
+    }
+}
 
 impl wit_log::Host for HostState {
     fn log(&mut self, level: wit_log::Level, message: String, fields: Vec<(String, String)>) {
@@ -510,7 +591,7 @@ impl Plugin {
 
     /// Calls the filter on a batch. Exactly one verdict per event comes
     /// back, or the call is a failure ([`PluginError::InvalidOutput`]).
-    pub fn filter(&mut self, events: &[WitEvent]) -> Result<Vec<Verdict>, PluginError> {
+    pub fn filter(&mut self, events: &Arc<Vec<WitEvent>>) -> Result<Vec<Verdict>, PluginError> {
         if self.world != World::Filter {
             return Err(PluginError::WrongWorld { world: World::Filter, reason: "this is a merge plugin".into() });
         }
@@ -518,7 +599,12 @@ impl Plugin {
         self.call(
             n,
             |i| match &i.bindings {
-                Bindings::Filter(b) => b.call_filter(&mut i.store, events),
+                Bindings::Filter(b) => {
+                    let batch = i.store.data_mut().table.push(EventBatch(events.clone()))?;
+                    let result = b.call_filter(&mut i.store, Resource::new_borrow(batch.rep()));
+                    i.store.data_mut().table.delete(batch)?;
+                    result
+                }
                 Bindings::Merge(_) => unreachable!("world checked above"),
             },
             |verdicts| {

@@ -200,6 +200,7 @@ impl PluginHandle {
                 for job in rx.iter() {
                     match job {
                         Job::Filter(events, reply) => {
+                            let events = Arc::new(events);
                             let verdicts = plugin.filter(&events);
                             if let Ok(v) = &verdicts {
                                 recent::offer(&samples, || Sample::Filter(events, v.clone()));

@@ -7,7 +7,7 @@
 //! per [`SAMPLE_INTERVAL`] is kept, within [`MAX_SAMPLES`] and [`MAX_BYTES`].
 
 use std::collections::VecDeque;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use super::{Verdict, Versioned, WitEvent};
@@ -25,7 +25,7 @@ pub const MAX_BYTES: usize = 1 << 20;
 #[derive(Debug, Clone)]
 pub enum Sample {
     /// A filter batch and its verdicts.
-    Filter(Vec<WitEvent>, Vec<Verdict>),
+    Filter(Arc<Vec<WitEvent>>, Vec<Verdict>),
     /// A merge call (key, current, incoming) and its result.
     Merge(String, Option<Versioned>, Versioned, Result<Vec<u8>, String>),
 }

@@ -33,11 +33,11 @@ macro_rules! export_filter {
             struct Export;
 
             impl $crate::__private::filter::Guest for Export {
-                fn filter(events: ::std::vec::Vec<$crate::Event>) -> ::std::vec::Vec<$crate::Verdict> {
+                fn filter(batch: $crate::__private::BatchRef<'_>) -> ::std::vec::Vec<$crate::Verdict> {
                     PLUGIN.with_borrow_mut(|slot| {
                         let plugin =
                             slot.get_or_insert_with(|| $crate::__private::instance(<$plugin as $crate::Filter>::new));
-                        <$plugin as $crate::Filter>::filter(plugin, events)
+                        <$plugin as $crate::Filter>::filter(plugin, &$crate::Events::from_host(batch))
                     })
                 }
             }

@@ -12,6 +12,7 @@
 //! # Layout
 //! - [`Filter`], `export_filter!` — the `filter` world: batches of events in,
 //!   one [`Verdict`] per event out.
+//! - [`Events`], [`EventRef`] — a batch, read attribute by attribute.
 //! - [`Merge`], `export_merge!` — the `merge` world: reconcile concurrent
 //!   [`Versioned`] state.
 //! - [`Config`], [`ConfigError`] — the plugin's own config table.
@@ -20,11 +21,13 @@
 
 mod bindings;
 mod config;
+mod events;
 mod export;
 pub mod log;
 
 pub use bindings::host::ferry::plugin::types::{Event, Verdict, Versioned};
 pub use config::{Config, ConfigError};
+pub use events::{EventRef, Events};
 
 /// A filter or transform in the `filter` world.
 ///
@@ -37,8 +40,10 @@ pub trait Filter: Sized + 'static {
     /// first batch. An error is logged and traps the instance.
     fn new(config: &Config) -> Result<Self, ConfigError>;
 
-    /// Returns exactly one verdict per event, in the same order.
-    fn filter(&mut self, events: Vec<Event>) -> Vec<Verdict>;
+    /// Returns exactly one verdict per event, in the same order. The events
+    /// stay in the host; read only the attributes the decision needs (each
+    /// read is a copy), or [`EventRef::to_event`] to transform one.
+    fn filter(&mut self, events: &Events<'_>) -> Vec<Verdict>;
 }
 
 /// A merge (conflict-resolution) function in the `merge` world.
@@ -66,4 +71,6 @@ pub mod __private {
     pub use crate::bindings::merge;
     #[cfg(target_arch = "wasm32")]
     pub use crate::export::instance;
+    /// How the `filter` export receives its borrowed batch.
+    pub type BatchRef<'a> = &'a crate::bindings::host::ferry::plugin::types::Batch;
 }

@@ -3,7 +3,7 @@
 //! Other events are replaced by a copy that carries the plugin's config, so
 //! tests can also see that config reaches the plugin.
 
-use ferry_plugin_sdk::{Config, ConfigError, Event, Filter, Verdict};
+use ferry_plugin_sdk::{Config, ConfigError, Event, Events, Filter, Verdict};
 
 /// The filter; remembers its config as `k=v;k=v`.
 pub struct HostileFilter {
@@ -16,7 +16,8 @@ impl Filter for HostileFilter {
         Ok(HostileFilter { echo })
     }
 
-    fn filter(&mut self, events: Vec<Event>) -> Vec<Verdict> {
+    fn filter(&mut self, events: &Events<'_>) -> Vec<Verdict> {
+        let events: Vec<Event> = events.iter().map(|e| e.to_event()).collect();
         let subjects: Vec<&str> = events.iter().map(|e| e.subject.as_str()).collect();
         if subjects.contains(&"hostile/loop") {
             let mut n = 0u64;

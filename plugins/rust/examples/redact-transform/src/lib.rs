@@ -9,7 +9,7 @@
 //! values overwritten; it keeps its `id`, so consumers still deduplicate
 //! resent copies. Other events are kept untouched.
 
-use ferry_plugin_sdk::{Config, ConfigError, Event, Filter, Verdict, log};
+use ferry_plugin_sdk::{Config, ConfigError, Event, EventRef, Events, Filter, Verdict, log};
 use serde_json::Value;
 
 /// The transform, configured.
@@ -20,9 +20,10 @@ pub struct RedactTransform {
 }
 
 impl RedactTransform {
-    /// The verdict for one event; takes the event to reuse it in a `replace`.
-    pub fn verdict(&self, mut event: Event) -> Verdict {
-        let Ok(mut json) = serde_json::from_slice::<Value>(&event.data) else {
+    /// The verdict for one event. Reads its data, and copies the whole
+    /// event out of the host only when it has something to redact.
+    pub fn verdict(&self, event: EventRef<'_>) -> Verdict {
+        let Ok(mut json) = serde_json::from_slice::<Value>(&event.data()) else {
             return Verdict::Keep;
         };
         let mut redacted = false;
@@ -35,8 +36,8 @@ impl RedactTransform {
         if !redacted {
             return Verdict::Keep;
         }
-        event.data = serde_json::to_vec(&json).expect("a JSON value always serializes");
-        Verdict::Replace(vec![event])
+        let data = serde_json::to_vec(&json).expect("a JSON value always serializes");
+        Verdict::Replace(vec![Event { data, ..event.to_event() }])
     }
 }
 
@@ -60,8 +61,8 @@ impl Filter for RedactTransform {
         Ok(RedactTransform { paths, replacement })
     }
 
-    fn filter(&mut self, events: Vec<Event>) -> Vec<Verdict> {
-        events.into_iter().map(|event| self.verdict(event)).collect()
+    fn filter(&mut self, events: &Events<'_>) -> Vec<Verdict> {
+        events.iter().map(|event| self.verdict(event)).collect()
     }
 }
 
@@ -73,6 +74,11 @@ mod tests {
 
     fn transform(fields: &str) -> RedactTransform {
         RedactTransform::new(&Config::from_entries([("fields", fields)])).unwrap()
+    }
+
+    fn verdict(t: &RedactTransform, data: &str) -> Verdict {
+        let batch = [event(data)];
+        t.verdict(Events::from_slice(&batch).get(0))
     }
 
     fn event(data: &str) -> Event {
@@ -106,7 +112,7 @@ mod tests {
     fn replaces_configured_fields_and_keeps_the_others_in_order() {
         let t = transform("password, user.email");
         let data =
-            replaced_data(t.verdict(event(r#"{"user":{"name":"ada","email":"a@x"},"password":"hunter2","ok":true}"#)));
+            replaced_data(verdict(&t, r#"{"user":{"name":"ada","email":"a@x"},"password":"hunter2","ok":true}"#));
         assert_eq!(data, r#"{"user":{"name":"ada","email":"[redacted]"},"password":"[redacted]","ok":true}"#);
     }
 
@@ -114,14 +120,14 @@ mod tests {
     fn keeps_events_without_the_fields_or_without_json() {
         let t = transform("password");
         for data in [r#"{"user":"ada"}"#, "plain text", r#"["password"]"#] {
-            assert_eq!(t.verdict(event(data)), Verdict::Keep, "{data:?}");
+            assert_eq!(verdict(&t, data), Verdict::Keep, "{data:?}");
         }
     }
 
     #[test]
     fn uses_the_configured_replacement() {
         let t = RedactTransform::new(&Config::from_entries([("fields", "token"), ("replacement", "***")])).unwrap();
-        assert_eq!(replaced_data(t.verdict(event(r#"{"token":"t"}"#))), r#"{"token":"***"}"#);
+        assert_eq!(replaced_data(verdict(&t, r#"{"token":"t"}"#)), r#"{"token":"***"}"#);
     }
 
     #[test]

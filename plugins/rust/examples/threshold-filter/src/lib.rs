@@ -7,7 +7,7 @@
 //! lacks the field, or holds a non-number there is kept, so a schema change
 //! upstream never silently discards events.
 
-use ferry_plugin_sdk::{Config, ConfigError, Event, Filter, Verdict, log};
+use ferry_plugin_sdk::{Config, ConfigError, Events, Filter, Verdict, log};
 use serde_json::Value;
 
 /// The filter, configured.
@@ -18,9 +18,9 @@ pub struct ThresholdFilter {
 }
 
 impl ThresholdFilter {
-    /// The verdict for one event.
-    pub fn verdict(&self, event: &Event) -> Verdict {
-        match self.reading(&event.data) {
+    /// The verdict for an event with this data.
+    pub fn verdict(&self, data: &[u8]) -> Verdict {
+        match self.reading(data) {
             Some(value) if value < self.min => Verdict::Drop,
             _ => Verdict::Keep,
         }
@@ -47,8 +47,9 @@ impl Filter for ThresholdFilter {
         Ok(ThresholdFilter { path, min })
     }
 
-    fn filter(&mut self, events: Vec<Event>) -> Vec<Verdict> {
-        events.iter().map(|event| self.verdict(event)).collect()
+    fn filter(&mut self, events: &Events<'_>) -> Vec<Verdict> {
+        // Only the data is read: the other attributes never leave the host.
+        events.iter().map(|event| self.verdict(&event.data())).collect()
     }
 }
 
@@ -56,6 +57,8 @@ ferry_plugin_sdk::export_filter!(ThresholdFilter);
 
 #[cfg(test)]
 mod tests {
+    use ferry_plugin_sdk::Event;
+
     use super::*;
 
     fn filter(field: &str, min: &str) -> ThresholdFilter {
@@ -81,7 +84,8 @@ mod tests {
     #[test]
     fn drops_readings_below_min_and_keeps_the_rest() {
         let mut f = filter("temp", "20");
-        let verdicts = f.filter(vec![event(r#"{"temp": 19.5}"#), event(r#"{"temp": 20}"#), event(r#"{"temp": 31}"#)]);
+        let batch = [event(r#"{"temp": 19.5}"#), event(r#"{"temp": 20}"#), event(r#"{"temp": 31}"#)];
+        let verdicts = f.filter(&Events::from_slice(&batch));
         assert_eq!(verdicts, [Verdict::Drop, Verdict::Keep, Verdict::Keep]);
     }
 
@@ -89,15 +93,15 @@ mod tests {
     fn keeps_what_it_cannot_read() {
         let f = filter("temp", "20");
         for data in ["not json", "[1, 2]", r#"{"other": 1}"#, r#"{"temp": "cold"}"#, ""] {
-            assert_eq!(f.verdict(&event(data)), Verdict::Keep, "{data:?}");
+            assert_eq!(f.verdict(&event(data).data), Verdict::Keep, "{data:?}");
         }
     }
 
     #[test]
     fn follows_dotted_paths() {
         let f = filter("reading.celsius", "0");
-        assert_eq!(f.verdict(&event(r#"{"reading": {"celsius": -4}}"#)), Verdict::Drop);
-        assert_eq!(f.verdict(&event(r#"{"reading": 3}"#)), Verdict::Keep);
+        assert_eq!(f.verdict(&event(r#"{"reading": {"celsius": -4}}"#).data), Verdict::Drop);
+        assert_eq!(f.verdict(&event(r#"{"reading": 3}"#).data), Verdict::Keep);
     }
 
     #[test]
