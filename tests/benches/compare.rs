@@ -25,7 +25,9 @@
 //! `FERRY_COMPARE_SYSTEMS` (comma-separated subset of bridge,ferry-mqtt,ferry-http),
 //! `FERRY_COMPARE_WINDOW` (events in flight per producer, 32),
 //! `FERRY_COMPARE_LOCAL_INFLIGHT` (`max_inflight_messages` of the local
-//! broker, both setups; unset: Mosquitto's default of 20).
+//! broker, both setups; unset: Mosquitto's default of 20),
+//! `FERRY_COMPARE_AGENT` (path of another `ferry` build to run instead of the
+//! one built with this bench, to compare two builds).
 
 use std::fmt::Write as _;
 use std::path::PathBuf;
@@ -200,7 +202,9 @@ impl Rig {
 
     async fn start_ferry(&mut self) -> anyhow::Result<()> {
         let config = self.ferry_config.clone().expect("a ferry rig");
-        let ferry = tokio::task::spawn_blocking(move || FerryProcess::start(ferry_bin!(), &config)).await??;
+        // Another build of the agent can stand in, to compare two builds on the same rig.
+        let bin = std::env::var_os("FERRY_COMPARE_AGENT").map_or_else(|| ferry_bin!().to_path_buf(), PathBuf::from);
+        let ferry = tokio::task::spawn_blocking(move || FerryProcess::start(&bin, &config)).await??;
         *self.url.write().expect("url lock") = Some(ferry.url());
         self.ferry = Some(ferry);
         Ok(())
