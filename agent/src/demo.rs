@@ -431,7 +431,8 @@ impl Collector {
             keep_alive: Duration::from_secs(30),
             max_packet_bytes: 1024 * 1024,
         };
-        let opts = LinkOptions { inflight: 16, queue: 1024, clean_session: true, manual_acks: false };
+        let opts =
+            LinkOptions { inflight: 16, queue: 1024, clean_session: true, manual_acks: false, receive_maximum: None };
         tokio::spawn(async move {
             // The clouds run in this process and stay up: one connection for the whole run.
             let mut link = Link::open(&endpoint, None, &opts);

@@ -22,7 +22,12 @@
 //! `FERRY_COMPARE_RATE` (events/s for latency and outage, default 2000),
 //! `FERRY_COMPARE_LATENCY_SECS` (10), `FERRY_COMPARE_OUTAGE_SECS` (60),
 //! `FERRY_COMPARE_KILLS` (10), `FERRY_COMPARE_CUTS` (power cuts, 40),
-//! `FERRY_COMPARE_SYSTEMS` (comma-separated subset of bridge,ferry-mqtt,ferry-http).
+//! `FERRY_COMPARE_SYSTEMS` (comma-separated subset of bridge,ferry-mqtt,ferry-http),
+//! `FERRY_COMPARE_WINDOW` (events in flight per producer, 32),
+//! `FERRY_COMPARE_LOCAL_INFLIGHT` (`max_inflight_messages` of the local
+//! broker, both setups; unset: Mosquitto's default of 20),
+//! `FERRY_COMPARE_AGENT` (path of another `ferry` build to run instead of the
+//! one built with this bench, to compare two builds).
 
 use std::fmt::Write as _;
 use std::path::PathBuf;
@@ -37,9 +42,8 @@ use ferry_tests::{FerryProcess, ferry_bin, write_config_with};
 use rand::Rng as _;
 
 const PRODUCERS: u32 = 4;
-/// QoS 1 publishes in flight per MQTT producer; HTTP producers keep as many
-/// events in flight (2 requests of 16 at full speed).
-const WINDOW: u16 = 32;
+/// Events per HTTP request at full speed.
+const HTTP_BATCH: u16 = 16;
 
 #[derive(Debug, Clone)]
 struct Settings {
@@ -50,6 +54,11 @@ struct Settings {
     kills: usize,
     cuts: usize,
     systems: Vec<System>,
+    /// QoS 1 publishes in flight per MQTT producer; HTTP producers keep as
+    /// many events in flight (requests of `HTTP_BATCH` at full speed).
+    window: u16,
+    /// `max_inflight_messages` of the local broker (both setups), if set.
+    local_inflight: Option<u32>,
 }
 
 fn env_num(name: &str, default: f64) -> f64 {
@@ -87,13 +96,18 @@ struct Rig {
     ferry_config: Option<PathBuf>,
     url: Arc<RwLock<Option<String>>>,
     next_producer: u32,
+    window: u16,
     _dir: tempfile::TempDir,
 }
 
 /// The local broker both the bridge and Ferry's MQTT ingest use: persistence
 /// on with Mosquitto's default autosave (every 1800 s and at clean
-/// shutdown), no queue limit (`max_queued_messages 0`, set by the harness).
-fn local_options(extra: String) -> MosquittoOptions {
+/// shutdown), no queue limit (`max_queued_messages 0`, set by the harness),
+/// and the same `max_inflight_messages` for both when one is asked for.
+fn local_options(s: &Settings, mut extra: String) -> MosquittoOptions {
+    if let Some(n) = s.local_inflight {
+        let _ = writeln!(extra, "max_inflight_messages {n}");
+    }
     MosquittoOptions {
         persistence: true,
         autosave: Autosave::MosquittoDefault,
@@ -103,7 +117,7 @@ fn local_options(extra: String) -> MosquittoOptions {
 }
 
 impl Rig {
-    async fn start(system: System) -> anyhow::Result<Self> {
+    async fn start(system: System, s: &Settings) -> anyhow::Result<Self> {
         let clouds = [
             Mosquitto::start(MosquittoOptions::default()).await?,
             Mosquitto::start(MosquittoOptions::default()).await?,
@@ -121,6 +135,7 @@ impl Rig {
             ferry_config: None,
             url: Arc::default(),
             next_producer: 0,
+            window: s.window,
             _dir: dir,
         };
         match system {
@@ -133,12 +148,12 @@ impl Rig {
                         proxy.addr()
                     );
                 }
-                rig.local = Some(Mosquitto::start(local_options(bridge)).await?);
+                rig.local = Some(Mosquitto::start(local_options(s, bridge)).await?);
             }
             System::FerryMqtt | System::FerryHttp => {
                 let mut tail = String::new();
                 if system == System::FerryMqtt {
-                    let local = Mosquitto::start(local_options(String::new())).await?;
+                    let local = Mosquitto::start(local_options(s, String::new())).await?;
                     let _ = write!(tail, "[ingest.mqtt]\nurl = \"{}\"\ntopics = [\"sensors/#\"]\n\n", local.url());
                     rig.local = Some(local);
                 }
@@ -187,7 +202,9 @@ impl Rig {
 
     async fn start_ferry(&mut self) -> anyhow::Result<()> {
         let config = self.ferry_config.clone().expect("a ferry rig");
-        let ferry = tokio::task::spawn_blocking(move || FerryProcess::start(ferry_bin!(), &config)).await??;
+        // Another build of the agent can stand in, to compare two builds on the same rig.
+        let bin = std::env::var_os("FERRY_COMPARE_AGENT").map_or_else(|| ferry_bin!().to_path_buf(), PathBuf::from);
+        let ferry = tokio::task::spawn_blocking(move || FerryProcess::start(&bin, &config)).await??;
         *self.url.write().expect("url lock") = Some(ferry.url());
         self.ferry = Some(ferry);
         Ok(())
@@ -198,15 +215,18 @@ impl Rig {
         let first = self.next_producer;
         self.next_producer += PRODUCERS;
         Ok(match (self.system, pace) {
-            (System::FerryHttp, Pace::Max) => Producers::http(self.url.clone(), first, PRODUCERS, 2, 16, pace, limit),
+            (System::FerryHttp, Pace::Max) => {
+                let requests = usize::from(self.window.div_ceil(HTTP_BATCH));
+                Producers::http(self.url.clone(), first, PRODUCERS, requests, u64::from(HTTP_BATCH), pace, limit)
+            }
             (System::FerryHttp, Pace::Rate(_)) => {
-                Producers::http(self.url.clone(), first, PRODUCERS, usize::from(WINDOW), 1, pace, limit)
+                Producers::http(self.url.clone(), first, PRODUCERS, usize::from(self.window), 1, pace, limit)
             }
             _ => Producers::mqtt(
                 &self.local.as_ref().expect("a local broker").url(),
                 first,
                 PRODUCERS,
-                WINDOW,
+                self.window,
                 pace,
                 limit,
             )?,
@@ -278,7 +298,7 @@ struct Row {
 }
 
 async fn measure(system: System, s: &Settings) -> anyhow::Result<Row> {
-    let mut rig = Rig::start(system).await?;
+    let mut rig = Rig::start(system, s).await?;
     let mut row = Row::default();
 
     // Throughput: every producer sends its share as fast as its window allows.
@@ -361,7 +381,7 @@ struct CrashRow {
 /// producers at the fixed rate), every 1–3 s,
 /// restarting it each time, then counts acknowledged events missing at the clouds.
 async fn crash(system: System, s: &Settings) -> anyhow::Result<CrashRow> {
-    let mut rig = Rig::start(system).await?;
+    let mut rig = Rig::start(system, s).await?;
     let mut p = rig.producers(Pace::Rate(s.rate / f64::from(PRODUCERS)), None)?;
     for _ in 0..s.kills {
         tokio::time::sleep(Duration::from_millis(rand::rng().random_range(1000..3000))).await;
@@ -415,6 +435,10 @@ fn main() {
         outage: Duration::from_secs_f64(env_num("FERRY_COMPARE_OUTAGE_SECS", 60.0)),
         kills: env_num("FERRY_COMPARE_KILLS", 10.0) as usize,
         cuts: env_num("FERRY_COMPARE_CUTS", 40.0) as usize,
+        window: env_num("FERRY_COMPARE_WINDOW", 32.0) as u16,
+        local_inflight: std::env::var("FERRY_COMPARE_LOCAL_INFLIGHT")
+            .ok()
+            .map(|v| v.parse().unwrap_or_else(|_| panic!("FERRY_COMPARE_LOCAL_INFLIGHT={v:?} is not a number"))),
         systems: systems
             .split(',')
             .map(|n| match n.trim() {
@@ -434,7 +458,7 @@ fn main() {
         let tally = Tally::start(&cloud.url()).await.unwrap();
         let per = s.events / u64::from(PRODUCERS);
         let start = Instant::now();
-        let p = Producers::mqtt(&cloud.url(), 0, PRODUCERS, WINDOW, Pace::Max, Some(per)).unwrap();
+        let p = Producers::mqtt(&cloud.url(), 0, PRODUCERS, s.window, Pace::Max, Some(per)).unwrap();
         let counts: Vec<_> = (0..PRODUCERS).map(|i| (i, per)).collect();
         while !tally.has_prefixes(&counts) {
             tokio::time::sleep(Duration::from_millis(10)).await;

@@ -268,7 +268,7 @@ async fn connect(args: &BrokerArgs, role: &str) -> anyhow::Result<Link> {
     let client_id = format!("ferry-fleet-{role}-{}", std::process::id());
     let e = endpoint(args, &client_id)?;
     let tls = if e.tls { Some(crate::forward::link::tls_config(&e)?) } else { None };
-    let opts = LinkOptions { inflight: 32, queue: 64, clean_session: true, manual_acks: false };
+    let opts = LinkOptions { inflight: 32, queue: 64, clean_session: true, manual_acks: false, receive_maximum: None };
     let mut link = Link::open(&e, tls.as_ref(), &opts);
     let connected = tokio::time::timeout(Duration::from_secs(15), async {
         loop {

@@ -696,7 +696,13 @@ async fn run_link(
     let mut endpoint = config.endpoint.clone();
     endpoint.client_id = format!("{}-fleet", endpoint.client_id);
     let destination: Arc<str> = config.name.as_str().into();
-    let opts = LinkOptions { inflight: 16, queue: REPORT_QUEUE + 16, clean_session: true, manual_acks: false };
+    let opts = LinkOptions {
+        inflight: 16,
+        queue: REPORT_QUEUE + 16,
+        clean_session: true,
+        manual_acks: false,
+        receive_maximum: None,
+    };
     let mut backoff = Backoff::new(config.backoff_base, config.backoff_cap);
     loop {
         if *shutdown.borrow() {

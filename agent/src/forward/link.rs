@@ -141,6 +141,10 @@ pub struct LinkOptions {
     pub clean_session: bool,
     /// Acknowledge received messages only when told to.
     pub manual_acks: bool,
+    /// Most unacknowledged QoS 1 messages the broker may send us at once
+    /// (MQTT 5 `Receive Maximum`; 3.1.1 has no such setting and the
+    /// broker's own limit applies). `None` leaves the protocol default.
+    pub receive_maximum: Option<u16>,
 }
 
 /// One connection attempt to a broker.
@@ -192,6 +196,9 @@ impl Link {
                     .set_request_channel_capacity(opts.queue)
                     .set_manual_acks(opts.manual_acks)
                     .set_transport(transport());
+                if opts.receive_maximum.is_some() {
+                    o.set_receive_maximum(opts.receive_maximum);
+                }
                 if !opts.clean_session {
                     // Keep the session while we are away, so queued QoS 1 messages wait for us.
                     o.set_session_expiry_interval(Some(u32::MAX));

@@ -211,6 +211,7 @@ impl Task {
             // only once consumers have handled each message.
             clean_session: self.downlink.is_empty(),
             manual_acks: !self.downlink.is_empty(),
+            receive_maximum: None,
         };
         loop {
             if *self.shutdown.borrow() {

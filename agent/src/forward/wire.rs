@@ -53,10 +53,26 @@ pub fn binary(event: &Event) -> BinaryMessage {
     into_binary(event.clone())
 }
 
-/// Binary content mode, taking the event apart instead of copying it.
+/// Binary content mode, taking the event apart instead of copying it: the
+/// same properties as [`binary`], with the event's strings moved into them.
 pub fn into_binary(event: Event) -> BinaryMessage {
-    let user_properties = attributes(&event);
-    BinaryMessage { payload: event.body.data, content_type: event.body.datacontenttype, user_properties }
+    let b = event.body;
+    let mut user_properties = Vec::with_capacity(9 + b.extensions.len());
+    user_properties.extend([
+        ("specversion".to_owned(), "1.0".to_owned()),
+        ("id".to_owned(), b.id),
+        ("source".to_owned(), b.source),
+        ("type".to_owned(), b.ty),
+        ("subject".to_owned(), b.subject),
+        ("time".to_owned(), format_time(b.time_nanos)),
+        ("sequence".to_owned(), event.sequence.to_string()),
+        ("hlc".to_owned(), event.hlc.0.to_string()),
+    ]);
+    if let Some(k) = b.partitionkey {
+        user_properties.push(("partitionkey".to_owned(), k));
+    }
+    user_properties.extend(b.extensions.into_iter().filter(|(k, _)| k != ROUTE_EXTENSION));
+    BinaryMessage { payload: b.data, content_type: b.datacontenttype, user_properties }
 }
 
 /// Structured content mode (`application/cloudevents+json`) for MQTT 3.1.1.
@@ -155,6 +171,15 @@ mod tests {
             serde_json::from_slice(&structured(&event(Some("application/octet-stream"), &[0, 1, 2]))).unwrap();
         assert_eq!(v["data_base64"], "AAEC");
         assert!(v.get("data").is_none());
+    }
+
+    #[test]
+    fn binary_mode_properties_are_the_context_attributes_in_order() {
+        let e = event(Some("application/json"), br#"{"c":1}"#);
+        let mut with_route = e.clone();
+        with_route.body.extensions.push((ROUTE_EXTENSION.into(), "cloud-a".into()));
+        assert_eq!(binary(&e).user_properties, attributes(&e));
+        assert_eq!(binary(&with_route).user_properties, attributes(&e), "the route extension stays internal");
     }
 
     #[test]

@@ -25,6 +25,13 @@ use crate::store::AppendError;
 /// Messages committed together at most.
 const BATCH: usize = 512;
 
+/// Unacknowledged messages the broker may hold out to us at once (MQTT 5
+/// `Receive Maximum`). Each is acknowledged only after its commit, so this
+/// bounds how many messages can share one fsync: without it a broker applies
+/// its own default (Mosquitto: 20), and ingest crawls at 20 per commit.
+/// Two batches' worth lets one batch commit while the next one arrives.
+const RECEIVE_MAXIMUM: u16 = (2 * BATCH) as u16;
+
 /// The local MQTT ingest task.
 pub struct MqttIngest {
     config: MqttIngestConfig,
@@ -47,7 +54,16 @@ impl MqttIngest {
     /// Connects, subscribes and ingests until shutdown, reconnecting with backoff.
     pub async fn run(mut self) {
         let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(30));
-        let opts = LinkOptions { inflight: 16, queue: BATCH * 2, clean_session: false, manual_acks: true };
+        // Every ack waits in the client's queue until the event loop sends it;
+        // there are never more than `RECEIVE_MAXIMUM` (one per message held),
+        // so the queue cannot overflow.
+        let opts = LinkOptions {
+            inflight: 16,
+            queue: usize::from(RECEIVE_MAXIMUM) + 64,
+            clean_session: false,
+            manual_acks: true,
+            receive_maximum: Some(RECEIVE_MAXIMUM),
+        };
         while !*self.shutdown.borrow() {
             let mut link = Link::open(&self.config.endpoint, self.tls.as_ref(), &opts);
             match self.session(&mut link, &mut backoff).await {
@@ -79,19 +95,22 @@ impl MqttIngest {
         // One commit at a time; messages that arrive while it is in flight
         // form the next batch, so batches grow with the commit latency and a
         // lone message is never held back waiting for company.
-        let mut pending: Vec<Incoming> = Vec::new();
+        // Boxed as they come from the link: a batch then moves pointers, and
+        // never needs one large allocation (which the allocator would map and
+        // unmap from the kernel, batch after batch).
+        let mut pending: Vec<Box<Incoming>> = Vec::new();
         let mut commit: Option<Commit> = None;
         let result = loop {
             tokio::select! {
                 event = link.poll() => match event {
-                    Ok(LinkEvent::Message(m)) => pending.push(*m),
+                    Ok(LinkEvent::Message(m)) => pending.push(m),
                     Ok(_) => {}
                     Err(e) => break Err(e),
                 },
                 stored = async { (&mut commit.as_mut().expect("guarded").task).await }, if commit.is_some() => {
-                    let Commit { messages, .. } = commit.take().expect("guarded");
+                    commit = None;
                     match stored {
-                        Ok(Stored::Yes(ids)) => {
+                        Ok((Stored::Yes(ids), messages)) => {
                             for m in &messages {
                                 link.ack(m)?;
                             }
@@ -103,9 +122,9 @@ impl MqttIngest {
                                 }
                             });
                         }
-                        Ok(Stored::Closed) => break Ok(()),
+                        Ok((Stored::Closed, _)) => break Ok(()),
                         Err(e) => break Err(LinkError::Connection(format!("storing local MQTT messages failed: {e}"))),
-                        Ok(Stored::Failed(e)) => {
+                        Ok((Stored::Failed(e), _)) => {
                             // Storage failure: leave the batch unacknowledged; the broker redelivers it.
                             break Err(LinkError::Connection(format!("storing local MQTT messages failed: {e}")));
                         }
@@ -114,8 +133,15 @@ impl MqttIngest {
                 _ = self.shutdown.changed() => break Ok(()),
             }
             if commit.is_none() && !pending.is_empty() {
-                let take = pending.len().min(BATCH);
-                commit = self.start_commit(link, pending.drain(..take).collect())?;
+                // Hand over the whole buffer when it fits in one batch (the usual
+                // case): draining its front would shift every message left behind.
+                let batch = if pending.len() <= BATCH {
+                    std::mem::take(&mut pending)
+                } else {
+                    let rest = pending.split_off(BATCH);
+                    std::mem::replace(&mut pending, rest)
+                };
+                commit = self.start_commit(link, batch)?;
             }
         };
         if let Some(c) = commit {
@@ -127,7 +153,11 @@ impl MqttIngest {
 
     /// Refuses what cannot become an event (acked, so it is not redelivered
     /// forever) and starts storing the rest. `None` when nothing is left.
-    fn start_commit(&mut self, link: &mut Link, batch: Vec<Incoming>) -> Result<Option<Commit>, LinkError> {
+    #[expect(
+        clippy::vec_box,
+        reason = "a batch moves pointers; unboxed, it is one allocation large enough to be mapped and unmapped per batch"
+    )]
+    fn start_commit(&mut self, link: &mut Link, batch: Vec<Box<Incoming>>) -> Result<Option<Commit>, LinkError> {
         let mut inputs = Vec::with_capacity(batch.len());
         let mut messages = Vec::with_capacity(batch.len());
         for m in batch {
@@ -147,15 +177,18 @@ impl MqttIngest {
             return Ok(None);
         }
         let ingest = self.ingest.clone();
-        let task = tokio::spawn(store_batch(ingest, inputs));
-        Ok(Some(Commit { task, messages }))
+        let task = tokio::spawn(store_batch(ingest, inputs, messages));
+        Ok(Some(Commit { task }))
     }
 }
 
-/// A batch being stored, and the messages to acknowledge once it is.
+/// A batch being stored; the task hands back the messages to acknowledge.
 struct Commit {
-    task: JoinHandle<Stored>,
-    messages: Vec<Incoming>,
+    #[expect(
+        clippy::vec_box,
+        reason = "a batch moves pointers; unboxed, it is one allocation large enough to be mapped and unmapped per batch"
+    )]
+    task: JoinHandle<(Stored, Vec<Box<Incoming>>)>,
 }
 
 /// How storing a batch ended.
@@ -168,21 +201,40 @@ enum Stored {
     Failed(IngestError),
 }
 
-/// Stores a batch. A full store is waited out (the messages stay
-/// unacknowledged at the broker meanwhile), so nothing is lost or refused.
-async fn store_batch(ingest: Ingest, inputs: Vec<InputEvent>) -> Stored {
+/// Stores a batch of `messages` (already turned into `inputs`). A full store
+/// is waited out (the messages stay unacknowledged at the broker meanwhile),
+/// so nothing is lost or refused. The inputs are consumed by each attempt and
+/// derived again from the messages for the next (they are deterministic), so
+/// the usual single attempt copies nothing.
+#[expect(
+    clippy::vec_box,
+    reason = "a batch moves pointers; unboxed, it is one allocation large enough to be mapped and unmapped per batch"
+)]
+async fn store_batch(
+    ingest: Ingest,
+    mut inputs: Vec<InputEvent>,
+    messages: Vec<Box<Incoming>>,
+) -> (Stored, Vec<Box<Incoming>>) {
     loop {
-        match ingest.submit(inputs.clone()).await {
-            Ok(appended) => return Stored::Yes(appended.into_iter().map(|a| a.id).collect()),
+        let stored = match ingest.submit(inputs).await {
+            Ok(appended) => Stored::Yes(appended.into_iter().map(|a| a.id).collect()),
             Err(IngestError::Store(
                 AppendError::Full { retry_after, .. } | AppendError::DiskFull { retry_after, .. },
             )) => {
                 tracing::warn!(retry_in = ?retry_after, "store full: local MQTT messages wait at the broker");
                 tokio::time::sleep(retry_after).await;
+                match messages.iter().map(|m| message_to_input(m)).collect() {
+                    Ok(again) => {
+                        inputs = again;
+                        continue;
+                    }
+                    Err(e) => Stored::Failed(e.into()),
+                }
             }
-            Err(IngestError::Store(AppendError::Closed)) => return Stored::Closed,
-            Err(e) => return Stored::Failed(e),
-        }
+            Err(IngestError::Store(AppendError::Closed)) => Stored::Closed,
+            Err(e) => Stored::Failed(e),
+        };
+        return (stored, messages);
     }
 }
 
@@ -229,6 +281,12 @@ pub fn message_to_input(m: &Incoming) -> Result<InputEvent, BadInput> {
 
 fn structured_cloudevent(m: &Incoming) -> Option<Result<InputEvent, BadInput>> {
     let declared = m.content_type.as_deref().is_some_and(|c| c.starts_with("application/cloudevents+json"));
+    // Building a JSON tree of every plain payload only to look for one key
+    // costs more than the rest of ingest: a payload that holds neither the
+    // key's text nor an escape (which could spell it) cannot have it.
+    if !declared && !might_hold_specversion(&m.payload) {
+        return None;
+    }
     let mut value: serde_json::Value = serde_json::from_slice(&m.payload).ok()?;
     let obj = value.as_object_mut()?;
     if !declared && !obj.contains_key("specversion") {
@@ -242,6 +300,12 @@ fn structured_cloudevent(m: &Incoming) -> Option<Result<InputEvent, BadInput>> {
     )
 }
 
+/// Whether a JSON text could have a `specversion` key: it holds the name
+/// literally, or a backslash (an escape may spell it).
+fn might_hold_specversion(payload: &[u8]) -> bool {
+    payload.contains(&b'\\') || payload.windows(11).any(|w| w == b"specversion")
+}
+
 /// An id the same message gets again when the broker redelivers it: topic,
 /// payload and packet id (a redelivery keeps its packet id).
 fn derived_id(m: &Incoming) -> String {
@@ -251,6 +315,12 @@ fn derived_id(m: &Incoming) -> String {
     h.update(m.pkid.to_be_bytes());
     h.update(&m.payload);
     let digest = h.finalize();
-    let hex: String = digest[..16].iter().map(|b| format!("{b:02x}")).collect();
-    format!("mqtt-{hex}")
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    let mut id = String::with_capacity(5 + 32);
+    id.push_str("mqtt-");
+    for b in &digest[..16] {
+        id.push(char::from(HEX[usize::from(b >> 4)]));
+        id.push(char::from(HEX[usize::from(b & 0xf)]));
+    }
+    id
 }

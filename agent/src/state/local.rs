@@ -25,7 +25,7 @@ pub async fn run(
     state: StateHandle,
     mut shutdown: watch::Receiver<bool>,
 ) {
-    let opts = LinkOptions { inflight: 64, queue: 256, clean_session: true, manual_acks: false };
+    let opts = LinkOptions { inflight: 64, queue: 256, clean_session: true, manual_acks: false, receive_maximum: None };
     let mut backoff = Backoff::new(Duration::from_millis(500), Duration::from_secs(30));
     loop {
         let mut link = Link::open(&config.endpoint, tls.as_ref(), &opts);

@@ -76,6 +76,14 @@ fn consumers_fingerprint(consumers: &[crate::config::Consumer]) -> u64 {
     h.finish().max(1)
 }
 
+/// An event retired from the log, for its secondary indexes and the byte count.
+struct Retired {
+    seq: u64,
+    priority: u8,
+    expires_at_ms: Option<u64>,
+    size: u64,
+}
+
 /// A request to the writer.
 pub(super) enum Request {
     Append {
@@ -676,29 +684,44 @@ impl Writer {
         if upto <= floor {
             return Ok(0);
         }
-        let mut doomed = Vec::new();
-        let (mut scanned, mut last) = (0usize, floor);
-        for row in t.log.range(floor + 1..=upto)?.take(SWEEP_LIMIT) {
-            let (k, v) = row?;
-            scanned += 1;
-            last = k.value();
+        // Bound the pass to `SWEEP_LIMIT` rows: stop before the first row past them.
+        let last = match t.log.range(floor + 1..=upto)?.nth(SWEEP_LIMIT) {
+            Some(row) => row?.0.value() - 1,
+            None => upto,
+        };
+        self.meta.retention_floor = last;
+        // One pass over the range both decides and removes (far cheaper than a
+        // lookup and a removal per event); the secondary indexes follow.
+        let mut doomed: Vec<Retired> = Vec::new();
+        t.log.retain_in(floor + 1..=last, |seq, record| {
             // An unreadable record is kept for an operator to inspect rather than lost.
-            if let Ok(subject) = event::decode_subject(v.value())
-                && consumers.iter().any(|c| c.routes(subject))
-            {
-                doomed.push(last);
+            let Ok(subject) = event::decode_subject(record) else { return true };
+            if !consumers.iter().any(|c| c.routes(subject)) {
+                return true;
             }
+            let Ok((header, _)) = event::decode_header(record) else { return true };
+            doomed.push(Retired {
+                seq,
+                priority: header.priority,
+                expires_at_ms: header.expires_at_ms,
+                size: record.len() as u64,
+            });
+            false
+        })?;
+        // Per priority, the retired entries of the index are one key range.
+        let mut priorities: Vec<u8> = doomed.iter().map(|r| r.priority).collect();
+        priorities.sort_unstable();
+        priorities.dedup();
+        for p in priorities {
+            let seqs: Vec<u64> = doomed.iter().filter(|r| r.priority == p).map(|r| r.seq).collect();
+            let (lo, hi) = (seqs[0], seqs[seqs.len() - 1]);
+            t.by_priority.retain_in((p, lo)..=(p, hi), |(_, seq), _| seqs.binary_search(&seq).is_err())?;
         }
-        // A scan that stopped short of the limit has seen everything up to `upto`.
-        self.meta.retention_floor = if scanned < SWEEP_LIMIT { upto } else { last };
-        for &seq in &doomed {
-            let priority = t
-                .log
-                .get(seq)?
-                .and_then(|r| event::decode_header(r.value()).ok().map(|(h, _)| h.priority))
-                .unwrap_or(0);
-            t.by_priority.remove((priority, seq))?;
-            self.remove_from_log(t, seq)?;
+        for r in &doomed {
+            if let Some(at) = r.expires_at_ms {
+                t.expiry.remove((at, r.seq))?;
+            }
+            self.meta.log_bytes -= r.size;
         }
         self.meta.delivered_events += doomed.len() as u64;
         Ok(doomed.len() as u64)
