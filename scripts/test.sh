@@ -27,6 +27,9 @@ step "runtime-only build (no Cranelift): lints and the plugin engine's tests"
 cargo clippy -p ferry --locked --no-default-features --all-targets -- -D warnings
 cargo test -p ferry --locked --no-default-features --lib plugin::engine
 
+step "firmware targets' systemd units (systemd-analyze, offline)"
+scripts/check-units.sh
+
 # Cross builds, smoke-tested under qemu-user (firmware-targets/README.md):
 # aarch64 (Cranelift) and armv7 (Pulley, also without the compiler: the build
 # small ARMv7 devices want). The smoke test checks behaviour, not size, so CI
