@@ -41,5 +41,8 @@ scripts/check-units.sh
 step "firmware targets under qemu-user"
 export CARGO_PROFILE_FIRMWARE_LTO="${CARGO_PROFILE_FIRMWARE_LTO:-off}"
 export CARGO_PROFILE_FIRMWARE_CODEGEN_UNITS="${CARGO_PROFILE_FIRMWARE_CODEGEN_UNITS:-16}"
+# The runtime-only builds' profile (inherits `firmware`), set as explicitly.
+export CARGO_PROFILE_FIRMWARE_SMALL_LTO="$CARGO_PROFILE_FIRMWARE_LTO"
+export CARGO_PROFILE_FIRMWARE_SMALL_CODEGEN_UNITS="$CARGO_PROFILE_FIRMWARE_CODEGEN_UNITS"
 scripts/smoke-target.sh aarch64-unknown-linux-gnu
 scripts/smoke-target.sh armv7-unknown-linux-gnueabihf --runtime-only
