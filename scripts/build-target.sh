@@ -48,23 +48,31 @@ fi
 # Cargo and the cc crate read these per target, so host builds are untouched.
 var=${TRIPLE//-/_}
 export "CC_$var=$CROSS_CC"
+# The firmware profile aborts on panic, so unwind tables serve only
+# backtraces; leaving them out saves about 0.6 MB. (A RUSTFLAGS of the
+# caller's own takes precedence over this.)
+export "CARGO_TARGET_${var^^}_RUSTFLAGS=-C force-unwind-tables=no"
 if [ -n "$SYSROOT" ]; then
     export "CARGO_TARGET_${var^^}_LINKER=$CROSS_CC"
     export "AR_$var=${CROSS_CC%-gcc}-ar"
 fi
 
+# Runtime-only builds are for the smallest devices: the `firmware-small`
+# profile, optimised for size ("z") rather than "s".
 if [ "$RUNTIME_ONLY" -eq 1 ]; then
     FEATURES=$RUNTIME_ONLY_FEATURES
     NAME=ferry-runtime-only
+    PROFILE=firmware-small
 else
     NAME=ferry
+    PROFILE=firmware
 fi
 
 cd "$ROOT"
-cargo build --locked -p ferry --bin ferry --profile firmware --target "$TRIPLE" \
+cargo build --locked -p ferry --bin ferry --profile "$PROFILE" --target "$TRIPLE" \
     --no-default-features ${FEATURES:+--features "$FEATURES"} >&2
 
 OUT=$CARGO_TARGET_DIR/ferry-firmware/$TARGET
 mkdir -p "$OUT"
-cp "$CARGO_TARGET_DIR/$TRIPLE/firmware/ferry" "$OUT/$NAME"
+cp "$CARGO_TARGET_DIR/$TRIPLE/$PROFILE/ferry" "$OUT/$NAME"
 echo "$OUT/$NAME"

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Installs what Ferry's integration, fault and interop tests need on Debian
-# bookworm: the mosquitto broker binary and openssl.
+# bookworm: the mosquitto broker binary, openssl, and systemd-analyze (which
+# checks the firmware targets' service units offline).
 #
 # Idempotent and non-interactive. When everything is already present it does not
 # touch apt at all, so re-runs are instant and work offline. Tests start their
@@ -14,6 +15,7 @@ set -euo pipefail
 declare -A NEEDED=(
     [mosquitto]=mosquitto
     [openssl]=openssl
+    [systemd-analyze]=systemd
 )
 
 missing=()
@@ -25,7 +27,7 @@ for cmd in "${!NEEDED[@]}"; do
 done
 
 if [ "${#missing[@]}" -eq 0 ]; then
-    echo "install-test-deps: all present (mosquitto, openssl)"
+    echo "install-test-deps: all present (mosquitto, openssl, systemd-analyze)"
     exit 0
 fi
 

@@ -4,7 +4,8 @@
 # the plugin at ingest and a local Mosquitto as destination, ingests over
 # HTTP, stops the agent with SIGTERM and checks that exactly the events the
 # plugin keeps reached the broker. Also checks that an artifact built for
-# another engine configuration is refused with a clear error.
+# another engine configuration is refused with a clear error, and that a
+# plugin's trap, timeout and out-of-memory leave the agent running.
 #
 # Usage: scripts/smoke-target.sh TARGET [--runtime-only]
 #   --runtime-only  also build the runtime-only binary and run the agent
@@ -248,4 +249,82 @@ print(json.dumps([{"topic": "load/t", "data": {"celsius": 25, "n": i}} for i in 
     printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$TARGET" "$(basename "$BIN")" "$KIND" "$size" "$engine" "$startup_ms" \
         "$rss_idle" "$rss_peak" "$load_ms" "${QEMU:-native}" >>"$RESULTS"
 done
+# --- plugin failures ----------------------------------------------------------
+# A trap, a runaway loop and an out-of-memory in a plugin are wasmtime traps
+# (signals in native code, interpreter exits on Pulley), not panics: the
+# firmware profile's panic = "abort" must leave them to the plugin's
+# on_error policy, with the agent running on.
+HOSTILE=$ROOT/plugins/build/testdata/hostile-filter.wasm
+[ -f "$HOSTILE" ] || "$ROOT/scripts/build-plugins.sh" rust
+BIN=${RUNTIME:-$FULL}
+NAME="$(basename "$BIN") with a hostile plugin"
+"${RUN[@]}" "$FULL" plugin precompile --target "$TRIPLE" "$HOSTILE" -o "$WORK/hostile.cwasm" >/dev/null 2>&1 ||
+    fail "ferry plugin precompile of the hostile plugin"
+DATA=$WORK/data-hostile
+cat >"$WORK/ferry-hostile.toml" <<TOML
+[agent]
+device_id = "smoke"
+data_dir = "$DATA"
+
+[store]
+quota = "64 MiB"
+cache_size = "4 MiB"
+min_free_disk = "0 B"
+
+[ingest.http]
+listen = "127.0.0.1:0"
+
+[[destination]]
+name = "local"
+url = "mqtt://127.0.0.1:$MQTT_PORT"
+routes = ["#"]
+
+[[plugin]]
+name = "hostile"
+path = "$WORK/hostile.cwasm"
+world = "filter"
+stage = "ingest"
+timeout_ms = 1000
+memory = "16 MiB"
+on_error = "dead-letter"
+TOML
+LOG=$WORK/agent-hostile.log
+"${RUN[@]}" "$BIN" run --log-format json --config "$WORK/ferry-hostile.toml" >"$LOG" 2>&1 &
+AGENT_PID=$!
+URL=""
+for _ in $(seq 1200); do
+    kill -0 "$AGENT_PID" 2>/dev/null || fail "$NAME exited during start-up"
+    addr=$(grep -o 'HTTP API listening on [0-9.:]*' "$LOG" | head -1 | awk '{print $NF}') || true
+    if [ -n "$addr" ] && curl -fsS "http://$addr/healthz" >/dev/null 2>&1; then
+        URL=http://$addr
+        break
+    fi
+    sleep 0.05
+done
+[ -n "$URL" ] || fail "$NAME did not answer /healthz within 60 s"
+for subject in hostile/trap hostile/loop hostile/oom ok/1; do
+    curl -fsS "$URL/v1/events" -d "{\"topic\":\"$subject\",\"data\":1}" >/dev/null ||
+        fail "$NAME: ingest of $subject"
+    kill -0 "$AGENT_PID" 2>/dev/null || fail "$NAME died on $subject"
+done
+counts=""
+for _ in $(seq 300); do
+    counts=$(curl -fsS "$URL/v1/status" | python3 -c '
+import json, sys
+s = json.load(sys.stdin)
+p = s["plugins"][0]
+print(p["traps"], p["timeouts"], p["out_of_memory"], s["store"]["dead_letters"], s["destinations"][0]["delivered"])')
+    [ "${counts##* }" -ge 1 ] && break
+    sleep 0.1
+done
+read -r traps timeouts ooms dead delivered <<<"$counts"
+[ "$traps" -ge 1 ] && [ "$timeouts" -ge 1 ] && [ "$ooms" -ge 1 ] && [ "$dead" -eq 3 ] && [ "$delivered" -eq 1 ] ||
+    fail "$NAME: traps $traps, timeouts $timeouts, out-of-memory $ooms, dead letters $dead, delivered $delivered; expected at least one of each failure, 3 dead letters, 1 delivered"
+kill -TERM "$AGENT_PID"
+code=0
+wait "$AGENT_PID" || code=$?
+AGENT_PID=""
+[ "$code" -eq 0 ] || fail "$NAME exited with $code after SIGTERM"
+echo "smoke-target $TARGET: $NAME ok: trap, timeout and out-of-memory dead-lettered, the agent ran on"
+
 echo "smoke-target $TARGET: passed"

@@ -27,6 +27,9 @@ step "runtime-only build (no Cranelift): lints and the plugin engine's tests"
 cargo clippy -p ferry --locked --no-default-features --all-targets -- -D warnings
 cargo test -p ferry --locked --no-default-features --lib plugin::engine
 
+step "firmware targets' systemd units (systemd-analyze, offline)"
+scripts/check-units.sh
+
 # Cross builds, smoke-tested under qemu-user (firmware-targets/README.md):
 # aarch64 (Cranelift) and armv7 (Pulley, also without the compiler: the build
 # small ARMv7 devices want). The smoke test checks behaviour, not size, so CI
@@ -38,5 +41,8 @@ cargo test -p ferry --locked --no-default-features --lib plugin::engine
 step "firmware targets under qemu-user"
 export CARGO_PROFILE_FIRMWARE_LTO="${CARGO_PROFILE_FIRMWARE_LTO:-off}"
 export CARGO_PROFILE_FIRMWARE_CODEGEN_UNITS="${CARGO_PROFILE_FIRMWARE_CODEGEN_UNITS:-16}"
+# The runtime-only builds' profile (inherits `firmware`), set as explicitly.
+export CARGO_PROFILE_FIRMWARE_SMALL_LTO="$CARGO_PROFILE_FIRMWARE_LTO"
+export CARGO_PROFILE_FIRMWARE_SMALL_CODEGEN_UNITS="$CARGO_PROFILE_FIRMWARE_CODEGEN_UNITS"
 scripts/smoke-target.sh aarch64-unknown-linux-gnu
 scripts/smoke-target.sh armv7-unknown-linux-gnueabihf --runtime-only

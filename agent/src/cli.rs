@@ -16,7 +16,6 @@ use serde_json::{Value, json};
 
 use crate::clock::SystemClock;
 use crate::config::{Config, ConfigError};
-use tracing_subscriber::EnvFilter;
 
 pub mod dlq;
 pub mod fleet;
@@ -458,12 +457,36 @@ fn init_logging(format: LogFormat) {
 
 /// Logs to stderr at `default_level` unless `RUST_LOG` says otherwise.
 fn init_logging_with(format: LogFormat, default_level: &str) {
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default_level));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
-    match format {
-        LogFormat::Human => builder.init(),
-        LogFormat::Json => builder.json().init(),
-    }
+    use tracing_subscriber::layer::SubscriberExt;
+    use tracing_subscriber::util::SubscriberInitExt;
+
+    let spec = std::env::var("RUST_LOG").ok().filter(|s| !s.is_empty());
+    let filter = log_filter(spec.as_deref(), default_level).unwrap_or_else(|e| {
+        eprintln!("ferry: ignoring RUST_LOG: {e}; logging at `{default_level}`");
+        log_filter(None, default_level).expect("the built-in log level parses")
+    });
+    let human =
+        matches!(format, LogFormat::Human).then(|| tracing_subscriber::fmt::layer().with_writer(std::io::stderr));
+    let json =
+        matches!(format, LogFormat::Json).then(|| tracing_subscriber::fmt::layer().json().with_writer(std::io::stderr));
+    tracing_subscriber::registry().with(filter).with(human).with(json).init();
+}
+
+/// The log filter from `RUST_LOG` (`spec`), else `default_level`, with
+/// tracing's full `EnvFilter` syntax (span and field filters too).
+#[cfg(feature = "env-filter")]
+fn log_filter(spec: Option<&str>, default_level: &str) -> Result<tracing_subscriber::EnvFilter, String> {
+    let spec = spec.unwrap_or(default_level);
+    tracing_subscriber::EnvFilter::try_new(spec).map_err(|e| format!("`{spec}`: {e}"))
+}
+
+/// The log filter from `RUST_LOG` (`spec`), else `default_level`, as
+/// `target=level` directives (`info`, `ferry=debug,rumqttc=warn`): device
+/// builds leave out `EnvFilter` and the regex engine it needs.
+#[cfg(not(feature = "env-filter"))]
+fn log_filter(spec: Option<&str>, default_level: &str) -> Result<tracing_subscriber::filter::Targets, String> {
+    let spec = spec.unwrap_or(default_level);
+    spec.parse().map_err(|e| format!("`{spec}`: {e} (this build takes `target=level` directives only)"))
 }
 
 /// Resolves on SIGINT or SIGTERM.
@@ -473,5 +496,24 @@ async fn shutdown_signal() {
     tokio::select! {
         _ = tokio::signal::ctrl_c() => {}
         _ = term.recv() => {}
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::log_filter;
+
+    #[test]
+    fn log_filter_takes_target_directives_and_names_a_bad_one() {
+        assert!(log_filter(None, "error,rumqttd=off").is_ok());
+        assert!(log_filter(Some("ferry=debug,rumqttc=warn"), "info").is_ok());
+        let err = log_filter(Some("ferry=loud"), "info").unwrap_err();
+        assert!(err.contains("ferry=loud"), "{err}");
+    }
+
+    #[test]
+    fn span_filters_need_the_env_filter_feature() {
+        let parsed = log_filter(Some("ferry[forward{destination=cloud}]=debug"), "info");
+        assert_eq!(parsed.is_ok(), cfg!(feature = "env-filter"));
     }
 }

@@ -83,6 +83,11 @@ pub fn engine(metering: Metering) -> Result<&'static Engine, PluginError> {
 fn config(metering: Metering) -> Config {
     let mut config = Config::new();
     config.wasm_component_model(true);
+    // wasmtime picks Pulley by itself only where Cranelift has no backend
+    // (32-bit ARM); riscv64 has one but cannot use it (see `runs_native_code`).
+    if !runs_native_code(NATIVE_TARGET) && cfg!(target_pointer_width = "64") {
+        config.target("pulley64").expect("`pulley64` is a target wasmtime knows");
+    }
     #[cfg(feature = "compiler")]
     config.cranelift_opt_level(wasmtime::OptLevel::Speed).parallel_compilation(true);
     match metering {
@@ -100,16 +105,20 @@ pub const HAS_COMPILER: bool = cfg!(feature = "compiler");
 
 /// How this build runs plugin code: `"Cranelift"` (native code) or
 /// `"Pulley"` (wasmtime's interpreter, on targets Cranelift cannot generate
-/// code for, such as 32-bit ARM).
-pub const EXECUTION: &str = if native_arch_has_cranelift(NATIVE_TARGET) { "Cranelift" } else { "Pulley" };
+/// code for, such as 32-bit ARM, or not reliably, riscv64).
+pub const EXECUTION: &str = if runs_native_code(NATIVE_TARGET) { "Cranelift" } else { "Pulley" };
 
-/// Whether Cranelift generates native code for the architecture of `triple`.
-const fn native_arch_has_cranelift(triple: &str) -> bool {
+/// Whether plugins for `triple` compile to native code with Cranelift.
+///
+/// Not riscv64: wasmtime 48's Cranelift expands every small constant-length
+/// `memory.copy` (which compiled Rust and C plugins are full of) into 16-byte
+/// vector moves, and without the V extension — which the common boards
+/// (VisionFive 2, Milk-V Mars, SiFive Unmatched) lack — its riscv64 backend
+/// panics on them (bytecodealliance/wasmtime#13959). Those devices run
+/// plugins on Pulley.
+const fn runs_native_code(triple: &str) -> bool {
     let arch = triple.as_bytes();
-    starts_with(arch, b"x86_64-")
-        || starts_with(arch, b"aarch64-")
-        || starts_with(arch, b"riscv64")
-        || starts_with(arch, b"s390x-")
+    starts_with(arch, b"x86_64-") || starts_with(arch, b"aarch64-") || starts_with(arch, b"s390x-")
 }
 
 const fn starts_with(text: &[u8], prefix: &[u8]) -> bool {
@@ -131,12 +140,12 @@ const fn starts_with(text: &[u8], prefix: &[u8]) -> bool {
 /// interpreter of the same pointer width (`pulley32`/`pulley64`).
 pub fn compile_target(triple: &str) -> Result<String, PluginError> {
     let arch = triple.split('-').next().unwrap_or_default();
-    if arch.starts_with("pulley") || native_arch_has_cranelift(triple) {
+    if arch.starts_with("pulley") || runs_native_code(triple) {
         return Ok(triple.to_owned());
     }
     const BITS32: [&str; 9] = ["arm", "thumb", "i386", "i586", "i686", "riscv32", "mips", "mipsel", "powerpc"];
-    const BITS64: [&str; 3] = ["powerpc64le", "mips64el", "loongarch64"];
-    if BITS64.contains(&arch) {
+    const BITS64: [&str; 4] = ["riscv64", "powerpc64le", "mips64el", "loongarch64"];
+    if BITS64.iter().any(|p| arch.starts_with(p)) {
         Ok("pulley64".into())
     } else if BITS32.iter().any(|p| arch.starts_with(p)) && !arch.contains("64") {
         let big_endian = arch == "mips" || arch == "powerpc" || arch.ends_with("eb");
@@ -284,10 +293,11 @@ mod tests {
 
     #[test]
     fn compile_target_keeps_native_backends_and_sends_the_rest_to_pulley() {
-        for native in ["x86_64-unknown-linux-musl", "aarch64-unknown-linux-gnu", "riscv64gc-unknown-linux-gnu"] {
+        for native in ["x86_64-unknown-linux-musl", "aarch64-unknown-linux-gnu"] {
             assert_eq!(compile_target(native).unwrap(), native);
         }
         assert_eq!(compile_target("armv7-unknown-linux-gnueabihf").unwrap(), "pulley32");
+        assert_eq!(compile_target("riscv64gc-unknown-linux-gnu").unwrap(), "pulley64");
         assert_eq!(compile_target("i686-unknown-linux-gnu").unwrap(), "pulley32");
         assert_eq!(compile_target("pulley64").unwrap(), "pulley64");
         let e = compile_target("sparc64-unknown-linux-gnu").unwrap_err();
@@ -297,7 +307,7 @@ mod tests {
     #[test]
     fn the_build_names_its_own_target_and_engine() {
         assert!(NATIVE_TARGET.contains('-'), "{NATIVE_TARGET}");
-        assert_eq!(EXECUTION == "Cranelift", native_arch_has_cranelift(NATIVE_TARGET));
+        assert_eq!(EXECUTION == "Cranelift", runs_native_code(NATIVE_TARGET));
     }
 
     #[test]
