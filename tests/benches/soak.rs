@@ -5,7 +5,9 @@
 //! Run: `cargo bench -p ferry-tests --bench soak`. Environment (seconds
 //! unless noted): `FERRY_SOAK_SECS` (default 600), `FERRY_SOAK_FLAP_SECS`
 //! (30), `FERRY_SOAK_RESTART_SECS` (180), `FERRY_SOAK_RATE` (events/s, 1000),
-//! `FERRY_SOAK_QUOTA_MIB` (256). Exits non-zero if a check fails.
+//! `FERRY_SOAK_QUOTA_MIB` (256), `FERRY_SOAK_CACHE_MIB` (the store's page
+//! cache, `store.cache_size`; unset: the agent's default of 64 MiB). Exits
+//! non-zero if a check fails.
 
 use std::time::Duration;
 
@@ -25,6 +27,9 @@ fn main() {
         restart_every: Duration::from_secs_f64(env("FERRY_SOAK_RESTART_SECS", 180.0)),
         rate: env("FERRY_SOAK_RATE", 1000.0),
         quota_bytes: env("FERRY_SOAK_QUOTA_MIB", 256.0) as u64 * 1024 * 1024,
+        cache_bytes: std::env::var("FERRY_SOAK_CACHE_MIB")
+            .ok()
+            .map(|_| env("FERRY_SOAK_CACHE_MIB", 0.0) as u64 * 1024 * 1024),
         sample_every: Duration::from_secs(5),
         producer_workers: 16,
     };

@@ -27,6 +27,9 @@ pub struct SoakConfig {
     pub rate: f64,
     /// The store quota (`store.quota`), in bytes.
     pub quota_bytes: u64,
+    /// The store's page cache (`store.cache_size`), in bytes; `None` keeps
+    /// the agent's default (64 MiB). RSS grows until this cache is full.
+    pub cache_bytes: Option<u64>,
     /// How often the agent's process is sampled.
     pub sample_every: Duration,
     /// Concurrent single-event requests per producer (four producers); each
@@ -133,7 +136,11 @@ pub async fn run(bin: &Path, cfg: SoakConfig) -> anyhow::Result<SoakReport> {
             proxy.addr()
         ));
     }
-    let config = write_config_with(dir.path(), &format!("quota = \"{} B\"", cfg.quota_bytes), &tail);
+    let mut store = format!("quota = \"{} B\"", cfg.quota_bytes);
+    if let Some(cache) = cfg.cache_bytes {
+        store.push_str(&format!("\ncache_size = \"{cache} B\""));
+    }
+    let config = write_config_with(dir.path(), &store, &tail);
     let store_file: PathBuf = dir.path().join("data/ferry.redb");
 
     let url: Arc<RwLock<Option<String>>> = Arc::default();

@@ -15,6 +15,7 @@ async fn a_short_soak_with_a_flapping_cloud_and_restarts_loses_nothing_and_stays
         restart_every: Duration::from_secs(10),
         rate: 400.0,
         quota_bytes: 64 * 1024 * 1024,
+        cache_bytes: None,
         sample_every: Duration::from_secs(1),
         // Few connections, so the agent's fd count settles within the first
         // 10 s incarnation that the last one is compared with.

@@ -56,6 +56,26 @@ pub struct Incoming {
     raw: RawPublish,
 }
 
+impl Incoming {
+    /// A message as an MQTT 3.1.1 subscription would deliver it, for tests
+    /// of what consumes messages.
+    #[cfg(test)]
+    pub(crate) fn v311(topic: &str, payload: &[u8], pkid: u16) -> Self {
+        let mut p = rumqttc::Publish::new(topic, QoS::AtLeastOnce, payload.to_vec());
+        p.pkid = pkid;
+        Self {
+            topic: topic.to_owned(),
+            payload: p.payload.clone(),
+            user_properties: Vec::new(),
+            content_type: None,
+            pkid,
+            dup: false,
+            retain: false,
+            raw: RawPublish::V4(p),
+        }
+    }
+}
+
 #[derive(Debug, Clone)]
 enum RawPublish {
     V4(rumqttc::Publish),

@@ -324,3 +324,44 @@ fn derived_id(m: &Incoming) -> String {
     }
     id
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_plain_json_payload_is_data_on_the_message_topic_with_a_stable_derived_id() {
+        let m = Incoming::v311("sensors/p1", br#"{"t":21.5}"#, 7);
+        let input = message_to_input(&m).unwrap();
+        assert_eq!(input.topic, "sensors/p1");
+        assert_eq!(input.data, br#"{"t":21.5}"#);
+        assert!(input.data_is_json);
+        let id = input.id.unwrap();
+        assert!(id.starts_with("mqtt-") && id.len() == 5 + 32, "{id}");
+        assert!(id[5..].bytes().all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase()), "{id}");
+        assert_eq!(message_to_input(&m).unwrap().id.unwrap(), id, "a redelivery gets the same id");
+        let other = Incoming::v311("sensors/p1", br#"{"t":21.5}"#, 8);
+        assert_ne!(message_to_input(&other).unwrap().id.unwrap(), id, "another packet id is another message");
+    }
+
+    #[test]
+    fn a_structured_cloudevent_is_recognised_even_when_its_key_is_escaped() {
+        for body in [
+            r#"{"specversion":"1.0","id":"e-1","source":"s","type":"t","data":{"c":1}}"#,
+            r#"{"\u0073pecversion":"1.0","id":"e-1","source":"s","type":"t","data":{"c":1}}"#,
+        ] {
+            let input = message_to_input(&Incoming::v311("sensors/p1", body.as_bytes(), 1)).unwrap();
+            assert_eq!(input.id.as_deref(), Some("e-1"), "{body}");
+            assert_eq!(input.ty.as_deref(), Some("t"), "{body}");
+            assert_eq!(input.topic, "sensors/p1", "the subject defaults to the topic");
+        }
+    }
+
+    #[test]
+    fn only_payloads_that_could_spell_the_key_are_parsed_as_cloudevents() {
+        assert!(!might_hold_specversion(br#"{"p":1,"x":"spec version"}"#));
+        assert!(might_hold_specversion(br#"{"specversion":"1.0"}"#));
+        assert!(might_hold_specversion(br#"{"\u0073pecversion":"1.0"}"#));
+        assert!(!might_hold_specversion(b""));
+    }
+}
