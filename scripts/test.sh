@@ -25,7 +25,7 @@ cargo test --workspace --locked
 
 step "runtime-only build (no Cranelift): lints and the plugin engine's tests"
 cargo clippy -p ferry --locked --no-default-features --all-targets -- -D warnings
-cargo test -p ferry --locked --no-default-features --lib plugin::engine
+cargo test -p ferry --locked --no-default-features --lib -- plugin::engine cli::tests
 
 step "firmware targets' systemd units (systemd-analyze, offline)"
 scripts/check-units.sh
