@@ -37,7 +37,7 @@ scripts/check-units.sh
 # that is what keeps four cold release builds of wasmtime inside CI's time.
 # The README's size figures come from the full profile (build-target.sh as
 # documented). x86-64 musl (static) runs natively, so it costs only its
-# build (about as long as aarch64's: the same crates for one more target).
+# build (14 min cold on the shared 2-core machine, beside another build).
 # riscv64 builds the same way but is left out of CI for time, as is
 # aarch64's runtime-only build.
 step "firmware targets under qemu-user"
