@@ -49,8 +49,9 @@ fi
 var=${TRIPLE//-/_}
 export "CC_$var=$CROSS_CC"
 # The firmware profile aborts on panic, so unwind tables serve only
-# backtraces; leaving them out saves about 0.6 MB. (A RUSTFLAGS of the
-# caller's own takes precedence over this.)
+# backtraces: ask for none. Under fat LTO most stay all the same (the
+# agent's own functions keep theirs; why is not yet understood). A RUSTFLAGS of the caller's own takes
+# precedence over this.
 export "CARGO_TARGET_${var^^}_RUSTFLAGS=-C force-unwind-tables=no"
 if [ -n "$SYSROOT" ]; then
     export "CARGO_TARGET_${var^^}_LINKER=$CROSS_CC"
