@@ -87,6 +87,50 @@ fail() {
 free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 now_ms() { date +%s%3N; }
 
+# write_config FILE DATA_DIR: the agent config every run shares (store sized
+# for the smoke test, HTTP ingest, one destination on the local broker),
+# followed by the run's [[plugin]] table read from stdin.
+write_config() {
+    cat >"$1" <<TOML
+[agent]
+device_id = "smoke"
+data_dir = "$2"
+
+[store]
+quota = "64 MiB"
+cache_size = "4 MiB"
+min_free_disk = "0 B"
+
+[ingest.http]
+listen = "127.0.0.1:0"
+
+[[destination]]
+name = "local"
+url = "mqtt://127.0.0.1:$MQTT_PORT"
+routes = ["#"]
+
+TOML
+    cat >>"$1"
+}
+
+# start_agent BIN CONFIG LOG: starts the agent (AGENT_PID) and waits until
+# its HTTP API answers (URL); $NAME says which run failed.
+start_agent() {
+    "${RUN[@]}" "$1" run --log-format json --config "$2" >"$3" 2>&1 &
+    AGENT_PID=$!
+    URL=""
+    for _ in $(seq 1200); do
+        kill -0 "$AGENT_PID" 2>/dev/null || fail "$NAME exited during start-up"
+        addr=$(grep -o 'HTTP API listening on [0-9.:]*' "$3" | head -1 | awk '{print $NF}') || true
+        if [ -n "$addr" ] && curl -fsS "http://$addr/healthz" >/dev/null 2>&1; then
+            URL=http://$addr
+            return
+        fi
+        sleep 0.05
+    done
+    fail "$NAME did not answer /healthz within 60 s"
+}
+
 # --- precompile with the target's own full build --------------------------
 CWASM=$WORK/threshold-filter.cwasm
 "${RUN[@]}" "$FULL" plugin precompile --target "$TRIPLE" "$PLUGIN" -o "$CWASM" >"$WORK/precompile.log" 2>&1 ||
@@ -154,25 +198,8 @@ for entry in "${RUNS[@]}"; do
     SESSION=ferry-smoke-$run
     mosquitto_sub -h 127.0.0.1 -p "$MQTT_PORT" -i "$SESSION" -c -q 1 -t 'ferry/#' -E || fail "subscribing"
 
-    DATA=$WORK/data-$run
-    cat >"$WORK/ferry-$run.toml" <<TOML
-[agent]
-device_id = "smoke"
-data_dir = "$DATA"
-
-[store]
-quota = "64 MiB"
-cache_size = "4 MiB"
-min_free_disk = "0 B"
-
-[ingest.http]
-listen = "127.0.0.1:0"
-
-[[destination]]
-name = "local"
-url = "mqtt://127.0.0.1:$MQTT_PORT"
-routes = ["#"]
-
+    LOG=$WORK/agent-$run.log
+    write_config "$WORK/ferry-$run.toml" "$WORK/data-$run" <<TOML
 [[plugin]]
 name = "threshold"
 path = "$PLUGIN_FILE"
@@ -181,21 +208,8 @@ stage = "ingest"
 config = { field = "celsius", min = "20" }
 timeout_ms = 5000
 TOML
-    LOG=$WORK/agent-$run.log
     started=$(now_ms)
-    "${RUN[@]}" "$BIN" run --log-format json --config "$WORK/ferry-$run.toml" >"$LOG" 2>&1 &
-    AGENT_PID=$!
-    URL=""
-    for _ in $(seq 1200); do
-        kill -0 "$AGENT_PID" 2>/dev/null || fail "$NAME exited during start-up"
-        addr=$(grep -o 'HTTP API listening on [0-9.:]*' "$LOG" | head -1 | awk '{print $NF}') || true
-        if [ -n "$addr" ] && curl -fsS "http://$addr/healthz" >/dev/null 2>&1; then
-            URL=http://$addr
-            break
-        fi
-        sleep 0.05
-    done
-    [ -n "$URL" ] || fail "$NAME did not answer /healthz within 60 s"
+    start_agent "$BIN" "$WORK/ferry-$run.toml" "$LOG"
     startup_ms=$(($(now_ms) - started))
     if [ "$KIND" = .cwasm ]; then
         grep -q '"compiled":"Precompiled"' "$LOG" || fail "$NAME: the plugin was not loaded as precompiled"
@@ -260,25 +274,8 @@ BIN=${RUNTIME:-$FULL}
 NAME="$(basename "$BIN") with a hostile plugin"
 "${RUN[@]}" "$FULL" plugin precompile --target "$TRIPLE" "$HOSTILE" -o "$WORK/hostile.cwasm" >/dev/null 2>&1 ||
     fail "ferry plugin precompile of the hostile plugin"
-DATA=$WORK/data-hostile
-cat >"$WORK/ferry-hostile.toml" <<TOML
-[agent]
-device_id = "smoke"
-data_dir = "$DATA"
-
-[store]
-quota = "64 MiB"
-cache_size = "4 MiB"
-min_free_disk = "0 B"
-
-[ingest.http]
-listen = "127.0.0.1:0"
-
-[[destination]]
-name = "local"
-url = "mqtt://127.0.0.1:$MQTT_PORT"
-routes = ["#"]
-
+LOG=$WORK/agent-hostile.log
+write_config "$WORK/ferry-hostile.toml" "$WORK/data-hostile" <<TOML
 [[plugin]]
 name = "hostile"
 path = "$WORK/hostile.cwasm"
@@ -288,20 +285,7 @@ timeout_ms = 1000
 memory = "16 MiB"
 on_error = "dead-letter"
 TOML
-LOG=$WORK/agent-hostile.log
-"${RUN[@]}" "$BIN" run --log-format json --config "$WORK/ferry-hostile.toml" >"$LOG" 2>&1 &
-AGENT_PID=$!
-URL=""
-for _ in $(seq 1200); do
-    kill -0 "$AGENT_PID" 2>/dev/null || fail "$NAME exited during start-up"
-    addr=$(grep -o 'HTTP API listening on [0-9.:]*' "$LOG" | head -1 | awk '{print $NF}') || true
-    if [ -n "$addr" ] && curl -fsS "http://$addr/healthz" >/dev/null 2>&1; then
-        URL=http://$addr
-        break
-    fi
-    sleep 0.05
-done
-[ -n "$URL" ] || fail "$NAME did not answer /healthz within 60 s"
+start_agent "$BIN" "$WORK/ferry-hostile.toml" "$LOG"
 for subject in hostile/trap hostile/loop hostile/oom ok/1; do
     curl -fsS "$URL/v1/events" -d "{\"topic\":\"$subject\",\"data\":1}" >/dev/null ||
         fail "$NAME: ingest of $subject"

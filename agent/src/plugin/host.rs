@@ -200,8 +200,8 @@ impl wit_types::HostBatch for HostState {
     }
 
     fn drop(&mut self, batch: Resource<EventBatch>) -> wasmtime::Result<()> {
-        // Only the host owns a batch (the plugin gets a borrow), so this runs
-        // only if a plugin forges an owned handle; the host deletes it after the call anyway.
+        // Plugins only ever get borrows and cannot create a batch, so this
+        // is never reached in practice; the host deletes each batch after its call.
         self.table.delete(batch)?;
         Ok(())
     }
