@@ -9,7 +9,7 @@ use std::collections::HashMap;
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, ensure};
 use ferry::clock::{Clock as _, SystemClock};
@@ -95,7 +95,19 @@ pub async fn run(
             })
             .collect();
         tokio::time::sleep(Duration::from_millis(rand::rng().random_range(20..200))).await;
-        let cut_report = switch.cut(how(cut))?;
+        // Then the first moment some write is still unsynced (on a fast disk
+        // most are not), so every cut has something to lose; a store that
+        // stays clean for a whole second is cut anyway.
+        let deadline = Instant::now() + Duration::from_secs(1);
+        let cut_report = loop {
+            if let Some(r) = switch.cut_while_dirty(how(cut))? {
+                break r;
+            }
+            if Instant::now() >= deadline {
+                break switch.cut(how(cut))?;
+            }
+            tokio::task::yield_now().await;
+        };
         stop.store(true, Ordering::Relaxed);
         for t in tasks {
             report.refused_appends += t.await?;
