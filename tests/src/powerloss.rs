@@ -1,9 +1,9 @@
 //! Power-loss trials of the store: concurrent producers append through the
 //! real store on a [`PowerLossBackend`] (redb's file backend that can lose
-//! what was not fsynced), the power is cut at a random moment, and the file
-//! is reopened as a reboot would find it. Every event whose append was
-//! answered must be there, under the sequence it was answered with, and the
-//! log must have no holes.
+//! what was not fsynced), the power is cut at a random moment with unsynced
+//! writes, and the file is reopened as a reboot would find it. Every event
+//! whose append was answered must be there, under the sequence it was
+//! answered with, and the log must have no holes.
 
 use std::collections::HashMap;
 use std::path::Path;
