@@ -131,3 +131,15 @@ pub fn write_config_with(dir: &Path, store_extra: &str, tail: &str) -> PathBuf {
     std::fs::write(&path, text).expect("writing config");
     path
 }
+
+/// The repository root.
+pub fn repo_root() -> &'static Path {
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("tests/ is in the repository")
+}
+
+/// A component built by `scripts/build-plugins.sh`: `plugins/build/{name}.wasm`.
+pub fn built_plugin(name: &str) -> PathBuf {
+    let path = repo_root().join("plugins/build").join(format!("{name}.wasm"));
+    assert!(path.is_file(), "{} is missing: run scripts/build-plugins.sh first", path.display());
+    path
+}

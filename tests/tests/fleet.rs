@@ -20,21 +20,11 @@ use ferry::fleet::bundle::{self, Chunk, Manifest};
 use ferry::fleet::report::{Report, State};
 use ferry::fleet::topics;
 use ferry_harness::{Collector, FaultProxy, Mosquitto, MosquittoOptions, Protocol};
-use ferry_tests::{FerryProcess, ferry_bin, write_config_with};
+use ferry_tests::{FerryProcess, built_plugin, ferry_bin, write_config_with};
 use serde_json::json;
 
 const ROOT: &str = "ferry/fleet";
 const DEVICE: &str = "test-device";
-
-fn repo() -> &'static Path {
-    Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("tests/ is in the repository")
-}
-
-fn built(name: &str) -> PathBuf {
-    let path = repo().join("plugins/build").join(format!("{name}.wasm"));
-    assert!(path.is_file(), "{} is missing: run scripts/build-plugins.sh first", path.display());
-    path
-}
 
 fn key(n: u8) -> SigningKey {
     SigningKey::from_bytes(&[n; 32])
@@ -61,7 +51,7 @@ fn config_with(dir: &Path, brokers: &[(&str, &str)], trusted: &VerifyingKey, fle
         "{destinations}[[plugin]]\nname = \"f\"\npath = {:?}\nworld = \"filter\"\nstage = \"ingest\"\n\
          config = {{ field = \"temp\", min = \"20\" }}\n\n\
          [fleet]\ntrusted_keys = [\"{}\"]\n{fleet_extra}\n",
-        built("threshold-filter").display().to_string(),
+        built_plugin("threshold-filter").display().to_string(),
         bundle::encode_public(trusted),
     );
     write_config_with(dir, "", &tail)
@@ -179,7 +169,7 @@ async fn a_pushed_plugin_is_downloaded_verified_shadowed_and_activated() {
     ferry(&["fleet", "keygen", "--out", "ops"], dir);
     let public = std::fs::read_to_string(dir.join("ops.pub")).unwrap();
     let trusted = bundle::decode_public(&public).unwrap();
-    let hostile = built("testdata/hostile-filter");
+    let hostile = built_plugin("testdata/hostile-filter");
     ferry(
         &[
             "fleet",
@@ -246,7 +236,7 @@ async fn bad_bundles_are_refused_with_a_reason_and_the_running_version_keeps_run
     let status = status_collector(&url).await;
     let events = Collector::start(&url, &format!("ferry/{DEVICE}/#"), Protocol::V5).await.unwrap();
     wait_report(&status, "running v0", |r| r.state == State::Running).await;
-    let hostile = std::fs::read(built("testdata/hostile-filter")).unwrap();
+    let hostile = std::fs::read(built_plugin("testdata/hostile-filter")).unwrap();
     let sign = |version: u64, world: World, component: &[u8], with: &SigningKey| {
         Manifest::sign("f", version, world, component, 16 * 1024, with).unwrap()
     };
@@ -295,7 +285,7 @@ async fn bad_bundles_are_refused_with_a_reason_and_the_running_version_keeps_run
     assert_eq!(refused(6, "does not match the manifest").await, 0);
 
     // A merge component signed as a filter: it does not link against the world.
-    let merge = std::fs::read(built("lww-merge")).unwrap();
+    let merge = std::fs::read(built_plugin("lww-merge")).unwrap();
     let m = sign(7, World::Filter, &merge, &key(1));
     let mut messages = chunk_messages(&m, &Chunk::split(&m, &merge), true);
     messages.push(manifest_message(&m));
@@ -335,7 +325,7 @@ async fn a_version_that_fails_on_probation_is_rolled_back() {
     let agent = FerryProcess::start(ferry_bin!(), &cfg).unwrap();
     let status = status_collector(&url).await;
     let events = Collector::start(&url, &format!("ferry/{DEVICE}/#"), Protocol::V5).await.unwrap();
-    let hostile = std::fs::read(built("testdata/hostile-filter")).unwrap();
+    let hostile = std::fs::read(built_plugin("testdata/hostile-filter")).unwrap();
     let m = Manifest::sign("f", 1, World::Filter, &hostile, 64 * 1024, &key(1)).unwrap();
     let mut messages = chunk_messages(&m, &Chunk::split(&m, &hostile), true);
     messages.push(manifest_message(&m));
@@ -373,7 +363,7 @@ async fn a_download_cut_by_sigkill_resumes_from_disk_and_completes() {
     let events = Collector::start(&url, &format!("ferry/{DEVICE}/#"), Protocol::V5).await.unwrap();
     wait_report(&status, "running v0", |r| r.state == State::Running).await;
 
-    let hostile = std::fs::read(built("testdata/hostile-filter")).unwrap();
+    let hostile = std::fs::read(built_plugin("testdata/hostile-filter")).unwrap();
     let m = Manifest::sign("f", 1, World::Filter, &hostile, 4 * 1024, &key(1)).unwrap();
     let chunks = Chunk::split(&m, &hostile);
     let half = chunks.len() / 2;
@@ -413,7 +403,7 @@ async fn a_download_survives_a_cut_link_and_takes_chunks_from_either_cloud() {
     let events = Collector::start(&b.url(), &format!("ferry/{DEVICE}/#"), Protocol::V5).await.unwrap();
     wait_report(&status, "running v0", |r| r.state == State::Running).await;
 
-    let hostile = std::fs::read(built("testdata/hostile-filter")).unwrap();
+    let hostile = std::fs::read(built_plugin("testdata/hostile-filter")).unwrap();
     let m = Manifest::sign("f", 1, World::Filter, &hostile, 4 * 1024, &key(1)).unwrap();
     let chunks = Chunk::split(&m, &hostile);
     let (first, second) = (chunks.len() / 3, 2 * chunks.len() / 3);
@@ -447,7 +437,7 @@ async fn a_download_survives_a_cut_link_and_takes_chunks_from_either_cloud() {
 async fn a_device_offline_during_two_pushes_installs_the_latest_when_it_returns() {
     let mosquitto = broker().await;
     let url = mosquitto.url();
-    let hostile = std::fs::read(built("testdata/hostile-filter")).unwrap();
+    let hostile = std::fs::read(built_plugin("testdata/hostile-filter")).unwrap();
     // Two pushes while the device is away: v2 replaces v1's retained manifest.
     for version in [1, 2] {
         let m = Manifest::sign("f", version, World::Filter, &hostile, 32 * 1024, &key(1)).unwrap();
@@ -474,7 +464,7 @@ async fn a_merge_plugin_that_breaks_the_convergence_laws_is_refused() {
     let cfg = config(tmp.path(), &url, &key(1).verifying_key(), "probation = \"1s\"\n");
     let merge_slot = format!(
         "\n[[plugin]]\nname = \"m\"\npath = {:?}\nworld = \"merge\"\n",
-        built("lww-merge").display().to_string()
+        built_plugin("lww-merge").display().to_string()
     );
     std::fs::write(&cfg, std::fs::read_to_string(&cfg).unwrap() + &merge_slot).unwrap();
     let _agent = FerryProcess::start(ferry_bin!(), &cfg).unwrap();
@@ -482,7 +472,7 @@ async fn a_merge_plugin_that_breaks_the_convergence_laws_is_refused() {
     wait_report(&status, "running v0", |r| r.state == State::Running).await;
 
     // "Incoming wins" is not commutative: replicas would diverge.
-    let diverge = std::fs::read(built("testdata/diverge-merge")).unwrap();
+    let diverge = std::fs::read(built_plugin("testdata/diverge-merge")).unwrap();
     let m = Manifest::sign("m", 1, World::Merge, &diverge, 64 * 1024, &key(1)).unwrap();
     let mut messages = chunk_messages(&m, &Chunk::split(&m, &diverge), true);
     messages.push(manifest_message(&m));
@@ -492,7 +482,7 @@ async fn a_merge_plugin_that_breaks_the_convergence_laws_is_refused() {
     assert!(r.reason.as_deref().unwrap_or("").contains("commutative"), "{r:?}");
 
     // A lawful merge plugin for the same slot installs.
-    let crdt = std::fs::read(built("crdt-merge")).unwrap();
+    let crdt = std::fs::read(built_plugin("crdt-merge")).unwrap();
     let m = Manifest::sign("m", 2, World::Merge, &crdt, 64 * 1024, &key(1)).unwrap();
     let mut messages = chunk_messages(&m, &Chunk::split(&m, &crdt), true);
     messages.push(manifest_message(&m));
@@ -509,7 +499,7 @@ async fn a_damaged_installed_version_is_not_run_and_is_fetched_again() {
     let agent = FerryProcess::start(ferry_bin!(), &cfg).unwrap();
     let status = status_collector(&url).await;
     let events = Collector::start(&url, &format!("ferry/{DEVICE}/#"), Protocol::V5).await.unwrap();
-    let hostile = std::fs::read(built("testdata/hostile-filter")).unwrap();
+    let hostile = std::fs::read(built_plugin("testdata/hostile-filter")).unwrap();
     let m = Manifest::sign("f", 1, World::Filter, &hostile, 64 * 1024, &key(1)).unwrap();
     let mut messages = chunk_messages(&m, &Chunk::split(&m, &hostile), true);
     messages.push(manifest_message(&m));
@@ -539,7 +529,7 @@ async fn a_push_clears_the_chunks_of_versions_no_manifest_names_any_more() {
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path();
     ferry(&["fleet", "keygen", "--out", "ops"], dir);
-    let hostile = built("testdata/hostile-filter");
+    let hostile = built_plugin("testdata/hostile-filter");
     for v in ["1", "2", "3"] {
         // Small chunks: the collector's client takes packets up to 10 KiB.
         let args = ["fleet", "sign", hostile.to_str().unwrap(), "--name", "f", "--version", v, "--key", "ops.key"];

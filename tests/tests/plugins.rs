@@ -17,19 +17,8 @@ use ferry::ingest::{Ingest, InputEvent};
 use ferry::plugin::breaker::BreakerConfig;
 use ferry::plugin::{Plugin, PluginError, PluginHandle, convert};
 use ferry::store::Store;
-use ferry_tests::{FerryProcess, ferry_bin, write_config};
+use ferry_tests::{FerryProcess, built_plugin, ferry_bin, write_config};
 use serde_json::Value;
-
-fn repo() -> &'static Path {
-    Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("tests/ is in the repository")
-}
-
-/// A component built by scripts/build-plugins.sh.
-fn built(name: &str) -> PathBuf {
-    let path = repo().join("plugins/build").join(format!("{name}.wasm"));
-    assert!(path.is_file(), "{} is missing: run scripts/build-plugins.sh first", path.display());
-    path
-}
 
 /// A compile cache shared by the tests of this run and the next, so the
 /// large interpreter components compile once per machine.
@@ -62,7 +51,7 @@ fn every_example_plugin_passes_plugin_check() {
         ("gset-merge", &[]),
     ];
     for (name, config) in examples {
-        let path = built(name);
+        let path = built_plugin(name);
         let mut args = vec!["check", path.to_str().unwrap()];
         args.extend_from_slice(config);
         let (ok, out) = ferry_plugin(&args);
@@ -72,7 +61,7 @@ fn every_example_plugin_passes_plugin_check() {
 
 #[test]
 fn a_non_convergent_merge_is_caught_with_a_minimal_counter_example() {
-    let path = built("testdata/diverge-merge");
+    let path = built_plugin("testdata/diverge-merge");
     let (ok, out) = ferry_plugin(&["check", path.to_str().unwrap()]);
     assert!(!ok, "a merge where incoming always wins must fail the check:\n{out}");
     assert!(out.contains("FAIL commutative"), "{out}");
@@ -85,7 +74,7 @@ fn a_non_convergent_merge_is_caught_with_a_minimal_counter_example() {
 
 #[test]
 fn plugin_check_names_a_component_of_the_wrong_world_or_with_unknown_imports() {
-    let (ok, out) = ferry_plugin(&["check", built("lww-merge").to_str().unwrap(), "--world", "filter"]);
+    let (ok, out) = ferry_plugin(&["check", built_plugin("lww-merge").to_str().unwrap(), "--world", "filter"]);
     assert!(!ok && out.contains("does not target the `filter` world"), "{out}");
     let dir = tempfile::tempdir().unwrap();
     let evil = dir.path().join("evil.wasm");
@@ -143,7 +132,7 @@ async fn hostile_plugins_never_stop_the_agent_nor_lose_an_accepted_event() {
         &format!(
             "[[plugin]]\nname = \"hostile\"\npath = {:?}\nworld = \"filter\"\nstage = \"ingest\"\n\
              timeout_ms = 200\nmemory = \"16 MiB\"\nconfig = {{ zeta = \"z\", alpha = \"a b\" }}\n",
-            built("testdata/hostile-filter").display().to_string()
+            built_plugin("testdata/hostile-filter").display().to_string()
         ),
     );
     let agent = FerryProcess::start(ferry_bin!(), &config).unwrap();
@@ -187,7 +176,7 @@ async fn hostile_plugins_never_stop_the_agent_nor_lose_an_accepted_event() {
 }
 
 fn hostile_config(on_error: OnError) -> PluginConfig {
-    let mut config = PluginConfig::new("hostile", built("testdata/hostile-filter"), World::Filter);
+    let mut config = PluginConfig::new("hostile", built_plugin("testdata/hostile-filter"), World::Filter);
     config.cpu = CpuLimit::Timeout(Duration::from_millis(200));
     config.memory_bytes = 16 << 20;
     config.on_error = on_error;
@@ -309,7 +298,7 @@ fn fuel_bounds_a_runaway_plugin_deterministically() {
 #[test]
 fn a_restart_loads_the_compiled_plugin_from_the_cache_instead_of_compiling() {
     let dir = tempfile::tempdir().unwrap();
-    let config = PluginConfig::new("lww", built("lww-merge"), World::Merge);
+    let config = PluginConfig::new("lww", built_plugin("lww-merge"), World::Merge);
     let (_, first) = Plugin::load(&config, Some(dir.path())).unwrap();
     let (_, second) = Plugin::load(&config, Some(dir.path())).unwrap();
     assert_eq!(first.source, ferry::plugin::engine::CompileSource::Compiled);
