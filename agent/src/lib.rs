@@ -36,6 +36,12 @@
 //! - [`clock`] — the injectable wall clock and the hybrid logical clock.
 //! - [`config`] — the TOML config: parsed, then validated into [`config::Config`].
 
+/// The process's allocator (feature `mimalloc`): the agent's per-event
+/// allocations are small and made on several threads at once.
+#[cfg(feature = "mimalloc")]
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 pub mod cli;
 pub mod clock;
 pub mod config;
