@@ -68,12 +68,17 @@ impl Clock for ManualClock {
 /// UUIDv7 sorts by creation time; the per-thread context adds a counter so
 /// ids made in the same millisecond stay ordered and unique.
 pub fn new_event_id(clock: &dyn Clock) -> String {
+    new_v7(clock).to_string()
+}
+
+/// A new UUIDv7 at `clock`'s time, ordered and unique as for [`new_event_id`].
+pub fn new_v7(clock: &dyn Clock) -> uuid::Uuid {
     thread_local! {
         static CONTEXT: uuid::ContextV7 = const { uuid::ContextV7::new() };
     }
     let nanos = clock.now_nanos().max(0);
     let (secs, subsec) = ((nanos / 1_000_000_000) as u64, (nanos % 1_000_000_000) as u32);
-    CONTEXT.with(|ctx| uuid::Uuid::new_v7(uuid::Timestamp::from_unix(ctx, secs, subsec)).to_string())
+    CONTEXT.with(|ctx| uuid::Uuid::new_v7(uuid::Timestamp::from_unix(ctx, secs, subsec)))
 }
 
 /// Bits of an [`Hlc`] that hold the logical counter.

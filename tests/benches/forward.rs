@@ -14,7 +14,7 @@ use ferry::clock::{Clock, SystemClock};
 use ferry::config::{Config, StoreConfig};
 use ferry::event::{Event, EventBody, JSON_CONTENT_TYPE};
 use ferry::runtime::Agent;
-use ferry::store::{PreparedEvent, Store};
+use ferry::store::{Dedup, PreparedEvent, Store};
 use ferry_harness::rumqttc::v5::mqttbytes::v5::{Packet, PublishProperties};
 use ferry_harness::rumqttc::v5::{AsyncClient, Event as MqttEvent, MqttOptions, mqttbytes::QoS};
 use ferry_harness::{Mosquitto, MosquittoOptions};
@@ -121,8 +121,9 @@ async fn drain_rate(brokers: &[Mosquitto], n: usize) -> f64 {
     let clock: Arc<SystemClock> = Arc::new(SystemClock);
     let store = Store::open(StoreConfig::at(dir.path().join("ferry.redb")), clock.clone()).unwrap();
     for start in (0..n).step_by(10_000) {
-        let batch =
-            (start..(start + 10_000).min(n)).map(|i| PreparedEvent::new(&sample_event(i), false, 100, None)).collect();
+        let batch = (start..(start + 10_000).min(n))
+            .map(|i| PreparedEvent::new(&sample_event(i), Dedup::None, 100, None))
+            .collect();
         store.append(batch).await.unwrap();
     }
     store.close();

@@ -16,7 +16,7 @@ use ferry::clock::{Clock as _, SystemClock};
 use ferry::config::{Durability, StoreConfig};
 use ferry::event::{EventBody, JSON_CONTENT_TYPE};
 use ferry::store::power_loss::{PowerCut, PowerLossBackend};
-use ferry::store::{PreparedEvent, Store};
+use ferry::store::{Dedup, PreparedEvent, Store};
 use rand::Rng as _;
 
 /// What a series of power cuts did.
@@ -163,5 +163,5 @@ fn event(id: &str) -> PreparedEvent {
         partitionkey: None,
         extensions: vec![],
     };
-    PreparedEvent::new(&body, true, 100, None)
+    PreparedEvent::new(&body, Dedup::Producer, 100, None)
 }

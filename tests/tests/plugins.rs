@@ -195,6 +195,7 @@ fn input(topic: &str) -> InputEvent {
         partitionkey: None,
         extensions: Vec::new(),
         ttl: None,
+        dedup: None,
     }
 }
 

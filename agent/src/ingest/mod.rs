@@ -28,7 +28,7 @@ use std::time::Duration;
 use crate::clock::{self, SharedClock};
 use crate::event::{DEFAULT_TYPE, EventBody, EventBodyRef, JSON_CONTENT_TYPE};
 use crate::plugin::{OnError, PluginHandle, PluginStatus, convert};
-use crate::store::{AppendError, Appended, PreparedEvent, Store};
+use crate::store::{AppendError, Appended, Dedup, PreparedEvent, Store};
 pub use parse::{BadInput, InputEvent};
 
 /// Why an ingest request was refused. Nothing of a refused request is stored.
@@ -95,6 +95,11 @@ impl Ingest {
     /// The store behind this ingest path.
     pub fn store(&self) -> &Store {
         &self.store
+    }
+
+    /// The clock this path stamps events with.
+    pub fn clock(&self) -> &SharedClock {
+        &self.clock
     }
 
     /// Milliseconds since the epoch by this path's clock.
@@ -180,8 +185,8 @@ impl Ingest {
                     for body in convert::apply(body, other)? {
                         // A route keeps the event's identity; a replacement is
                         // a new event whose id dedup must know.
-                        let producer_id = if keep_id { event.producer_id } else { true };
-                        let e = PreparedEvent::new(&body, producer_id, event.priority, event.expires_at_ms);
+                        let dedup = if keep_id { event.dedup } else { Dedup::Producer };
+                        let e = PreparedEvent::new(&body, dedup, event.priority, event.expires_at_ms);
                         if e.record_len() as usize > limit {
                             return Err(format!(
                                 "event `{}` is {} bytes encoded, over the {limit}-byte limit",
@@ -206,7 +211,7 @@ impl Ingest {
         for (index, input) in inputs.into_iter().enumerate() {
             let (priority, class_ttl) = config.classify(&input.topic);
             let ttl = input.ttl.or(class_ttl);
-            let producer_id = input.id.is_some();
+            let dedup = input.dedup.unwrap_or(if input.id.is_some() { Dedup::Producer } else { Dedup::None });
             let id = input.id.unwrap_or_else(|| clock::new_event_id(self.clock.as_ref()));
             let body = EventBodyRef {
                 id: &id,
@@ -223,8 +228,7 @@ impl Ingest {
                 extensions: &input.extensions,
             };
             let body = body.encode();
-            let event =
-                PreparedEvent { id, producer_id, priority, expires_at_ms: ttl.map(|t| expiry(now_ms, t)), body };
+            let event = PreparedEvent { id, dedup, priority, expires_at_ms: ttl.map(|t| expiry(now_ms, t)), body };
             let size = event.record_len() as usize;
             if size > config.max_event_bytes {
                 return Err(IngestError::EventTooLarge { index, size, limit: config.max_event_bytes });

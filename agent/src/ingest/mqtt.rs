@@ -3,10 +3,12 @@
 //!
 //! The session is persistent (clean session off, manual acks), so a message
 //! received but not yet committed when the agent dies is redelivered by the
-//! broker. Its event id is derived from the message itself, so a message
-//! committed but not yet acknowledged at the crash is recognised as a
-//! duplicate when it comes again; once acknowledged, its id is forgotten so a
-//! later identical message is a new event.
+//! broker. Its event id is derived from the message itself, and the ids of
+//! each committed batch are kept in one store record until the batch is
+//! acknowledged, so a message committed but not yet acknowledged at the crash
+//! is recognised as a duplicate when the broker redelivers it; once
+//! acknowledged, the batch is forgotten so a later identical message is a new
+//! event.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -17,10 +19,11 @@ use tokio::task::JoinHandle;
 
 use super::parse::{self, BadInput, InputEvent};
 use super::{Ingest, IngestError};
+use crate::clock;
 use crate::config::MqttIngestConfig;
 use crate::forward::backoff::Backoff;
 use crate::forward::link::{Incoming, Link, LinkError, LinkEvent, LinkOptions};
-use crate::store::AppendError;
+use crate::store::{AppendError, Dedup};
 
 /// Messages committed together at most.
 const BATCH: usize = 512;
@@ -110,15 +113,15 @@ impl MqttIngest {
                 stored = async { (&mut commit.as_mut().expect("guarded").task).await }, if commit.is_some() => {
                     commit = None;
                     match stored {
-                        Ok((Stored::Yes(ids), messages)) => {
+                        Ok((Stored::Yes(batch), messages)) => {
                             for m in &messages {
                                 link.ack(m)?;
                             }
-                            // Dedup ids of acknowledged messages are no longer needed; off the ack path.
+                            // The broker will not redeliver the batch now; off the ack path.
                             let store = self.ingest.store().clone();
                             tokio::spawn(async move {
-                                if let Err(e) = store.forget_ids(ids).await {
-                                    tracing::warn!(error = %e, "could not forget acknowledged MQTT message ids");
+                                if let Err(e) = store.forget_deliveries(batch).await {
+                                    tracing::warn!(error = %e, "could not forget acknowledged MQTT messages");
                                 }
                             });
                         }
@@ -160,8 +163,9 @@ impl MqttIngest {
     fn start_commit(&mut self, link: &mut Link, batch: Vec<Box<Incoming>>) -> Result<Option<Commit>, LinkError> {
         let mut inputs = Vec::with_capacity(batch.len());
         let mut messages = Vec::with_capacity(batch.len());
+        let deliveries = clock::new_v7(self.ingest.clock().as_ref()).as_u128();
         for m in batch {
-            match message_to_input(&m) {
+            match delivery_input(&m, deliveries) {
                 Ok(input) => {
                     inputs.push(input);
                     messages.push(m);
@@ -177,7 +181,7 @@ impl MqttIngest {
             return Ok(None);
         }
         let ingest = self.ingest.clone();
-        let task = tokio::spawn(store_batch(ingest, inputs, messages));
+        let task = tokio::spawn(store_batch(ingest, deliveries, inputs, messages));
         Ok(Some(Commit { task }))
     }
 }
@@ -193,8 +197,8 @@ struct Commit {
 
 /// How storing a batch ended.
 enum Stored {
-    /// Committed; the ids to forget once acknowledged.
-    Yes(Vec<String>),
+    /// Committed; the batch of deliveries to forget once acknowledged.
+    Yes(u128),
     /// The store closed (shutdown).
     Closed,
     /// The store failed.
@@ -212,18 +216,19 @@ enum Stored {
 )]
 async fn store_batch(
     ingest: Ingest,
+    batch: u128,
     mut inputs: Vec<InputEvent>,
     messages: Vec<Box<Incoming>>,
 ) -> (Stored, Vec<Box<Incoming>>) {
     loop {
         let stored = match ingest.submit(inputs).await {
-            Ok(appended) => Stored::Yes(appended.into_iter().map(|a| a.id).collect()),
+            Ok(_) => Stored::Yes(batch),
             Err(IngestError::Store(
                 AppendError::Full { retry_after, .. } | AppendError::DiskFull { retry_after, .. },
             )) => {
                 tracing::warn!(retry_in = ?retry_after, "store full: local MQTT messages wait at the broker");
                 tokio::time::sleep(retry_after).await;
-                match messages.iter().map(|m| message_to_input(m)).collect() {
+                match messages.iter().map(|m| delivery_input(m, batch)).collect() {
                     Ok(again) => {
                         inputs = again;
                         continue;
@@ -236,6 +241,14 @@ async fn store_batch(
         };
         return (stored, messages);
     }
+}
+
+/// A message as an event of the batch of deliveries `batch` (see
+/// [`Dedup::Delivery`]).
+fn delivery_input(m: &Incoming, batch: u128) -> Result<InputEvent, BadInput> {
+    let mut input = message_to_input(m)?;
+    input.dedup = Some(Dedup::Delivery { batch, redelivered: m.dup });
+    Ok(input)
 }
 
 /// Turns a message into an event: CloudEvents binary mode (MQTT 5 user
@@ -271,6 +284,7 @@ pub fn message_to_input(m: &Incoming) -> Result<InputEvent, BadInput> {
             partitionkey: None,
             extensions: Vec::new(),
             ttl: None,
+            dedup: None,
         }
     };
     if input.id.is_none() {

@@ -21,6 +21,7 @@ use serde_json::Value;
 use serde_json::value::RawValue;
 
 use crate::event::{self, is_json_content_type};
+use crate::store::Dedup;
 use crate::topic;
 
 /// One event as the producer gave it, validated but without Ferry's defaults.
@@ -46,6 +47,9 @@ pub struct InputEvent {
     pub extensions: Vec<(String, String)>,
     /// Per-event TTL.
     pub ttl: Option<Duration>,
+    /// How the store recognises it if sent again; `None`: by `id` when the
+    /// producer chose one, else not at all.
+    pub dedup: Option<Dedup>,
 }
 
 /// Why a request body is malformed: the event index (when the body holds
@@ -419,6 +423,7 @@ impl RawEvent<'_> {
             partitionkey: self.key.or(self.partitionkey),
             extensions,
             ttl,
+            dedup: None,
         })
     }
 }

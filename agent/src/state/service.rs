@@ -28,7 +28,7 @@ use crate::config::{DestinationConfig, StateConfig};
 use crate::downlink::{Delivery, DeliveryReceiver};
 use crate::event::{EventBody, ROUTE_EXTENSION};
 use crate::plugin::{OnError, PluginHandle, Versioned};
-use crate::store::{AppendError, PreparedEvent, Store};
+use crate::store::{AppendError, Dedup, PreparedEvent, Store};
 
 /// CloudEvents type of the state events Ferry publishes upstream.
 pub const STATE_EVENT_TYPE: &str = "ferry.state";
@@ -495,7 +495,7 @@ impl Task {
             OnError::DeadLetter => {
                 let body = self.state_event(key, &data, content_type, incoming, None);
                 let (priority, expires) = self.classify(key);
-                let prepared = PreparedEvent::new(&body, false, priority, expires);
+                let prepared = PreparedEvent::new(&body, Dedup::None, priority, expires);
                 if let Err(e) = self.store.dead_letter_new(vec![prepared], failure).await {
                     tracing::error!(%key, error = %e, "could not dead-letter the unmerged state update");
                 }
@@ -561,7 +561,7 @@ impl Task {
         };
         let body = self.state_event(key, &entry.data, entry.content_type.clone(), &entry.version, Some(destination));
         let (priority, expires) = self.classify(key);
-        match self.store.append(vec![PreparedEvent::new(&body, false, priority, expires)]).await {
+        match self.store.append(vec![PreparedEvent::new(&body, Dedup::None, priority, expires)]).await {
             Ok(_) => {}
             Err(e @ (AppendError::Full { .. } | AppendError::DiskFull { .. } | AppendError::Closed)) => {
                 tracing::warn!(%destination, %key, error = %e, "state update not queued for the cloud yet; will retry");

@@ -39,10 +39,8 @@ pub const FULL_RETRY_AFTER: Duration = Duration::from_secs(5);
 pub struct PreparedEvent {
     /// The event id.
     pub id: String,
-    /// Whether the producer chose the id. Only such ids are indexed for
-    /// dedup: an id Ferry generated cannot be retried by a producer that
-    /// never saw it, and skipping it halves the writer's work per event.
-    pub producer_id: bool,
+    /// How a later event with the same id is recognised as a duplicate.
+    pub dedup: Dedup,
     /// Eviction priority.
     pub priority: u8,
     /// Expiry time, if the event has a TTL.
@@ -51,10 +49,33 @@ pub struct PreparedEvent {
     pub body: Vec<u8>,
 }
 
+/// How the store recognises an event sent again: what it keeps of the id,
+/// and for how long.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Dedup {
+    /// Ferry generated the id. No producer can send it again, so nothing is
+    /// looked up or kept: that halves the writer's work per event.
+    None,
+    /// The producer chose the id: an event with the same id within the
+    /// store's dedup window is a duplicate. One index entry per event.
+    Producer,
+    /// The id is derived from a broker's delivery, which the broker repeats,
+    /// flagged as a redelivery, until it has the ack. The ids of one batch
+    /// of deliveries are kept together in one record until
+    /// [`Store::forget_deliveries`] (or the dedup window ends), and looked
+    /// up only for a redelivery: one write per batch, not two per event.
+    Delivery {
+        /// The batch: a UUIDv7, so batches sort by age.
+        batch: u128,
+        /// Whether the broker flagged this delivery as a repeat.
+        redelivered: bool,
+    },
+}
+
 impl PreparedEvent {
     /// Encodes `body` for appending.
-    pub fn new(body: &EventBody, producer_id: bool, priority: u8, expires_at_ms: Option<u64>) -> Self {
-        Self { id: body.id.clone(), producer_id, priority, expires_at_ms, body: body.encode() }
+    pub fn new(body: &EventBody, dedup: Dedup, priority: u8, expires_at_ms: Option<u64>) -> Self {
+        Self { id: body.id.clone(), dedup, priority, expires_at_ms, body: body.encode() }
     }
 
     /// Bytes the stored record will occupy (counted against the quota).
@@ -553,11 +574,12 @@ impl Store {
             .map_err(|source| StoreError::Corrupt { sequence: number, source })
     }
 
-    /// Forgets dedup entries of `ids`: the producer confirmed it will not
-    /// retry them, and a later event may reuse the id.
-    pub async fn forget_ids(&self, ids: Vec<String>) -> Result<(), AppendError> {
+    /// Forgets the ids of a batch of deliveries ([`Dedup::Delivery`]): the
+    /// broker has every ack, so it will not deliver them again, and a later
+    /// identical message is a new event.
+    pub async fn forget_deliveries(&self, batch: u128) -> Result<(), AppendError> {
         let (reply, rx) = oneshot::channel();
-        self.send(Request::Forget { ids, reply }).await.map_err(|_| AppendError::Closed)?;
+        self.send(Request::ForgetDeliveries { batch, reply }).await.map_err(|_| AppendError::Closed)?;
         rx.await.map_err(|_| AppendError::Closed)?
     }
 

@@ -15,6 +15,11 @@ pub const DEDUP: TableDefinition<&str, u64> = TableDefinition::new("dedup");
 /// sequence → (acceptance time in ms, event id); prunes [`DEDUP`] in age order.
 pub const DEDUP_AGE: TableDefinition<u64, (u64, &str)> = TableDefinition::new("dedup_age");
 
+/// delivery batch (a UUIDv7: key order is age order) → postcard
+/// `Vec<(id, sequence)>`: the ids of one batch of broker deliveries that were
+/// stored, until the broker has their acks (see [`super::Dedup::Delivery`]).
+pub const DELIVERIES: TableDefinition<u128, &[u8]> = TableDefinition::new("deliveries");
+
 /// (priority, sequence) → record size; eviction order under `drop-oldest`.
 pub const BY_PRIORITY: TableDefinition<(u8, u64), u32> = TableDefinition::new("by_priority");
 

@@ -57,7 +57,7 @@ fn event_with(id: &str, topic: &str, data_len: usize, priority: u8, expires_at_m
         partitionkey: None,
         extensions: vec![],
     };
-    PreparedEvent::new(&body, true, priority, expires_at_ms)
+    PreparedEvent::new(&body, Dedup::Producer, priority, expires_at_ms)
 }
 
 fn ids(events: &[Event]) -> Vec<&str> {
@@ -100,6 +100,42 @@ async fn an_id_is_stored_anew_once_it_has_left_the_dedup_window() {
     assert_eq!(report.dedup_pruned, 1);
     let out = f.store.append(vec![event("a", "t", 4)]).await.unwrap();
     assert_eq!((out[0].sequence, out[0].duplicate), (2, false));
+}
+
+fn delivery(id: &str, batch: u128, redelivered: bool) -> PreparedEvent {
+    PreparedEvent { dedup: Dedup::Delivery { batch, redelivered }, ..event(id, "t", 4) }
+}
+
+#[tokio::test]
+async fn a_redelivery_of_a_stored_delivery_is_a_duplicate_until_its_batch_is_forgotten_even_across_a_restart() {
+    let f = Fixture::new(|_| {});
+    let batch = crate::clock::new_v7(f.clock.as_ref()).as_u128();
+    f.store.append(vec![delivery("m1", batch, false), delivery("m2", batch, false)]).await.unwrap();
+    let f = f.reopen();
+    let again = f.store.append(vec![delivery("m2", 7, true), delivery("m3", 7, true)]).await.unwrap();
+    assert_eq!(again[0], Appended { id: "m2".into(), sequence: 2, duplicate: true });
+    assert_eq!(again[1], Appended { id: "m3".into(), sequence: 3, duplicate: false });
+    // A first delivery is never looked up: the broker repeats only what it flags.
+    assert!(!f.store.append(vec![delivery("m1", 8, false)]).await.unwrap()[0].duplicate);
+
+    f.store.forget_deliveries(batch).await.unwrap();
+    let f = f.reopen();
+    let after = f.store.append(vec![delivery("m2", 9, true), delivery("m3", 9, true)]).await.unwrap();
+    assert!(!after[0].duplicate, "m2's batch was forgotten");
+    assert!(after[1].duplicate, "m3's batch (7) was not");
+}
+
+#[tokio::test]
+async fn a_delivery_batch_never_acknowledged_is_forgotten_when_it_leaves_the_dedup_window() {
+    let f = Fixture::new(|c| c.dedup_window = Duration::from_secs(60));
+    let batch = crate::clock::new_v7(f.clock.as_ref()).as_u128();
+    f.store.append(vec![delivery("m1", batch, false), delivery("m2", batch, false)]).await.unwrap();
+    f.clock.advance_nanos(30 * 1_000_000_000);
+    assert_eq!(f.store.sweep().await.unwrap().dedup_pruned, 0);
+    assert!(f.store.append(vec![delivery("m1", 1, true)]).await.unwrap()[0].duplicate);
+    f.clock.advance_nanos(31 * 1_000_000_000);
+    assert_eq!(f.store.sweep().await.unwrap().dedup_pruned, 2);
+    assert!(!f.store.append(vec![delivery("m1", 2, true)]).await.unwrap()[0].duplicate);
 }
 
 #[tokio::test]

@@ -16,7 +16,8 @@ use tokio::sync::{oneshot, watch};
 
 use super::tables;
 use super::{
-    AppendError, Appended, DeadLetter, DeadLetterError, FULL_RETRY_AFTER, Meta, PreparedEvent, Replayed, SweepReport,
+    AppendError, Appended, DeadLetter, DeadLetterError, Dedup, FULL_RETRY_AFTER, Meta, PreparedEvent, Replayed,
+    SweepReport,
 };
 use crate::clock::{Hlc, HlcState, SharedClock};
 use crate::config::{Durability, FullPolicy, StoreConfig};
@@ -76,6 +77,23 @@ fn consumers_fingerprint(consumers: &[crate::config::Consumer]) -> u64 {
     h.finish().max(1)
 }
 
+/// Every id of a stored batch of deliveries, with its sequence.
+fn stored_deliveries(t: &Tables<'_>) -> Result<HashMap<String, u64>, redb::Error> {
+    let mut ids = HashMap::new();
+    for row in t.deliveries.iter()? {
+        let (_, v) = row?;
+        ids.extend(decode_deliveries(v.value()));
+    }
+    Ok(ids)
+}
+
+/// A record of [`tables::DELIVERIES`]. One that does not decode (it cannot,
+/// unless the file is damaged) is read as empty: its redeliveries are then
+/// stored again rather than refused, which loses nothing.
+fn decode_deliveries(row: &[u8]) -> Vec<(String, u64)> {
+    postcard::from_bytes(row).unwrap_or_default()
+}
+
 /// An event retired from the log, for its secondary indexes and the byte count.
 struct Retired {
     seq: u64,
@@ -109,8 +127,8 @@ pub(super) enum Request {
         numbers: Option<Vec<u64>>,
         reply: oneshot::Sender<Result<u64, DeadLetterError>>,
     },
-    Forget {
-        ids: Vec<String>,
+    ForgetDeliveries {
+        batch: u128,
         reply: oneshot::Sender<Result<(), AppendError>>,
     },
     Sweep {
@@ -169,6 +187,7 @@ struct Tables<'t> {
     log: Table<'t, u64, &'static [u8]>,
     dedup: Table<'t, &'static str, u64>,
     dedup_age: Table<'t, u64, (u64, &'static str)>,
+    deliveries: Table<'t, u128, &'static [u8]>,
     by_priority: Table<'t, (u8, u64), u32>,
     expiry: Table<'t, (u64, u64), ()>,
     dead: Table<'t, u64, &'static [u8]>,
@@ -181,6 +200,7 @@ impl<'t> Tables<'t> {
             log: txn.open_table(tables::LOG)?,
             dedup: txn.open_table(tables::DEDUP)?,
             dedup_age: txn.open_table(tables::DEDUP_AGE)?,
+            deliveries: txn.open_table(tables::DELIVERIES)?,
             by_priority: txn.open_table(tables::BY_PRIORITY)?,
             expiry: txn.open_table(tables::EXPIRY)?,
             dead: txn.open_table(tables::DEAD)?,
@@ -363,13 +383,8 @@ impl Writer {
                             }
                             pending.push(Pending::Done(reply));
                         }
-                        Request::Forget { ids, reply } => {
-                            for id in &ids {
-                                let seq = t.dedup.remove(id.as_str())?.map(|v| v.value());
-                                if let Some(seq) = seq {
-                                    t.dedup_age.remove(seq)?;
-                                }
-                            }
+                        Request::ForgetDeliveries { batch, reply } => {
+                            t.deliveries.remove(batch)?;
                             pending.push(Pending::Done(reply));
                         }
                         Request::Sweep { reply } => deferred.push(reply),
@@ -446,10 +461,17 @@ impl Writer {
         let mut first_in_request: HashMap<&str, usize> = HashMap::new();
         let mut needed = 0u64;
         let mut max_priority = 0u8;
+        let redelivery = events.iter().any(|e| matches!(e.dedup, Dedup::Delivery { redelivered: true, .. }));
+        let delivered = if redelivery { stored_deliveries(t)? } else { HashMap::new() };
         for (i, e) in events.iter().enumerate() {
-            if e.producer_id {
-                if let Some(seq) = t.dedup.get(e.id.as_str())? {
-                    slots.push(Slot::StoredAs(seq.value()));
+            if e.dedup != Dedup::None {
+                let look_up = matches!(e.dedup, Dedup::Producer | Dedup::Delivery { redelivered: true, .. });
+                let stored = match look_up {
+                    true => t.dedup.get(e.id.as_str())?.map(|v| v.value()).or_else(|| delivered.get(&e.id).copied()),
+                    false => None,
+                };
+                if let Some(seq) = stored {
+                    slots.push(Slot::StoredAs(seq));
                     continue;
                 }
                 if let Some(&j) = first_in_request.get(e.id.as_str()) {
@@ -469,6 +491,7 @@ impl Writer {
         // Pass 2: assign sequence and HLC, write the records and indexes.
         let mut out: Vec<Appended> = Vec::with_capacity(events.len());
         let mut record = Vec::new();
+        let mut batches: Vec<(u128, Vec<(String, u64)>)> = Vec::new();
         drop(first_in_request);
         for (e, slot) in events.into_iter().zip(slots) {
             let (sequence, duplicate) = match slot {
@@ -480,9 +503,16 @@ impl Writer {
                     record.clear();
                     self.stamp(&e, now_ms, &mut record);
                     t.log.insert(seq, record.as_slice())?;
-                    if e.producer_id {
-                        t.dedup.insert(e.id.as_str(), seq)?;
-                        t.dedup_age.insert(seq, (now_ms, e.id.as_str()))?;
+                    match e.dedup {
+                        Dedup::None => {}
+                        Dedup::Producer => {
+                            t.dedup.insert(e.id.as_str(), seq)?;
+                            t.dedup_age.insert(seq, (now_ms, e.id.as_str()))?;
+                        }
+                        Dedup::Delivery { batch, .. } => match batches.iter_mut().find(|(b, _)| *b == batch) {
+                            Some((_, ids)) => ids.push((e.id.clone(), seq)),
+                            None => batches.push((batch, vec![(e.id.clone(), seq)])),
+                        },
                     }
                     t.by_priority.insert((e.priority, seq), record.len() as u32)?;
                     if let Some(at) = e.expires_at_ms {
@@ -497,6 +527,14 @@ impl Writer {
                 self.meta.dedup_hits += 1;
             }
             out.push(Appended { id: e.id, sequence, duplicate });
+        }
+        for (batch, mut ids) in batches {
+            // Should a batch ever span two requests, its record holds both.
+            if let Some(earlier) = t.deliveries.get(batch)? {
+                ids.extend(decode_deliveries(earlier.value()));
+            }
+            let row = postcard::to_allocvec(&ids).expect("encoding to a Vec cannot fail");
+            t.deliveries.insert(batch, row.as_slice())?;
         }
         Ok(Ok(out))
     }
@@ -642,6 +680,14 @@ impl Writer {
             report.dedup_pruned += 1;
         }
 
+        // A batch's record outlives the window only when its acks never
+        // reached the broker (the agent stopped between commit and ack).
+        let cutoff_key = u128::from(cutoff) << 80;
+        for row in t.deliveries.extract_from_if(..cutoff_key, |_, _| true)?.take(SWEEP_LIMIT) {
+            let (_, ids) = row?;
+            report.dedup_pruned += decode_deliveries(ids.value()).len() as u64;
+        }
+
         report.delivered = self.retire_delivered(t)?;
 
         let dead_cap = self.config.quota_bytes / DEAD_LETTER_SHARE;
@@ -779,7 +825,7 @@ impl Writer {
             self.meta.dead_bytes = self.meta.dead_bytes.saturating_sub(raw_len);
             // A replay is the operator's decision: no TTL, and no dedup entry
             // (the original id may still be in the log for other destinations).
-            let prepared = PreparedEvent::new(&event.body, false, event.priority, None);
+            let prepared = PreparedEvent::new(&event.body, Dedup::None, event.priority, None);
             let sequence = self.meta.next_sequence;
             self.meta.next_sequence += 1;
             record.clear();
