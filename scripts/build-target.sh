@@ -59,6 +59,7 @@ export "CARGO_TARGET_${var^^}_RUSTFLAGS=-C force-unwind-tables=no"
 # (`cargo rustc … -- ARGS`), where everything is linked, so changing them
 # relinks without rebuilding the dependencies.
 LINK_FLAGS=()
+# shellcheck disable=SC2086 # LINK_ARGS is a space-separated list
 for arg in ${LINK_ARGS:-}; do
     LINK_FLAGS+=(-C "link-arg=$arg")
 done
