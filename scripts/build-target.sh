@@ -49,10 +49,23 @@ fi
 var=${TRIPLE//-/_}
 export "CC_$var=$CROSS_CC"
 # The firmware profile aborts on panic, so unwind tables serve only
-# backtraces: ask for none. Under fat LTO most stay all the same (the
-# agent's own functions keep theirs; why is not yet understood). A RUSTFLAGS of the caller's own takes
+# backtraces: ask for none. rustc still attaches its personality routine to
+# most functions, and LLVM emits unwind tables for every function that has
+# one, so most stay all the same; targets with DROP_UNWIND_TABLES=1 leave
+# them out at link time (below). A RUSTFLAGS of the caller's own takes
 # precedence over this.
 export "CARGO_TARGET_${var^^}_RUSTFLAGS=-C force-unwind-tables=no"
+# Link flags of the target (target.env): passed to the final crate only
+# (`cargo rustc … -- ARGS`), where everything is linked, so changing them
+# relinks without rebuilding the dependencies.
+LINK_FLAGS=()
+# shellcheck disable=SC2086 # LINK_ARGS is a space-separated list
+for arg in ${LINK_ARGS:-}; do
+    LINK_FLAGS+=(-C "link-arg=$arg")
+done
+if [ "${DROP_UNWIND_TABLES:-0}" = 1 ]; then
+    LINK_FLAGS+=(-C link-arg=-Wl,--no-eh-frame-hdr -C "link-arg=-Wl,-T,$ROOT/firmware-targets/no-unwind-tables.ld")
+fi
 if [ -n "$SYSROOT" ]; then
     export "CARGO_TARGET_${var^^}_LINKER=$CROSS_CC"
     export "AR_$var=${CROSS_CC%-gcc}-ar"
@@ -70,8 +83,8 @@ else
 fi
 
 cd "$ROOT"
-cargo build --locked -p ferry --bin ferry --profile "$PROFILE" --target "$TRIPLE" \
-    --no-default-features ${FEATURES:+--features "$FEATURES"} >&2
+cargo rustc --locked -p ferry --bin ferry --profile "$PROFILE" --target "$TRIPLE" \
+    --no-default-features ${FEATURES:+--features "$FEATURES"} -- "${LINK_FLAGS[@]}" >&2
 
 OUT=$CARGO_TARGET_DIR/ferry-firmware/$TARGET
 mkdir -p "$OUT"
