@@ -82,9 +82,14 @@ struct Shared {
 
 impl Shared {
     fn record(&self, msg: Received) {
-        let mut messages = self.messages.lock().expect("collector lock");
-        messages.push(msg);
-        self.count.send_replace(messages.len());
+        // The count is published after the lock is released: a waiter holds
+        // the count's lock while it reads the messages (see `wait_for`).
+        let len = {
+            let mut messages = self.messages.lock().expect("collector lock");
+            messages.push(msg);
+            messages.len()
+        };
+        self.count.send_replace(len);
     }
 }
 
@@ -153,7 +158,9 @@ impl Collector {
     /// or fails after `timeout` listing what did arrive.
     pub async fn wait_for(&self, count: usize, timeout: Duration) -> anyhow::Result<Vec<Received>> {
         let mut rx = self.count.clone();
-        match tokio::time::timeout(timeout, rx.wait_for(|n| *n >= count)).await {
+        // The count's guard is dropped here, before the messages are locked.
+        let waited = tokio::time::timeout(timeout, rx.wait_for(|n| *n >= count)).await.map(|r| r.map(drop));
+        match waited {
             Ok(Ok(_)) => Ok(self.messages()),
             Ok(Err(_)) => bail!("collector task ended"),
             Err(_) => {
