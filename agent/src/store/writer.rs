@@ -44,6 +44,11 @@ const SWEEP_INTERVAL: Duration = Duration::from_millis(1_000);
 /// never stalls ingest for long.
 const SWEEP_LIMIT: usize = 10_000;
 
+/// Least time between two removals of delivered events while cursors move:
+/// one pass rewrites the log's first pages once per interval rather than in
+/// every commit. The quota never waits for it (see [`Writer::make_room`]).
+const RETIRE_INTERVAL: Duration = Duration::from_millis(100);
+
 /// Share of the quota that dead letters may hold before the oldest go.
 const DEAD_LETTER_SHARE: u64 = 10;
 
@@ -223,6 +228,8 @@ pub(super) struct Writer {
     disk_free: (u64, Instant),
     /// Requests in the previous batch, and how long its commit took.
     last_batch_len: usize,
+    /// When delivered events were last removed; `None` before the first time.
+    last_retire: Option<Instant>,
     last_commit_time: Duration,
     commit_latency: Arc<Histogram>,
 }
@@ -263,6 +270,7 @@ impl Writer {
             unsynced: false,
             last_sweep: Instant::now(),
             last_batch_len: 1,
+            last_retire: None,
             last_commit_time: Duration::ZERO,
             commit_latency,
             disk_free: (u64::MAX, Instant::now() - DISK_CHECK_INTERVAL),
@@ -412,7 +420,7 @@ impl Writer {
                     let report = self.sweep(&mut t, now_ms)?;
                     pending.push(Pending::Sweep(reply, report));
                 }
-                if cursors_moved {
+                if cursors_moved && self.last_retire.is_none_or(|at| at.elapsed() >= RETIRE_INTERVAL) {
                     self.retire_delivered(&mut t)?;
                 }
             }
@@ -558,9 +566,14 @@ impl Writer {
         max_priority: u8,
     ) -> Result<Result<(), AppendError>, redb::Error> {
         let quota = self.config.quota_bytes;
-        let free = quota.saturating_sub(self.used_bytes());
+        let mut free = quota.saturating_sub(self.used_bytes());
         if let Some(refusal) = self.disk_refusal() {
             return Ok(Err(refusal));
+        }
+        if needed > free {
+            // Delivered events make way first: nothing is lost by removing them.
+            self.retire_delivered(t)?;
+            free = quota.saturating_sub(self.used_bytes());
         }
         if needed <= free {
             return Ok(Ok(()));
@@ -712,6 +725,7 @@ impl Writer {
     /// events no consumer routes (a destination added later will want them).
     /// Bounded per call; resumes from `retention_floor` next time.
     fn retire_delivered(&mut self, t: &mut Tables<'_>) -> Result<u64, redb::Error> {
+        self.last_retire = Some(Instant::now());
         let consumers = &self.config.consumers;
         if consumers.is_empty() {
             return Ok(0);
