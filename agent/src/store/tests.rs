@@ -379,6 +379,29 @@ fn a_version_1_dead_letter_still_decodes_without_a_destination() {
 }
 
 #[tokio::test]
+async fn a_full_store_removes_delivered_events_before_it_refuses_a_producer() {
+    let f = Fixture::new(|c| {
+        c.quota_bytes = 64 * 1024;
+        c.full_policy = FullPolicy::Reject;
+        c.consumers = vec![crate::config::Consumer {
+            name: "cloud".into(),
+            routes: vec![crate::topic::TopicFilter::new("#").unwrap()],
+        }];
+    });
+    f.store.append((0..10).map(|i| event(&format!("a{i}"), "t", 1000)).collect()).await.unwrap();
+    // The first cursor move removes what it delivered at once; another
+    // within the removal interval (100 ms) leaves its events in place, and
+    // the append must then make room by removing them.
+    f.store.set_cursor("cloud", 10).await.unwrap();
+    f.store.append((0..50).map(|i| event(&format!("b{i}"), "t", 1000)).collect()).await.unwrap();
+    f.store.set_cursor("cloud", 60).await.unwrap();
+    let out = f.store.append((0..30).map(|i| event(&format!("c{i}"), "t", 1000)).collect()).await.unwrap();
+    assert_eq!(out.len(), 30);
+    let s = f.status();
+    assert_eq!((s.events, s.counters.evicted_events), (30, 0));
+}
+
+#[tokio::test]
 async fn inspect_reads_a_closed_store_and_refuses_an_open_one() {
     let f = Fixture::new(|_| {});
     f.store.append(vec![event("a", "t/1", 4), event("b", "t/2", 4), event("c", "t/3", 4)]).await.unwrap();
