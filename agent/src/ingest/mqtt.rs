@@ -3,12 +3,13 @@
 //!
 //! The session is persistent (clean session off, manual acks), so a message
 //! received but not yet committed when the agent dies is redelivered by the
-//! broker. Its event id is derived from the message itself, and the ids of
-//! each committed batch are kept in one store record until the batch is
-//! acknowledged, so a message committed but not yet acknowledged at the crash
-//! is recognised as a duplicate when the broker redelivers it; once
+//! broker. A plain message's event id is derived from the message itself,
+//! and the ids of each committed batch are kept in one store record until the
+//! batch is acknowledged, so a message committed but not yet acknowledged at
+//! the crash is recognised as a duplicate when the broker redelivers it; once
 //! acknowledged, the batch is forgotten so a later identical message is a new
-//! event.
+//! event. A CloudEvent keeps its producer's id, deduplicated for the store's
+//! window as on every ingest path.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -243,11 +244,19 @@ async fn store_batch(
     }
 }
 
-/// A message as an event of the batch of deliveries `batch` (see
-/// [`Dedup::Delivery`]).
+/// A message as an event of the batch of deliveries `batch`. A CloudEvent
+/// keeps its producer's id, deduplicated for the store's window as on every
+/// ingest path; any other message gets an id derived from the delivery, kept
+/// with its batch until the broker has the ack (see [`Dedup::Delivery`]).
 fn delivery_input(m: &Incoming, batch: u128) -> Result<InputEvent, BadInput> {
-    let mut input = message_to_input(m)?;
-    input.dedup = Some(Dedup::Delivery { batch, redelivered: m.dup });
+    let mut input = parse_message(m)?;
+    input.dedup = Some(match input.id {
+        Some(_) => Dedup::Producer,
+        None => {
+            input.id = Some(derived_id(m));
+            Dedup::Delivery { batch, redelivered: m.dup }
+        }
+    });
     Ok(input)
 }
 
@@ -255,7 +264,16 @@ fn delivery_input(m: &Incoming, batch: u128) -> Result<InputEvent, BadInput> {
 /// properties with `specversion`), structured mode (a JSON payload with
 /// `specversion`), or plain data on the message's topic.
 pub fn message_to_input(m: &Incoming) -> Result<InputEvent, BadInput> {
-    let mut input = if m.user_properties.iter().any(|(k, _)| k == "specversion") {
+    let mut input = parse_message(m)?;
+    if input.id.is_none() {
+        input.id = Some(derived_id(m));
+    }
+    Ok(input)
+}
+
+/// [`message_to_input`] without the derived id: `id` is the producer's, if any.
+fn parse_message(m: &Incoming) -> Result<InputEvent, BadInput> {
+    Ok(if m.user_properties.iter().any(|(k, _)| k == "specversion") {
         let mut props: Vec<(&str, &str)> = m.user_properties.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
         if !props.iter().any(|(k, _)| *k == "subject") {
             props.push(("subject", &m.topic));
@@ -286,11 +304,7 @@ pub fn message_to_input(m: &Incoming) -> Result<InputEvent, BadInput> {
             ttl: None,
             dedup: None,
         }
-    };
-    if input.id.is_none() {
-        input.id = Some(derived_id(m));
-    }
-    Ok(input)
+    })
 }
 
 fn structured_cloudevent(m: &Incoming) -> Option<Result<InputEvent, BadInput>> {
@@ -369,6 +383,20 @@ mod tests {
             assert_eq!(input.ty.as_deref(), Some("t"), "{body}");
             assert_eq!(input.topic, "sensors/p1", "the subject defaults to the topic");
         }
+    }
+
+    #[test]
+    fn a_plain_message_dedups_with_its_delivery_batch_and_a_cloudevent_by_its_own_id() {
+        let mut m = Incoming::v311("sensors/p1", br#"{"t":21.5}"#, 7);
+        let first = delivery_input(&m, 5).unwrap();
+        assert_eq!(first.dedup, Some(Dedup::Delivery { batch: 5, redelivered: false }));
+        assert_eq!(first.id, message_to_input(&m).unwrap().id);
+        m.dup = true;
+        assert_eq!(delivery_input(&m, 6).unwrap().dedup, Some(Dedup::Delivery { batch: 6, redelivered: true }));
+
+        let body = r#"{"specversion":"1.0","id":"e-1","source":"s","type":"t","data":{"c":1}}"#;
+        let ce = delivery_input(&Incoming::v311("sensors/p1", body.as_bytes(), 1), 5).unwrap();
+        assert_eq!((ce.id.as_deref(), ce.dedup), (Some("e-1"), Some(Dedup::Producer)));
     }
 
     #[test]
