@@ -57,7 +57,8 @@ pub enum Dedup {
     /// looked up or kept: that halves the writer's work per event.
     None,
     /// The producer chose the id: an event with the same id within the
-    /// store's dedup window is a duplicate. One index entry per event.
+    /// store's dedup window is a duplicate. Two index entries per event
+    /// (the id, and its age for pruning).
     Producer,
     /// The id is derived from a broker's delivery, which the broker repeats,
     /// flagged as a redelivery, until it has the ack. The ids of one batch
