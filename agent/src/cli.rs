@@ -157,7 +157,13 @@ pub fn load_config(path: Option<&PathBuf>) -> Result<Config, ConfigError> {
 /// `ferry config check|default`.
 pub fn config_command(cmd: &ConfigCommand) -> anyhow::Result<()> {
     match cmd {
-        ConfigCommand::Default => print!("{}", crate::config::DEFAULT_TOML),
+        ConfigCommand::Default => {
+            // Usually redirected into a file: a full disk is an error to report, not a panic.
+            let mut out = std::io::stdout().lock();
+            out.write_all(crate::config::DEFAULT_TOML.as_bytes())
+                .and_then(|()| out.flush())
+                .context("writing the default config to standard output")?;
+        }
         ConfigCommand::Check { config } => {
             let c = load_config(config.as_ref())?;
             println!("{}: ok", c.origin);
