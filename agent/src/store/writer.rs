@@ -473,10 +473,12 @@ impl Writer {
         let delivered = if redelivery { stored_deliveries(t)? } else { HashMap::new() };
         for (i, e) in events.iter().enumerate() {
             if e.dedup != Dedup::None {
+                // A first delivery is never a repeat; only the broker's flagged ones are looked up.
                 let look_up = matches!(e.dedup, Dedup::Producer | Dedup::Delivery { redelivered: true, .. });
-                let stored = match look_up {
-                    true => t.dedup.get(e.id.as_str())?.map(|v| v.value()).or_else(|| delivered.get(&e.id).copied()),
-                    false => None,
+                let stored = if look_up {
+                    t.dedup.get(e.id.as_str())?.map(|v| v.value()).or_else(|| delivered.get(&e.id).copied())
+                } else {
+                    None
                 };
                 if let Some(seq) = stored {
                     slots.push(Slot::StoredAs(seq));
