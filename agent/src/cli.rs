@@ -17,6 +17,15 @@ use serde_json::{Value, json};
 use crate::clock::SystemClock;
 use crate::config::{Config, ConfigError};
 
+/// `println!` that returns an error instead of panicking when standard
+/// output cannot be written (a closed pipe, a full disk).
+macro_rules! outln {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        writeln!(std::io::stdout().lock(), $($arg)*).context("writing to standard output")
+    }};
+}
+
 pub mod dlq;
 pub mod fleet;
 pub mod plugin;
@@ -166,26 +175,25 @@ pub fn config_command(cmd: &ConfigCommand) -> anyhow::Result<()> {
         }
         ConfigCommand::Check { config } => {
             let c = load_config(config.as_ref())?;
-            println!("{}: ok", c.origin);
-            println!("  device_id   {}", c.agent.device_id);
-            println!(
+            outln!("{}: ok", c.origin)?;
+            outln!("  device_id   {}", c.agent.device_id)?;
+            outln!(
                 "  store       {} (quota {} bytes, {:?}, durability {:?})",
                 c.store.path.display(),
                 c.store.quota_bytes,
                 c.store.full_policy,
                 c.store.durability
-            );
-            println!(
-                "  http        {}{}",
-                c.http.listen,
-                if c.http.token.is_some() { " (token required)" } else { "" }
-            );
+            )?;
+            outln!("  http        {}{}", c.http.listen, if c.http.token.is_some() { " (token required)" } else { "" })?;
             for class in &c.store.classes {
                 let filters: Vec<&str> = class.filters.iter().map(|f| f.as_str()).collect();
-                println!(
+                outln!(
                     "  class       {} priority {} topics {:?} ttl {:?}",
-                    class.name, class.priority, filters, class.ttl
-                );
+                    class.name,
+                    class.priority,
+                    filters,
+                    class.ttl
+                )?;
             }
         }
     }
@@ -262,7 +270,7 @@ pub fn publish(args: &PublishArgs) -> anyhow::Result<()> {
     check(status, &body)?;
     let e = &body["events"][0];
     let dup = if e["duplicate"].as_bool() == Some(true) { " (duplicate: already stored)" } else { "" };
-    println!("accepted {} sequence {}{dup}", e["id"].as_str().unwrap_or("?"), e["sequence"]);
+    outln!("accepted {} sequence {}{dup}", e["id"].as_str().unwrap_or("?"), e["sequence"])?;
     Ok(())
 }
 
@@ -305,7 +313,7 @@ fn publish_stdin(args: &PublishArgs) -> anyhow::Result<()> {
         }
     }
     flush(&mut batch, first_line)?;
-    println!("accepted {accepted}, duplicates {duplicates}");
+    outln!("accepted {accepted}, duplicates {duplicates}")?;
     Ok(())
 }
 

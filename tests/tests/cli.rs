@@ -81,7 +81,7 @@ fn every_firmware_targets_shipped_config_passes_config_check() {
 }
 
 #[test]
-fn the_default_config_is_printed_whole_and_a_full_disk_is_a_clear_error() {
+fn the_default_config_is_printed_whole_and_output_to_a_full_disk_is_a_clear_error() {
     let out = Command::new(ferry_bin!()).args(["config", "default"]).output().unwrap();
     assert!(out.status.success());
     assert_eq!(String::from_utf8(out.stdout).unwrap(), ferry::config::DEFAULT_TOML);
@@ -92,4 +92,11 @@ fn the_default_config_is_printed_whole_and_a_full_disk_is_a_clear_error() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("writing the default config to standard output"), "{err}");
     assert!(!err.contains("panicked"), "{err}");
+
+    // Every other command's output too.
+    let full = std::fs::File::create("/dev/full").unwrap();
+    let out = Command::new(ferry_bin!()).args(["config", "check"]).stdout(full).output().unwrap();
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("writing to standard output"), "{err}");
 }

@@ -176,9 +176,9 @@ fn keygen(args: &KeygenArgs) -> anyhow::Result<()> {
     }
     std::fs::write(&public_path, format!("{public}\n"))
         .with_context(|| format!("writing {}", public_path.display()))?;
-    println!("secret key  {} (keep it private)", secret_path.display());
-    println!("public key  {} (key id {})", public_path.display(), bundle::key_id(&key.verifying_key()));
-    println!("\nTrust it on devices with:\n[fleet]\ntrusted_keys = [\"{public}\"]");
+    outln!("secret key  {} (keep it private)", secret_path.display())?;
+    outln!("public key  {} (key id {})", public_path.display(), bundle::key_id(&key.verifying_key()))?;
+    outln!("\nTrust it on devices with:\n[fleet]\ntrusted_keys = [\"{public}\"]")?;
     Ok(())
 }
 
@@ -211,7 +211,7 @@ fn sign(args: &SignArgs) -> anyhow::Result<()> {
     let out = args.out.clone().unwrap_or_else(|| PathBuf::from(format!("{}-v{}.bundle", args.name, args.version)));
     let bytes = Bundle { manifest: manifest.clone(), component }.encode();
     std::fs::write(&out, bytes).with_context(|| format!("writing {}", out.display()))?;
-    println!(
+    outln!(
         "{}: {} v{} ({} world), {} bytes in {} chunks, sha256 {}, signed by key {}",
         out.display(),
         manifest.name,
@@ -221,7 +221,7 @@ fn sign(args: &SignArgs) -> anyhow::Result<()> {
         manifest.total(),
         manifest.sha256,
         bundle::key_id(&key.verifying_key())
-    );
+    )?;
     Ok(())
 }
 
@@ -328,14 +328,14 @@ async fn push(args: &PushArgs) -> anyhow::Result<()> {
     let before = retained_manifests(&mut link, root, &m.name).await?;
     let n = messages.len();
     publish_all(&mut link, messages, 16).await?;
-    println!(
+    outln!(
         "pushed {} v{} to devices `{}` via {}: manifest and {} chunks, retained",
         m.name,
         m.version,
         args.devices,
         args.broker.broker,
         n - 1
-    );
+    )?;
     // Older versions no manifest points to any more only cost broker storage
     // and device bandwidth: clear their retained chunks.
     let mut after = before.clone();
@@ -349,9 +349,9 @@ async fn push(args: &PushArgs) -> anyhow::Result<()> {
     for (version, total) in stale {
         let clear = (0..total).map(|i| (topics::chunk(root, &m.name, version, i), Vec::new())).collect();
         publish_all(&mut link, clear, 16).await?;
-        println!("cleared the {total} retained chunks of v{version}, which no manifest names any more");
+        outln!("cleared the {total} retained chunks of v{version}, which no manifest names any more")?;
     }
-    println!("watch it with: ferry fleet status --broker {}", args.broker.broker);
+    outln!("watch it with: ferry fleet status --broker {}", args.broker.broker)?;
     Ok(())
 }
 

@@ -185,13 +185,13 @@ fn precompile_command(args: &PrecompileArgs) -> anyhow::Result<()> {
         .with_context(|| format!("{}: cannot precompile for {target}", args.file.display()))?;
     let output = args.output.clone().unwrap_or_else(|| args.file.with_extension("cwasm"));
     std::fs::write(&output, &artifact).with_context(|| format!("writing {}", output.display()))?;
-    println!(
+    outln!(
         "{}: {} for {target} ({}), {} bytes",
         output.display(),
         if args.fuel { "fuel-bounded" } else { "time-bounded" },
         engine::compile_target(target)?,
         artifact.len()
-    );
+    )?;
     Ok(())
 }
 
@@ -203,18 +203,18 @@ fn precompile_command(_: &PrecompileArgs) -> anyhow::Result<()> {
 fn check_command(args: &RunArgs) -> anyhow::Result<()> {
     let report = check::check(&args.file, &args.options(), cache_dir().as_deref())
         .with_context(|| format!("{}: cannot load", args.file.display()))?;
-    println!("{}: {} plugin", args.file.display(), report.world.as_str());
+    outln!("{}: {} plugin", args.file.display(), report.world.as_str())?;
     for f in &report.findings {
-        println!("  {} {}", if f.passed { "pass" } else { "FAIL" }, f.property);
+        outln!("  {} {}", if f.passed { "pass" } else { "FAIL" }, f.property)?;
         for line in f.detail.lines() {
-            println!("       {line}");
+            outln!("       {line}")?;
         }
     }
     let failed = report.findings.iter().filter(|f| !f.passed).count();
     if failed > 0 {
         bail!("{failed} of {} checks failed", report.findings.len());
     }
-    println!("all {} checks passed", report.findings.len());
+    outln!("all {} checks passed", report.findings.len())?;
     Ok(())
 }
 
@@ -223,14 +223,17 @@ fn bench_command(args: &RunArgs) -> anyhow::Result<()> {
     let report = check::bench(&args.file, &args.options(), &scratch, &[1, 64, 1024], Duration::from_millis(500));
     let _ = std::fs::remove_dir_all(&scratch);
     let report = report.with_context(|| format!("{}: cannot run", args.file.display()))?;
-    println!("{}: {} plugin", args.file.display(), report.world.as_str());
-    println!("  cold start (compile + instantiate)   {:>10.2?}", report.cold_start);
-    println!("  cached start (load + instantiate)    {:>10.2?}", report.cached_start);
+    outln!("{}: {} plugin", args.file.display(), report.world.as_str())?;
+    outln!("  cold start (compile + instantiate)   {:>10.2?}", report.cold_start)?;
+    outln!("  cached start (load + instantiate)    {:>10.2?}", report.cached_start)?;
     for t in &report.timings {
-        println!(
+        outln!(
             "  batch {:>5}: {:>10.2?} per event, {:>10.2?} per call ({} calls)",
-            t.batch, t.per_event, t.per_call, t.calls
-        );
+            t.batch,
+            t.per_event,
+            t.per_call,
+            t.calls
+        )?;
     }
     Ok(())
 }
@@ -354,12 +357,12 @@ fn write_file(path: &Path, text: &str) -> anyhow::Result<()> {
 fn new_command(args: &NewArgs) -> anyhow::Result<()> {
     let root = scaffold(args)?;
     let world: World = args.world.into();
-    println!(
+    outln!(
         "created {} ({:?} {} plugin); see its README.md to build and check it",
         root.display(),
         args.lang,
         world.as_str()
-    );
+    )?;
     Ok(())
 }
 
