@@ -65,7 +65,7 @@ fn publish_and_status_talk_to_a_running_agent_which_exits_cleanly_on_sigterm() {
 
 #[test]
 fn every_firmware_targets_shipped_config_passes_config_check() {
-    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../firmware-targets");
+    let root = ferry_tests::repo_root().join("firmware-targets");
     let mut checked = 0;
     for entry in std::fs::read_dir(&root).unwrap() {
         let config = entry.unwrap().path().join("ferry.toml");

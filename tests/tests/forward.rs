@@ -492,8 +492,7 @@ async fn a_route_verdict_limits_an_event_to_the_named_destinations_and_stays_off
 
 /// A `[[plugin]]` table for a component built by scripts/build-plugins.sh.
 fn plugin(name: &str, file: &str, stage: &str, extra: &str) -> String {
-    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../plugins/build").join(format!("{file}.wasm"));
-    assert!(path.is_file(), "{} is missing: run scripts/build-plugins.sh first", path.display());
+    let path = ferry_tests::built_plugin(file);
     format!(
         "[[plugin]]\nname = \"{name}\"\npath = {:?}\nworld = \"filter\"\nstage = \"{stage}\"\n{extra}\n",
         path.display().to_string()

@@ -342,7 +342,7 @@ fn ferry_demo_shows_an_outage_and_verifies_every_event_reached_both_clouds() {
     assert!(text.contains("0 missing"), "{text}");
     assert!(text.contains("ferry store inspect --data"), "{text}");
     // scripts/test.sh builds the example plugins first, so CI runs the demo with its filter.
-    let filter = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../plugins/build/threshold-filter.wasm");
+    let filter = ferry_tests::repo_root().join("plugins/build/threshold-filter.wasm");
     if filter.is_file() {
         assert!(text.contains("glitched readings dropped before storage"), "{text}");
     } else {
@@ -363,9 +363,7 @@ fn ferry_demo_refuses_a_data_directory_that_holds_anything() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn plugin_metrics_count_calls_traps_and_timeouts_of_a_hostile_filter() {
     // Built by scripts/build-plugins.sh, which scripts/test.sh runs first.
-    let hostile =
-        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../plugins/build/testdata/hostile-filter.wasm");
-    assert!(hostile.is_file(), "{} is missing: run scripts/build-plugins.sh first", hostile.display());
+    let hostile = ferry_tests::built_plugin("testdata/hostile-filter");
     let dir = tempfile::tempdir().unwrap();
     let config = write_config_with(
         dir.path(),

@@ -222,9 +222,7 @@ mod crdt {
     use proptest::prelude::*;
 
     fn plugin() -> Plugin {
-        let repo = Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap();
-        let path = repo.join("plugins/build/crdt-merge.wasm");
-        assert!(path.is_file(), "{} is missing: run scripts/build-plugins.sh first", path.display());
+        let path = ferry_tests::built_plugin("crdt-merge");
         let cache = Path::new(env!("CARGO_TARGET_TMPDIR")).join("plugin-cache");
         Plugin::load(&PluginConfig::new("crdt", path, World::Merge), Some(&cache)).unwrap().0
     }
@@ -431,9 +429,7 @@ async fn a_local_write_made_while_the_cloud_is_down_survives_a_restart_and_reach
 async fn a_merge_plugin_merges_concurrent_updates_and_its_failures_follow_on_error_and_show_in_status() {
     let cloud = Mosquitto::start(MosquittoOptions::default()).await.unwrap();
     let dir = tempfile::tempdir().unwrap();
-    let repo = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap();
-    let wasm = repo.join("plugins/build/crdt-merge.wasm");
-    assert!(wasm.is_file(), "{} is missing: run scripts/build-plugins.sh first", wasm.display());
+    let wasm = ferry_tests::built_plugin("crdt-merge");
     let extra = format!(
         "[[plugin]]\nname = \"crdt\"\npath = {:?}\nworld = \"merge\"\non_error = \"dead-letter\"\n\
          [[merge]]\nkeys = \"desired/counters/#\"\nplugin = \"crdt\"\n",
