@@ -12,6 +12,9 @@
 //!   like a half-open link; new connections are accepted and starved too.
 //!   Bytes are held, not dropped, so after `restore` they flow again the way
 //!   TCP retransmits across a healed partition.
+//! - [`Mode::HoldReplies`]: bytes from the client flow, bytes back are held
+//!   as in `Blackhole`: the upstream receives and answers, the client hears
+//!   nothing, as when only the return path fails.
 //!
 //! Dropping the proxy aborts the accept task and, with it, every connection task.
 
@@ -43,6 +46,28 @@ pub enum Mode {
     Cut,
     /// Keep connections open, forward nothing.
     Blackhole,
+    /// Forward client bytes upstream; hold the upstream's replies.
+    HoldReplies,
+}
+
+impl Mode {
+    /// Whether bytes moving in `direction` wait in this mode.
+    fn holds(self, direction: Direction) -> bool {
+        match self {
+            // Cut holds too: bytes held before it must not slip through
+            // while the connection is being reset.
+            Mode::Blackhole | Mode::Cut => true,
+            Mode::HoldReplies => direction == Direction::ToClient,
+            Mode::Pass | Mode::Latency(_) => false,
+        }
+    }
+}
+
+/// Which way a pump moves bytes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Direction {
+    ToUpstream,
+    ToClient,
 }
 
 /// A running proxy. Drop stops it.
@@ -143,6 +168,11 @@ impl ProxyHandle {
         self.set(Mode::Blackhole);
     }
 
+    /// Switches to [`Mode::HoldReplies`].
+    pub fn hold_replies(&self) {
+        self.set(Mode::HoldReplies);
+    }
+
     /// Back to [`Mode::Pass`].
     pub fn restore(&self) {
         self.set(Mode::Pass);
@@ -237,8 +267,8 @@ async fn serve(mut client: TcpStream, upstream: SocketAddr, shared: Arc<Shared>)
     let cut = {
         let (client_r, client_w) = client.split();
         let (server_r, server_w) = server.split();
-        let up = pump(client_r, server_w, shared.mode.subscribe(), &shared.bytes_to_upstream);
-        let down = pump(server_r, client_w, shared.mode.subscribe(), &shared.bytes_to_client);
+        let up = pump(client_r, server_w, Direction::ToUpstream, shared.mode.subscribe(), &shared.bytes_to_upstream);
+        let down = pump(server_r, client_w, Direction::ToClient, shared.mode.subscribe(), &shared.bytes_to_client);
         tokio::select! {
             _ = async { tokio::try_join!(up, down) } => false,
             _ = cut_rx.wait_for(|m| *m == Mode::Cut) => true,
@@ -252,11 +282,12 @@ async fn serve(mut client: TcpStream, upstream: SocketAddr, shared: Arc<Shared>)
 
 /// Moves bytes one way: a reader stamps each chunk with its arrival time, a
 /// writer releases it once the current latency has passed. Both wait while
-/// the mode is Blackhole. Ends on EOF (after half-closing the writer) or
+/// the mode holds their direction. Ends on EOF (after half-closing the writer) or
 /// returns an error, which ends the whole connection.
 async fn pump<R, W>(
     mut reader: R,
     mut writer: W,
+    direction: Direction,
     mode: watch::Receiver<Mode>,
     counter: &AtomicU64,
 ) -> std::io::Result<()>
@@ -269,8 +300,8 @@ where
     let read = async move {
         let mut buf = vec![0u8; 16 * 1024];
         loop {
-            // Not reading while blackholed keeps the bytes in the kernel buffers.
-            let _ = read_mode.wait_for(|m| *m != Mode::Blackhole).await;
+            // Not reading while held keeps the bytes in the kernel buffers.
+            let _ = read_mode.wait_for(|m| !m.holds(direction)).await;
             let n = tokio::select! {
                 n = reader.read(&mut buf) => n?,
                 // Re-check the mode (e.g. a switch to Blackhole) before reading on.
@@ -290,7 +321,7 @@ where
             loop {
                 let current = *write_mode.borrow_and_update();
                 match current {
-                    Mode::Blackhole => {
+                    held if held.holds(direction) => {
                         let _ = write_mode.changed().await;
                     }
                     Mode::Latency(delay) if Instant::now() < arrived + delay => {

@@ -164,6 +164,31 @@ async fn proxy_blackhole_holds_bytes_and_restore_delivers_them() {
 }
 
 #[tokio::test]
+async fn proxy_hold_replies_lets_bytes_up_and_holds_the_answers() {
+    let proxy = FaultProxy::start(echo_server().await).await.unwrap();
+    let faults = proxy.handle();
+    let mut stream = TcpStream::connect(proxy.addr()).await.unwrap();
+    round_trip(&mut stream).await;
+    let (up_before, down_before) = (faults.bytes_to_upstream(), faults.bytes_to_client());
+
+    faults.hold_replies();
+    stream.write_all(b"held").await.unwrap();
+    let start = Instant::now();
+    while faults.bytes_to_upstream() < up_before + 4 {
+        assert!(start.elapsed() < PATIENCE, "bytes to the upstream were held too");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let mut buf = [0u8; 4];
+    let early = tokio::time::timeout(Duration::from_millis(500), stream.read_exact(&mut buf)).await;
+    assert!(early.is_err(), "a reply crossed while replies were held");
+    assert_eq!(faults.bytes_to_client(), down_before);
+
+    faults.restore();
+    tokio::time::timeout(PATIENCE, stream.read_exact(&mut buf)).await.expect("held reply never arrived").unwrap();
+    assert_eq!(&buf, b"held");
+}
+
+#[tokio::test]
 async fn dropping_the_proxy_closes_its_listener_and_connections() {
     let proxy = FaultProxy::start(echo_server().await).await.unwrap();
     let addr = proxy.addr();
