@@ -13,7 +13,8 @@
 //!
 //! Rows: end-to-end throughput (every event at both clouds), latency p50/p99
 //! at a fixed rate, time to drain after one cloud was cut off under load,
-//! peak RSS, CPU seconds per 100k events; then crash rows (SIGKILL under load,
+//! peak RSS, CPU seconds per 100k events (of the system under test, and of
+//! the rest of the rig sharing its cores); then crash rows (SIGKILL under load,
 //! counting acknowledged events that never reached a cloud) and the
 //! power-loss approximation of Ferry's store.
 //!
@@ -26,6 +27,8 @@
 //! `FERRY_COMPARE_WINDOW` (events in flight per producer, 32),
 //! `FERRY_COMPARE_LOCAL_INFLIGHT` (`max_inflight_messages` of the local
 //! broker, both setups; unset: Mosquitto's default of 20),
+//! `FERRY_COMPARE_PROTOCOL` (Ferry's destinations: `v5`, the default, or
+//! `v311`, whose structured events the subscribers unwrap),
 //! `FERRY_COMPARE_AGENT` (path of another `ferry` build to run instead of the
 //! one built with this bench, to compare two builds).
 
@@ -59,6 +62,9 @@ struct Settings {
     window: u16,
     /// `max_inflight_messages` of the local broker (both setups), if set.
     local_inflight: Option<u32>,
+    /// Protocol of Ferry's two destinations: `v5` (binary content mode,
+    /// attributes as user properties) or `v311` (structured JSON).
+    protocol: String,
 }
 
 fn env_num(name: &str, default: f64) -> f64 {
@@ -88,7 +94,7 @@ impl System {
 /// One system wired to two fresh clouds.
 struct Rig {
     system: System,
-    _clouds: [Mosquitto; 2],
+    clouds: [Mosquitto; 2],
     proxies: [FaultProxy; 2],
     tallies: [Tally; 2],
     local: Option<Mosquitto>,
@@ -127,7 +133,7 @@ impl Rig {
         let dir = tempfile::tempdir_in(std::env::current_dir()?)?;
         let mut rig = Rig {
             system,
-            _clouds: clouds,
+            clouds,
             proxies,
             tallies,
             local: None,
@@ -158,7 +164,12 @@ impl Rig {
                     rig.local = Some(local);
                 }
                 for (name, proxy) in ["cloud-a", "cloud-b"].iter().zip(&rig.proxies) {
-                    let _ = write!(tail, "[[destination]]\nname = \"{name}\"\nurl = \"mqtt://{}\"\n\n", proxy.addr());
+                    let _ = write!(
+                        tail,
+                        "[[destination]]\nname = \"{name}\"\nurl = \"mqtt://{}\"\nprotocol = \"{}\"\n\n",
+                        proxy.addr(),
+                        s.protocol
+                    );
                 }
                 rig.ferry_config = Some(write_config_with(rig._dir.path(), "", &tail));
                 rig.start_ferry().await?;
@@ -247,6 +258,13 @@ impl Rig {
         (cpu(a), cpu(b))
     }
 
+    /// CPU seconds of everything else on the machine's cores for this row:
+    /// the two clouds and this process (producers, subscribers, fault proxies).
+    fn rest_cpu(&self) -> f64 {
+        let cpu = |p: Option<u32>| p.and_then(proc_stats).map_or(0.0, |s| s.cpu_secs);
+        self.clouds.iter().map(|c| cpu(c.pid())).sum::<f64>() + cpu(Some(std::process::id()))
+    }
+
     fn peak_rss_mib(&self) -> (f64, f64) {
         let (a, b) = self.pids();
         let rss = |p: Option<u32>| p.and_then(proc_stats).map_or(0.0, |s| s.peak_rss_kib as f64 / 1024.0);
@@ -288,6 +306,7 @@ struct Row {
     throughput: f64,
     cpu_agent: f64,
     cpu_total: f64,
+    cpu_rest: f64,
     p50_ms: f64,
     p99_ms: f64,
     drain_s: f64,
@@ -304,18 +323,21 @@ async fn measure(system: System, s: &Settings) -> anyhow::Result<Row> {
     // Throughput: every producer sends its share as fast as its window allows.
     let per = s.events / u64::from(PRODUCERS);
     let cpu0 = rig.cpu();
+    let rest0 = rig.rest_cpu();
     let start = Instant::now();
     let mut p = rig.producers(Pace::Max, Some(per))?;
     let counts: Vec<_> = (0..PRODUCERS).map(|i| (p.ledgers[i as usize].producer, per)).collect();
     rig.wait_both(&counts, Duration::from_secs(600)).await?;
     let elapsed = start.elapsed().as_secs_f64();
     let cpu1 = rig.cpu();
+    let rest1 = rig.rest_cpu();
     p.join().await;
     drop(p);
     let events = (per * u64::from(PRODUCERS)) as f64;
     row.throughput = events / elapsed;
     row.cpu_agent = (cpu1.0 - cpu0.0) / events * 1e5;
     row.cpu_total = (cpu1.0 + cpu1.1 - cpu0.0 - cpu0.1) / events * 1e5;
+    row.cpu_rest = (rest1 - rest0) / events * 1e5;
     println!("  {}: throughput {:.0} events/s ({} events in {elapsed:.1} s)", system.name(), row.throughput, events);
 
     // Latency at a fixed moderate rate.
@@ -439,6 +461,11 @@ fn main() {
         local_inflight: std::env::var("FERRY_COMPARE_LOCAL_INFLIGHT")
             .ok()
             .map(|v| v.parse().unwrap_or_else(|_| panic!("FERRY_COMPARE_LOCAL_INFLIGHT={v:?} is not a number"))),
+        protocol: match std::env::var("FERRY_COMPARE_PROTOCOL").as_deref() {
+            Err(_) | Ok("v5") => "v5".into(),
+            Ok("v311") => "v311".into(),
+            Ok(other) => panic!("FERRY_COMPARE_PROTOCOL: unknown protocol {other:?} (v5, v311)"),
+        },
         systems: systems
             .split(',')
             .map(|n| match n.trim() {
@@ -485,12 +512,12 @@ fn main() {
         .unwrap();
 
         let bridge = rows.iter().find(|(sys, _)| *sys == System::Bridge).map(|(_, r)| r.throughput);
-        println!("\n| system | events/s to both clouds | × bridge | × ceiling | latency p50 / p99 (ms) | drain after {} s outage (s) | of which reconnecting (s) | peak RSS MiB (agent / with local broker) | CPU s per 100k events (agent / with local broker) |", s.outage.as_secs());
-        println!("|---|---:|---:|---:|---:|---:|---:|---:|---:|");
+        println!("\n| system | events/s to both clouds | × bridge | × ceiling | latency p50 / p99 (ms) | drain after {} s outage (s) | of which reconnecting (s) | peak RSS MiB (agent / with local broker) | CPU s per 100k events (agent / with local broker) | CPU s per 100k, rest of the rig |", s.outage.as_secs());
+        println!("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
         for (system, r) in &rows {
             let vs = bridge.map_or("–".into(), |b| format!("{:.2}", r.throughput / b));
             println!(
-                "| {} | {:.0} | {vs} | {:.2} | {:.2} / {:.2} | {:.1} ({} events) | {:.1} | {:.1} / {:.1} | {:.2} / {:.2} |",
+                "| {} | {:.0} | {vs} | {:.2} | {:.2} / {:.2} | {:.1} ({} events) | {:.1} | {:.1} / {:.1} | {:.2} / {:.2} | {:.2} |",
                 system.name(),
                 r.throughput,
                 r.throughput / ceiling,
@@ -502,7 +529,8 @@ fn main() {
                 r.rss_agent,
                 r.rss_total,
                 r.cpu_agent,
-                r.cpu_total
+                r.cpu_total,
+                r.cpu_rest
             );
         }
         println!("\n| system, {} SIGKILLs under load | events acknowledged | acknowledged, never reached cloud A / B | reached neither | duplicates at A / B |", s.kills);

@@ -46,6 +46,21 @@ struct Stamp {
     t: u64,
 }
 
+/// A CloudEvent in structured mode, as Ferry sends it to MQTT 3.1.1 clouds.
+#[derive(Deserialize)]
+struct Structured {
+    data: Stamp,
+}
+
+impl Stamp {
+    /// The stamp of a bare payload, or of the data of a structured CloudEvent.
+    fn parse(payload: &[u8]) -> Option<Self> {
+        serde_json::from_slice(payload)
+            .ok()
+            .or_else(|| serde_json::from_slice::<Structured>(payload).ok().map(|s| s.data))
+    }
+}
+
 /// A growable bit set of event numbers.
 #[derive(Debug, Default, Clone)]
 pub struct Bits {
@@ -376,7 +391,7 @@ impl Tally {
                         let now = now_us();
                         let mut st = s.lock().expect("tally lock");
                         st.last_arrival = Some(Instant::now());
-                        let Ok(stamp) = serde_json::from_slice::<Stamp>(&m.payload) else {
+                        let Some(stamp) = Stamp::parse(&m.payload) else {
                             st.foreign += 1;
                             continue;
                         };
@@ -553,7 +568,15 @@ mod tests {
     fn payloads_have_the_fixed_length_and_carry_their_stamp() {
         let p = payload(3, 123_456);
         assert_eq!(p.len(), PAYLOAD_LEN);
-        let s: Stamp = serde_json::from_str(&p).unwrap();
+        let s = Stamp::parse(p.as_bytes()).unwrap();
         assert_eq!((s.p, s.n), (3, 123_456));
+    }
+
+    #[test]
+    fn a_structured_cloudevent_yields_the_stamp_of_its_data() {
+        let event = format!(r#"{{"specversion":"1.0","id":"x","data":{}}}"#, payload(5, 9));
+        let s = Stamp::parse(event.as_bytes()).unwrap();
+        assert_eq!((s.p, s.n), (5, 9));
+        assert!(Stamp::parse(br#"{"specversion":"1.0","data":"probe"}"#).is_none());
     }
 }
