@@ -17,15 +17,6 @@ use serde_json::{Value, json};
 use crate::clock::SystemClock;
 use crate::config::{Config, ConfigError};
 
-/// `println!` that returns an error instead of panicking when standard
-/// output cannot be written (a closed pipe, a full disk).
-macro_rules! outln {
-    ($($arg:tt)*) => {{
-        use std::io::Write as _;
-        writeln!(std::io::stdout().lock(), $($arg)*).context("writing to standard output")
-    }};
-}
-
 pub mod dlq;
 pub mod fleet;
 pub mod plugin;

@@ -101,14 +101,14 @@ async fn demo(args: &DemoArgs) -> anyhow::Result<()> {
         }
     };
 
-    println!("Ferry demo: a gateway forwarding a sensor fleet's readings to two clouds.\n");
+    outln!("Ferry demo: a gateway forwarding a sensor fleet's readings to two clouds.\n")?;
     let cloud_a = Broker::start(Protocol::V5).await.context("starting cloud-a")?;
     let cloud_b = Broker::start(Protocol::V311).await.context("starting cloud-b")?;
     let cut = Proxy::start(cloud_b.addr).await.context("starting the proxy in front of cloud-b")?;
     let seen_a = Collector::start("cloud-a", cloud_a.addr, Protocol::V5).await?;
     let seen_b = Collector::start("cloud-b", cloud_b.addr, Protocol::V311).await?;
-    println!("  cloud-a   MQTT 5 broker     mqtt://{}   (CloudEvents binary mode)", cloud_a.addr);
-    println!("  cloud-b   MQTT 3.1.1 broker mqtt://{}   (structured mode, behind a proxy the demo cuts)", cut.addr);
+    outln!("  cloud-a   MQTT 5 broker     mqtt://{}   (CloudEvents binary mode)", cloud_a.addr)?;
+    outln!("  cloud-b   MQTT 3.1.1 broker mqtt://{}   (structured mode, behind a proxy the demo cuts)", cut.addr)?;
 
     let mut toml = format!(
         r#"
@@ -149,17 +149,17 @@ backoff_cap = "1s"
                  config = {{ field = \"celsius\", min = \"-50\" }}\n",
                 p.display().to_string()
             ));
-            println!("  plugin    {} (drops glitched readings below -50 °C)", p.display());
+            outln!("  plugin    {} (drops glitched readings below -50 °C)", p.display())?;
         }
-        None => println!(
+        None => outln!(
             "  plugin    none: the example filter is not built (scripts/build-plugins.sh rust builds it); running without"
-        ),
+        )?,
     }
     let config = Config::parse(&toml, "demo config")?;
     let agent = Agent::start(config, Arc::new(SystemClock)).await.context("starting the agent")?;
     let api = format!("http://{}", agent.http_addr());
-    println!("  agent     store in {}, API on {api}", data.display());
-    println!("            (meanwhile, in another terminal: ferry status --url {api}   or   curl {api}/metrics)\n");
+    outln!("  agent     store in {}, API on {api}", data.display())?;
+    outln!("            (meanwhile, in another terminal: ferry status --url {api}   or   curl {api}/metrics)\n")?;
 
     let fleet = Fleet::start(&api, args.sensors, args.rate, args.duration);
     let started = Instant::now();
@@ -178,12 +178,12 @@ backoff_cap = "1s"
         if offline_at.is_none() && t >= third {
             cut.set_up(false);
             offline_at = Some(Instant::now());
-            println!("  ▼ cloud-b goes offline: its link is cut; the gateway keeps accepting, cloud-a keeps receiving");
+            outln!("  ▼ cloud-b goes offline: its link is cut; the gateway keeps accepting, cloud-a keeps receiving")?;
         }
         if online_at.is_none() && t >= third * 2 {
             cut.set_up(true);
             online_at = Some(Instant::now());
-            println!("  ▲ cloud-b is back: its backlog drains from the store");
+            outln!("  ▲ cloud-b is back: its backlog drains from the store")?;
         }
         let status = Progress::read(&agent).await?;
         let b = &status.destinations[1];
@@ -193,7 +193,7 @@ backoff_cap = "1s"
             drained_b_at = online_at.map(|at| at.elapsed());
         }
         if n % 4 == 0 {
-            println!("{}", status.line(t));
+            outln!("{}", status.line(t))?;
         }
         let fleet_done = fleet.done();
         if fleet_done && status.caught_up() && seen_a.count() >= fleet.accepted() && seen_b.count() >= fleet.accepted()
@@ -201,7 +201,7 @@ backoff_cap = "1s"
             break;
         }
         if fleet_done && t > args.duration + DRAIN_TIMEOUT {
-            println!("  ! the clouds did not catch up within {DRAIN_TIMEOUT:?}");
+            outln!("  ! the clouds did not catch up within {DRAIN_TIMEOUT:?}")?;
             break;
         }
     }
@@ -215,29 +215,30 @@ backoff_cap = "1s"
     let accepted = fleet.accepted_ids();
     let report_a = seen_a.report(&accepted);
     let report_b = seen_b.report(&accepted);
-    println!("\nSummary");
-    println!(
+    outln!("\nSummary")?;
+    outln!(
         "  fleet     {} sensors × {}/s for {:?}: {} readings sent, {} accepted (stored durably before each 200)",
         args.sensors,
         args.rate,
         args.duration,
         fleet.sent.load(Ordering::Relaxed),
         accepted.len()
-    );
+    )?;
     let unanswered = fleet.unanswered.load(Ordering::Relaxed);
     if unanswered > 0 {
-        println!("            {unanswered} readings got no answer after 5 tries (the sensor gave up on them)");
+        outln!("            {unanswered} readings got no answer after 5 tries (the sensor gave up on them)")?;
     }
     if let Some(p) = plugin_status {
         let answered = fleet.sent.load(Ordering::Relaxed) - fleet.unanswered.load(Ordering::Relaxed);
         let dropped = answered.saturating_sub(accepted.len() as u64);
-        println!(
+        outln!(
             "  plugin    threshold filter: {} calls, {} glitched readings dropped before storage",
-            p.calls, dropped
-        );
+            p.calls,
+            dropped
+        )?;
     }
-    println!("  cloud-a   {}", report_a.line());
-    println!(
+    outln!("  cloud-a   {}", report_a.line())?;
+    outln!(
         "  cloud-b   {}; offline {:.0}s, backlog peaked at {} events, {} (reconnect backoff included)",
         report_b.line(),
         match (offline_at, online_at) {
@@ -249,28 +250,28 @@ backoff_cap = "1s"
             || "(not observed)".to_owned(),
             |d| format!("caught up {:.2}s after it came back", d.as_secs_f64())
         )
-    );
+    )?;
     if let Some(line) = metrics.lines().find(|l| l.starts_with("ferry_store_commit_seconds_count")) {
-        println!(
+        outln!(
             "  store     {} events in {} commits (group commit: producers share each fsync)",
             accepted.len(),
             line.rsplit(' ').next().unwrap_or("?")
-        );
+        )?;
     }
     let ok = report_a.missing == 0 && report_b.missing == 0 && report_a.unexpected == 0 && report_b.unexpected == 0;
     if ok {
-        println!("\n  OK: every accepted event reached both clouds; nothing was lost while cloud-b was offline.");
+        outln!("\n  OK: every accepted event reached both clouds; nothing was lost while cloud-b was offline.")?;
         if report_a.duplicates + report_b.duplicates > 0 {
-            println!("      Duplicates are at-least-once resends of publishes whose PUBACK was lost with the link;");
-            println!("      consumers drop them by the CloudEvents `id`.");
+            outln!("      Duplicates are at-least-once resends of publishes whose PUBACK was lost with the link;")?;
+            outln!("      consumers drop them by the CloudEvents `id`.")?;
         }
     }
-    println!("\nWhere to look next");
-    println!("  ferry store inspect --data {}", data.display());
-    println!("                                  what the store holds now (offline)");
-    println!("  cargo run --release -- run      the agent on its default config; README \"A quick tour\"");
-    println!("  ferry status, GET /metrics      an agent's backlog, lag, ETA and errors per destination");
-    println!("  plugins/README.md               write a filter plugin of your own");
+    outln!("\nWhere to look next")?;
+    outln!("  ferry store inspect --data {}", data.display())?;
+    outln!("                                  what the store holds now (offline)")?;
+    outln!("  cargo run --release -- run      the agent on its default config; README \"A quick tour\"")?;
+    outln!("  ferry status, GET /metrics      an agent's backlog, lag, ETA and errors per destination")?;
+    outln!("  plugins/README.md               write a filter plugin of your own")?;
     if !ok {
         bail!(
             "verification failed: cloud-a missing {}, cloud-b missing {}, unexpected {}",

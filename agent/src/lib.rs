@@ -42,6 +42,15 @@
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
+/// `println!` that returns an error instead of panicking when standard
+/// output cannot be written (a closed pipe, a full disk).
+macro_rules! outln {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        writeln!(std::io::stdout().lock(), $($arg)*).context("writing to standard output")
+    }};
+}
+
 pub mod cli;
 pub mod clock;
 pub mod config;
