@@ -2,7 +2,7 @@ use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use ferry_harness::mqtt::{self, Protocol};
-use ferry_harness::{Collector, FaultProxy, Mode, Mosquitto, MosquittoOptions};
+use ferry_harness::{Collector, FaultProxy, Mode, Mosquitto, MosquittoOptions, ProxyHandle};
 use rumqttc::{ConnectionError, Event, Packet, StateError};
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 use tokio::net::{TcpListener, TcpStream};
@@ -153,14 +153,7 @@ async fn proxy_blackhole_holds_bytes_and_restore_delivers_them() {
 
     faults.blackhole();
     stream.write_all(b"held").await.unwrap();
-    let mut buf = [0u8; 4];
-    let early = tokio::time::timeout(Duration::from_millis(500), stream.read_exact(&mut buf)).await;
-    assert!(early.is_err(), "bytes crossed a blackholed link");
-    assert_eq!(faults.bytes_to_upstream(), sent_before);
-
-    faults.restore();
-    tokio::time::timeout(PATIENCE, stream.read_exact(&mut buf)).await.expect("held bytes never arrived").unwrap();
-    assert_eq!(&buf, b"held");
+    held_until_restore(&mut stream, &faults, || assert_eq!(faults.bytes_to_upstream(), sent_before)).await;
 }
 
 #[tokio::test]
@@ -178,13 +171,18 @@ async fn proxy_hold_replies_lets_bytes_up_and_holds_the_answers() {
         assert!(start.elapsed() < PATIENCE, "bytes to the upstream were held too");
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
+    held_until_restore(&mut stream, &faults, || assert_eq!(faults.bytes_to_client(), down_before)).await;
+}
+
+/// Expects no echo of `held` on `stream` for half a second, runs `still_held`
+/// while the proxy holds it, then restores the proxy and expects the echo.
+async fn held_until_restore(stream: &mut TcpStream, faults: &ProxyHandle, still_held: impl FnOnce()) {
     let mut buf = [0u8; 4];
     let early = tokio::time::timeout(Duration::from_millis(500), stream.read_exact(&mut buf)).await;
-    assert!(early.is_err(), "a reply crossed while replies were held");
-    assert_eq!(faults.bytes_to_client(), down_before);
-
+    assert!(early.is_err(), "bytes came back while the proxy held them");
+    still_held();
     faults.restore();
-    tokio::time::timeout(PATIENCE, stream.read_exact(&mut buf)).await.expect("held reply never arrived").unwrap();
+    tokio::time::timeout(PATIENCE, stream.read_exact(&mut buf)).await.expect("held bytes never arrived").unwrap();
     assert_eq!(&buf, b"held");
 }
 
