@@ -55,16 +55,17 @@ export "CC_$var=$CROSS_CC"
 # them out at link time (below). A RUSTFLAGS of the caller's own takes
 # precedence over this.
 export "CARGO_TARGET_${var^^}_RUSTFLAGS=-C force-unwind-tables=no"
-# Link flags of the target (target.env): passed to the final crate only
-# (`cargo rustc … -- ARGS`), where everything is linked, so changing them
-# relinks without rebuilding the dependencies.
-LINK_FLAGS=()
+# Link flags of the target (target.env), and codegen flags of its
+# runtime-only build (below): passed to the final crate only (`cargo rustc …
+# -- ARGS`), where everything is linked and, with fat LTO, all code
+# generated, so changing them rebuilds no dependency.
+FINAL_ARGS=()
 # shellcheck disable=SC2086 # LINK_ARGS is a space-separated list
 for arg in ${LINK_ARGS:-}; do
-    LINK_FLAGS+=(-C "link-arg=$arg")
+    FINAL_ARGS+=(-C "link-arg=$arg")
 done
 if [ "${DROP_UNWIND_TABLES:-0}" = 1 ]; then
-    LINK_FLAGS+=(-C link-arg=-Wl,--no-eh-frame-hdr -C "link-arg=-Wl,-T,$ROOT/firmware-targets/no-unwind-tables.ld")
+    FINAL_ARGS+=(-C link-arg=-Wl,--no-eh-frame-hdr -C "link-arg=-Wl,-T,$ROOT/firmware-targets/no-unwind-tables.ld")
 fi
 if [ -n "$SYSROOT" ]; then
     export "CARGO_TARGET_${var^^}_LINKER=$CROSS_CC"
@@ -75,6 +76,10 @@ fi
 # profile, optimised for size ("z") rather than "s".
 if [ "$RUNTIME_ONLY" -eq 1 ]; then
     FEATURES=$RUNTIME_ONLY_FEATURES
+    # shellcheck disable=SC2086 # a space-separated list of rustc arguments
+    for arg in ${RUNTIME_ONLY_CODEGEN_ARGS:-}; do
+        FINAL_ARGS+=("$arg")
+    done
     NAME=ferry-runtime-only
     PROFILE=firmware-small
 else
@@ -84,7 +89,7 @@ fi
 
 cd "$ROOT"
 cargo rustc --locked -p ferry --bin ferry --profile "$PROFILE" --target "$TRIPLE" \
-    --no-default-features ${FEATURES:+--features "$FEATURES"} -- "${LINK_FLAGS[@]}" >&2
+    --no-default-features ${FEATURES:+--features "$FEATURES"} -- "${FINAL_ARGS[@]}" >&2
 
 OUT=$CARGO_TARGET_DIR/ferry-firmware/$TARGET
 mkdir -p "$OUT"
