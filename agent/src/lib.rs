@@ -47,7 +47,7 @@ static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 macro_rules! outln {
     ($($arg:tt)*) => {{
         use std::io::Write as _;
-        writeln!(std::io::stdout().lock(), $($arg)*).context("writing to standard output")
+        anyhow::Context::context(writeln!(std::io::stdout().lock(), $($arg)*), "writing to standard output")
     }};
 }
 
