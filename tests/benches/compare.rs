@@ -91,6 +91,11 @@ impl System {
     }
 }
 
+/// CPU seconds a process has used so far; 0 if there is none or it is gone.
+fn cpu_secs(pid: Option<u32>) -> f64 {
+    pid.and_then(proc_stats).map_or(0.0, |s| s.cpu_secs)
+}
+
 /// One system wired to two fresh clouds.
 struct Rig {
     system: System,
@@ -254,15 +259,13 @@ impl Rig {
 
     fn cpu(&self) -> (f64, f64) {
         let (a, b) = self.pids();
-        let cpu = |p: Option<u32>| p.and_then(proc_stats).map_or(0.0, |s| s.cpu_secs);
-        (cpu(a), cpu(b))
+        (cpu_secs(a), cpu_secs(b))
     }
 
     /// CPU seconds of everything else on the machine's cores for this row:
     /// the two clouds and this process (producers, subscribers, fault proxies).
     fn rest_cpu(&self) -> f64 {
-        let cpu = |p: Option<u32>| p.and_then(proc_stats).map_or(0.0, |s| s.cpu_secs);
-        self.clouds.iter().map(|c| cpu(c.pid())).sum::<f64>() + cpu(Some(std::process::id()))
+        self.clouds.iter().map(|c| cpu_secs(c.pid())).sum::<f64>() + cpu_secs(Some(std::process::id()))
     }
 
     fn peak_rss_mib(&self) -> (f64, f64) {

@@ -85,10 +85,8 @@ async fn proxy_passes_mqtt_traffic_and_counts_connections_and_bytes() {
 
 #[tokio::test]
 async fn proxy_latency_delays_each_direction_by_at_least_the_latency() {
-    let proxy = FaultProxy::start(echo_server().await).await.unwrap();
+    let (proxy, mut stream) = echo_through_proxy().await;
     let faults = proxy.handle();
-    let mut stream = TcpStream::connect(proxy.addr()).await.unwrap();
-    round_trip(&mut stream).await;
 
     let latency = Duration::from_millis(300);
     faults.latency(latency);
@@ -145,10 +143,8 @@ async fn proxy_blackhole_is_noticed_by_the_client_only_through_keep_alive() {
 
 #[tokio::test]
 async fn proxy_blackhole_holds_bytes_and_restore_delivers_them() {
-    let proxy = FaultProxy::start(echo_server().await).await.unwrap();
+    let (proxy, mut stream) = echo_through_proxy().await;
     let faults = proxy.handle();
-    let mut stream = TcpStream::connect(proxy.addr()).await.unwrap();
-    round_trip(&mut stream).await;
     let sent_before = faults.bytes_to_upstream();
 
     faults.blackhole();
@@ -158,10 +154,8 @@ async fn proxy_blackhole_holds_bytes_and_restore_delivers_them() {
 
 #[tokio::test]
 async fn proxy_hold_replies_lets_bytes_up_and_holds_the_answers() {
-    let proxy = FaultProxy::start(echo_server().await).await.unwrap();
+    let (proxy, mut stream) = echo_through_proxy().await;
     let faults = proxy.handle();
-    let mut stream = TcpStream::connect(proxy.addr()).await.unwrap();
-    round_trip(&mut stream).await;
     let (up_before, down_before) = (faults.bytes_to_upstream(), faults.bytes_to_client());
 
     faults.hold_replies();
@@ -172,6 +166,15 @@ async fn proxy_hold_replies_lets_bytes_up_and_holds_the_answers() {
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     held_until_restore(&mut stream, &faults, || assert_eq!(faults.bytes_to_client(), down_before)).await;
+}
+
+/// A proxy in front of an echo server, and a client connection through it
+/// that has made one round trip.
+async fn echo_through_proxy() -> (FaultProxy, TcpStream) {
+    let proxy = FaultProxy::start(echo_server().await).await.unwrap();
+    let mut stream = TcpStream::connect(proxy.addr()).await.unwrap();
+    round_trip(&mut stream).await;
+    (proxy, stream)
 }
 
 /// Expects no echo of `held` on `stream` for half a second, runs `still_held`
