@@ -335,6 +335,22 @@ pub fn status(args: &StatusArgs) -> anyhow::Result<()> {
         100.0 * n(&s["bytes"]) as f64 / n(&s["quota_bytes"]).max(1) as f64,
         n(&s["last_sequence"])
     )?;
+    let health = &s["health"];
+    match health["state"].as_str().unwrap_or("?") {
+        "ok" => {}
+        "disk-low" => writeln!(
+            out,
+            "health    DISK LOW: {} bytes free, below the {}-byte reserve; ingest refused until space frees up",
+            n(&health["free_bytes"]),
+            n(&health["reserve_bytes"])
+        )?,
+        state => writeln!(
+            out,
+            "health    {}: {}",
+            state.to_uppercase(),
+            health["reason"].as_str().unwrap_or("see the agent's log")
+        )?,
+    }
     match s["oldest_age_ms"].as_u64() {
         Some(ms) => writeln!(out, "oldest    {:.1}s old (sequence {})", ms as f64 / 1000.0, n(&s["oldest_sequence"]))?,
         None => writeln!(out, "oldest    (log empty)")?,
@@ -432,7 +448,10 @@ pub fn main() -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("ferry: {e:#}");
-            ExitCode::FAILURE
+            match e.downcast_ref::<store::VerifyFailed>() {
+                Some(v) => ExitCode::from(v.exit_code()),
+                None => ExitCode::FAILURE,
+            }
         }
     }
 }

@@ -32,6 +32,99 @@ pub const ROUTE_EXTENSION: &str = "ferryroute";
 /// to its destinations whatever their routes, as a retained message.
 pub const STATE_EXTENSION: &str = "ferryvv";
 
+/// Longest `id`, `type`, `datacontenttype` or `dataschema` accepted, in bytes.
+pub const MAX_ATTRIBUTE_BYTES: usize = 256;
+
+/// Longest extension attribute value (or `partitionkey`) accepted, in bytes:
+/// well inside one MQTT 5 user property, and far more than any key or trace
+/// header needs.
+pub const MAX_EXTENSION_BYTES: usize = 4096;
+
+/// Whether `name` is one no extension attribute may take: a CloudEvents core
+/// attribute (each has a field of its own), or Ferry's own (`sequence`,
+/// `hlc`, `partitionkey`, and every name starting with `ferry`, which Ferry
+/// sets itself). `dataschema` is the one optional core attribute Ferry
+/// stores among the extensions; it is not reserved, so it travels as itself.
+pub fn is_reserved_extension(name: &str) -> bool {
+    is_core_attribute(name) || name.starts_with("ferry")
+}
+
+/// Whether `name` is an attribute the CloudEvents binding writes from an
+/// event's own fields (the core attributes, `sequence`, `hlc`,
+/// `partitionkey`), so no extension may stand in for it on the wire.
+pub fn is_core_attribute(name: &str) -> bool {
+    matches!(
+        name,
+        "specversion"
+            | "id"
+            | "source"
+            | "type"
+            | "datacontenttype"
+            | "subject"
+            | "time"
+            | "data"
+            | "data_base64"
+            | "sequence"
+            | "hlc"
+            | "partitionkey"
+    )
+}
+
+/// Checks an extension attribute's name: CloudEvents' form (lower-case
+/// letters and digits, at most 20) and not reserved.
+pub fn check_extension_name(name: &str) -> Result<(), String> {
+    if name.is_empty() || name.len() > 20 || !name.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit()) {
+        return Err("is not a valid CloudEvents attribute name (lower-case letters and digits, at most 20)".into());
+    }
+    if is_reserved_extension(name) {
+        return Err("is a CloudEvents core attribute or one Ferry sets itself; it cannot be an extension".into());
+    }
+    Ok(())
+}
+
+/// Checks an attribute value that travels as an MQTT string (an MQTT 5 user
+/// property or content type): at most `max` bytes, and nothing a broker
+/// would refuse (see [`crate::topic::validate_mqtt_string`]).
+pub fn check_text(value: &str, max: usize) -> Result<(), String> {
+    if value.len() > max {
+        return Err(format!("is {} bytes long; the limit is {max}", value.len()));
+    }
+    crate::topic::validate_mqtt_string(value).map_err(|e| e.to_string())
+}
+
+/// Checks every attribute of a stored or replacement event as ingest checks
+/// a producer's, naming the field a broker would refuse. Extensions named
+/// `ferry…` are Ferry's own (routes, state versions): their names pass.
+pub fn check_body(body: &EventBody) -> Result<(), String> {
+    let field = |name: &str, reason: String| format!("field `{name}`: {reason}");
+    if body.id.is_empty() {
+        return Err(field("id", "must not be empty".into()));
+    }
+    check_text(&body.id, MAX_ATTRIBUTE_BYTES).map_err(|r| field("id", r))?;
+    check_text(&body.ty, MAX_ATTRIBUTE_BYTES).map_err(|r| field("type", r))?;
+    check_text(&body.source, MAX_ATTRIBUTE_BYTES).map_err(|r| field("source", r))?;
+    crate::topic::validate_name(&body.subject)
+        .map_err(|e| field("subject", format!("`{}` {e}", body.subject.escape_debug())))?;
+    if let Some(ct) = &body.datacontenttype {
+        check_text(ct, MAX_ATTRIBUTE_BYTES).map_err(|r| field("datacontenttype", r))?;
+    }
+    if let Some(k) = &body.partitionkey {
+        check_text(k, MAX_EXTENSION_BYTES).map_err(|r| field("partitionkey", r))?;
+    }
+    for (i, (name, value)) in body.extensions.iter().enumerate() {
+        let ours = name.starts_with("ferry");
+        if !ours {
+            check_extension_name(name).map_err(|r| field(name, r))?;
+        }
+        let max = if ours { crate::topic::MAX_MQTT_STRING } else { MAX_EXTENSION_BYTES };
+        check_text(value, max).map_err(|r| field(name, r))?;
+        if body.extensions[..i].iter().any(|(n, _)| n == name) {
+            return Err(field(name, "appears twice".into()));
+        }
+    }
+    Ok(())
+}
+
 /// Content type given to JSON data whose producer named none.
 pub const JSON_CONTENT_TYPE: &str = "application/json";
 

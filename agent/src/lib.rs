@@ -29,8 +29,14 @@
 //!   eviction, TTL and dead letters, forwarder cursors.
 //! - [`plugin`] — the WebAssembly plugin host: sandboxed filter and merge
 //!   components (wasmtime), their bounds, failure policy and circuit breaker.
-//! - [`event`] — the CloudEvents record and its versioned storage encoding.
-//! - [`topic`] — MQTT topic name validation and filter matching.
+//! - [`limits`] — what each destination's broker accepts: the one check
+//!   behind ingest's refusals and the forwarder's dead letters.
+//! - [`wire`] — the CloudEvents MQTT binding: how an event becomes a
+//!   publish, and how large that publish is.
+//! - [`event`] — the CloudEvents record, its attribute rules and its
+//!   versioned storage encoding.
+//! - [`topic`] — MQTT topic name validation, filter matching and the MQTT
+//!   string rule.
 //! - [`durable_file`] — crash-safe whole-file writes (plugin artifacts, fleet staging).
 //! - [`histogram`] — lock-free fixed-bucket histograms (commit time, delivery lag).
 //! - [`clock`] — the injectable wall clock and the hybrid logical clock.
@@ -63,6 +69,7 @@ pub mod fleet;
 pub mod forward;
 pub mod histogram;
 pub mod ingest;
+pub mod limits;
 pub mod metrics;
 pub mod plugin;
 pub mod runtime;
@@ -70,3 +77,4 @@ pub mod state;
 pub mod store;
 pub mod systemd;
 pub mod topic;
+pub mod wire;

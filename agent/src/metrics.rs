@@ -154,6 +154,12 @@ impl Collector for Snapshot {
             )?;
             histogram(&mut m, &self.commit)?;
         }
+        gauge(
+            &mut e,
+            "ferry_store_healthy",
+            "1 while the store takes events; 0 while its disk is below the reserve, its writes fail or its file vanished (see /healthz).",
+            i64::from(s.health.is_ok()),
+        )?;
         gauge(&mut e, "ferry_store_events", "Events in the log.", i(s.events))?;
         gauge(&mut e, "ferry_store_bytes", "Bytes of event records in the log.", i(s.bytes))?;
         gauge(&mut e, "ferry_store_quota_bytes", "The store's byte quota (log and dead letters).", i(s.quota_bytes))?;

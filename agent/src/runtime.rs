@@ -209,6 +209,8 @@ impl Agent {
             })
             .collect();
         let statuses = forwarders.iter().map(Forwarder::status_handle).collect();
+        // What each destination accepts: ingest and the state API refuse what one would refuse.
+        let limits: Vec<_> = forwarders.iter().map(Forwarder::limits).collect();
         let admin = Admin {
             sources: Sources {
                 device_id: config.agent.device_id.clone(),
@@ -224,6 +226,7 @@ impl Agent {
 
         let ingest = Ingest::new(store.clone(), config.agent.source(), clock)
             .with_filters(ingest_filters)
+            .with_destinations(limits.clone())
             .reporting(plugins.clone());
         let mqtt_ingest = match &config.mqtt_ingest {
             Some(m) => {
@@ -246,8 +249,13 @@ impl Agent {
             ingest,
             config.agent.device_id.clone(),
             statuses,
-            crate::ingest::admin::router(admin)
-                .merge(crate::state::http::routes(state.handle(), config.store.max_event_bytes)),
+            crate::ingest::admin::router(admin).merge(crate::state::http::routes(
+                state.handle(),
+                config.store.max_event_bytes,
+                limits.clone(),
+            )),
+            // Broker connections: destinations, local ingest, local state.
+            config.destinations.len() + 2,
             async {
                 let _ = stopped.await;
             },

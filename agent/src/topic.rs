@@ -1,6 +1,7 @@
-//! MQTT topic names and topic filters: validation of the local topics that
-//! producers give events (an event's `subject`) and matching of the filters
-//! that select events for priority classes, routes and subscriptions.
+//! MQTT topic names, topic filters and strings: validation of the local
+//! topics that producers give events (an event's `subject`), matching of the
+//! filters that select events for priority classes, routes and
+//! subscriptions, and the rule every MQTT UTF-8 string must meet.
 //!
 //! Pure functions only; nothing here touches the network or the store.
 
@@ -24,9 +25,9 @@ pub enum TopicError {
     /// A topic name contains `+` or `#`, which only filters may hold.
     #[error("must not contain the wildcard `{0}` (wildcards belong in filters, not topic names)")]
     Wildcard(char),
-    /// The topic contains a NUL or another control character.
-    #[error("must not contain control characters")]
-    ControlChar,
+    /// The topic contains a character that MQTT forbids in strings.
+    #[error("{0}")]
+    Forbidden(MqttStringError),
     /// The topic starts with `$`, which MQTT reserves for brokers.
     #[error("must not start with `$` (reserved for broker topics)")]
     Reserved,
@@ -77,13 +78,55 @@ fn check_common(topic: &str) -> Result<(), TopicError> {
     if topic.len() > MAX_TOPIC_BYTES {
         return Err(TopicError::TooLong(topic.len()));
     }
-    if topic.chars().any(char::is_control) {
-        return Err(TopicError::ControlChar);
-    }
+    validate_mqtt_string(topic).map_err(TopicError::Forbidden)?;
     if topic.starts_with('$') {
         return Err(TopicError::Reserved);
     }
     Ok(())
+}
+
+/// Longest MQTT UTF-8 string: its length travels in two bytes.
+pub const MAX_MQTT_STRING: usize = 65_535;
+
+/// Why a string cannot travel in an MQTT UTF-8 string field.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum MqttStringError {
+    /// Longer than [`MAX_MQTT_STRING`] bytes.
+    #[error("is {0} bytes long; an MQTT string holds at most {MAX_MQTT_STRING}")]
+    TooLong(usize),
+    /// A character MQTT forbids or lets a broker refuse.
+    #[error("must not contain {} (MQTT brokers refuse control characters and Unicode non-characters)", describe(*.0))]
+    Forbidden(char),
+}
+
+fn describe(c: char) -> String {
+    format!("U+{:04X}", u32::from(c))
+}
+
+/// Checks the rule MQTT sets for every UTF-8 string (topic names, user
+/// properties, content types; MQTT 5.0 §1.5.4, 3.1.1 §1.5.3): no U+0000,
+/// and none of the characters a receiver may treat as malformed, which
+/// brokers such as Mosquitto do by closing the connection: the C0 and C1
+/// controls, DEL, and the Unicode non-characters (U+FDD0–U+FDEF and the last
+/// two code points of every plane). Surrogates cannot occur in a `str`.
+pub fn validate_mqtt_string(s: &str) -> Result<(), MqttStringError> {
+    if s.len() > MAX_MQTT_STRING {
+        return Err(MqttStringError::TooLong(s.len()));
+    }
+    // Printable ASCII is by far the common case; only other bytes need a look.
+    if s.bytes().all(|b| (0x20..0x7F).contains(&b)) {
+        return Ok(());
+    }
+    match s.chars().find(|&c| forbidden_in_mqtt(c)) {
+        Some(c) => Err(MqttStringError::Forbidden(c)),
+        None => Ok(()),
+    }
+}
+
+fn forbidden_in_mqtt(c: char) -> bool {
+    let n = u32::from(c);
+    c.is_control() || (0xFDD0..=0xFDEF).contains(&n) || n & 0xFFFE == 0xFFFE
 }
 
 /// A validated MQTT topic filter (`+` matches one level, `#` the rest).
@@ -143,10 +186,43 @@ mod tests {
         assert_eq!(validate_name("a/"), Err(TopicError::EmptyLevel));
         assert_eq!(validate_name(""), Err(TopicError::Empty));
         assert_eq!(validate_name("$SYS/x"), Err(TopicError::Reserved));
-        assert_eq!(validate_name("a\0b"), Err(TopicError::ControlChar));
+        assert_eq!(validate_name("a\0b"), Err(TopicError::Forbidden(MqttStringError::Forbidden('\0'))));
+        assert!(matches!(validate_name("a/\u{FFFF}"), Err(TopicError::Forbidden(_))));
+        assert!(matches!(validate_name("a/\u{FDD0}"), Err(TopicError::Forbidden(_))));
         let long = "a".repeat(MAX_TOPIC_BYTES + 1);
         assert_eq!(validate_name(&long), Err(TopicError::TooLong(MAX_TOPIC_BYTES + 1)));
         assert_eq!(validate_name("telemetry/temp/ünïcode"), Ok(()));
+    }
+
+    #[test]
+    fn mqtt_strings_refuse_what_brokers_treat_as_malformed() {
+        for bad in [
+            '\0',
+            '\u{1}',
+            '\u{1F}',
+            '\u{7F}',
+            '\u{80}',
+            '\u{9F}',
+            '\u{FDD0}',
+            '\u{FDEF}',
+            '\u{FFFE}',
+            '\u{FFFF}',
+            '\u{1FFFF}',
+            '\u{10FFFE}',
+        ] {
+            let s = format!("ok{bad}ok");
+            assert_eq!(validate_mqtt_string(&s), Err(MqttStringError::Forbidden(bad)), "{:?}", bad);
+        }
+        for good in ["", "plain", "ünïcode ✓", "\u{FDCF}", "\u{FDF0}", "\u{FFFD}", "\u{10000}", "\u{A0}"] {
+            assert_eq!(validate_mqtt_string(good), Ok(()), "{good:?}");
+        }
+        assert_eq!(validate_mqtt_string(&"a".repeat(MAX_MQTT_STRING)), Ok(()));
+        assert_eq!(
+            validate_mqtt_string(&"a".repeat(MAX_MQTT_STRING + 1)),
+            Err(MqttStringError::TooLong(MAX_MQTT_STRING + 1))
+        );
+        let e = validate_mqtt_string("a\u{FFFF}").unwrap_err().to_string();
+        assert!(e.contains("U+FFFF"), "{e}");
     }
 
     #[test]

@@ -114,6 +114,11 @@ struct RawHttp {
     listen: Option<String>,
     token: Option<String>,
     max_body_size: Option<ByteSize>,
+    max_buffered: Option<ByteSize>,
+    max_connections: Option<usize>,
+    header_timeout: Option<String>,
+    body_timeout: Option<String>,
+    shutdown_timeout: Option<String>,
 }
 
 impl fmt::Debug for RawHttp {
@@ -122,6 +127,11 @@ impl fmt::Debug for RawHttp {
             .field("listen", &self.listen)
             .field("token", &self.token.as_ref().map(|_| "<redacted>"))
             .field("max_body_size", &self.max_body_size)
+            .field("max_buffered", &self.max_buffered)
+            .field("max_connections", &self.max_connections)
+            .field("header_timeout", &self.header_timeout)
+            .field("body_timeout", &self.body_timeout)
+            .field("shutdown_timeout", &self.shutdown_timeout)
             .finish()
     }
 }
@@ -293,6 +303,16 @@ pub struct HttpConfig {
     pub token: Option<Secret>,
     /// Largest request body.
     pub max_body_bytes: usize,
+    /// Request bytes held in memory at once, across connections.
+    pub max_buffered_bytes: usize,
+    /// Open connections at most (before the open-file limit caps it).
+    pub max_connections: usize,
+    /// Time to send a request's headers; also the keep-alive idle limit.
+    pub header_timeout: Duration,
+    /// Time to send a request's body.
+    pub body_timeout: Duration,
+    /// Time requests in flight get to finish at shutdown.
+    pub shutdown_timeout: Duration,
 }
 
 impl Config {
@@ -398,6 +418,30 @@ impl Config {
         }
         let max_body_bytes = usize::try_from(h.max_body_size.map_or(16 << 20, |b| b.as_u64()))
             .map_err(|_| err("ingest.http.max_body_size", "too large for this platform".into()))?;
+        let max_buffered_bytes = usize::try_from(h.max_buffered.map_or(64 << 20, |b| b.as_u64()))
+            .map_err(|_| err("ingest.http.max_buffered", "too large for this platform".into()))?;
+        if max_buffered_bytes < max_body_bytes {
+            return Err(err(
+                "ingest.http.max_buffered",
+                format!(
+                    "must be at least max_body_size ({max_body_bytes} bytes), or no request of that size could be read"
+                ),
+            ));
+        }
+        let max_connections = h.max_connections.unwrap_or(256);
+        if max_connections == 0 {
+            return Err(err("ingest.http.max_connections", "must be at least 1".into()));
+        }
+        let timeout = |key: &str, text: Option<String>, default: &str| {
+            let d = parse_duration(text.as_deref().unwrap_or(default)).map_err(|r| err(key, r))?;
+            if d.is_zero() {
+                return Err(err(key, "must be longer than zero".into()));
+            }
+            Ok(d)
+        };
+        let header_timeout = timeout("ingest.http.header_timeout", h.header_timeout, "10s")?;
+        let body_timeout = timeout("ingest.http.body_timeout", h.body_timeout, "30s")?;
+        let shutdown_timeout = timeout("ingest.http.shutdown_timeout", h.shutdown_timeout, "10s")?;
 
         let mut destinations: Vec<DestinationConfig> = Vec::with_capacity(raw.destination.len());
         for (i, d) in raw.destination.into_iter().enumerate() {
@@ -457,7 +501,16 @@ impl Config {
                     })
                     .collect(),
             },
-            http: HttpConfig { listen, token, max_body_bytes },
+            http: HttpConfig {
+                listen,
+                token,
+                max_body_bytes,
+                max_buffered_bytes,
+                max_connections,
+                header_timeout,
+                body_timeout,
+                shutdown_timeout,
+            },
             mqtt_ingest,
             destinations,
             plugins,
@@ -485,7 +538,8 @@ fn validate_device_id(id: &str) -> Result<(), String> {
     if let Some(c) = id.chars().find(|c| matches!(c, '/' | '+' | '#' | '$') || c.is_control() || c.is_whitespace()) {
         return Err(format!("`{id}` contains `{}`; it must be a single MQTT topic level", c.escape_debug()));
     }
-    Ok(())
+    // It travels in every event's `source` and in topics.
+    crate::topic::validate_mqtt_string(id).map_err(|e| format!("`{}` {e}", id.escape_debug()))
 }
 
 /// The host name, which names the device unless the config does.

@@ -89,17 +89,57 @@ pub enum LinkEvent {
     Connected {
         /// Whether the broker kept a session for this client id.
         session_present: bool,
+        /// The limits the broker stated in its CONNACK (MQTT 5; none on 3.1.1).
+        limits: BrokerLimits,
     },
     /// A queued publish went out with this packet id (in queue order).
     Sent(u16),
     /// The broker acknowledged the publish with this packet id.
     Acked(u16),
+    /// The broker answered the publish with this packet id with an MQTT 5
+    /// reason code that refuses it.
+    Refused {
+        /// The publish.
+        pkid: u16,
+        /// What kind of refusal the reason code is.
+        kind: RefusalKind,
+        /// The reason code, as MQTT names it.
+        reason: String,
+    },
     /// The broker acknowledged a subscription.
     Subscribed,
     /// A message arrived on a subscription.
     Message(Box<Incoming>),
     /// Anything else (pings, our own acks).
     Other,
+}
+
+/// What an MQTT 5 broker's refusal of one publish means for sending it again.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RefusalKind {
+    /// The message itself is refused (not authorised, invalid topic or
+    /// payload): sending it again cannot succeed.
+    Message,
+    /// The broker is over a quota: the same message may pass later.
+    Quota,
+    /// An unspecified or implementation-specific error.
+    Other,
+}
+
+/// What an MQTT 5 broker states about itself in its CONNACK. Every field is
+/// `None` when it stated nothing (and always on MQTT 3.1.1).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct BrokerLimits {
+    /// Maximum Packet Size it accepts.
+    pub max_packet_size: Option<u32>,
+    /// Receive Maximum: QoS 1 publishes it takes unacknowledged at once.
+    pub receive_maximum: Option<u16>,
+    /// Topic Alias Maximum.
+    pub topic_alias_maximum: Option<u16>,
+    /// Whether it keeps retained messages.
+    pub retain_available: Option<bool>,
+    /// The highest QoS it accepts.
+    pub maximum_qos: Option<u8>,
 }
 
 /// Builds the rustls client config for an `mqtts://` endpoint: the CA file
@@ -240,9 +280,10 @@ impl Link {
             Inner::V4(_, el) => {
                 use rumqttc::{Event, Outgoing, Packet};
                 match el.poll().await {
-                    Ok(Event::Incoming(Packet::ConnAck(ack))) => {
-                        Ok(LinkEvent::Connected { session_present: ack.session_present })
-                    }
+                    Ok(Event::Incoming(Packet::ConnAck(ack))) => Ok(LinkEvent::Connected {
+                        session_present: ack.session_present,
+                        limits: BrokerLimits::default(),
+                    }),
                     Ok(Event::Incoming(Packet::PubAck(ack))) => Ok(LinkEvent::Acked(ack.pkid)),
                     Ok(Event::Incoming(Packet::SubAck(ack))) => {
                         if ack.return_codes.iter().any(|c| matches!(c, rumqttc::SubscribeReasonCode::Failure)) {
@@ -276,16 +317,33 @@ impl Link {
                         if ack.code != ConnectReturnCode::Success {
                             return Err(LinkError::Refused(format!("{:?}", ack.code)));
                         }
-                        Ok(LinkEvent::Connected { session_present: ack.session_present })
+                        let limits = ack.properties.as_ref().map_or_else(BrokerLimits::default, |p| BrokerLimits {
+                            max_packet_size: p.max_packet_size,
+                            receive_maximum: p.receive_max,
+                            topic_alias_maximum: p.topic_alias_max,
+                            retain_available: p.retain_available.map(|r| r != 0),
+                            maximum_qos: p.max_qos,
+                        });
+                        Ok(LinkEvent::Connected { session_present: ack.session_present, limits })
                     }
                     Ok(Event::Incoming(Packet::PubAck(ack))) => {
                         use rumqttc::v5::mqttbytes::v5::PubAckReason;
-                        if !matches!(ack.reason, PubAckReason::Success | PubAckReason::NoMatchingSubscribers) {
-                            // The broker refused this message (quota, not authorised, …): an
-                            // at-least-once sender must send it again rather than count it.
-                            return Err(LinkError::Refused(format!("PUBACK {:?} for packet {}", ack.reason, ack.pkid)));
+                        match ack.reason {
+                            PubAckReason::Success | PubAckReason::NoMatchingSubscribers => {
+                                Ok(LinkEvent::Acked(ack.pkid))
+                            }
+                            // The message itself is what the broker will not take.
+                            reason => {
+                                let kind = match reason {
+                                    PubAckReason::NotAuthorized
+                                    | PubAckReason::TopicNameInvalid
+                                    | PubAckReason::PayloadFormatInvalid => RefusalKind::Message,
+                                    PubAckReason::QuotaExceeded => RefusalKind::Quota,
+                                    _ => RefusalKind::Other,
+                                };
+                                Ok(LinkEvent::Refused { pkid: ack.pkid, kind, reason: format!("{reason:?}") })
+                            }
                         }
-                        Ok(LinkEvent::Acked(ack.pkid))
                     }
                     Ok(Event::Incoming(Packet::SubAck(ack))) => {
                         use rumqttc::v5::mqttbytes::v5::SubscribeReasonCode as C;
@@ -359,22 +417,4 @@ impl Link {
         };
         if ok { Ok(()) } else { Err(LinkError::QueueFull) }
     }
-}
-
-/// Bytes an MQTT PUBLISH packet takes on the wire, to refuse an event that
-/// exceeds a broker's packet limit before it can break the connection.
-pub fn publish_packet_len(
-    protocol: Protocol,
-    topic: &str,
-    payload: usize,
-    content_type: Option<&str>,
-    user: &[(String, String)],
-) -> usize {
-    let mut len = 2 + topic.len() + 2 + payload; // topic, packet id, payload
-    if protocol == Protocol::V5 {
-        let props: usize =
-            content_type.map_or(0, |c| 3 + c.len()) + user.iter().map(|(k, v)| 5 + k.len() + v.len()).sum::<usize>();
-        len += props + 4; // property length varint
-    }
-    len + 5 // fixed header with remaining-length varint
 }

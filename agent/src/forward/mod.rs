@@ -11,15 +11,15 @@
 //!
 //! - [`stage`] — destination-stage filter plugins, run just before publish.
 //! - [`window`] — the pure in-flight and cursor state.
-//! - [`wire`] — the CloudEvents MQTT binding.
+//! - [`isolate`] — finding the one event a broker keeps refusing.
 //! - [`link`] — one rumqttc connection of either protocol version.
 //! - [`backoff`] — reconnect delays.
 
 pub mod backoff;
+pub mod isolate;
 pub mod link;
 pub mod stage;
 pub mod window;
-pub mod wire;
 
 use std::collections::VecDeque;
 use std::sync::{Arc, Mutex};
@@ -35,9 +35,12 @@ use crate::config::{DestinationConfig, Protocol};
 use crate::downlink::DestinationDownlink;
 use crate::event::Event;
 use crate::histogram::Histogram;
-use crate::store::Store;
+use crate::limits::DestinationLimits;
+use crate::store::{Store, StoreError};
+use crate::wire;
 use backoff::Backoff;
-use link::{Link, LinkError, LinkEvent, LinkOptions};
+use isolate::Isolation;
+use link::{Link, LinkError, LinkEvent, LinkOptions, RefusalKind};
 pub use stage::Stage;
 use stage::Step;
 use window::Window;
@@ -89,6 +92,7 @@ pub struct DestinationStatus {
 /// A running forwarder.
 pub struct Forwarder {
     status: Arc<Mutex<DestinationStatus>>,
+    limits: Arc<DestinationLimits>,
     lag: Arc<Histogram>,
     task: JoinHandle<()>,
 }
@@ -117,9 +121,25 @@ impl Forwarder {
             ..DestinationStatus::default()
         }));
         let lag = Arc::new(Histogram::new(crate::histogram::LAG_BUCKETS));
-        let task =
-            Task { config, tls, store, clock, stage, downlink, shutdown, status: status.clone(), lag: lag.clone() };
-        Self { status, lag, task: tokio::spawn(task.run()) }
+        let limits = Arc::new(DestinationLimits::new(&config));
+        let task = Task {
+            config,
+            tls,
+            store,
+            clock,
+            stage,
+            downlink,
+            shutdown,
+            status: status.clone(),
+            lag: lag.clone(),
+            limits: limits.clone(),
+        };
+        Self { status, limits, lag, task: tokio::spawn(task.run()) }
+    }
+
+    /// What its broker accepts, as it learns it (shared with ingest).
+    pub fn limits(&self) -> Arc<DestinationLimits> {
+        self.limits.clone()
     }
 
     /// Its event time → PUBACK histogram.
@@ -146,7 +166,19 @@ impl Forwarder {
 /// Why a session ended.
 enum End {
     Shutdown,
-    Failed(LinkError),
+    /// `broker_ended`: the broker closed or broke the connection (rather
+    /// than Ferry giving up on it), which may blame the publish in flight.
+    Failed {
+        error: LinkError,
+        broker_ended: bool,
+    },
+}
+
+impl End {
+    /// A failure Ferry decided on, which blames no publish.
+    fn ours(error: LinkError) -> Self {
+        End::Failed { error, broker_ended: false }
+    }
 }
 
 struct Task {
@@ -159,6 +191,7 @@ struct Task {
     shutdown: watch::Receiver<bool>,
     status: Arc<Mutex<DestinationStatus>>,
     lag: Arc<Histogram>,
+    limits: Arc<DestinationLimits>,
 }
 
 /// A received message whose consumers have not all acked yet.
@@ -178,6 +211,7 @@ struct Progress {
     delivered: u64,
     published: u64,
     bytes_sent: u64,
+    isolation: Isolation,
 }
 
 impl Task {
@@ -200,6 +234,7 @@ impl Task {
             delivered: 0,
             published: 0,
             bytes_sent: 0,
+            isolation: Isolation::default(),
         };
         self.update(|s| s.acked_sequence = cursor);
         let mut backoff = Backoff::new(self.config.backoff_base, self.config.backoff_cap);
@@ -220,6 +255,11 @@ impl Task {
             let mut link = Link::open(&self.config.endpoint, self.tls.as_ref(), &opts);
             let end = self.session(&mut link, &mut progress, &mut backoff).await;
             let lost = progress.window.in_flight() as u64;
+            if let End::Failed { error, broker_ended } = &end {
+                let lone = (lost == 1).then(|| progress.window.first_unacked()).flatten();
+                let last_sent = progress.window.next().saturating_sub(1);
+                progress.isolation.link_failed(lone, *broker_ended, last_sent, &error.to_string());
+            }
             progress.window.reconnect();
             self.update(|s| {
                 s.connected = false;
@@ -231,7 +271,7 @@ impl Task {
                     drop(link);
                     break;
                 }
-                End::Failed(e) => {
+                End::Failed { error: e, .. } => {
                     let delay = backoff.next_delay(&mut rand::rng());
                     tracing::warn!(destination = %self.config.name, error = %e, retry_in = ?delay, "link down");
                     let lag_ms = self.oldest_unsent_age(progress.window.acked_through()).await;
@@ -283,9 +323,9 @@ impl Task {
             _ = self.shutdown.changed() => return End::Shutdown,
         };
         match connected {
-            Ok(Ok(())) => {}
-            Ok(Err(e)) => return End::Failed(e),
-            Err(_) => return End::Failed(LinkError::Connection(format!("no CONNACK within {connect_deadline:?}"))),
+            Ok(Ok(limits)) => self.limits.announce_max_packet(limits.max_packet_size),
+            Ok(Err(e)) => return End::ours(e),
+            Err(_) => return End::ours(LinkError::Connection(format!("no CONNACK within {connect_deadline:?}"))),
         }
         backoff.reset();
         self.update(|s| s.connected = true);
@@ -293,7 +333,7 @@ impl Task {
         // Every connection subscribes again: a broker may have lost the session.
         for filter in self.downlink.subscriptions() {
             if let Err(e) = link.subscribe(filter.as_str()) {
-                return End::Failed(e);
+                return End::ours(e);
             }
         }
         let mut unacked: VecDeque<Unacked> = VecDeque::new();
@@ -306,7 +346,7 @@ impl Task {
         let ack_timeout = keep_alive * 2;
         loop {
             if let Err(e) = self.fill(link, p, &mut buffer).await {
-                return End::Failed(e);
+                return End::ours(e);
             }
             self.maybe_persist(p);
             let caught_up = buffer.is_empty() && *committed.borrow() < p.window.next();
@@ -327,6 +367,17 @@ impl Task {
                                     self.lag.observe(now_ms.saturating_sub(at_ms) as f64 / 1000.0);
                                 }
                             }
+                            Ok(LinkEvent::Refused { pkid, kind: RefusalKind::Message, reason }) => {
+                                last_ack = Instant::now();
+                                if let Err(e) = self.set_aside_refused(p, pkid, &reason).await {
+                                    return End::ours(e);
+                                }
+                            }
+                            Ok(LinkEvent::Refused { pkid, kind, reason }) => {
+                                // It may pass later: send it again on a new connection, after the backoff.
+                                let error = LinkError::Refused(format!("the broker answered packet {pkid} with {reason}"));
+                                return End::Failed { error, broker_ended: kind == RefusalKind::Other };
+                            }
                             Ok(LinkEvent::Message(m)) => {
                                 let handled = self
                                     .downlink
@@ -341,26 +392,27 @@ impl Task {
                                 unacked.push_back(Unacked { message: m, handled: futures::future::join_all(handled) });
                             }
                             Ok(_) => {}
-                            Err(e) => return End::Failed(e),
+                            Err(error) => return End::Failed { error, broker_ended: true },
                         }
                         burst += 1;
                         if burst < 256 {
                             event = link.poll().now_or_never();
                         }
                     }
+                    p.isolation.delivered_through(p.window.acked_through());
                 }
                 _ = committed.changed(), if caught_up && window_open => {}
                 handled = async { (&mut unacked.front_mut().expect("guarded").handled).await }, if !unacked.is_empty() => {
                     let front = unacked.pop_front().expect("guarded");
                     if handled.iter().any(Result::is_err) {
                         // Unhandled: drop the link so the broker delivers it again.
-                        return End::Failed(LinkError::Connection(format!(
+                        return End::ours(LinkError::Connection(format!(
                             "a downlink consumer did not handle the message on {}", front.message.topic
                         )));
                     }
                     // PUBACKs leave in arrival order, each once its consumers are done.
                     if let Err(e) = link.ack(&front.message) {
-                        return End::Failed(e);
+                        return End::ours(e);
                     }
                 }
                 done = async { p.persisting.as_mut().expect("guarded").await }, if p.persisting.is_some() => {
@@ -371,7 +423,7 @@ impl Task {
                 }
                 _ = tick.tick() => {
                     if p.window.in_flight() > 0 && last_ack.elapsed() > ack_timeout {
-                        return End::Failed(LinkError::Connection(format!(
+                        return End::ours(LinkError::Connection(format!(
                             "no PUBACK for {:?} with {} publishes outstanding: link presumed dead",
                             last_ack.elapsed(), p.window.in_flight()
                         )));
@@ -390,7 +442,8 @@ impl Task {
     }
 
     /// Offers events to the window while it has room: publishes what the
-    /// routes and destination-stage filters select, settles the rest.
+    /// routes and destination-stage filters select, settles the rest, and
+    /// sets aside what this destination's broker cannot take.
     async fn fill(&mut self, link: &mut Link, p: &mut Progress, buffer: &mut VecDeque<Step>) -> Result<(), LinkError> {
         while p.window.has_room() {
             if buffer.is_empty() {
@@ -398,18 +451,19 @@ impl Task {
                 if newest < p.window.next() {
                     return Ok(());
                 }
-                let store = self.store.clone();
-                let after = p.window.next() - 1;
-                let events = tokio::task::spawn_blocking(move || store.read_after(after, READ_BATCH))
-                    .await
-                    .map_err(|e| LinkError::Connection(format!("store read task failed: {e}")))?
-                    .map_err(|e| LinkError::Connection(format!("store read failed: {e}")))?;
+                let Some(events) = self.read(p.window.next() - 1).await? else { continue };
                 if events.is_empty() {
                     // Everything up to `newest` left the log (expired or evicted).
                     p.window.skip_to(newest);
                     return Ok(());
                 }
                 self.plan(events, buffer).await?;
+            }
+            if matches!(buffer.front(), Some(Step::Publish { .. }))
+                && !p.isolation.may_send(p.window.next(), p.window.in_flight())
+            {
+                // Resending what was in flight at a failure: one at a time.
+                return Ok(());
             }
             let (event, last) = match buffer.pop_front().expect("buffer refilled") {
                 Step::Settle(sequence) => {
@@ -424,10 +478,22 @@ impl Task {
             if event.sequence > p.window.next() {
                 p.window.skip_to(event.sequence - 1);
             }
+            let sequence = event.sequence;
+            if let Some((condemned, why)) = p.isolation.condemned()
+                && condemned == sequence
+            {
+                let reason = format!("destination {}: {why}", self.config.name);
+                self.set_aside(sequence, &reason).await?;
+                if last {
+                    p.isolation.set_aside();
+                    p.window.settled(sequence);
+                }
+                continue;
+            }
             // State is published retained: the broker then holds the merged value.
             let state = event.body.is_state();
             let topic = wire::topic(&self.config.topic_prefix, &event);
-            let (sequence, at_ms) = (event.sequence, event.hlc.millis());
+            let at_ms = event.hlc.millis();
             let (payload, content_type, props) = match self.config.endpoint.protocol {
                 Protocol::V5 => {
                     let m = wire::into_binary(event);
@@ -435,24 +501,15 @@ impl Task {
                 }
                 Protocol::V311 => (wire::structured(&event), None, Vec::new()),
             };
-            let len = link::publish_packet_len(
+            let len = wire::publish_packet_len(
                 self.config.endpoint.protocol,
                 &topic,
                 payload.len(),
                 content_type.as_deref(),
                 &props,
             );
-            if len > self.config.endpoint.max_packet_bytes {
-                let reason = format!(
-                    "destination {}: publish of {len} bytes exceeds its max_packet_size of {} bytes",
-                    self.config.name, self.config.endpoint.max_packet_bytes
-                );
-                tracing::warn!(destination = %self.config.name, sequence, %reason, "event dead-lettered");
-                self.store
-                    .dead_letter_copy_for(sequence, &self.config.name, &reason)
-                    .await
-                    .map_err(|e| LinkError::Connection(e.to_string()))?;
-                self.update(|s| s.dead_lettered += 1);
+            if let Some(reason) = self.limits.packet_refusal(len) {
+                self.set_aside(sequence, &reason).await?;
                 if last {
                     p.window.settled(sequence);
                 }
@@ -467,6 +524,50 @@ impl Task {
                 p.window.sent_part(sequence, at_ms);
             }
         }
+        Ok(())
+    }
+
+    /// Up to a batch of events after `after`. An unreadable record is moved
+    /// to the dead letters (for every destination: none can read it) and
+    /// `None` says to read again.
+    async fn read(&self, after: u64) -> Result<Option<Vec<Event>>, LinkError> {
+        let store = self.store.clone();
+        let read = tokio::task::spawn_blocking(move || store.read_after(after, READ_BATCH))
+            .await
+            .map_err(|e| LinkError::Connection(format!("store read task failed: {e}")))?;
+        match read {
+            Ok(events) => Ok(Some(events)),
+            Err(StoreError::Corrupt { sequence, source }) => {
+                let reason = format!("unreadable: {source}");
+                tracing::error!(destination = %self.config.name, sequence, %reason, "stored record moved to the dead letters");
+                self.store
+                    .set_aside_unreadable(sequence, &reason)
+                    .await
+                    .map_err(|e| LinkError::Connection(e.to_string()))?;
+                Ok(None)
+            }
+            Err(e) => Err(LinkError::Connection(format!("store read failed: {e}"))),
+        }
+    }
+
+    /// Dead-letters event `sequence` for this destination only.
+    async fn set_aside(&self, sequence: u64, reason: &str) -> Result<(), LinkError> {
+        tracing::warn!(destination = %self.config.name, sequence, %reason, "event dead-lettered for this destination");
+        self.store
+            .dead_letter_copy_for(sequence, &self.config.name, reason)
+            .await
+            .map_err(|e| LinkError::Connection(e.to_string()))?;
+        self.update(|s| s.dead_lettered += 1);
+        Ok(())
+    }
+
+    /// The broker refused publish `pkid` for what it is: dead-letter its
+    /// event for this destination, then count it as settled.
+    async fn set_aside_refused(&self, p: &mut Progress, pkid: u16, reason: &str) -> Result<(), LinkError> {
+        let Some(sequence) = p.window.sequence_of(pkid) else { return Ok(()) };
+        let reason = format!("destination {}: the broker refused the publish ({reason})", self.config.name);
+        self.set_aside(sequence, &reason).await?;
+        p.window.acked(pkid);
         Ok(())
     }
 
@@ -561,10 +662,10 @@ impl Task {
     }
 }
 
-async fn wait_connected(link: &mut Link) -> Result<(), LinkError> {
+async fn wait_connected(link: &mut Link) -> Result<link::BrokerLimits, LinkError> {
     loop {
-        if let LinkEvent::Connected { .. } = link.poll().await? {
-            return Ok(());
+        if let LinkEvent::Connected { limits, .. } = link.poll().await? {
+            return Ok(limits);
         }
     }
 }

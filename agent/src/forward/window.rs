@@ -164,6 +164,16 @@ impl Window {
         }
     }
 
+    /// The sequence of the publish on the wire with `pkid`, if there is one.
+    pub fn sequence_of(&self, pkid: u16) -> Option<u64> {
+        self.on_wire.get(&pkid).copied()
+    }
+
+    /// The oldest sent sequence not yet acknowledged.
+    pub fn first_unacked(&self) -> Option<u64> {
+        self.pending.iter().find(|e| !e.acked).map(|e| e.sequence)
+    }
+
     /// When the oldest unacknowledged sent event was accepted, in ms.
     pub fn oldest_unacked_ms(&self) -> Option<u64> {
         self.pending.iter().find(|e| !e.acked).map(|e| e.at_ms)

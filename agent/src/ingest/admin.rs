@@ -15,9 +15,9 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 
 use crate::clock::SharedClock;
-use crate::forward::wire;
 use crate::metrics::{self, Sources};
 use crate::store::{AppendError, DeadLetter, DeadLetterError, Store};
+use crate::wire;
 
 /// Dead letters listed per request at most.
 pub const MAX_LIST: usize = 1000;
@@ -198,8 +198,10 @@ fn selection(body: &[u8]) -> Result<Option<Vec<u64>>, Failure> {
 fn dead_letter_error(e: DeadLetterError) -> Response {
     let status = match &e {
         DeadLetterError::NotFound(_) => StatusCode::NOT_FOUND,
-        DeadLetterError::Unreadable { .. } => StatusCode::UNPROCESSABLE_ENTITY,
-        DeadLetterError::Store(AppendError::Closed) => StatusCode::SERVICE_UNAVAILABLE,
+        DeadLetterError::Unreadable { .. } | DeadLetterError::Undeliverable { .. } => StatusCode::UNPROCESSABLE_ENTITY,
+        DeadLetterError::Store(AppendError::Closed | AppendError::Unavailable { .. }) => {
+            StatusCode::SERVICE_UNAVAILABLE
+        }
         _ => StatusCode::INTERNAL_SERVER_ERROR,
     };
     fail(status, e)

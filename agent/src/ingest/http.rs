@@ -6,11 +6,25 @@
 //! (the state API, [`crate::state::http`]). Every route
 //! but `/healthz` requires the bearer token when one is configured. Bodies
 //! are decoded by [`super::parse`]; large ones off the async threads.
+//!
+//! No client can stall the agent through it: connections are capped below
+//! the open-file limit, headers and bodies must arrive within their
+//! timeouts, the request bytes held in memory across all connections are
+//! bounded (`max_buffered`), and shutdown closes whatever is still open
+//! after `shutdown_timeout`. `/healthz` fails while the store cannot take
+//! events, and says why.
 
 use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
+
+use http_body_util::BodyExt as _;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::server::graceful::GracefulShutdown;
+use hyper_util::service::TowerToHyperService;
+use tokio::sync::Semaphore;
+use tokio::task::JoinSet;
 
 use axum::Router;
 use axum::body::Body;
@@ -31,6 +45,21 @@ use crate::store::{AppendError, Appended, StoreStatus};
 /// Bodies above this size are decoded on the blocking pool.
 const INLINE_PARSE_LIMIT: usize = 64 * 1024;
 
+/// Memory an event decoded from a body holds besides its bytes (its
+/// structs and their allocations), counted against `max_buffered`.
+const EVENT_OVERHEAD: usize = 512;
+
+/// Open files kept for everything but HTTP clients: the store, plugins,
+/// logs and the runtime, plus [`FDS_PER_PEER`] per broker connection.
+const FDS_RESERVED: u64 = 64;
+
+/// Open files one broker connection may take (its socket, and TLS's reads
+/// of certificate files when it reconnects).
+const FDS_PER_PEER: u64 = 4;
+
+/// How long accepting pauses after an error such as "too many open files".
+const ACCEPT_PAUSE: Duration = Duration::from_millis(100);
+
 #[derive(Clone)]
 struct Api {
     ingest: Ingest,
@@ -38,6 +67,8 @@ struct Api {
     device_id: Arc<str>,
     started: Instant,
     destinations: Arc<[Arc<std::sync::Mutex<DestinationStatus>>]>,
+    /// Permits are bytes of requests held in memory (`max_buffered`).
+    buffered: Arc<Semaphore>,
 }
 
 /// Binds the API listener; the returned address has the real port when the
@@ -49,9 +80,12 @@ pub async fn bind(config: &HttpConfig) -> std::io::Result<(TcpListener, SocketAd
 }
 
 /// Serves the API on `listener` until `shutdown` resolves, then finishes
-/// the requests in flight (each waits for its commit) and returns.
-/// `services` are the routes other parts own (the operator routes of
-/// [`super::admin`], the state API); they sit behind the same token.
+/// the requests in flight (each waits for its commit) for up to
+/// `shutdown_timeout` and closes what is still open. `services` are the
+/// routes other parts own (the operator routes of [`super::admin`], the
+/// state API); they sit behind the same token. `peers` is how many broker
+/// connections the agent keeps, which the connection cap leaves room for.
+#[allow(clippy::too_many_arguments)]
 pub async fn serve(
     listener: TcpListener,
     config: HttpConfig,
@@ -59,10 +93,13 @@ pub async fn serve(
     device_id: String,
     destinations: Vec<Arc<std::sync::Mutex<DestinationStatus>>>,
     services: Router,
+    peers: usize,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
+    let max_connections = connection_cap(config.max_connections, peers);
     let api = Api {
         ingest,
+        buffered: Arc::new(Semaphore::new(config.max_buffered_bytes)),
         config: Arc::new(config),
         device_id: device_id.into(),
         started: Instant::now(),
@@ -74,9 +111,102 @@ pub async fn serve(
         .route_layer(middleware::from_fn_with_state(api.clone(), require_token));
     // Routes other services own (operator routes, the state API), behind the same token.
     let services = services.route_layer(middleware::from_fn_with_state(api.clone(), require_token));
-    let app =
-        Router::new().route("/healthz", get(|| async { "ok\n" })).merge(protected).with_state(api).merge(services);
-    axum::serve(listener, app).with_graceful_shutdown(shutdown).await
+    let app = Router::new().route("/healthz", get(healthz)).merge(protected).with_state(api.clone()).merge(services);
+
+    let mut http = hyper::server::conn::http1::Builder::new();
+    http.timer(TokioTimer::new()).header_read_timeout(api.config.header_timeout);
+    let graceful = GracefulShutdown::new();
+    let slots = Arc::new(Semaphore::new(max_connections));
+    let mut connections = JoinSet::new();
+    let mut last_accept_error: Option<Instant> = None;
+    tokio::pin!(shutdown);
+    loop {
+        // Reap finished connections so the set stays small.
+        while connections.try_join_next().is_some() {}
+        // At the cap, stop accepting: further clients wait in the kernel's queue.
+        let slot = tokio::select! {
+            slot = slots.clone().acquire_owned() => slot.expect("never closed"),
+            () = &mut shutdown => break,
+        };
+        let stream = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok((stream, _)) => stream,
+                Err(e) => {
+                    // EMFILE and the like: back off, never spin, log at most once a minute.
+                    if last_accept_error.is_none_or(|t| t.elapsed() >= Duration::from_secs(60)) {
+                        tracing::warn!(error = %e, "HTTP API cannot accept a connection");
+                        last_accept_error = Some(Instant::now());
+                    }
+                    tokio::time::sleep(ACCEPT_PAUSE).await;
+                    continue;
+                }
+            },
+            () = &mut shutdown => break,
+        };
+        let connection = http.serve_connection(TokioIo::new(stream), TowerToHyperService::new(app.clone()));
+        let connection = graceful.watch(connection);
+        connections.spawn(async move {
+            let _slot = slot;
+            let _ = connection.await;
+        });
+    }
+    drop(listener);
+    let deadline = api.config.shutdown_timeout;
+    if tokio::time::timeout(deadline, graceful.shutdown()).await.is_err() {
+        tracing::warn!(
+            open = connections.len(),
+            ?deadline,
+            "HTTP connections still open at the shutdown deadline: closed"
+        );
+    }
+    connections.shutdown().await;
+    Ok(())
+}
+
+/// The connection cap: `configured`, lowered to fit below the process's
+/// open-file limit (raised to its hard limit first) with room kept for
+/// `peers` broker connections and the rest of the agent.
+fn connection_cap(configured: usize, peers: usize) -> usize {
+    let reserved = FDS_RESERVED + FDS_PER_PEER * peers as u64;
+    let Some(limit) = raise_fd_limit() else { return configured };
+    let room = usize::try_from(limit.saturating_sub(reserved)).unwrap_or(usize::MAX).max(1);
+    if room < configured {
+        tracing::warn!(
+            configured,
+            cap = room,
+            open_file_limit = limit,
+            "ingest.http.max_connections lowered to fit the open-file limit"
+        );
+    }
+    configured.min(room)
+}
+
+/// Raises the soft open-file limit to the hard one; returns the soft limit.
+fn raise_fd_limit() -> Option<u64> {
+    let mut lim = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    // SAFETY: getrlimit writes the struct we pass.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } != 0 {
+        return None;
+    }
+    if lim.rlim_cur < lim.rlim_max {
+        let raised = libc::rlimit { rlim_cur: lim.rlim_max, rlim_max: lim.rlim_max };
+        // SAFETY: setrlimit reads the struct we pass.
+        if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &raised) } == 0 {
+            lim.rlim_cur = lim.rlim_max;
+        }
+    }
+    #[allow(clippy::useless_conversion)] // the field is 32-bit on some targets
+    Some(u64::from(lim.rlim_cur))
+}
+
+/// Readiness: 200 while the store takes events, else 503 saying why.
+async fn healthz(State(api): State<Api>) -> Response {
+    let health = api.ingest.store().health();
+    if health.is_ok() {
+        (StatusCode::OK, "ok\n").into_response()
+    } else {
+        (StatusCode::SERVICE_UNAVAILABLE, format!("unavailable: {}\n", health.describe())).into_response()
+    }
 }
 
 async fn require_token(State(api): State<Api>, request: Request, next: Next) -> Response {
@@ -112,14 +242,9 @@ struct Accepted {
 }
 
 async fn post_events(State(api): State<Api>, headers: HeaderMap, body: Body) -> Response {
-    let limit = api.config.max_body_bytes;
-    let Ok(bytes) = axum::body::to_bytes(body, limit).await else {
-        return error(
-            StatusCode::PAYLOAD_TOO_LARGE,
-            &format!("request body exceeds {limit} bytes (ingest.http.max_body_size)"),
-            None,
-            None,
-        );
+    let (bytes, held) = match read_body(&api, &headers, body).await {
+        Ok(read) => read,
+        Err(response) => return response,
     };
     let ingest = api.ingest.clone();
     let inline = bytes.len() <= INLINE_PARSE_LIMIT;
@@ -131,6 +256,7 @@ async fn post_events(State(api): State<Api>, headers: HeaderMap, body: Body) -> 
             .filter(|(k, _)| k.as_str().starts_with("ce-"))
             .filter_map(|(k, v)| Some((k.as_str(), v.to_str().ok()?)));
         let inputs = parse::parse_body(content_type, lookup, ce, &bytes)?;
+        drop(bytes);
         ingest.prepare(inputs)
     };
     let prepared = if inline {
@@ -143,11 +269,17 @@ async fn post_events(State(api): State<Api>, headers: HeaderMap, body: Body) -> 
             }
         }
     };
-    let result = match prepared {
-        Ok(events) => api.ingest.commit(events).await,
-        Err(e) => Err(e),
+    let events = match prepared {
+        Ok(events) => events,
+        Err(e) => return ingest_error(&e),
     };
-    match result {
+    // The decoded events' structs count too: many small events in a large
+    // body cost several times its bytes.
+    let _held = match hold(&api, held, events.len().saturating_mul(EVENT_OVERHEAD)).await {
+        Ok(h) => h,
+        Err(response) => return response,
+    };
+    match api.ingest.commit(events).await {
         Ok(events) => {
             let duplicates = events.iter().filter(|e| e.duplicate).count();
             let body = Accepted { accepted: events.len() - duplicates, duplicates, events };
@@ -157,11 +289,119 @@ async fn post_events(State(api): State<Api>, headers: HeaderMap, body: Body) -> 
     }
 }
 
+/// Reads a request body within `max_body_size` and `body_timeout`, holding
+/// its bytes against `max_buffered` as they arrive. Answers with the right
+/// refusal: 413 over the size, 408 too slow, 400 cut short, 503 when the
+/// agent holds as many request bytes as it may.
+async fn read_body(
+    api: &Api,
+    headers: &HeaderMap,
+    body: Body,
+) -> Result<(bytes::Bytes, tokio::sync::OwnedSemaphorePermit), Response> {
+    let limit = api.config.max_body_bytes;
+    let too_large = || {
+        error(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            &format!("request body exceeds {limit} bytes (ingest.http.max_body_size)"),
+            None,
+            None,
+        )
+    };
+    let declared = headers.get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()?.parse::<usize>().ok());
+    if declared.is_some_and(|n| n > limit) {
+        return Err(too_large());
+    }
+    let deadline = tokio::time::Instant::now() + api.config.body_timeout;
+    let mut held = hold_until(api, declared.unwrap_or(0), deadline).await?;
+    let mut body = body;
+    let mut out = bytes::BytesMut::with_capacity(declared.unwrap_or(0).min(limit));
+    loop {
+        let frame = match tokio::time::timeout_at(deadline, body.frame()).await {
+            Err(_) => {
+                let secs = api.config.body_timeout.as_secs_f64();
+                return Err(error(
+                    StatusCode::REQUEST_TIMEOUT,
+                    &format!("request body not received within {secs} s (ingest.http.body_timeout)"),
+                    None,
+                    None,
+                ));
+            }
+            Ok(None) => break,
+            Ok(Some(Err(e))) => {
+                return Err(error(
+                    StatusCode::BAD_REQUEST,
+                    &format!("request body could not be read: {e}"),
+                    None,
+                    None,
+                ));
+            }
+            Ok(Some(Ok(frame))) => frame,
+        };
+        let Ok(data) = frame.into_data() else { continue };
+        if out.len() + data.len() > limit {
+            return Err(too_large());
+        }
+        let more = (out.len() + data.len()).saturating_sub(held.num_permits());
+        if more > 0 {
+            held.merge(hold_until(api, more, deadline).await?);
+        }
+        out.extend_from_slice(&data);
+    }
+    Ok((out.freeze(), held))
+}
+
+/// `bytes` more of request memory for `held`, waiting for room until
+/// `body_timeout` from now.
+async fn hold(
+    api: &Api,
+    mut held: tokio::sync::OwnedSemaphorePermit,
+    bytes: usize,
+) -> Result<tokio::sync::OwnedSemaphorePermit, Response> {
+    let deadline = tokio::time::Instant::now() + api.config.body_timeout;
+    held.merge(hold_until(api, bytes, deadline).await?);
+    Ok(held)
+}
+
+/// Takes `bytes` of the `max_buffered` budget, waiting until `deadline`.
+async fn hold_until(
+    api: &Api,
+    bytes: usize,
+    deadline: tokio::time::Instant,
+) -> Result<tokio::sync::OwnedSemaphorePermit, Response> {
+    let budget = api.config.max_buffered_bytes;
+    if bytes > budget {
+        return Err(error(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            &format!(
+                "request needs {bytes} bytes of memory, more than ingest.http.max_buffered ({budget} bytes); split it"
+            ),
+            None,
+            None,
+        ));
+    }
+    let permits = u32::try_from(bytes).unwrap_or(u32::MAX);
+    match tokio::time::timeout_at(deadline, api.buffered.clone().acquire_many_owned(permits)).await {
+        Ok(Ok(p)) => Ok(p),
+        _ => {
+            let mut r = error(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "the agent is holding as many request bytes as it may (ingest.http.max_buffered); try again",
+                None,
+                None,
+            );
+            r.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(1));
+            Err(r)
+        }
+    }
+}
+
 fn ingest_error(e: &IngestError) -> Response {
     let msg = e.to_string();
     match e {
         IngestError::BadInput(b) => error(StatusCode::BAD_REQUEST, &msg, b.index, b.field.as_deref()),
-        IngestError::EventTooLarge { index, .. } => error(StatusCode::PAYLOAD_TOO_LARGE, &msg, Some(*index), None),
+        IngestError::EventTooLarge { index, .. } | IngestError::Undeliverable { index, .. } => {
+            error(StatusCode::PAYLOAD_TOO_LARGE, &msg, Some(*index), None)
+        }
         IngestError::Store(AppendError::TooLarge { .. }) => error(StatusCode::PAYLOAD_TOO_LARGE, &msg, None, None),
         IngestError::Store(AppendError::Full { retry_after, .. } | AppendError::DiskFull { retry_after, .. }) => {
             let mut r = error(StatusCode::INSUFFICIENT_STORAGE, &msg, None, None);
@@ -169,6 +409,11 @@ fn ingest_error(e: &IngestError) -> Response {
             r
         }
         IngestError::Store(AppendError::Closed) => error(StatusCode::SERVICE_UNAVAILABLE, &msg, None, None),
+        IngestError::Store(AppendError::Unavailable { retry_after, .. }) => {
+            let mut r = error(StatusCode::SERVICE_UNAVAILABLE, &msg, None, None);
+            r.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(retry_after.as_secs().max(1)));
+            r
+        }
         IngestError::Store(_) => error(StatusCode::INTERNAL_SERVER_ERROR, &msg, None, None),
     }
 }

@@ -26,7 +26,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use crate::clock::{self, SharedClock};
-use crate::event::{DEFAULT_TYPE, EventBody, EventBodyRef, JSON_CONTENT_TYPE};
+use crate::event::{DEFAULT_TYPE, EventBody, EventBodyRef, JSON_CONTENT_TYPE, is_json_content_type};
+use crate::limits::DestinationLimits;
 use crate::plugin::{OnError, PluginHandle, PluginStatus, convert};
 use crate::store::{AppendError, Appended, Dedup, PreparedEvent, Store};
 pub use parse::{BadInput, InputEvent};
@@ -48,9 +49,28 @@ pub enum IngestError {
         /// The limit.
         limit: usize,
     },
+    /// A destination that routes the event could not take it.
+    #[error("event {index}: {reason}")]
+    Undeliverable {
+        /// Index of the event in the request.
+        index: usize,
+        /// Which destination, and which of its limits.
+        reason: String,
+    },
     /// The store refused or failed.
     #[error(transparent)]
     Store(#[from] AppendError),
+}
+
+impl IngestError {
+    /// The index of the one event that alone made the request fail (too
+    /// large, or refused by a destination), when that is why it failed.
+    pub fn refused_event(&self) -> Option<usize> {
+        match self {
+            IngestError::EventTooLarge { index, .. } | IngestError::Undeliverable { index, .. } => Some(*index),
+            _ => None,
+        }
+    }
 }
 
 /// The shared ingest path. Cheap to clone.
@@ -62,12 +82,22 @@ pub struct Ingest {
     filters: Arc<[PluginHandle]>,
     /// Every loaded plugin, whatever its stage, for status.
     reported: Arc<[PluginHandle]>,
+    /// What each destination accepts: an event a routing destination
+    /// would refuse is refused here, before it is stored.
+    destinations: Arc<[Arc<DestinationLimits>]>,
 }
 
 impl Ingest {
     /// Ingest into `store`, stamping events with `source`.
     pub fn new(store: Store, source: String, clock: SharedClock) -> Self {
-        Self { store, source, clock, filters: Arc::new([]), reported: Arc::new([]) }
+        Self { store, source, clock, filters: Arc::new([]), reported: Arc::new([]), destinations: Arc::new([]) }
+    }
+
+    /// The same path, refusing what any of `destinations` that routes an
+    /// event would refuse.
+    pub fn with_destinations(mut self, destinations: Vec<Arc<DestinationLimits>>) -> Self {
+        self.destinations = destinations.into();
+        self
     }
 
     /// The same path with these `stage = "ingest"` filters, run in order.
@@ -202,6 +232,19 @@ impl Ingest {
         Ok(out)
     }
 
+    /// Why a destination that routes `body` would refuse it, if one would.
+    /// `json_data`: the producer's data was checked to be JSON.
+    pub fn refusal(&self, body: &EventBodyRef<'_>, json_data: bool) -> Option<String> {
+        let mut routed = self.destinations.iter().filter(|d| d.routes(body.subject)).peekable();
+        routed.peek()?;
+        // Structured mode embeds data as JSON only when it parses; bytes under
+        // a JSON content type that were not checked are checked here, rarely.
+        let json = json_data
+            || (body.datacontenttype.is_some_and(is_json_content_type)
+                && serde_json::from_slice::<serde::de::IgnoredAny>(body.data).is_ok());
+        routed.find_map(|d| d.refusal(body, json))
+    }
+
     /// Fills defaults, classifies and encodes; refuses oversized events.
     pub fn prepare(&self, inputs: Vec<InputEvent>) -> Result<Vec<PreparedEvent>, IngestError> {
         let now_nanos = self.clock.now_nanos();
@@ -227,6 +270,9 @@ impl Ingest {
                 partitionkey: input.partitionkey.as_deref(),
                 extensions: &input.extensions,
             };
+            if let Some(reason) = self.refusal(&body, input.data_is_json) {
+                return Err(IngestError::Undeliverable { index, reason });
+            }
             let body = body.encode();
             let event = PreparedEvent { id, dedup, priority, expires_at_ms: ttl.map(|t| expiry(now_ms, t)), body };
             let size = event.record_len() as usize;

@@ -219,11 +219,26 @@ async fn store_batch(
     ingest: Ingest,
     batch: u128,
     mut inputs: Vec<InputEvent>,
-    messages: Vec<Box<Incoming>>,
+    mut messages: Vec<Box<Incoming>>,
 ) -> (Stored, Vec<Box<Incoming>>) {
+    // Messages refused one by one (no destination could take them): acked
+    // with the rest, so the broker does not deliver them again forever.
+    let mut refused = Vec::new();
     loop {
         let stored = match ingest.submit(inputs).await {
             Ok(_) => Stored::Yes(batch),
+            Err(e) if e.refused_event().is_some_and(|i| i < messages.len()) => {
+                let m = messages.remove(e.refused_event().expect("guarded"));
+                tracing::warn!(topic = %m.topic, error = %e, "local MQTT message refused");
+                refused.push(m);
+                match messages.iter().map(|m| delivery_input(m, batch)).collect() {
+                    Ok(again) => {
+                        inputs = again;
+                        continue;
+                    }
+                    Err(e) => Stored::Failed(e.into()),
+                }
+            }
             Err(IngestError::Store(
                 AppendError::Full { retry_after, .. } | AppendError::DiskFull { retry_after, .. },
             )) => {
@@ -240,6 +255,7 @@ async fn store_batch(
             Err(IngestError::Store(AppendError::Closed)) => Stored::Closed,
             Err(e) => Stored::Failed(e),
         };
+        messages.append(&mut refused);
         return (stored, messages);
     }
 }

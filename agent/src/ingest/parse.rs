@@ -89,9 +89,6 @@ impl fmt::Display for BadInput {
 
 impl std::error::Error for BadInput {}
 
-/// CloudEvents attributes that Ferry sets itself and producers may not.
-const RESERVED_EXTENSIONS: [&str; 2] = ["sequence", "hlc"];
-
 /// Decodes a request body. `header` looks up a request header by lower-case name.
 pub fn parse_body<'h>(
     content_type: Option<&str>,
@@ -193,7 +190,13 @@ pub fn parse_binary<'h>(
         datacontenttype: content_type.map(str::to_owned),
         ..RawEvent::default()
     };
+    let mut seen: Vec<&str> = Vec::new();
     for (name, value) in ce_headers {
+        // A repeated attribute is ambiguous: refuse it rather than pick one.
+        if seen.contains(&name) {
+            return Err(bad(name, "appears twice"));
+        }
+        seen.push(name);
         let attr = name.strip_prefix("ce-").unwrap_or(name);
         let value = value.to_owned();
         match attr {
@@ -204,6 +207,7 @@ pub fn parse_binary<'h>(
             "subject" => raw.subject = Some(value),
             "time" => raw.time = Some(value),
             "datacontenttype" => raw.datacontenttype = Some(value),
+            "dataschema" => raw.dataschema = Some(value),
             "partitionkey" => raw.partitionkey = Some(value),
             other => raw.extras.push((other.to_owned(), Value::String(value))),
         }
@@ -223,14 +227,43 @@ struct RawEvent<'a> {
     topic: Option<String>,
     time: Option<String>,
     datacontenttype: Option<String>,
+    dataschema: Option<String>,
     data: Option<&'a RawValue>,
     data_base64: Option<String>,
     binary_data: Option<Vec<u8>>,
     key: Option<String>,
     partitionkey: Option<String>,
     ttl: Option<Value>,
-    extensions: Option<serde_json::Map<String, Value>>,
+    extensions: Option<Extensions>,
     extras: Vec<(String, Value)>,
+}
+
+/// Ferry's `extensions` object, in the producer's order. A key given twice
+/// is an error, where a JSON map would silently keep the last.
+#[derive(Default)]
+struct Extensions(Vec<(String, Value)>);
+
+impl<'de> Deserialize<'de> for Extensions {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> Visitor<'de> for V {
+            type Value = Extensions;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("an object of extension attributes")
+            }
+            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Extensions, A::Error> {
+                let mut out: Vec<(String, Value)> = Vec::new();
+                while let Some((k, v)) = map.next_entry::<String, Value>()? {
+                    if out.iter().any(|(n, _)| *n == k) {
+                        return Err(de::Error::custom(format!("`{k}` appears twice")));
+                    }
+                    out.push((k, v));
+                }
+                Ok(Extensions(out))
+            }
+        }
+        d.deserialize_map(V)
+    }
 }
 
 impl<'de> Deserialize<'de> for RawEvent<'de> {
@@ -269,6 +302,7 @@ impl<'de> Deserialize<'de> for RawEvent<'de> {
                         "topic" => set!(ev.topic),
                         "time" => set!(ev.time),
                         "datacontenttype" => set!(ev.datacontenttype),
+                        "dataschema" => set!(ev.dataschema),
                         "data" => set!(ev.data),
                         "data_base64" => set!(ev.data_base64),
                         "key" => set!(ev.key),
@@ -276,6 +310,9 @@ impl<'de> Deserialize<'de> for RawEvent<'de> {
                         "ttl" => set!(ev.ttl),
                         "extensions" => set!(ev.extensions),
                         _ => {
+                            if ev.extras.iter().any(|(n, _)| n == k) {
+                                return Err(dup(k));
+                            }
                             let v: Value = field(&mut map, k)?;
                             ev.extras.push((k.to_owned(), v));
                         }
@@ -338,18 +375,37 @@ impl RawEvent<'_> {
             if self.partitionkey.is_some() {
                 return Err(bad("partitionkey", "use `key` in a Ferry event"));
             }
-            for (name, value) in self.extensions.into_iter().flatten() {
+            if self.dataschema.is_some() {
+                return Err(bad("dataschema", "is a CloudEvents attribute; in a Ferry event put it in `extensions`"));
+            }
+            for (name, value) in self.extensions.map(|e| e.0).into_iter().flatten() {
                 extensions.push(extension(&name, &value).map_err(|mut e| {
                     e.field = Some(format!("extensions.{name}"));
                     e
                 })?);
             }
         }
+        if let Some(schema) = self.dataschema {
+            event::check_text(&schema, event::MAX_ATTRIBUTE_BYTES).map_err(|r| bad("dataschema", r))?;
+            if schema.is_empty() {
+                return Err(bad("dataschema", "must not be empty"));
+            }
+            extensions.push(("dataschema".to_owned(), schema));
+        }
 
-        if let Some(id) = &self.id
-            && (id.is_empty() || id.len() > 256)
-        {
-            return Err(bad("id", "must be 1 to 256 characters"));
+        if let Some(id) = &self.id {
+            if id.is_empty() {
+                return Err(bad("id", "must not be empty"));
+            }
+            event::check_text(id, event::MAX_ATTRIBUTE_BYTES).map_err(|r| bad("id", r))?;
+        }
+        if let Some(ty) = &self.ty {
+            event::check_text(ty, event::MAX_ATTRIBUTE_BYTES).map_err(|r| bad("type", r))?;
+        }
+        for (value, field) in [(&self.key, "key"), (&self.partitionkey, "partitionkey")] {
+            if let Some(v) = value {
+                event::check_text(v, event::MAX_EXTENSION_BYTES).map_err(|r| bad(field, r))?;
+            }
         }
         let time_nanos = match &self.time {
             Some(t) => {
@@ -357,10 +413,11 @@ impl RawEvent<'_> {
             }
             None => None,
         };
-        if let Some(ct) = &self.datacontenttype
-            && (ct.is_empty() || ct.len() > 256)
-        {
-            return Err(bad("datacontenttype", "must be 1 to 256 characters"));
+        if let Some(ct) = &self.datacontenttype {
+            if ct.is_empty() {
+                return Err(bad("datacontenttype", "must not be empty"));
+            }
+            event::check_text(ct, event::MAX_ATTRIBUTE_BYTES).map_err(|r| bad("datacontenttype", r))?;
         }
 
         let declared_json = self.datacontenttype.as_deref().is_none_or(is_json_content_type);
@@ -430,12 +487,7 @@ impl RawEvent<'_> {
 
 /// A CloudEvents extension attribute, validated and rendered as a string.
 fn extension(name: &str, value: &Value) -> Result<(String, String), BadInput> {
-    if name.is_empty() || name.len() > 20 || !name.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit()) {
-        return Err(bad(name, "is not a valid CloudEvents attribute name (lower-case letters and digits, at most 20)"));
-    }
-    if RESERVED_EXTENSIONS.contains(&name) {
-        return Err(bad(name, "is set by Ferry"));
-    }
+    event::check_extension_name(name).map_err(|r| bad(name, r))?;
     let text = match value {
         Value::String(s) => s.clone(),
         Value::Number(n) => n.to_string(),
@@ -444,6 +496,7 @@ fn extension(name: &str, value: &Value) -> Result<(String, String), BadInput> {
             return Err(bad(name, "an extension attribute must be a string, number or boolean"));
         }
     };
+    event::check_text(&text, event::MAX_EXTENSION_BYTES).map_err(|r| bad(name, r))?;
     Ok((name.to_owned(), text))
 }
 
@@ -557,5 +610,85 @@ mod tests {
         assert_eq!(evs[0].extensions, vec![("traceparent".into(), "00-1-2-01".into())]);
         let err = parse_body(Some("application/json"), lookup, headers.iter().copied(), b"{not json").unwrap_err();
         assert_eq!(err.field.as_deref(), Some("data"));
+    }
+
+    #[test]
+    fn attributes_a_broker_would_refuse_are_refused_naming_the_field() {
+        let cases = [
+            (r#"{"topic":"p/a","data":1,"id":"nul\u0000id"}"#, "id"),
+            (r#"{"topic":"p/a","data":1,"key":"k\u0007"}"#, "key"),
+            (r#"{"topic":"p/a","data":1,"type":"t\uffff"}"#, "type"),
+            (r#"{"topic":"p/a","data":"x","datacontenttype":"text/plain\u0000"}"#, "datacontenttype"),
+            (r#"{"topic":"p/a","data":1,"extensions":{"trace":"a\u0085"}}"#, "extensions.trace"),
+            (r#"{"topic":"p/\ufdd0","data":1}"#, "topic"),
+            (r#"{"topic":"p/\uffff","data":1}"#, "topic"),
+            (
+                r#"{"specversion":"1.0","id":"1","source":"s","type":"t","subject":"a","data":1,"dataschema":"x\u0000"}"#,
+                "dataschema",
+            ),
+            (r#"{"specversion":"1.0","id":"1","source":"s","type":"t","subject":"a","data":1,"ext":"\u001f"}"#, "ext"),
+        ];
+        for (body, field) in cases {
+            let e = parse(None, body).unwrap_err();
+            assert_eq!(e.field.as_deref(), Some(field), "{body}: {e}");
+            assert!(e.reason.contains("U+"), "{body}: the reason names the character: {e}");
+        }
+        let long = "x".repeat(crate::event::MAX_EXTENSION_BYTES + 1);
+        let e = parse(None, &format!(r#"{{"topic":"a","data":1,"extensions":{{"big":"{long}"}}}}"#)).unwrap_err();
+        assert_eq!(e.field.as_deref(), Some("extensions.big"));
+    }
+
+    #[test]
+    fn core_and_ferry_attribute_names_are_refused_as_extensions() {
+        for name in [
+            "id",
+            "source",
+            "type",
+            "specversion",
+            "subject",
+            "time",
+            "datacontenttype",
+            "data",
+            "sequence",
+            "hlc",
+            "partitionkey",
+            "ferryroute",
+            "ferryvv",
+        ] {
+            let e = parse(None, &format!(r#"{{"topic":"a","data":1,"extensions":{{"{name}":"x"}}}}"#)).unwrap_err();
+            assert_eq!(e.field.as_deref(), Some(format!("extensions.{name}").as_str()), "{name}: {e}");
+        }
+        for name in ["ferryroute", "sequence", "hlc"] {
+            let body = format!(
+                r#"{{"specversion":"1.0","id":"1","source":"s","type":"t","subject":"a","data":1,"{name}":"x"}}"#
+            );
+            assert_eq!(parse(None, &body).unwrap_err().field.as_deref(), Some(name));
+        }
+        let ok = parse(None, r#"{"topic":"a","data":1,"extensions":{"dataschema":"https://example.com/s"}}"#).unwrap();
+        assert_eq!(ok[0].extensions, vec![("dataschema".into(), "https://example.com/s".into())]);
+    }
+
+    #[test]
+    fn duplicate_extension_keys_and_ce_headers_are_refused() {
+        let e = parse(None, r#"{"topic":"a","data":1,"extensions":{"k":"1","k":"2"}}"#).unwrap_err();
+        assert_eq!(e.field.as_deref(), Some("extensions"), "{e}");
+        assert!(e.reason.contains("twice"), "{e}");
+        let e = parse(
+            None,
+            r#"{"specversion":"1.0","id":"1","source":"s","type":"t","subject":"a","data":1,"k":"1","k":"2"}"#,
+        )
+        .unwrap_err();
+        assert_eq!(e.field.as_deref(), Some("k"), "{e}");
+        let headers = [
+            ("ce-specversion", "1.0"),
+            ("ce-id", "a"),
+            ("ce-id", "b"),
+            ("ce-source", "/x"),
+            ("ce-type", "t"),
+            ("ce-subject", "s"),
+        ];
+        let lookup = |name: &str| headers.iter().find(|(k, _)| *k == name).map(|(_, v)| *v);
+        let e = parse_body(None, lookup, headers.iter().copied(), b"1").unwrap_err();
+        assert_eq!(e.field.as_deref(), Some("ce-id"), "{e}");
     }
 }

@@ -11,6 +11,8 @@
 use std::sync::Arc;
 
 use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
+
+use crate::store::SharedDatabase;
 use serde::{Deserialize, Serialize};
 
 use super::version::Version;
@@ -100,7 +102,7 @@ pub struct Commit {
 /// The state tables of one database.
 #[derive(Clone)]
 pub struct StateDb {
-    db: Arc<Database>,
+    db: SharedDatabase,
 }
 
 fn encode<T: Serialize>(v: &T) -> Vec<u8> {
@@ -113,8 +115,8 @@ fn decode<'a, T: Deserialize<'a>>(what: &str, bytes: &'a [u8]) -> Result<T, DbEr
 
 impl StateDb {
     /// Opens (creating if needed) the state tables.
-    pub fn open(db: Arc<Database>) -> Result<Self, DbError> {
-        let txn = db.begin_write().map_err(db_err)?;
+    pub fn open(db: SharedDatabase) -> Result<Self, DbError> {
+        let txn = db.get().map_err(|e| DbError(e.to_string()))?.begin_write().map_err(db_err)?;
         {
             txn.open_table(STATE).map_err(db_err)?;
             txn.open_table(CHANGES).map_err(db_err)?;
@@ -126,16 +128,21 @@ impl StateDb {
         Ok(Self { db })
     }
 
+    /// The database now (the store may be reopening it).
+    fn db(&self) -> Result<Arc<Database>, DbError> {
+        self.db.get().map_err(|e| DbError(e.to_string()))
+    }
+
     /// The entry of `key`.
     pub fn get(&self, key: &str) -> Result<Option<Entry>, DbError> {
-        let txn = self.db.begin_read().map_err(db_err)?;
+        let txn = self.db()?.begin_read().map_err(db_err)?;
         let t = txn.open_table(STATE).map_err(db_err)?;
         t.get(key).map_err(db_err)?.map(|v| decode("state entry", v.value())).transpose()
     }
 
     /// Entries whose key starts with `prefix`, in key order, at most `limit`.
     pub fn list(&self, prefix: &str, limit: usize) -> Result<Vec<(String, Entry)>, DbError> {
-        let txn = self.db.begin_read().map_err(db_err)?;
+        let txn = self.db()?.begin_read().map_err(db_err)?;
         let t = txn.open_table(STATE).map_err(db_err)?;
         let mut out = Vec::new();
         for row in t.range(prefix..).map_err(db_err)? {
@@ -150,14 +157,14 @@ impl StateDb {
 
     /// What `destination` is known to hold for `key`.
     pub fn peer(&self, destination: &str, key: &str) -> Result<Option<Peer>, DbError> {
-        let txn = self.db.begin_read().map_err(db_err)?;
+        let txn = self.db()?.begin_read().map_err(db_err)?;
         let t = txn.open_table(PEERS).map_err(db_err)?;
         t.get((destination, key)).map_err(db_err)?.map(|v| decode("peer record", v.value())).transpose()
     }
 
     /// Every (destination, key) still to be sent, in order.
     pub fn dirty(&self) -> Result<Vec<(String, String)>, DbError> {
-        let txn = self.db.begin_read().map_err(db_err)?;
+        let txn = self.db()?.begin_read().map_err(db_err)?;
         let t = txn.open_table(DIRTY).map_err(db_err)?;
         t.iter()
             .map_err(db_err)?
@@ -169,7 +176,7 @@ impl StateDb {
     /// also the oldest change still kept (a stream resuming before it
     /// missed changes and should re-read the state).
     pub fn changes_after(&self, after: u64, limit: usize) -> Result<ChangePage, DbError> {
-        let txn = self.db.begin_read().map_err(db_err)?;
+        let txn = self.db()?.begin_read().map_err(db_err)?;
         let t = txn.open_table(CHANGES).map_err(db_err)?;
         let oldest = t.first().map_err(db_err)?.map(|(k, _)| k.value());
         let mut out = Vec::new();
@@ -182,7 +189,7 @@ impl StateDb {
 
     /// The persisted state HLC high-water mark, and the last change number.
     pub fn meta(&self) -> Result<(u64, u64), DbError> {
-        let txn = self.db.begin_read().map_err(db_err)?;
+        let txn = self.db()?.begin_read().map_err(db_err)?;
         let t = txn.open_table(META).map_err(db_err)?;
         let get = |k: &str| t.get(k).map(|v| v.map_or(0, |v| v.value())).map_err(db_err);
         Ok((get("hlc")?, get("next_change")?.saturating_sub(1)))
@@ -191,7 +198,7 @@ impl StateDb {
     /// Commits `c` in one fsynced transaction; returns the new entry (with
     /// its change number) when the value changed.
     pub fn commit(&self, c: &Commit) -> Result<Option<Entry>, DbError> {
-        let txn = self.db.begin_write().map_err(db_err)?;
+        let txn = self.db()?.begin_write().map_err(db_err)?;
         let mut written = None;
         {
             let mut meta = txn.open_table(META).map_err(db_err)?;
@@ -231,7 +238,7 @@ impl StateDb {
     /// Records that `version` of `key` was queued for `destination`: it is
     /// what that cloud will hold, and the mark is cleared.
     pub fn sent(&self, destination: &str, key: &str, peer: &Peer) -> Result<(), DbError> {
-        let txn = self.db.begin_write().map_err(db_err)?;
+        let txn = self.db()?.begin_write().map_err(db_err)?;
         {
             txn.open_table(PEERS)
                 .map_err(db_err)?
@@ -244,7 +251,7 @@ impl StateDb {
 
     /// Clears a mark without sending (the cloud already holds the value).
     pub fn clean(&self, destination: &str, key: &str) -> Result<(), DbError> {
-        let txn = self.db.begin_write().map_err(db_err)?;
+        let txn = self.db()?.begin_write().map_err(db_err)?;
         txn.open_table(DIRTY).map_err(db_err)?.remove((destination, key)).map_err(db_err)?;
         txn.commit().map_err(db_err)
     }

@@ -13,6 +13,7 @@
 //! (`value_base64`).
 
 use std::convert::Infallible;
+use std::sync::Arc;
 
 use axum::Router;
 use axum::body::{Body, Bytes};
@@ -28,22 +29,27 @@ use tokio::sync::broadcast;
 
 use super::db::{Change, Entry};
 use super::service::{StateError, StateHandle};
+use crate::limits::DestinationLimits;
 
 /// Changes read from the history per page while a stream catches up.
 const PAGE: usize = 256;
 
 #[derive(Clone)]
 struct Api {
+    destinations: Arc<[Arc<DestinationLimits>]>,
     state: StateHandle,
     max_value_bytes: usize,
 }
 
-/// The routes, with their state applied; `max_value_bytes` bounds a PUT body.
-pub fn routes(state: StateHandle, max_value_bytes: usize) -> Router {
-    Router::new()
-        .route("/v1/state", get(list))
-        .route("/v1/state/{*key}", get(get_one).put(put_one))
-        .with_state(Api { state, max_value_bytes })
+/// The routes, with their state applied; `max_value_bytes` bounds a PUT
+/// body, and a value goes only where every subscribing destination of
+/// `destinations` can take it.
+pub fn routes(state: StateHandle, max_value_bytes: usize, destinations: Vec<Arc<DestinationLimits>>) -> Router {
+    Router::new().route("/v1/state", get(list)).route("/v1/state/{*key}", get(get_one).put(put_one)).with_state(Api {
+        state,
+        max_value_bytes,
+        destinations: destinations.into(),
+    })
 }
 
 /// An entry as the API shows it.
@@ -149,6 +155,20 @@ async fn put_one(State(api): State<Api>, Path(key): Path<String>, headers: Heade
         && serde_json::from_slice::<Value>(&bytes).is_err()
     {
         return error(StatusCode::BAD_REQUEST, "body is not valid JSON but Content-Type says it is");
+    }
+    if let Some(ct) = &content_type
+        && let Err(reason) = crate::event::check_text(ct, crate::event::MAX_ATTRIBUTE_BYTES)
+    {
+        return error(StatusCode::BAD_REQUEST, &format!("Content-Type {reason}"));
+    }
+    // A value goes to every destination subscribing to its key: each must be able to take it.
+    let refusal = api
+        .destinations
+        .iter()
+        .filter(|d| d.subscribes(&key))
+        .find_map(|d| d.state_refusal(&key, &bytes, content_type.as_deref()));
+    if let Some(reason) = refusal {
+        return error(StatusCode::PAYLOAD_TOO_LARGE, &reason);
     }
     match api.state.put(key.clone(), bytes.to_vec(), content_type).await {
         Ok(e) => axum::Json(entry_json(&key, &e)).into_response(),

@@ -6,8 +6,17 @@
 //! whatever requests are waiting into one transaction, so many producers share
 //! one fsync. Reads open their own redb snapshots and never wait for the
 //! writer. Nothing here knows about MQTT or HTTP.
+//!
+//! A failed write never ends the store: the writer reopens the file with
+//! backoff until writes succeed again, refusing ingest meanwhile, and
+//! [`Store::health`] says why ([`health`]). A record that no longer decodes
+//! is moved to the dead letters rather than blocking its readers.
 
+#[cfg(any(test, feature = "fault-injection"))]
+pub mod faults;
+mod health;
 pub mod inspect;
+mod overlay;
 #[cfg(any(test, feature = "fault-injection"))]
 pub mod power_loss;
 mod tables;
@@ -28,7 +37,9 @@ use crate::clock::{Hlc, SharedClock};
 use crate::config::StoreConfig;
 use crate::event::{self, DecodeError, Event, EventBody};
 use crate::histogram::Histogram;
-use writer::{Request, Writer};
+pub use health::StoreHealth;
+use health::{FileIdentity, Shared, guard};
+use writer::{Reopen, Reply, Request, Writer};
 
 /// How long a producer refused for a full store is told to wait.
 pub const FULL_RETRY_AFTER: Duration = Duration::from_secs(5);
@@ -135,6 +146,15 @@ pub enum AppendError {
     /// The storage layer failed; nothing of the request was stored.
     #[error("storage failure: {0}")]
     Storage(String),
+    /// The store cannot write now (a failed write it is recovering from, or
+    /// its file vanished); see [`StoreHealth`].
+    #[error("{reason}")]
+    Unavailable {
+        /// Why, and whether the request may have been stored.
+        reason: String,
+        /// When to try again.
+        retry_after: Duration,
+    },
     /// The store is shutting down.
     #[error("store is closed")]
     Closed,
@@ -155,6 +175,28 @@ pub enum StoreError {
     /// A read or write failed.
     #[error("storage failure: {0}")]
     Storage(#[from] Box<redb::Error>),
+    /// The file exists but cannot be a store; it is left as it is.
+    #[error("refusing store {path}: {reason}")]
+    Refused {
+        /// The file.
+        path: String,
+        /// Why, and what to do.
+        reason: String,
+    },
+    /// redb failed inside on a damaged file (it panicked).
+    #[error(
+        "store {path} is damaged ({detail}): run `ferry store verify --data {path}` to see what is \
+         readable, then restore the file from a backup or move it aside to start a new store"
+    )]
+    Damaged {
+        /// The file.
+        path: String,
+        /// What redb reported.
+        detail: String,
+    },
+    /// The writer is recovering from a failed write and the file is closed.
+    #[error("store unavailable: {0}")]
+    Unavailable(String),
     /// A stored record failed to decode.
     #[error("record {sequence} is unreadable: {source}")]
     Corrupt {
@@ -252,6 +294,15 @@ pub enum DeadLetterError {
         /// Its number.
         number: u64,
         /// The decode error.
+        reason: String,
+    },
+    /// A dead letter's event holds what no broker would take, so it is not
+    /// replayed (it came from a release that did not check it).
+    #[error("dead letter {number} cannot be replayed: {reason}")]
+    Undeliverable {
+        /// Its number.
+        number: u64,
+        /// The attribute at fault.
         reason: String,
     },
     /// The store failed or is closed.
@@ -365,9 +416,23 @@ impl Meta {
     }
 }
 
+/// The store's database as services that keep their own tables in it see
+/// it: fetched for each operation, so a reopened file is picked up.
+#[derive(Clone)]
+pub struct SharedDatabase(Arc<Shared>);
+
+impl SharedDatabase {
+    /// The database to read and write now, unless the store's writes fail.
+    pub fn get(&self) -> Result<Arc<Database>, StoreError> {
+        self.0.writable_db()
+    }
+}
+
 /// A snapshot of the store for status and metrics.
 #[derive(Debug, Clone, Serialize)]
 pub struct StoreStatus {
+    /// Whether it takes writes.
+    pub health: StoreHealth,
     /// Events in the log.
     pub events: u64,
     /// Bytes of events in the log.
@@ -412,7 +477,7 @@ pub struct Store {
 }
 
 struct Inner {
-    db: Arc<Database>,
+    shared: Arc<Shared>,
     requests: flume::Sender<Request>,
     committed: watch::Receiver<u64>,
     config: StoreConfig,
@@ -423,51 +488,66 @@ struct Inner {
 impl Store {
     /// Opens (or creates) the store and starts its writer thread.
     ///
-    /// Blocking: opening recovers the file after a crash, which reads it.
+    /// Blocking: opening recovers the file after a crash, which reads it. A
+    /// file that exists but is empty or not a store is refused, and a damaged
+    /// one is reported as [`StoreError::Damaged`], never replaced.
     pub fn open(config: StoreConfig, clock: SharedClock) -> Result<Self, StoreError> {
-        let open_err =
-            |e: redb::Error| StoreError::Open { path: config.path.display().to_string(), source: Box::new(e) };
-        if let Some(dir) = config.path.parent().filter(|d| !d.as_os_str().is_empty()) {
-            std::fs::create_dir_all(dir).map_err(|e| open_err(redb::Error::Io(e)))?;
+        let path = config.path.clone();
+        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            std::fs::create_dir_all(dir).map_err(|e| open_error(&path, e.into()))?;
         }
-        let db = redb::Builder::new()
-            .set_cache_size(config.cache_bytes)
-            .create(&config.path)
-            .map_err(|e| open_err(e.into()))?;
-        Self::start(db, config, clock)
+        let db = open_file(&path, config.cache_bytes)?;
+        let identity = FileIdentity::of(&path);
+        let reopen = FileReopen { path, cache_bytes: config.cache_bytes };
+        Self::start(db, config, clock, Some(Box::new(reopen)), identity)
     }
 
     /// Like [`Store::open`], on a caller-supplied redb storage backend
     /// instead of the file at `config.path` (which then only names the store
     /// in errors and status). The seam where tests inject storage faults,
     /// such as `power_loss::PowerLossBackend` (feature `fault-injection`).
+    /// Such a store cannot reopen itself after a failed write.
     pub fn open_with_backend(
         config: StoreConfig,
         clock: SharedClock,
         backend: impl redb::StorageBackend,
     ) -> Result<Self, StoreError> {
-        let db = redb::Builder::new()
-            .set_cache_size(config.cache_bytes)
-            .create_with_backend(backend)
-            .map_err(|e| StoreError::Open { path: config.path.display().to_string(), source: Box::new(e.into()) })?;
-        Self::start(db, config, clock)
+        let db = open_backend(&config, backend)?;
+        Self::start(db, config, clock, None, None)
     }
 
-    fn start(db: Database, config: StoreConfig, clock: SharedClock) -> Result<Self, StoreError> {
-        let open_err =
-            |e: redb::Error| StoreError::Open { path: config.path.display().to_string(), source: Box::new(e) };
-        let db = Arc::new(db);
+    /// Like [`Store::open_with_backend`], with a `backend` factory the
+    /// writer calls again to reopen the store after a failed write.
+    pub fn open_with_backends<B: redb::StorageBackend>(
+        config: StoreConfig,
+        clock: SharedClock,
+        backend: impl Fn() -> std::io::Result<B> + Send + 'static,
+    ) -> Result<Self, StoreError> {
+        let path = config.path.clone();
+        let db = open_backend(&config, backend().map_err(|e| open_error(&path, e.into()))?)?;
+        let reopen = BackendReopen { config: config.clone(), backend };
+        Self::start(db, config, clock, Some(Box::new(reopen)), None)
+    }
+
+    fn start(
+        db: Database,
+        config: StoreConfig,
+        clock: SharedClock,
+        reopen: Option<Box<dyn Reopen>>,
+        identity: Option<FileIdentity>,
+    ) -> Result<Self, StoreError> {
+        let shared = Arc::new(Shared::new(db, config.path.clone()));
         let commit_latency = Arc::new(Histogram::new(crate::histogram::COMMIT_BUCKETS));
         let (writer, committed) =
-            Writer::new(db.clone(), config.clone(), clock, commit_latency.clone()).map_err(open_err)?;
+            Writer::new(shared.clone(), config.clone(), clock, commit_latency.clone(), reopen, identity)?;
         let (requests, rx) = flume::bounded(config.queue_depth);
         let handle = std::thread::Builder::new()
             .name("ferry-store-writer".into())
             .spawn(move || writer.run(rx))
-            .map_err(|e| open_err(redb::Error::Io(e)))?;
+            .map_err(|e| open_error(&config.path, e.into()))?;
         Ok(Self {
             inner: Arc::new(Inner {
-                db,
+                shared,
                 requests,
                 committed,
                 config,
@@ -475,6 +555,18 @@ impl Store {
                 commit_latency,
             }),
         })
+    }
+
+    /// Whether the store takes writes now, and if not, why.
+    pub fn health(&self) -> StoreHealth {
+        self.inner.shared.health()
+    }
+
+    /// Runs a read on the current database, turning a redb panic into
+    /// [`StoreError::Damaged`].
+    fn read<T>(&self, f: impl FnOnce(&Database) -> Result<T, StoreError>) -> Result<T, StoreError> {
+        let db = self.inner.shared.db()?;
+        guard(&self.inner.config.path, || f(&db))
     }
 
     /// How long each write transaction took to apply and commit.
@@ -491,7 +583,8 @@ impl Store {
     /// them has committed (with fsync unless durability is `none`). All or
     /// nothing: on error, none of the events was stored.
     pub async fn append(&self, events: Vec<PreparedEvent>) -> Result<Vec<Appended>, AppendError> {
-        let (reply, rx) = oneshot::channel();
+        let (tx, rx) = oneshot::channel();
+        let reply = Reply::new(tx);
         self.send(Request::Append { events, reply }).await.map_err(|_| AppendError::Closed)?;
         rx.await.map_err(|_| AppendError::Closed)?
     }
@@ -501,7 +594,8 @@ impl Store {
     /// letters with `reason`. Each gets an HLC but no sequence (0). Answers
     /// after the commit, like [`Store::append`].
     pub async fn dead_letter_new(&self, events: Vec<PreparedEvent>, reason: String) -> Result<(), AppendError> {
-        let (reply, rx) = oneshot::channel();
+        let (tx, rx) = oneshot::channel();
+        let reply = Reply::new(tx);
         self.send(Request::DeadLetterNew { events, reason, reply }).await.map_err(|_| AppendError::Closed)?;
         rx.await.map_err(|_| AppendError::Closed)?
     }
@@ -509,7 +603,8 @@ impl Store {
     /// Records that `destination` has everything up to `sequence`. Cursors
     /// only move forward.
     pub async fn set_cursor(&self, destination: &str, sequence: u64) -> Result<(), AppendError> {
-        let (reply, rx) = oneshot::channel();
+        let (tx, rx) = oneshot::channel();
+        let reply = Reply::new(tx);
         self.send(Request::SetCursor { name: destination.to_owned(), sequence, reply })
             .await
             .map_err(|_| AppendError::Closed)?;
@@ -519,7 +614,8 @@ impl Store {
     /// Copies event `sequence` to the dead letters with `reason`, leaving it
     /// in the log for the destinations that can still take it.
     pub async fn dead_letter_copy(&self, sequence: u64, reason: &str) -> Result<(), AppendError> {
-        let (reply, rx) = oneshot::channel();
+        let (tx, rx) = oneshot::channel();
+        let reply = Reply::new(tx);
         self.send(Request::DeadLetterCopy { sequence, reason: reason.to_owned(), destination: None, reply })
             .await
             .map_err(|_| AppendError::Closed)?;
@@ -534,7 +630,8 @@ impl Store {
         destination: &str,
         reason: &str,
     ) -> Result<(), AppendError> {
-        let (reply, rx) = oneshot::channel();
+        let (tx, rx) = oneshot::channel();
+        let reply = Reply::new(tx);
         self.send(Request::DeadLetterCopy {
             sequence,
             reason: reason.to_owned(),
@@ -546,13 +643,25 @@ impl Store {
         rx.await.map_err(|_| AppendError::Closed)?
     }
 
+    /// Moves the record at `sequence`, which no longer decodes, from the log
+    /// to the dead letters with `reason`, so readers go on past it.
+    pub async fn set_aside_unreadable(&self, sequence: u64, reason: &str) -> Result<(), AppendError> {
+        let (tx, rx) = oneshot::channel();
+        let reply = Reply::new(tx);
+        self.send(Request::SetAsideUnreadable { sequence, reason: reason.to_owned(), reply })
+            .await
+            .map_err(|_| AppendError::Closed)?;
+        rx.await.map_err(|_| AppendError::Closed)?
+    }
+
     /// Moves dead letters `numbers` back into the log, in one transaction:
     /// each becomes a new event (new sequence and HLC, same attributes and
     /// data, no TTL) and its dead letter is removed. One dead-lettered for a
     /// single destination is routed to that destination only. All or
     /// nothing: an unknown number changes nothing.
     pub async fn replay_dead_letters(&self, numbers: Vec<u64>) -> Result<Vec<Replayed>, DeadLetterError> {
-        let (reply, rx) = oneshot::channel();
+        let (tx, rx) = oneshot::channel();
+        let reply = Reply::new(tx);
         self.send(Request::Replay { numbers, reply }).await.map_err(|_| AppendError::Closed)?;
         rx.await.map_err(|_| AppendError::Closed)?
     }
@@ -560,26 +669,30 @@ impl Store {
     /// Deletes dead letters `numbers`, or every one when `None`; answers
     /// how many were deleted. All or nothing: an unknown number changes nothing.
     pub async fn purge_dead_letters(&self, numbers: Option<Vec<u64>>) -> Result<u64, DeadLetterError> {
-        let (reply, rx) = oneshot::channel();
+        let (tx, rx) = oneshot::channel();
+        let reply = Reply::new(tx);
         self.send(Request::Purge { numbers, reply }).await.map_err(|_| AppendError::Closed)?;
         rx.await.map_err(|_| AppendError::Closed)?
     }
 
     /// The dead letter numbered `number`, if there is one.
     pub fn dead_letter(&self, number: u64) -> Result<Option<DeadLetter>, StoreError> {
-        let txn = self.inner.db.begin_read().map_err(storage)?;
-        let dead = txn.open_table(tables::DEAD).map_err(storage)?;
-        let Some(v) = dead.get(number).map_err(storage)? else { return Ok(None) };
-        DeadLetter::decode(number, v.value())
-            .map(Some)
-            .map_err(|source| StoreError::Corrupt { sequence: number, source })
+        self.read(|db| {
+            let txn = db.begin_read().map_err(storage)?;
+            let dead = txn.open_table(tables::DEAD).map_err(storage)?;
+            let Some(v) = dead.get(number).map_err(storage)? else { return Ok(None) };
+            DeadLetter::decode(number, v.value())
+                .map(Some)
+                .map_err(|source| StoreError::Corrupt { sequence: number, source })
+        })
     }
 
     /// Forgets the ids of a batch of deliveries ([`Dedup::Delivery`]): the
     /// broker has every ack, so it will not deliver them again, and a later
     /// identical message is a new event.
     pub async fn forget_deliveries(&self, batch: u128) -> Result<(), AppendError> {
-        let (reply, rx) = oneshot::channel();
+        let (tx, rx) = oneshot::channel();
+        let reply = Reply::new(tx);
         self.send(Request::ForgetDeliveries { batch, reply }).await.map_err(|_| AppendError::Closed)?;
         rx.await.map_err(|_| AppendError::Closed)?
     }
@@ -587,7 +700,8 @@ impl Store {
     /// Runs housekeeping now (TTL expiry, dedup pruning) instead of waiting
     /// for the writer's next idle tick.
     pub async fn sweep(&self) -> Result<SweepReport, AppendError> {
-        let (reply, rx) = oneshot::channel();
+        let (tx, rx) = oneshot::channel();
+        let reply = Reply::new(tx);
         self.send(Request::Sweep { reply }).await.map_err(|_| AppendError::Closed)?;
         rx.await.map_err(|_| AppendError::Closed)?
     }
@@ -603,83 +717,96 @@ impl Store {
 
     /// Up to `limit` events with sequence greater than `after`, in order.
     pub fn read_after(&self, after: u64, limit: usize) -> Result<Vec<Event>, StoreError> {
-        let txn = self.inner.db.begin_read().map_err(storage)?;
-        let log = txn.open_table(tables::LOG).map_err(storage)?;
-        let mut out = Vec::with_capacity(limit.min(4096));
-        for row in log.range(after.saturating_add(1)..).map_err(storage)?.take(limit) {
-            let (k, v) = row.map_err(storage)?;
-            let sequence = k.value();
-            out.push(
-                event::decode_record(sequence, v.value()).map_err(|source| StoreError::Corrupt { sequence, source })?,
-            );
-        }
-        Ok(out)
+        self.read(|db| {
+            let txn = db.begin_read().map_err(storage)?;
+            let log = txn.open_table(tables::LOG).map_err(storage)?;
+            let mut out = Vec::with_capacity(limit.min(4096));
+            for row in log.range(after.saturating_add(1)..).map_err(storage)?.take(limit) {
+                let (k, v) = row.map_err(storage)?;
+                let sequence = k.value();
+                out.push(
+                    event::decode_record(sequence, v.value())
+                        .map_err(|source| StoreError::Corrupt { sequence, source })?,
+                );
+            }
+            Ok(out)
+        })
     }
 
     /// Up to `limit` dead letters numbered above `after`, oldest first.
     pub fn dead_letters(&self, after: u64, limit: usize) -> Result<Vec<DeadLetter>, StoreError> {
-        let txn = self.inner.db.begin_read().map_err(storage)?;
-        let dead = txn.open_table(tables::DEAD).map_err(storage)?;
-        let mut out = Vec::new();
-        for row in dead.range(after.saturating_add(1)..).map_err(storage)?.take(limit) {
-            let (k, v) = row.map_err(storage)?;
-            let number = k.value();
-            out.push(
-                DeadLetter::decode(number, v.value())
-                    .map_err(|source| StoreError::Corrupt { sequence: number, source })?,
-            );
-        }
-        Ok(out)
+        self.read(|db| {
+            let txn = db.begin_read().map_err(storage)?;
+            let dead = txn.open_table(tables::DEAD).map_err(storage)?;
+            let mut out = Vec::new();
+            for row in dead.range(after.saturating_add(1)..).map_err(storage)?.take(limit) {
+                let (k, v) = row.map_err(storage)?;
+                let number = k.value();
+                out.push(
+                    DeadLetter::decode(number, v.value())
+                        .map_err(|source| StoreError::Corrupt { sequence: number, source })?,
+                );
+            }
+            Ok(out)
+        })
     }
 
     /// The cursor of `destination`, if it has one.
     pub fn cursor(&self, destination: &str) -> Result<Option<u64>, StoreError> {
-        let txn = self.inner.db.begin_read().map_err(storage)?;
-        let cursors = txn.open_table(tables::CURSORS).map_err(storage)?;
-        Ok(cursors.get(destination).map_err(storage)?.map(|v| v.value()))
+        self.read(|db| {
+            let txn = db.begin_read().map_err(storage)?;
+            let cursors = txn.open_table(tables::CURSORS).map_err(storage)?;
+            Ok(cursors.get(destination).map_err(storage)?.map(|v| v.value()))
+        })
     }
 
     /// The current state of the store.
     pub fn status(&self, now_ms: u64) -> Result<StoreStatus, StoreError> {
-        let txn = self.inner.db.begin_read().map_err(storage)?;
-        let meta = Meta::load(&txn.open_table(tables::META).map_err(storage)?).map_err(storage)?;
-        let log = txn.open_table(tables::LOG).map_err(storage)?;
-        let (oldest_sequence, oldest_age_ms) = match log.first().map_err(storage)? {
-            Some((k, v)) => {
-                let sequence = k.value();
-                let (header, _) =
-                    event::decode_header(v.value()).map_err(|source| StoreError::Corrupt { sequence, source })?;
-                (Some(sequence), Some(now_ms.saturating_sub(header.hlc.millis())))
-            }
-            None => (None, None),
-        };
-        let cursors = txn.open_table(tables::CURSORS).map_err(storage)?;
-        let cursors = cursors
-            .iter()
-            .map_err(storage)?
-            .map(|r| r.map(|(k, v)| (k.value().to_owned(), v.value())))
-            .collect::<Result<_, _>>()
-            .map_err(storage)?;
-        Ok(StoreStatus {
-            events: log.len().map_err(storage)?,
-            bytes: meta.log_bytes,
-            quota_bytes: self.inner.config.quota_bytes,
-            last_sequence: meta.next_sequence.saturating_sub(1),
-            oldest_sequence,
-            oldest_age_ms,
-            dead_letters: txn.open_table(tables::DEAD).map_err(storage)?.len().map_err(storage)?,
-            dead_letter_bytes: meta.dead_bytes,
-            dedup_entries: txn.open_table(tables::DEDUP).map_err(storage)?.len().map_err(storage)?,
-            counters: meta,
-            cursors,
+        let health = self.health();
+        self.read(|db| {
+            let txn = db.begin_read().map_err(storage)?;
+            let meta = Meta::load(&txn.open_table(tables::META).map_err(storage)?).map_err(storage)?;
+            let log = txn.open_table(tables::LOG).map_err(storage)?;
+            let (oldest_sequence, oldest_age_ms) = match log.first().map_err(storage)? {
+                Some((k, v)) => {
+                    let sequence = k.value();
+                    // An unreadable header shows no age rather than failing status.
+                    let age = event::decode_header(v.value()).ok().map(|(h, _)| now_ms.saturating_sub(h.hlc.millis()));
+                    (Some(sequence), age)
+                }
+                None => (None, None),
+            };
+            let cursors = txn.open_table(tables::CURSORS).map_err(storage)?;
+            let cursors = cursors
+                .iter()
+                .map_err(storage)?
+                .map(|r| r.map(|(k, v)| (k.value().to_owned(), v.value())))
+                .collect::<Result<_, _>>()
+                .map_err(storage)?;
+            Ok(StoreStatus {
+                health,
+                events: log.len().map_err(storage)?,
+                bytes: meta.log_bytes,
+                quota_bytes: self.inner.config.quota_bytes,
+                last_sequence: meta.next_sequence.saturating_sub(1),
+                oldest_sequence,
+                oldest_age_ms,
+                dead_letters: txn.open_table(tables::DEAD).map_err(storage)?.len().map_err(storage)?,
+                dead_letter_bytes: meta.dead_bytes,
+                dedup_entries: txn.open_table(tables::DEDUP).map_err(storage)?.len().map_err(storage)?,
+                counters: meta,
+                cursors,
+            })
         })
     }
 
     /// The HLC high-water mark that a restart resumes from.
     pub fn hlc_high_water(&self) -> Result<Hlc, StoreError> {
-        let txn = self.inner.db.begin_read().map_err(storage)?;
-        let meta = Meta::load(&txn.open_table(tables::META).map_err(storage)?).map_err(storage)?;
-        Ok(Hlc(meta.hlc))
+        self.read(|db| {
+            let txn = db.begin_read().map_err(storage)?;
+            let meta = Meta::load(&txn.open_table(tables::META).map_err(storage)?).map_err(storage)?;
+            Ok(Hlc(meta.hlc))
+        })
     }
 
     /// Stops the writer after it has committed every request already queued.
@@ -695,13 +822,74 @@ impl Store {
 
     /// The database, for services that keep their own tables in the same
     /// file (the state table). They write in their own transactions, which
-    /// redb serialises with the writer's group commits.
-    pub fn database(&self) -> Arc<Database> {
-        self.inner.db.clone()
+    /// redb serialises with the writer's group commits. Take it for one
+    /// operation at a time: while the writer heals the store it is away.
+    pub fn database(&self) -> SharedDatabase {
+        SharedDatabase(self.inner.shared.clone())
     }
 
     /// Path of the database file.
     pub fn path(&self) -> &Path {
         &self.inner.config.path
+    }
+}
+
+fn open_error(path: &Path, e: redb::Error) -> StoreError {
+    StoreError::Open { path: path.display().to_string(), source: Box::new(e) }
+}
+
+/// Opens the store file, refusing one that cannot be a store and reporting
+/// a redb panic on a damaged one as [`StoreError::Damaged`].
+fn open_file(path: &Path, cache_bytes: usize) -> Result<Database, StoreError> {
+    health::check_file(path)?;
+    guard(path, || {
+        redb::Builder::new().set_cache_size(cache_bytes).create(path).map_err(|e| open_error(path, e.into()))
+    })
+}
+
+fn open_backend(config: &StoreConfig, backend: impl redb::StorageBackend) -> Result<Database, StoreError> {
+    guard(&config.path, || {
+        redb::Builder::new()
+            .set_cache_size(config.cache_bytes)
+            .create_with_backend(backend)
+            .map_err(|e| open_error(&config.path, e.into()))
+    })
+}
+
+/// Reopens the store file.
+struct FileReopen {
+    path: std::path::PathBuf,
+    cache_bytes: usize,
+}
+
+impl Reopen for FileReopen {
+    fn open(&self) -> Result<Database, StoreError> {
+        open_file(&self.path, self.cache_bytes)
+    }
+
+    fn peek(&self) -> Result<Database, StoreError> {
+        let path = &self.path;
+        let backend = overlay::OverlayBackend::open(path).map_err(|e| open_error(path, e.into()))?;
+        guard(path, || redb::Builder::new().create_with_backend(backend).map_err(|e| open_error(path, e.into())))
+    }
+}
+
+/// Reopens a store on backends a factory makes.
+struct BackendReopen<F> {
+    config: StoreConfig,
+    backend: F,
+}
+
+impl<B: redb::StorageBackend, F: Fn() -> std::io::Result<B> + Send> Reopen for BackendReopen<F> {
+    fn open(&self) -> Result<Database, StoreError> {
+        let b = (self.backend)().map_err(|e| open_error(&self.config.path, e.into()))?;
+        open_backend(&self.config, b)
+    }
+
+    fn peek(&self) -> Result<Database, StoreError> {
+        let path = &self.config.path;
+        let b = (self.backend)().map_err(|e| open_error(path, e.into()))?;
+        let overlay = overlay::OverlayBackend::over(b).map_err(|e| open_error(path, e.into()))?;
+        open_backend(&self.config, overlay)
     }
 }

@@ -424,3 +424,106 @@ async fn inspect_reads_a_closed_store_and_refuses_an_open_one() {
     let missing = inspect::inspect(&path.with_file_name("nope.redb")).unwrap_err();
     assert!(matches!(missing, inspect::InspectError::Missing(_)), "{missing}");
 }
+
+/// Retries `append` until it succeeds or `limit` passes (the writer reopens
+/// with backoff); the last refusal when it never does.
+async fn append_until_ok(
+    store: &Store,
+    events: impl Fn() -> Vec<PreparedEvent>,
+    limit: Duration,
+) -> Result<Vec<Appended>, AppendError> {
+    let deadline = std::time::Instant::now() + limit;
+    loop {
+        match store.append(events()).await {
+            Ok(a) => return Ok(a),
+            Err(e) if std::time::Instant::now() >= deadline => return Err(e),
+            Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
+        }
+    }
+}
+
+#[tokio::test]
+async fn a_failed_write_is_refused_and_the_store_heals_once_the_cause_is_gone() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = StoreConfig::at(dir.path().join("ferry.redb"));
+    let faults = faults::IoFaults::new();
+    let (f2, path) = (faults.clone(), config.path.clone());
+    let store = Store::open_with_backends(config, Arc::new(ManualClock::new(T0)), move || f2.backend(&path)).unwrap();
+    store.append(vec![event("before", "t/a", 8)]).await.unwrap();
+
+    faults.fail_writes(libc::ENOSPC);
+    let refused = store.append(vec![event("during", "t/a", 8)]).await.unwrap_err();
+    assert!(matches!(refused, AppendError::Unavailable { .. }), "{refused:?}");
+    assert!(refused.to_string().contains("nothing of this request was stored"), "{refused}");
+    let health = store.health();
+    assert!(matches!(&health, StoreHealth::Failing { reason, .. } if reason.contains("No space left")), "{health:?}");
+    // While it cannot write, requests are answered at once, not queued.
+    for _ in 0..20 {
+        assert!(store.append(vec![event("x", "t/a", 8)]).await.is_err());
+    }
+
+    faults.heal();
+    let after = append_until_ok(&store, || vec![event("after", "t/a", 8)], Duration::from_secs(20)).await.unwrap();
+    assert_eq!(after[0].sequence, 2, "sequences go on from the last committed event");
+    assert_eq!(store.health(), StoreHealth::Ok);
+    assert_eq!(ids(&store.read_after(0, 10).unwrap()), ["before", "after"]);
+    assert!(faults.failed() > 0);
+}
+
+#[tokio::test]
+async fn a_store_file_deleted_while_running_stops_ingest_with_a_clear_error() {
+    let f = Fixture::new(|c| c.min_free_disk_bytes = 0);
+    f.store.append(vec![event("a", "t/a", 8)]).await.unwrap();
+    std::fs::remove_file(&f.config.path).unwrap();
+    let e = f.store.append(vec![event("b", "t/a", 8)]).await.unwrap_err();
+    assert!(e.to_string().contains("deleted while the agent ran"), "{e}");
+    assert!(matches!(f.store.health(), StoreHealth::Vanished { .. }));
+    // What is still open is still readable, for the forwarders.
+    assert_eq!(ids(&f.store.read_after(0, 10).unwrap()), ["a"]);
+    f.store.set_cursor("d", 1).await.unwrap();
+}
+
+#[tokio::test]
+async fn an_empty_or_foreign_store_file_is_refused_never_reinitialised() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = StoreConfig::at(dir.path().join("ferry.redb"));
+    std::fs::write(&config.path, b"").unwrap();
+    let e = Store::open(config.clone(), Arc::new(ManualClock::new(T0))).err().unwrap();
+    assert!(e.to_string().contains("empty"), "{e}");
+    assert_eq!(std::fs::metadata(&config.path).unwrap().len(), 0, "the file is left as it was");
+    std::fs::write(&config.path, b"not a database at all").unwrap();
+    let e = Store::open(config.clone(), Arc::new(ManualClock::new(T0))).err().unwrap();
+    assert!(e.to_string().contains("not a Ferry store"), "{e}");
+}
+
+#[tokio::test]
+async fn an_unreadable_record_is_moved_to_the_dead_letters_and_readers_go_on() {
+    let f = Fixture::new(|_| {});
+    f.store.append(vec![event("a", "t/a", 8), event("b", "t/a", 8), event("c", "t/a", 8)]).await.unwrap();
+    {
+        let db = f.store.database().get().unwrap();
+        let txn = db.begin_write().unwrap();
+        txn.open_table(tables::LOG).unwrap().insert(2, &[9u8, 9, 9][..]).unwrap();
+        txn.commit().unwrap();
+    }
+    let err = f.store.read_after(0, 10).unwrap_err();
+    assert!(matches!(err, StoreError::Corrupt { sequence: 2, .. }), "{err}");
+    f.store.set_aside_unreadable(2, "unreadable: test").await.unwrap();
+    assert_eq!(ids(&f.store.read_after(0, 10).unwrap()), ["a", "c"]);
+    let dead = f.store.dead_letters(0, 10).unwrap();
+    assert_eq!((dead.len(), dead[0].sequence, dead[0].reason.as_str()), (1, 2, "unreadable: test"));
+    assert_eq!(dead[0].record, [9, 9, 9], "kept as it was, for an operator");
+}
+
+#[tokio::test]
+async fn a_dead_letter_no_broker_would_take_is_not_replayed() {
+    let f = Fixture::new(|_| {});
+    let mut poison = event("nul\u{0}id", "t/a", 4);
+    poison.dedup = Dedup::None;
+    f.store.append(vec![poison]).await.unwrap();
+    f.store.dead_letter_copy(1, "test").await.unwrap();
+    let number = f.store.dead_letters(0, 1).unwrap()[0].number;
+    let e = f.store.replay_dead_letters(vec![number]).await.unwrap_err();
+    assert!(matches!(&e, DeadLetterError::Undeliverable { reason, .. } if reason.contains("`id`")), "{e}");
+    assert_eq!(f.store.dead_letters(0, 10).unwrap().len(), 1, "nothing changed");
+}

@@ -1,23 +1,31 @@
 //! The store's single writer thread: group commit, dedup, quota, eviction,
-//! TTL expiry and dedup pruning.
+//! TTL expiry and dedup pruning, and healing after a failed write.
 //!
 //! The thread blocks for one request, then takes every request already
 //! queued behind it and applies them all in one write transaction, so one
 //! fsync serves every producer that was waiting. Replies go out only after
 //! the commit returns. Each request is all or nothing on its own: a refused
 //! request changes nothing, while the others in the batch still commit.
+//!
+//! Before each commit it checks the free-disk reserve and that its file is
+//! still the one at the store's path. When a write fails (a full disk, an
+//! I/O error, a panic inside redb) it closes the database, refuses requests
+//! at once, and reopens the file with backoff until a probe write succeeds:
+//! no restart needed. Only changes of health are logged, and a lasting
+//! failure at most once a minute.
 
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use redb::{Database, ReadableTable, Table, WriteTransaction};
+use redb::{Database, ReadableDatabase, ReadableTable, Table, WriteTransaction};
 use tokio::sync::{oneshot, watch};
 
+use super::health::{FileIdentity, Shared, StoreHealth, caught, damaged, guard};
 use super::tables;
 use super::{
     AppendError, Appended, DeadLetter, DeadLetterError, Dedup, FULL_RETRY_AFTER, Meta, PreparedEvent, Replayed,
-    SweepReport,
+    StoreError, SweepReport,
 };
 use crate::clock::{Hlc, HlcState, SharedClock};
 use crate::config::{Durability, FullPolicy, StoreConfig};
@@ -31,8 +39,27 @@ const MAX_BATCH_EVENTS: usize = 32_768;
 /// Longest a commit waits for more requests to join it (see [`Writer::gather`]).
 const MAX_COMMIT_DELAY: Duration = Duration::from_micros(1_000);
 
-/// How often free disk space is checked.
-const DISK_CHECK_INTERVAL: Duration = Duration::from_secs(1);
+/// First wait before reopening the store after a failed write; it doubles
+/// per failed attempt up to [`HEAL_BACKOFF_CAP`].
+const HEAL_BACKOFF_BASE: Duration = Duration::from_millis(250);
+
+/// Longest wait between two reopen attempts.
+const HEAL_BACKOFF_CAP: Duration = Duration::from_secs(30);
+
+/// A lasting failure is logged again at most this often.
+const FAULT_LOG_INTERVAL: Duration = Duration::from_secs(60);
+
+/// How long healing waits for readers to let go of a failed database.
+const READERS_GRACE: Duration = Duration::from_secs(10);
+
+/// Opens the store again: the file, or a test's backend.
+pub(super) trait Reopen: Send {
+    /// Opens it for writing.
+    fn open(&self) -> Result<Database, StoreError>;
+    /// Opens it for reading, repairing in memory: writes nothing, so it
+    /// works while the disk still fails.
+    fn peek(&self) -> Result<Database, StoreError>;
+}
 
 /// How long a gathering commit waits for one more request before it goes.
 const LINGER: Duration = Duration::from_micros(150);
@@ -107,43 +134,48 @@ struct Retired {
     size: u64,
 }
 
+/// Where a request's answer goes. Dropped unanswered (a panic inside redb
+/// unwinds through the batch that holds it), it answers that the store
+/// failed, so no producer is ever told "closed" by a store that is healing.
+pub(super) struct Reply<T, E: From<AppendError>>(Option<oneshot::Sender<Result<T, E>>>);
+
+impl<T, E: From<AppendError>> Reply<T, E> {
+    pub(super) fn new(tx: oneshot::Sender<Result<T, E>>) -> Self {
+        Self(Some(tx))
+    }
+
+    fn send(mut self, result: Result<T, E>) {
+        if let Some(tx) = self.0.take() {
+            let _ = tx.send(result);
+        }
+    }
+}
+
+impl<T, E: From<AppendError>> Drop for Reply<T, E> {
+    fn drop(&mut self) {
+        if let Some(tx) = self.0.take() {
+            let reason = "the store failed while handling this request (see the agent's log); \
+                          nothing of it was stored"
+                .to_owned();
+            let _ = tx.send(Err(AppendError::Unavailable { reason, retry_after: FULL_RETRY_AFTER }.into()));
+        }
+    }
+}
+
+/// The answer to a request that changes the store but returns nothing.
+pub(super) type Done = Reply<(), AppendError>;
+
 /// A request to the writer.
 pub(super) enum Request {
-    Append {
-        events: Vec<PreparedEvent>,
-        reply: oneshot::Sender<Result<Vec<Appended>, AppendError>>,
-    },
-    SetCursor {
-        name: String,
-        sequence: u64,
-        reply: oneshot::Sender<Result<(), AppendError>>,
-    },
-    DeadLetterCopy {
-        sequence: u64,
-        reason: String,
-        destination: Option<String>,
-        reply: oneshot::Sender<Result<(), AppendError>>,
-    },
-    Replay {
-        numbers: Vec<u64>,
-        reply: oneshot::Sender<Result<Vec<Replayed>, DeadLetterError>>,
-    },
-    Purge {
-        numbers: Option<Vec<u64>>,
-        reply: oneshot::Sender<Result<u64, DeadLetterError>>,
-    },
-    ForgetDeliveries {
-        batch: u128,
-        reply: oneshot::Sender<Result<(), AppendError>>,
-    },
-    Sweep {
-        reply: oneshot::Sender<Result<SweepReport, AppendError>>,
-    },
-    DeadLetterNew {
-        events: Vec<PreparedEvent>,
-        reason: String,
-        reply: oneshot::Sender<Result<(), AppendError>>,
-    },
+    Append { events: Vec<PreparedEvent>, reply: Reply<Vec<Appended>, AppendError> },
+    SetCursor { name: String, sequence: u64, reply: Done },
+    DeadLetterCopy { sequence: u64, reason: String, destination: Option<String>, reply: Done },
+    SetAsideUnreadable { sequence: u64, reason: String, reply: Done },
+    Replay { numbers: Vec<u64>, reply: Reply<Vec<Replayed>, DeadLetterError> },
+    Purge { numbers: Option<Vec<u64>>, reply: Reply<u64, DeadLetterError> },
+    ForgetDeliveries { batch: u128, reply: Done },
+    Sweep { reply: Reply<SweepReport, AppendError> },
+    DeadLetterNew { events: Vec<PreparedEvent>, reason: String, reply: Done },
     Shutdown,
 }
 
@@ -154,37 +186,71 @@ impl Request {
             _ => 1,
         }
     }
+
+    /// Answers the request with `error` without applying it.
+    fn refuse(self, error: &AppendError) {
+        match self {
+            Request::Append { reply, .. } => reply.send(Err(error.clone())),
+            Request::SetCursor { reply, .. }
+            | Request::DeadLetterCopy { reply, .. }
+            | Request::SetAsideUnreadable { reply, .. }
+            | Request::ForgetDeliveries { reply, .. }
+            | Request::DeadLetterNew { reply, .. } => reply.send(Err(error.clone())),
+            Request::Replay { reply, .. } => reply.send(Err(error.clone().into())),
+            Request::Purge { reply, .. } => reply.send(Err(error.clone().into())),
+            Request::Sweep { reply } => reply.send(Err(error.clone())),
+            Request::Shutdown => {}
+        }
+    }
 }
 
 /// What a request's reply will be once the transaction commits.
 enum Pending {
-    Append(oneshot::Sender<Result<Vec<Appended>, AppendError>>, Result<Vec<Appended>, AppendError>),
-    Done(oneshot::Sender<Result<(), AppendError>>),
-    Sweep(oneshot::Sender<Result<SweepReport, AppendError>>, SweepReport),
-    Replay(oneshot::Sender<Result<Vec<Replayed>, DeadLetterError>>, Result<Vec<Replayed>, DeadLetterError>),
-    Purge(oneshot::Sender<Result<u64, DeadLetterError>>, Result<u64, DeadLetterError>),
+    Append(Reply<Vec<Appended>, AppendError>, Result<Vec<Appended>, AppendError>),
+    Done(Done),
+    Sweep(Reply<SweepReport, AppendError>, SweepReport),
+    Replay(Reply<Vec<Replayed>, DeadLetterError>, Result<Vec<Replayed>, DeadLetterError>),
+    Purge(Reply<u64, DeadLetterError>, Result<u64, DeadLetterError>),
 }
 
 impl Pending {
     fn fail(self, error: &AppendError) {
         match self {
-            Pending::Append(tx, _) => drop(tx.send(Err(error.clone()))),
-            Pending::Done(tx) => drop(tx.send(Err(error.clone()))),
-            Pending::Sweep(tx, _) => drop(tx.send(Err(error.clone()))),
-            Pending::Replay(tx, _) => drop(tx.send(Err(error.clone().into()))),
-            Pending::Purge(tx, _) => drop(tx.send(Err(error.clone().into()))),
+            Pending::Append(tx, _) => tx.send(Err(error.clone())),
+            Pending::Done(tx) => tx.send(Err(error.clone())),
+            Pending::Sweep(tx, _) => tx.send(Err(error.clone())),
+            Pending::Replay(tx, _) => tx.send(Err(error.clone().into())),
+            Pending::Purge(tx, _) => tx.send(Err(error.clone().into())),
         }
     }
 
     fn succeed(self) {
         match self {
-            Pending::Append(tx, outcome) => drop(tx.send(outcome)),
-            Pending::Done(tx) => drop(tx.send(Ok(()))),
-            Pending::Sweep(tx, report) => drop(tx.send(Ok(report))),
-            Pending::Replay(tx, outcome) => drop(tx.send(outcome)),
-            Pending::Purge(tx, outcome) => drop(tx.send(outcome)),
+            Pending::Append(tx, outcome) => tx.send(outcome),
+            Pending::Done(tx) => tx.send(Ok(())),
+            Pending::Sweep(tx, report) => tx.send(Ok(report)),
+            Pending::Replay(tx, outcome) => tx.send(outcome),
+            Pending::Purge(tx, outcome) => tx.send(outcome),
         }
     }
+}
+
+/// A batch whose transaction failed: its replies, the error, and whether
+/// the error came from the commit itself (which may have reached the disk).
+struct Failed {
+    pending: Vec<Pending>,
+    error: redb::Error,
+    committing: bool,
+}
+
+/// A write failure the writer is recovering from.
+struct Fault {
+    reason: String,
+    since_ms: u64,
+    /// Reopen attempts so far.
+    attempts: u32,
+    next_try: Instant,
+    last_logged: Instant,
 }
 
 /// The open tables of one write transaction.
@@ -215,7 +281,15 @@ impl<'t> Tables<'t> {
 }
 
 pub(super) struct Writer {
-    db: Arc<Database>,
+    shared: Arc<Shared>,
+    /// The writer's own handle; `None` while a failed database is closed.
+    db: Option<Arc<Database>>,
+    reopen: Option<Box<dyn Reopen>>,
+    /// The file the store was opened on (`None` on a test's backend).
+    identity: Option<FileIdentity>,
+    /// Set once the file vanished: ingest stays refused until a restart.
+    vanished: Option<String>,
+    fault: Option<Fault>,
     config: StoreConfig,
     clock: SharedClock,
     hlc: HlcState,
@@ -224,8 +298,8 @@ pub(super) struct Writer {
     /// Commits made without fsync since the last durable one.
     unsynced: bool,
     last_sweep: Instant,
-    /// Free bytes on the store's file system at the last check, and when.
-    disk_free: (u64, Instant),
+    /// Free bytes on the store's file system at the last commit.
+    disk_free: u64,
     /// Requests in the previous batch, and how long its commit took.
     last_batch_len: usize,
     /// When delivered events were last removed; `None` before the first time.
@@ -234,34 +308,48 @@ pub(super) struct Writer {
     commit_latency: Arc<Histogram>,
 }
 
+/// Counters and the HLC high-water mark of `db`, creating tables on first use.
+fn load(db: &Database) -> Result<Meta, redb::Error> {
+    let txn = db.begin_write()?;
+    let mut meta = {
+        let t = Tables::open(&txn)?;
+        let mut meta = Meta::load(&txn.open_table(tables::META)?)?;
+        // The log may run ahead of the counter only if the counter was
+        // never written; take the larger so sequences are never reused.
+        if let Some((k, _)) = t.log.last()? {
+            meta.next_sequence = meta.next_sequence.max(k.value() + 1);
+        }
+        meta
+    };
+    meta.save(&mut txn.open_table(tables::META)?)?;
+    txn.commit()?;
+    Ok(meta)
+}
+
 impl Writer {
     /// Loads counters and the HLC high-water mark, creating tables on first use.
     pub(super) fn new(
-        db: Arc<Database>,
+        shared: Arc<Shared>,
         config: StoreConfig,
         clock: SharedClock,
         commit_latency: Arc<Histogram>,
-    ) -> Result<(Self, watch::Receiver<u64>), redb::Error> {
-        let txn = db.begin_write()?;
-        let meta = {
-            let t = Tables::open(&txn)?;
-            let mut meta = Meta::load(&txn.open_table(tables::META)?)?;
-            // The log may run ahead of the counter only if the counter was
-            // never written; take the larger so sequences are never reused.
-            if let Some((k, _)) = t.log.last()? {
-                meta.next_sequence = meta.next_sequence.max(k.value() + 1);
-            }
-            meta
-        };
-        let mut meta_table = txn.open_table(tables::META)?;
-        let mut meta = meta;
-        meta.save(&mut meta_table)?;
-        drop(meta_table);
-        txn.commit()?;
+        reopen: Option<Box<dyn Reopen>>,
+        identity: Option<FileIdentity>,
+    ) -> Result<(Self, watch::Receiver<u64>), StoreError> {
+        let db = shared.db()?;
+        let path = shared.path.clone();
+        let meta = guard(&path, || {
+            load(&db).map_err(|e| StoreError::Open { path: path.display().to_string(), source: Box::new(e) })
+        })?;
         let hlc = HlcState::resume(Hlc(meta.hlc));
         let (committed, rx) = watch::channel(meta.next_sequence - 1);
         let writer = Self {
-            db,
+            shared,
+            db: Some(db),
+            reopen,
+            identity,
+            vanished: None,
+            fault: None,
             config,
             clock,
             hlc,
@@ -273,17 +361,21 @@ impl Writer {
             last_retire: None,
             last_commit_time: Duration::ZERO,
             commit_latency,
-            disk_free: (u64::MAX, Instant::now() - DISK_CHECK_INTERVAL),
+            disk_free: u64::MAX,
         };
         Ok((writer, rx))
     }
 
     pub(super) fn run(mut self, rx: flume::Receiver<Request>) {
         loop {
-            let first = match rx.recv_timeout(SWEEP_INTERVAL) {
+            let wait = match &self.fault {
+                Some(f) if self.db.is_none() => f.next_try.saturating_duration_since(Instant::now()),
+                _ => SWEEP_INTERVAL,
+            };
+            let first = match rx.recv_timeout(wait) {
                 Ok(r) => r,
                 Err(flume::RecvTimeoutError::Timeout) => {
-                    self.housekeeping();
+                    self.idle();
                     continue;
                 }
                 Err(flume::RecvTimeoutError::Disconnected) => break,
@@ -295,9 +387,24 @@ impl Writer {
                 // committed; the senders already hold it as in flight.
                 batch.extend(rx.drain());
             }
-            self.commit_batch(batch);
-            if self.last_sweep.elapsed() >= SWEEP_INTERVAL {
-                self.housekeeping();
+            if self.db.is_none() {
+                self.try_heal();
+            }
+            match &self.fault {
+                Some(f) if self.db.is_none() => {
+                    // Healing: answer at once rather than let producers queue.
+                    let error = AppendError::Unavailable {
+                        reason: format!("store cannot write ({}); nothing of this request was stored", f.reason),
+                        retry_after: f.next_try.saturating_duration_since(Instant::now()).max(Duration::from_secs(1)),
+                    };
+                    batch.into_iter().for_each(|r| r.refuse(&error));
+                }
+                _ => {
+                    self.commit_batch(batch);
+                    if self.last_sweep.elapsed() >= SWEEP_INTERVAL {
+                        self.housekeeping();
+                    }
+                }
             }
             if shutdown {
                 break;
@@ -307,6 +414,15 @@ impl Writer {
             self.housekeeping();
         }
         tracing::debug!("store writer stopped");
+    }
+
+    /// Nothing to do for a while: heal when due, else housekeeping.
+    fn idle(&mut self) {
+        if self.db.is_none() {
+            self.try_heal();
+        } else {
+            self.housekeeping();
+        }
     }
 
     /// Takes the requests queued behind `first`. With fsync on and several
@@ -337,35 +453,65 @@ impl Writer {
     fn commit_batch(&mut self, batch: Vec<Request>) {
         let started = Instant::now();
         let saved = (self.meta.clone(), self.hlc.clone());
-        let result = self.apply_batch(batch);
+        let result = caught(|| self.apply_batch(batch));
         match result {
-            Ok(pending) => {
+            Ok(Ok(pending)) => {
                 self.last_commit_time = started.elapsed();
                 self.commit_latency.observe(self.last_commit_time.as_secs_f64());
                 for p in pending {
                     p.succeed();
                 }
                 self.committed.send_replace(self.meta.next_sequence - 1);
+                self.recovered();
             }
-            Err((pending, error)) => {
-                tracing::error!(%error, "store transaction failed; its requests were refused");
+            Ok(Err(Failed { pending, error, committing })) => {
+                let commits_before = saved.0.commits;
                 (self.meta, self.hlc) = saved;
-                let error = AppendError::Storage(error.to_string());
-                for p in pending {
-                    p.fail(&error);
+                self.fail(error.to_string());
+                if !committing {
+                    let error = AppendError::Unavailable {
+                        reason: format!("storage failure ({error}); nothing of this request was stored"),
+                        retry_after: FULL_RETRY_AFTER,
+                    };
+                    pending.into_iter().for_each(|p| p.fail(&error));
+                    return;
                 }
+                // The commit itself failed: it may have reached the disk all
+                // the same. Read the store without writing and look, so nobody
+                // is told "failed" about events that are stored, or "stored"
+                // about events that are not.
+                let reason = match self.peek_commits() {
+                    Ok(commits) if commits > commits_before => {
+                        pending.into_iter().for_each(Pending::succeed);
+                        return;
+                    }
+                    Ok(_) => format!("storage failure during commit ({error}); nothing of this request was stored"),
+                    Err(e) => format!(
+                        "storage failure during commit ({error}); whether this request was stored cannot be read \
+                         back ({e}) until the store recovers: send it again with the same ids"
+                    ),
+                };
+                let error = AppendError::Unavailable { reason, retry_after: FULL_RETRY_AFTER };
+                pending.into_iter().for_each(|p| p.fail(&error));
+            }
+            Err(panic) => {
+                // Replies the unwind dropped have answered that the store failed.
+                (self.meta, self.hlc) = saved;
+                self.fail(damaged(&self.shared.path, panic.as_ref()).to_string());
             }
         }
     }
 
-    /// Applies a batch in one transaction. On error nothing was committed and
-    /// every request gets the error.
-    #[allow(clippy::type_complexity)]
-    fn apply_batch(&mut self, batch: Vec<Request>) -> Result<Vec<Pending>, (Vec<Pending>, redb::Error)> {
+    /// Applies a batch in one transaction. On error nothing was committed
+    /// (unless the error came from the commit itself: `committing`).
+    fn apply_batch(&mut self, batch: Vec<Request>) -> Result<Vec<Pending>, Failed> {
         let mut pending = Vec::with_capacity(batch.len());
         let mut deferred = Vec::new();
         let mut cursors_moved = false;
+        let mut committing = false;
         let result = (|| -> Result<(), redb::Error> {
+            self.check_file();
+            self.check_disk();
             let txn = self.begin()?;
             {
                 let mut t = Tables::open(&txn)?;
@@ -373,7 +519,13 @@ impl Writer {
                 for request in batch {
                     match request {
                         Request::Append { events, reply } => {
-                            let outcome = self.append(&mut t, events, now_ms)?;
+                            let outcome = match &self.vanished {
+                                Some(reason) => Err(AppendError::Unavailable {
+                                    reason: reason.clone(),
+                                    retry_after: FULL_RETRY_AFTER,
+                                }),
+                                None => self.append(&mut t, events, now_ms)?,
+                            };
                             pending.push(Pending::Append(reply, outcome));
                         }
                         Request::SetCursor { name, sequence, reply } => {
@@ -389,6 +541,10 @@ impl Writer {
                             if let Some(record) = record {
                                 self.dead_letter(&mut t, sequence, &reason, now_ms, record, destination)?;
                             }
+                            pending.push(Pending::Done(reply));
+                        }
+                        Request::SetAsideUnreadable { sequence, reason, reply } => {
+                            self.set_aside_unreadable(&mut t, sequence, &reason, now_ms)?;
                             pending.push(Pending::Done(reply));
                         }
                         Request::ForgetDeliveries { batch, reply } => {
@@ -424,16 +580,18 @@ impl Writer {
                     self.retire_delivered(&mut t)?;
                 }
             }
+            committing = true;
             self.commit(txn)
         })();
         match result {
             Ok(()) => Ok(pending),
-            Err(e) => Err((pending, e)),
+            Err(error) => Err(Failed { pending, error, committing }),
         }
     }
 
     fn begin(&mut self) -> Result<WriteTransaction, redb::Error> {
-        let mut txn = self.db.begin_write()?;
+        let db = self.db.as_ref().ok_or(redb::Error::PreviousIo)?;
+        let mut txn = db.begin_write()?;
         if self.config.durability == Durability::None {
             txn.set_durability(redb::Durability::None)?;
         }
@@ -450,6 +608,171 @@ impl Writer {
         txn.commit()?;
         self.unsynced = self.config.durability == Durability::None;
         Ok(())
+    }
+
+    /// Notices the store file vanishing (deleted, or replaced by another),
+    /// once: from then on appends are refused (see [`StoreHealth::Vanished`]).
+    fn check_file(&mut self) {
+        if self.vanished.is_some() {
+            return;
+        }
+        let Some(reason) = self.identity.and_then(|id| id.lost(&self.shared.path)) else { return };
+        tracing::error!(path = %self.shared.path.display(), "{reason}");
+        self.shared.set_health(StoreHealth::Vanished { reason: reason.clone() });
+        self.vanished = Some(reason);
+    }
+
+    /// Reads the free space on the store's file system (once per commit,
+    /// so another process filling the disk is noticed at the next write).
+    fn check_disk(&mut self) {
+        if self.config.min_free_disk_bytes == 0 {
+            return;
+        }
+        let dir = self.shared.path.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(std::path::Path::new("."));
+        self.disk_free = free_disk_bytes(dir).unwrap_or(u64::MAX);
+        let reserve = self.config.min_free_disk_bytes;
+        if self.vanished.is_none() && self.fault.is_none() {
+            let health = if self.disk_free < reserve {
+                StoreHealth::DiskLow { free_bytes: self.disk_free, reserve_bytes: reserve }
+            } else {
+                StoreHealth::Ok
+            };
+            let low = !health.is_ok();
+            if self.shared.set_health(health) {
+                if low {
+                    tracing::warn!(
+                        free = self.disk_free,
+                        reserve,
+                        "disk nearly full: ingest refused until space frees up"
+                    );
+                } else {
+                    tracing::info!(free = self.disk_free, "disk space recovered: ingest resumes");
+                }
+            }
+        }
+    }
+
+    /// A write failed with `reason`: close the database so it can be
+    /// reopened, and say so (logged when the failure starts and then at
+    /// most once a minute).
+    fn fail(&mut self, reason: String) {
+        let now = Instant::now();
+        let since_ms = self.clock.now_millis();
+        let fault = self.fault.get_or_insert_with(|| Fault {
+            reason: reason.clone(),
+            since_ms,
+            attempts: 0,
+            next_try: now,
+            last_logged: now - FAULT_LOG_INTERVAL,
+        });
+        fault.reason = reason;
+        let backoff = HEAL_BACKOFF_BASE.saturating_mul(1 << fault.attempts.min(16)).min(HEAL_BACKOFF_CAP);
+        fault.next_try = now + backoff;
+        if fault.last_logged.elapsed() >= FAULT_LOG_INTERVAL {
+            fault.last_logged = now;
+            tracing::error!(
+                path = %self.shared.path.display(),
+                error = %fault.reason,
+                attempts = fault.attempts,
+                retry_in = ?backoff,
+                "store write failed: ingest refused while the store reopens"
+            );
+        }
+        self.shared.set_health(StoreHealth::Failing {
+            reason: fault.reason.clone(),
+            since_ms: fault.since_ms,
+            attempts: fault.attempts,
+        });
+        self.close();
+        // Readers go on from the store as it is on disk, read without
+        // writing, until a reopen can write again.
+        if let Some(reopen) = &self.reopen
+            && let Ok(db) = guard(&self.shared.path, || reopen.peek())
+        {
+            self.shared.put_read_only(Arc::new(db));
+        }
+    }
+
+    /// Drops every handle to the database: readers lose it at once, and the
+    /// writer waits (briefly) for reads in progress to let go.
+    fn close(&mut self) {
+        let ours = self.db.take();
+        let theirs = self.shared.take();
+        drop(theirs);
+        if let Some(db) = ours {
+            let deadline = Instant::now() + READERS_GRACE;
+            while Arc::strong_count(&db) > 1 && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(5));
+            }
+        }
+    }
+
+    /// Reopens the store when the backoff allows.
+    fn try_heal(&mut self) {
+        if self.fault.as_ref().is_some_and(|f| Instant::now() >= f.next_try) {
+            self.try_heal_now();
+        }
+    }
+
+    /// Reopens the store and probes it with a write; on success readers get
+    /// the new database back and health is `Ok` again.
+    fn try_heal_now(&mut self) {
+        let Some(reopen) = &self.reopen else {
+            if let Some(f) = &mut self.fault {
+                // A caller's backend cannot be reopened: stay refused.
+                f.next_try = Instant::now() + HEAL_BACKOFF_CAP;
+            }
+            return;
+        };
+        if let Some(f) = &mut self.fault {
+            f.attempts += 1;
+        }
+        let path = self.shared.path.clone();
+        let opened = guard(&path, || {
+            let db = reopen.open()?;
+            let meta =
+                load(&db).map_err(|e| StoreError::Open { path: path.display().to_string(), source: Box::new(e) })?;
+            Ok((db, meta))
+        });
+        match opened {
+            Ok((db, meta)) => {
+                self.hlc = HlcState::resume(Hlc(meta.hlc.max(self.hlc.high_water().0)));
+                self.meta = meta;
+                let db = Arc::new(db);
+                self.shared.put(db.clone());
+                self.db = Some(db);
+                self.committed.send_replace(self.meta.next_sequence - 1);
+                self.recovered();
+            }
+            Err(e) => self.fail(e.to_string()),
+        }
+    }
+
+    /// The commit count of the store as it is on disk, read without writing.
+    fn peek_commits(&self) -> Result<u64, StoreError> {
+        // After `fail`, readers hold the store as it is on disk, read without writing.
+        let db = self.shared.db()?;
+        guard(&self.shared.path, || {
+            let txn = db.begin_read().map_err(super::storage)?;
+            let meta = Meta::load(&txn.open_table(tables::META).map_err(super::storage)?).map_err(super::storage)?;
+            Ok(meta.commits)
+        })
+    }
+
+    /// A write or reopen succeeded: clear the fault and say so.
+    fn recovered(&mut self) {
+        if let Some(f) = self.fault.take() {
+            tracing::info!(
+                path = %self.shared.path.display(),
+                attempts = f.attempts,
+                "store writes again: ingest resumes"
+            );
+            let health = match &self.vanished {
+                Some(reason) => StoreHealth::Vanished { reason: reason.clone() },
+                None => StoreHealth::Ok,
+            };
+            self.shared.set_health(health);
+        }
     }
 
     /// Stores one request's events, or refuses the whole request.
@@ -616,20 +939,31 @@ impl Writer {
         Ok(Ok(()))
     }
 
-    /// A refusal if the file system is below the free-space reserve, so the
-    /// agent never fills the disk even when the quota is set too high for it.
-    fn disk_refusal(&mut self) -> Option<AppendError> {
-        let reserve = self.config.min_free_disk_bytes;
-        if reserve == 0 {
-            return None;
-        }
-        if self.disk_free.1.elapsed() >= DISK_CHECK_INTERVAL {
-            let dir =
-                self.config.path.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(std::path::Path::new("."));
-            self.disk_free = (free_disk_bytes(dir).unwrap_or(u64::MAX), Instant::now());
-        }
-        let free = self.disk_free.0;
+    /// A refusal if the file system is below the free-space reserve (as read
+    /// at this commit), so the agent never fills the disk even when the
+    /// quota is set too high for it.
+    fn disk_refusal(&self) -> Option<AppendError> {
+        let (free, reserve) = (self.disk_free, self.config.min_free_disk_bytes);
         (free < reserve).then_some(AppendError::DiskFull { free, reserve, retry_after: FULL_RETRY_AFTER })
+    }
+
+    /// Moves the record at `sequence`, which no longer decodes, out of the
+    /// log into the dead letters as it is, with its index entries. Its
+    /// header may be unreadable too, so the indexes are searched for it.
+    fn set_aside_unreadable(
+        &mut self,
+        t: &mut Tables<'_>,
+        sequence: u64,
+        reason: &str,
+        now_ms: u64,
+    ) -> Result<(), redb::Error> {
+        let Some(record) = t.log.remove(sequence)?.map(|r| r.value().to_vec()) else { return Ok(()) };
+        self.meta.log_bytes = self.meta.log_bytes.saturating_sub(record.len() as u64);
+        t.by_priority.retain(|(_, seq), _| seq != sequence)?;
+        t.expiry.retain(|(_, seq), _| seq != sequence)?;
+        t.dedup_age.remove(sequence)?;
+        self.dead_letter(t, sequence, reason, now_ms, record, None)?;
+        Ok(())
     }
 
     /// Deletes a record and its expiry entry; returns its size. The caller
@@ -646,7 +980,7 @@ impl Writer {
             drop(record);
             t.expiry.remove((at, seq))?;
         }
-        self.meta.log_bytes -= size;
+        self.meta.log_bytes = self.meta.log_bytes.saturating_sub(size);
         Ok(size)
     }
 
@@ -668,7 +1002,7 @@ impl Writer {
             if let Some(record) = record {
                 let priority = event::decode_header(&record).map_or(0, |(h, _)| h.priority);
                 t.by_priority.remove((priority, seq))?;
-                self.meta.log_bytes -= record.len() as u64;
+                self.meta.log_bytes = self.meta.log_bytes.saturating_sub(record.len() as u64);
                 self.dead_letter(t, seq, "ttl expired", now_ms, record, None)?;
                 report.expired += 1;
             }
@@ -783,7 +1117,7 @@ impl Writer {
             if let Some(at) = r.expires_at_ms {
                 t.expiry.remove((at, r.seq))?;
             }
-            self.meta.log_bytes -= r.size;
+            self.meta.log_bytes = self.meta.log_bytes.saturating_sub(r.size);
         }
         self.meta.delivered_events += doomed.len() as u64;
         Ok(doomed.len() as u64)
@@ -828,6 +1162,9 @@ impl Writer {
                 Ok(e) => e,
                 Err(e) => return Ok(Err(unreadable(e))),
             };
+            if let Err(reason) = event::check_body(&event.body) {
+                return Ok(Err(DeadLetterError::Undeliverable { number, reason }));
+            }
             if let Some(d) = &letter.destination {
                 event.body.extensions.retain(|(k, _)| k != event::ROUTE_EXTENSION);
                 event.body.extensions.push((event::ROUTE_EXTENSION.to_owned(), d.clone()));
@@ -884,9 +1221,12 @@ impl Writer {
     /// changed, so an idle agent does not wear the flash.
     fn housekeeping(&mut self) {
         self.last_sweep = Instant::now();
+        if self.db.is_none() {
+            return;
+        }
         let saved = (self.meta.clone(), self.hlc.clone());
-        let result = (|| -> Result<SweepReport, redb::Error> {
-            let txn = self.db.begin_write()?;
+        let result = caught(|| -> Result<SweepReport, redb::Error> {
+            let txn = self.db.as_ref().ok_or(redb::Error::PreviousIo)?.begin_write()?;
             let report = self.sweep(&mut Tables::open(&txn)?, self.clock.now_millis())?;
             if report == SweepReport::default() && !self.unsynced {
                 txn.abort()?;
@@ -899,15 +1239,21 @@ impl Writer {
             txn.commit()?;
             self.unsynced = false;
             Ok(report)
-        })();
+        });
         match result {
-            Ok(report) if report.expired > 0 => {
-                tracing::info!(expired = report.expired, "events expired to dead letters")
+            Ok(Ok(report)) => {
+                if report.expired > 0 {
+                    tracing::info!(expired = report.expired, "events expired to dead letters");
+                }
+                self.recovered();
             }
-            Ok(_) => {}
-            Err(error) => {
+            Ok(Err(error)) => {
                 (self.meta, self.hlc) = saved;
-                tracing::error!(%error, "store housekeeping failed");
+                self.fail(format!("housekeeping: {error}"));
+            }
+            Err(panic) => {
+                (self.meta, self.hlc) = saved;
+                self.fail(damaged(&self.shared.path, panic.as_ref()).to_string());
             }
         }
     }
