@@ -86,7 +86,7 @@ async fn bare_client_rate(broker: &Mosquitto, n: usize, cloudevents: bool) -> f6
                     priority: 100,
                     body: sample_event(i),
                 };
-                let m = ferry::forward::wire::into_binary(event);
+                let m = ferry::wire::into_binary(event);
                 let props = PublishProperties {
                     content_type: m.content_type,
                     user_properties: m.user_properties,

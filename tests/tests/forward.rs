@@ -381,36 +381,6 @@ async fn mutual_tls_delivers_and_an_untrusted_server_is_refused() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn an_event_over_one_destinations_packet_limit_is_dead_lettered_for_it_and_delivered_elsewhere() {
-    let (small, big) = (
-        Mosquitto::start(MosquittoOptions::default()).await.unwrap(),
-        Mosquitto::start(MosquittoOptions::default()).await.unwrap(),
-    );
-    let (cs, cb) = (
-        Collector::start(&small.url(), "ferry/#", Protocol::V5).await.unwrap(),
-        Collector::start(&big.url(), "ferry/#", Protocol::V5).await.unwrap(),
-    );
-    let dests = [
-        destination("small", &small.url(), "v5", "max_packet_size = \"2 KiB\""),
-        destination("big", &big.url(), "v5", ""),
-    ]
-    .concat();
-    let t = TestAgent::start(&dests).await;
-    let pad = "x".repeat(4000);
-    let body = json!([{"topic": "t", "id": "before", "data": 1}, {"topic": "t", "id": "huge", "data": pad}, {"topic": "t", "id": "after", "data": 2}]);
-    let r = t.client.post(format!("http://{}/v1/events", t.agent.http_addr())).json(&body).send().await.unwrap();
-    assert_eq!(r.status(), 200);
-    wait_for_ids(&cb, Protocol::V5, &["before".into(), "huge".into(), "after".into()]).await;
-    wait_for_ids(&cs, Protocol::V5, &["before".into(), "after".into()]).await;
-    assert!(!ids_of(&cs, Protocol::V5).0.contains("huge"));
-    let dead = t.agent.store().dead_letters(0, 10).unwrap();
-    assert_eq!(dead.len(), 1);
-    assert!(dead[0].reason.contains("small") && dead[0].reason.contains("max_packet_size"), "{}", dead[0].reason);
-    assert_eq!(dead[0].event().unwrap().body.id, "huge");
-    assert_eq!(t.destination("small").dead_lettered, 1);
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn local_mqtt_ingest_stores_and_forwards_and_loses_nothing_when_the_agent_is_killed() {
     const N: usize = 3_000;
     let local = Mosquitto::start(MosquittoOptions { persistence: true, ..Default::default() }).await.unwrap();

@@ -140,14 +140,13 @@ async fn a_dead_letter_redriven_after_the_limit_is_raised_reaches_the_broker_onc
     let broker = Mosquitto::start(MosquittoOptions::default()).await.unwrap();
     let collector = Collector::start(&broker.url(), "ferry/test-device/#", Protocol::V311).await.unwrap();
     let dir = tempfile::tempdir().unwrap();
-    let config = |limit: &str| {
-        write_config_with(
-            dir.path(),
-            "",
-            &destination("cloud", &broker.url(), "v311", &format!("max_packet_size = \"{limit}\"")),
-        )
+    let config_at = |url: &str, limit: &str| {
+        write_config_with(dir.path(), "", &destination("cloud", url, "v311", &format!("max_packet_size = \"{limit}\"")))
     };
-    let agent = spawn_agent(&config("1 KiB")).await;
+    let config = |limit: &str| config_at(&broker.url(), limit);
+    // Accepted while the limit allowed them and the cloud was out of reach;
+    // then the operator lowers the limit below two of them.
+    let agent = spawn_agent(&config_at("mqtt://127.0.0.1:1", "1 MiB")).await;
     let url = agent.url();
     let big = "x".repeat(4000);
     let client = reqwest::Client::new();
@@ -160,6 +159,10 @@ async fn a_dead_letter_redriven_after_the_limit_is_raised_reaches_the_broker_onc
             .unwrap();
         assert_eq!(r.status(), 200);
     }
+    let (exit, _) = agent.terminate();
+    assert!(exit.success());
+    let agent = spawn_agent(&config("1 KiB")).await;
+    let url = agent.url();
     collector.wait_for(1, WAIT).await.unwrap();
     wait_until("two dead letters", async || status(&url).await["store"]["dead_letters"] == 2).await;
 
