@@ -12,6 +12,9 @@
 //!   implementation for interop tests.
 //! - [`proxy`]: [`FaultProxy`], a TCP proxy that injects latency, cuts and
 //!   half-open (blackholed) links at runtime.
+//! - [`cloud`]: [`CloudEmulator`], an MQTT-aware proxy that holds clients to a
+//!   cloud's documented limits ([`CloudProfile`]: AWS IoT Core, Azure Event
+//!   Grid, Azure IoT Hub, HiveMQ Cloud) and counts violations and billed units.
 //! - [`tls`]: a throwaway PKI (test CA, server and client certs, a rogue CA)
 //!   written as PEM files, and rustls client configs on the ring provider.
 //! - [`mqtt`]: [`Collector`], a subscriber that records every publish it
@@ -26,6 +29,7 @@
 //! Errors are `anyhow` on purpose: a harness failure ends the test, so what
 //! matters is a message that says what went wrong (with the broker's log).
 
+pub mod cloud;
 pub mod inprocess;
 pub mod mosquitto;
 pub mod mqtt;
@@ -33,6 +37,7 @@ pub mod net;
 pub mod proxy;
 pub mod tls;
 
+pub use cloud::{CloudCounters, CloudEmulator, CloudHandle, CloudProfile, Excess, RateLimit};
 pub use inprocess::InProcessBroker;
 pub use mosquitto::{Autosave, Mosquitto, MosquittoOptions, TlsListener};
 pub use mqtt::{Collector, Protocol, Received};

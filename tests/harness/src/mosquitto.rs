@@ -211,6 +211,9 @@ impl Mosquitto {
         fs::write(&conf, self.config_text()).context("write mosquitto.conf")?;
         let log = OpenOptions::new().create(true).append(true).open(self.log_path()).context("open mosquitto.log")?;
         let bin = mosquitto_binary()?;
+        // The log is appended across restarts: only a new "running" line counts.
+        let runs_before = running_lines(&self.log());
+        let log_path = self.log_path();
         // Logging goes to stderr (see config) so that errors mosquitto prints
         // before it reads `log_dest` land in the same file.
         let child = Command::new(&bin)
@@ -235,6 +238,19 @@ impl Mosquitto {
             if !ready {
                 break;
             }
+        }
+        // A listening port is not enough: mosquitto opens every listener
+        // before it loads their certificates, so a TLS listener with a bad
+        // certificate accepts for a moment before mosquitto exits. It logs
+        // "running" only once all listeners are set up.
+        let deadline = tokio::time::Instant::now() + READY_TIMEOUT;
+        while ready && running_lines(&fs::read_to_string(&log_path).unwrap_or_default()) == runs_before {
+            exited = matches!(child.try_wait(), Ok(Some(_)));
+            if exited || tokio::time::Instant::now() >= deadline {
+                ready = false;
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
         }
         if ready {
             return Ok(());
@@ -317,6 +333,11 @@ impl From<anyhow::Error> for SpawnError {
     fn from(e: anyhow::Error) -> Self {
         Self::Other(e)
     }
+}
+
+/// How many times the log says mosquitto finished starting ("mosquitto version X running").
+fn running_lines(log: &str) -> usize {
+    log.lines().filter(|l| l.contains("mosquitto version") && l.ends_with(" running")).count()
 }
 
 /// Finds the mosquitto binary: `$FERRY_MOSQUITTO`, then `PATH`, then the

@@ -3,6 +3,7 @@
 //! One test binary with themed modules; each test starts what it needs and
 //! its drop guards stop it.
 
+mod cloud;
 mod inprocess;
 mod mosquitto;
 mod proxy;
