@@ -416,15 +416,18 @@ impl Config {
                 format!("required because ingest.http.listen ({listen}) is not a loopback address"),
             ));
         }
-        let max_body_bytes = usize::try_from(h.max_body_size.map_or(16 << 20, |b| b.as_u64()))
+        let max_body_bytes = usize::try_from(h.max_body_size.map_or(8 << 20, |b| b.as_u64()))
             .map_err(|_| err("ingest.http.max_body_size", "too large for this platform".into()))?;
-        let max_buffered_bytes = usize::try_from(h.max_buffered.map_or(64 << 20, |b| b.as_u64()))
+        let max_buffered_bytes = usize::try_from(h.max_buffered.map_or(48 << 20, |b| b.as_u64()))
             .map_err(|_| err("ingest.http.max_buffered", "too large for this platform".into()))?;
-        if max_buffered_bytes < max_body_bytes {
+        // A request holds about four times its body (see ingest::http::BODY_COPIES).
+        let largest = max_body_bytes.saturating_mul(4);
+        if max_buffered_bytes < largest {
             return Err(err(
                 "ingest.http.max_buffered",
                 format!(
-                    "must be at least max_body_size ({max_body_bytes} bytes), or no request of that size could be read"
+                    "must be at least 4 × max_body_size ({largest} bytes): a request holds about four times its \
+                     body, so a largest request could never be read"
                 ),
             ));
         }
