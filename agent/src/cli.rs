@@ -188,7 +188,7 @@ pub fn config_command(cmd: &ConfigCommand) -> anyhow::Result<()> {
                     d.profile.name()
                 )?;
                 for r in &d.resolved {
-                    outln!("    {:<20} {:<40} {}", r.key, r.value, r.source)?;
+                    outln!("    {:<20} {:<42}  {}", r.key, r.value, r.source)?;
                 }
             }
             for class in &c.store.classes {
