@@ -278,3 +278,51 @@ async fn a_sas_token_is_renewed_before_it_expires_without_losing_a_publish() {
     let (status, _) = agent.terminate();
     assert!(status.success());
 }
+
+/// A broker whose CONNACK says it keeps no retained messages (Event Grid's)
+/// gets state updates unretained, even from a destination with no profile:
+/// a retained publish there would cost the connection.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn state_goes_unretained_to_a_broker_that_announces_no_retain() {
+    let broker = Mosquitto::start(MosquittoOptions::default()).await.unwrap();
+    let emulator = CloudEmulator::start(broker.addr(), CloudProfile::azure_event_grid()).await.unwrap();
+    let collector = Collector::start(&broker.url(), "#", Protocol::V5).await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("ferry.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[agent]\ndevice_id = \"gw-1\"\ndata_dir = {:?}\n[store]\nmin_free_disk = \"0 B\"\n[ingest.http]\nlisten = \"127.0.0.1:0\"\n\
+             [[destination]]\nname = \"eg\"\nurl = \"mqtt://{}\"\nprotocol = \"v5\"\nsubscribe = [\"desired/#\"]\n\
+             backoff_base = \"100ms\"\nbackoff_cap = \"1s\"\n",
+            dir.path().join("data").display().to_string(),
+            emulator.addr()
+        ),
+    )
+    .unwrap();
+    let agent = tokio::task::spawn_blocking(move || FerryProcess::start(ferry_bin!(), &config)).await.unwrap().unwrap();
+    let client = reqwest::Client::new();
+    let r = client
+        .put(format!("{}/v1/state/desired/speed", agent.url()))
+        .header("content-type", "application/json")
+        .body(r#"{"rpm":1200}"#)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !collector.messages().iter().any(|m| m.payload_str().contains("1200")) {
+        assert!(
+            Instant::now() < deadline,
+            "the state update never arrived: {:?} {:?}",
+            emulator.handle().counters(),
+            emulator.handle().violations()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let counters = emulator.handle().counters();
+    assert_eq!(counters.violations(), 0, "{:?}", emulator.handle().violations());
+    assert_eq!(counters.connections_accepted, 1, "the connection was never lost");
+    let (status, _) = agent.terminate();
+    assert!(status.success());
+}

@@ -238,6 +238,9 @@ struct Progress {
     wake_at: Option<tokio::time::Instant>,
     /// Whether `wake_at` is a pace wait (as opposed to a linger).
     throttled: bool,
+    /// Whether the broker keeps retained messages (its CONNACK's Retain
+    /// Available): when it does not, state updates go unretained.
+    broker_retain: bool,
 }
 
 impl Task {
@@ -265,6 +268,7 @@ impl Task {
             pacer: Pacer::new(self.config.max_publish_rate, self.config.max_byte_rate),
             wake_at: None,
             throttled: false,
+            broker_retain: true,
         };
         self.update(|s| s.acked_sequence = cursor);
         let mut backoff = Backoff::new(self.config.backoff_base, self.config.backoff_cap);
@@ -376,7 +380,16 @@ impl Task {
             _ = self.shutdown.changed() => return End::Shutdown,
         };
         match connected {
-            Ok(Ok(limits)) => self.limits.announce_max_packet(limits.max_packet_size),
+            Ok(Ok(limits)) => {
+                if limits.maximum_qos == Some(0) {
+                    // QoS 0 has no PUBACK: nothing could tell Ferry an event arrived.
+                    return End::ours(LinkError::Refused(
+                        "the broker takes QoS 0 only (CONNACK Maximum QoS); at-least-once delivery needs QoS 1".into(),
+                    ));
+                }
+                self.limits.announce_max_packet(limits.max_packet_size);
+                p.broker_retain = limits.retain_available != Some(false);
+            }
             Ok(Err(e)) => return End::ours(e),
             Err(_) => return End::ours(LinkError::Connection(format!("no CONNACK within {connect_deadline:?}"))),
         }
@@ -598,6 +611,7 @@ impl Task {
                 }
             }
             next.take_from(buffer);
+            next.retain &= p.broker_retain;
             p.pacer.sent(now, next.packet_len as u64);
             self.send(link, p, next)?;
         }
