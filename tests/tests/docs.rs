@@ -3,9 +3,9 @@
 //! - every relative link names a file that exists, and every `#anchor` a
 //!   heading of its target;
 //! - every `ferry …` command, in a code block or inline code, names a real
-//!   subcommand: `ferry <command> --help` (and `<command> <sub> --help`)
-//!   succeeds on the built binary;
-//! - every `scripts/…` a code block runs exists;
+//!   subcommand of the built binary: `ferry <command> --help` succeeds, and
+//!   a second word is one of the subcommands that help lists, if it lists any;
+//! - every `scripts/…` a code block or inline code runs exists;
 //! - the README stays a front door of at most 250 lines.
 //!
 //! The Markdown reading is deliberately small (fences, code spans, inline
