@@ -27,7 +27,7 @@ use crate::ingest::admin::Admin;
 use crate::ingest::mqtt::MqttIngest;
 use crate::ingest::{Ingest, http};
 use crate::metrics::{DestinationSource, Sources};
-use crate::plugin::{Plugin, PluginConfig, PluginError, PluginHandle, World};
+use crate::plugin::{Plugin, PluginConfig, PluginError, PluginHandle, Sampling, World};
 use crate::state::{StateError, StateHandle, StateService, StateServiceConfig};
 use crate::store::{Store, StoreError};
 
@@ -378,8 +378,12 @@ async fn load_plugins(config: &Config) -> Result<Vec<PluginHandle>, RunError> {
             load_ms = report.load_time.as_millis() as u64,
             "plugin loaded"
         );
-        handles
-            .push(PluginHandle::spawn(plugin, PLUGIN_QUEUE_DEPTH).map_err(|source| RunError::Plugin { name, source })?);
+        // Recent calls are kept only where a fleet update could shadow a new version on them.
+        let sampling = if config.fleet.is_some() { Sampling::Keep } else { Sampling::Off };
+        handles.push(
+            PluginHandle::spawn(plugin, PLUGIN_QUEUE_DEPTH, sampling)
+                .map_err(|source| RunError::Plugin { name, source })?,
+        );
     }
     Ok(handles)
 }

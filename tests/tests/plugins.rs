@@ -1,6 +1,7 @@
 //! WebAssembly plugins end to end: every example passes `ferry plugin check`,
 //! a non-convergent merge is caught, hostile plugins never stop the agent
-//! nor lose an accepted event, and a plugin's config reaches it.
+//! nor lose an accepted event, every output the host refuses counts against
+//! the plugin at both stages, and a plugin's config reaches it.
 //!
 //! Needs the components from `scripts/build-plugins.sh` (scripts/test.sh
 //! runs it first).
@@ -12,10 +13,10 @@ use std::time::{Duration, Instant};
 
 use ferry::clock::ManualClock;
 use ferry::config::StoreConfig;
-use ferry::config::plugin::{CpuLimit, OnError, PluginConfig, World};
+use ferry::config::plugin::{CpuLimit, OnError, OutputBound, PluginConfig, World};
 use ferry::ingest::{Ingest, InputEvent};
 use ferry::plugin::breaker::BreakerConfig;
-use ferry::plugin::{Plugin, PluginError, PluginHandle, convert};
+use ferry::plugin::{CircuitState, Plugin, PluginError, PluginHandle, Sampling, convert};
 use ferry::store::Store;
 use ferry_tests::{FerryProcess, built_plugin, ferry_bin, write_config};
 use serde_json::Value;
@@ -144,9 +145,18 @@ async fn hostile_plugins_never_stop_the_agent_nor_lose_an_accepted_event() {
     for (i, kind) in hostile.iter().enumerate() {
         let answer = post(&client, &agent.url(), &format!("hostile/{kind}")).await;
         assert_eq!(answer["accepted"], 0, "{kind}: a failed batch is dead-lettered, not stored: {answer}");
+        // The producer learns the plugin failed, apart from a plugin's own drop.
+        let filtered = &answer["filtered"][0];
+        assert_eq!(filtered["outcome"], "failed-dead-lettered", "{kind}: {answer}");
+        assert_eq!(filtered["message"], "plugin hostile failed: dead-lettered", "{kind}: {answer}");
+        assert!(filtered["reason"].as_str().unwrap().starts_with("plugin hostile: "), "{answer}");
         stored.push(post(&client, &agent.url(), &format!("good/{}", i + 1)).await);
     }
     assert!(stored.iter().all(|a| a["accepted"] == 1), "{stored:?}");
+    assert_eq!(stored[0]["filtered"][0]["message"], "replaced by plugin hostile", "{:?}", stored[0]);
+    let dropped = post(&client, &agent.url(), "drop/1").await;
+    assert_eq!((dropped["accepted"].as_u64(), dropped["filtered"][0]["outcome"].as_str()), (Some(0), Some("dropped")));
+    assert_eq!(dropped["filtered"][0]["message"], "dropped by plugin hostile", "{dropped}");
 
     let status: Value = client.get(format!("{}/v1/status", agent.url())).send().await.unwrap().json().await.unwrap();
     let plugin = &status["plugins"][0];
@@ -154,7 +164,9 @@ async fn hostile_plugins_never_stop_the_agent_nor_lose_an_accepted_event() {
     assert_eq!((plugin["timeouts"].as_u64(), plugin["traps"].as_u64()), (Some(1), Some(1)), "{plugin}");
     // A 32 MiB output cannot even be built inside a 16 MiB instance.
     assert_eq!(plugin["out_of_memory"], 2, "oom and huge: {plugin}");
-    assert_eq!(plugin["invalid_output"], 2, "flood and wrong-count: {plugin}");
+    // 5,000 copies of an event are over the call's output bound.
+    assert_eq!(plugin["output_too_large"], 1, "flood: {plugin}");
+    assert_eq!(plugin["invalid_output"], 1, "wrong-count: {plugin}");
     assert_eq!(plugin["circuit"], "closed", "{plugin}");
     let (exit, _) = agent.terminate();
     assert!(exit.success());
@@ -203,7 +215,7 @@ async fn ingest_with(on_error: OnError, dir: &Path) -> (Ingest, Store) {
     let clock = Arc::new(ManualClock::new(1_800_000_000_000_000_000));
     let store = Store::open(StoreConfig::at(dir.join("ferry.redb")), clock.clone()).unwrap();
     let (plugin, _) = Plugin::load(&hostile_config(on_error), Some(cache())).unwrap();
-    let handle = PluginHandle::spawn(plugin, 4).unwrap();
+    let handle = PluginHandle::spawn(plugin, 4, Sampling::Off).unwrap();
     let ingest = Ingest::new(store.clone(), "ferry://t".into(), clock).with_filters(vec![handle]);
     (ingest, store)
 }
@@ -213,7 +225,8 @@ async fn under_pass_a_failing_plugin_leaves_the_events_stored_unfiltered() {
     let dir = tempfile::tempdir().unwrap();
     let (ingest, store) = ingest_with(OnError::Pass, dir.path()).await;
     let out = ingest.submit(vec![input("hostile/trap"), input("good/1")]).await.unwrap();
-    assert_eq!(out.len(), 2);
+    assert_eq!(out.events.len(), 2);
+    assert!(out.filtered.iter().all(|f| f.message == "plugin hostile failed: passed through unfiltered"), "{out:?}");
     let events = store.read_after(0, 10).unwrap();
     assert!(events.iter().all(|e| e.body.extensions.is_empty()), "stored as they came, not transformed");
     assert_eq!(store.dead_letters(0, 10).unwrap().len(), 0);
@@ -223,12 +236,183 @@ async fn under_pass_a_failing_plugin_leaves_the_events_stored_unfiltered() {
 async fn under_drop_a_failing_plugin_discards_the_batch_and_counts_it() {
     let dir = tempfile::tempdir().unwrap();
     let (ingest, store) = ingest_with(OnError::Drop, dir.path()).await;
-    assert!(ingest.submit(vec![input("hostile/oom"), input("good/1")]).await.unwrap().is_empty());
-    assert_eq!(ingest.submit(vec![input("good/2")]).await.unwrap().len(), 1, "a rebuilt instance works");
+    assert!(ingest.submit(vec![input("hostile/oom"), input("good/1")]).await.unwrap().events.is_empty());
+    assert_eq!(ingest.submit(vec![input("good/2")]).await.unwrap().events.len(), 1, "a rebuilt instance works");
     assert_eq!(store.read_after(0, 10).unwrap().len(), 1);
     assert_eq!(store.dead_letters(0, 10).unwrap().len(), 0);
     let status = &ingest.plugin_status()[0];
     assert_eq!((status.out_of_memory, status.instances_built), (1, 2));
+}
+
+/// The hostile filter as an operator would run it: a 128 MiB instance, and
+/// the default output bound for a store whose largest event is 64 KiB.
+fn roomy_hostile() -> PluginConfig {
+    let mut config = hostile_config(OnError::DeadLetter);
+    config.memory_bytes = 128 << 20;
+    config.cpu = CpuLimit::Timeout(Duration::from_secs(2));
+    config.max_output = OutputBound::for_max_event(64 << 10);
+    config
+}
+
+/// Every kind of output the host refuses, with the counter it feeds and
+/// what the one-line reason must name (the rule broken).
+const REFUSED: [(&str, &str, &str); 6] = [
+    ("hostile/bad-subject", "invalid_output", "field `subject`: `a/#`"),
+    ("hostile/bad-route", "invalid_output", "route `cloud-a,cloud-b` is not a destination name"),
+    ("hostile/oversize", "invalid_output", "over store.max_event_size (65536 bytes)"),
+    ("hostile/huge", "output_too_large", "output over max_output"),
+    ("hostile/wide", "output_too_large", "output over max_output"),
+    ("hostile/alias", "output_too_large", "output over max_output"),
+];
+
+#[tokio::test]
+async fn every_output_the_ingest_stage_refuses_counts_against_the_plugin() {
+    let dir = tempfile::tempdir().unwrap();
+    let clock = Arc::new(ManualClock::new(1_800_000_000_000_000_000));
+    let mut store_config = StoreConfig::at(dir.path().join("ferry.redb"));
+    store_config.max_event_bytes = 64 << 10;
+    let store = Store::open(store_config, clock.clone()).unwrap();
+    let (plugin, _) = Plugin::load(&roomy_hostile(), Some(cache())).unwrap();
+    let handle = PluginHandle::spawn(plugin, 4, Sampling::Off).unwrap();
+    let ingest = Ingest::new(store.clone(), "ferry://t".into(), clock).with_filters(vec![handle]);
+    for (i, (subject, counter, rule)) in REFUSED.iter().enumerate() {
+        let before = ingest.plugin_status()[0].clone();
+        let out = ingest.submit(vec![input(subject)]).await.unwrap();
+        assert!(out.events.is_empty(), "{subject}: nothing of a refused call is stored");
+        assert_eq!(out.filtered[0].message, "plugin hostile failed: dead-lettered", "{subject}");
+        let after = ingest.plugin_status()[0].clone();
+        assert_eq!(after.failures, before.failures + 1, "{subject}: a failure of the plugin");
+        let count = |s: &ferry::plugin::PluginStatus| match *counter {
+            "invalid_output" => s.invalid_output,
+            _ => s.output_too_large,
+        };
+        assert_eq!(count(&after), count(&before) + 1, "{subject}: counted as {counter}");
+        let last = after.last_error.clone().unwrap();
+        assert!(last.starts_with("plugin hostile: ") && last.contains(rule), "{subject}: {last}");
+        assert!(!last.contains('\n'), "one line: {last}");
+        // The next call runs on a fresh instance.
+        ingest.submit(vec![input(&format!("good/{i}"))]).await.unwrap();
+        assert_eq!(ingest.plugin_status()[0].instances_built, after.instances_built + 1, "{subject}: rebuilt");
+    }
+    let dead = store.dead_letters(0, 100).unwrap();
+    assert_eq!(dead.len(), REFUSED.len());
+    for (letter, (subject, _, rule)) in dead.iter().zip(REFUSED) {
+        assert!(
+            letter.reason.starts_with("plugin hostile: ") && letter.reason.contains(rule),
+            "{subject}: {}",
+            letter.reason
+        );
+    }
+    // Five refusals in a row open the circuit, as five traps would.
+    for _ in 0..5 {
+        ingest.submit(vec![input("hostile/bad-subject")]).await.unwrap();
+    }
+    let status = &ingest.plugin_status()[0];
+    assert_eq!((status.circuit, status.circuit_opened), (CircuitState::Open, 1), "{status:?}");
+    store.close();
+}
+
+#[tokio::test]
+async fn every_output_a_destination_stage_refuses_counts_against_the_plugin_and_names_it() {
+    use ferry::config::Config;
+    use ferry::forward::Stage;
+    use ferry::limits::DestinationLimits;
+    let dir = tempfile::tempdir().unwrap();
+    let clock = Arc::new(ManualClock::new(1_800_000_000_000_000_000));
+    let store = Store::open(StoreConfig::at(dir.path().join("ferry.redb")), clock.clone()).unwrap();
+    let subjects = ["hostile/bad-subject", "hostile/oversize", "hostile/huge", "good/1"];
+    Ingest::new(store.clone(), "ferry://t".into(), clock)
+        .submit(subjects.iter().map(|s| input(s)).collect())
+        .await
+        .unwrap();
+    let events = store.read_after(0, 10).unwrap();
+    let config = Config::parse(
+        "[[destination]]\nname = \"cloud-a\"\nurl = \"mqtt://127.0.0.1:1\"\nroutes = [\"#\"]\n\
+         max_packet_size = \"16 KiB\"\n",
+        "test.toml",
+    )
+    .unwrap();
+    let limits = Arc::new(DestinationLimits::new(&config.destinations[0]));
+    let mut plugin_config = roomy_hostile();
+    plugin_config.max_output = OutputBound::for_max_event(256 << 10);
+    let (plugin, _) = Plugin::load(&plugin_config, Some(cache())).unwrap();
+    let handle = PluginHandle::spawn(plugin, 4, Sampling::Off).unwrap();
+    let stage = Stage::new("cloud-a".into(), vec![handle.clone()]).with_limits(limits);
+    // One event per call, as a resend after a failure would go.
+    let rules = [
+        "field `subject`",
+        // 64 KiB of data: under the output bound, over what the broker takes.
+        "destination cloud-a: a publish of",
+        "output over max_output",
+    ];
+    for (event, rule) in events.iter().zip(rules) {
+        let before = handle.status();
+        let (steps, dead) = stage.run(vec![event.clone()], |_| true, &store).await.unwrap();
+        assert_eq!(dead, 1, "{rule}: {steps:?}");
+        let after = handle.status();
+        assert_eq!(after.failures, before.failures + 1, "{rule}");
+        let last = after.last_error.unwrap();
+        assert!(last.starts_with("plugin hostile: ") && last.contains(rule), "{last}");
+    }
+    let (steps, dead) = stage.run(vec![events[3].clone()], |_| true, &store).await.unwrap();
+    assert_eq!((dead, steps.len()), (0, 1), "a good event is published: {steps:?}");
+    let status = handle.status();
+    assert_eq!((status.invalid_output, status.output_too_large, status.instances_built), (2, 1, 4), "{status:?}");
+    for letter in store.dead_letters(0, 10).unwrap() {
+        assert!(letter.reason.starts_with("destination cloud-a: plugin hostile: "), "{}", letter.reason);
+    }
+    store.close();
+}
+
+#[test]
+fn output_is_bounded_before_it_is_copied_even_when_it_aliases_a_small_memory() {
+    // 1 MiB of plugin memory, 100 MiB of output: refused while copied out.
+    let mut config = roomy_hostile();
+    config.memory_bytes = 16 << 20;
+    let (mut plugin, _) = Plugin::load(&config, Some(cache())).unwrap();
+    let event = |subject: &str| {
+        let mut e = convert::to_wit(&body(subject), 0, 0);
+        e.sequence = 1;
+        e
+    };
+    let e = plugin.filter(&Arc::new(vec![event("hostile/alias")])).unwrap_err();
+    assert!(matches!(e, PluginError::OutputTooLarge { limit } if limit == (64 << 10) + 1024), "{e}");
+    // With room enough, the same output is a valid (if wasteful) answer.
+    let mut config = roomy_hostile();
+    config.max_output = OutputBound::Fixed(200 << 20);
+    let (mut plugin, _) = Plugin::load(&config, Some(cache())).unwrap();
+    match plugin.filter(&Arc::new(vec![event("hostile/alias")])) {
+        Ok(decisions) => assert!(matches!(&decisions[0], ferry::plugin::Decision::Replace(r) if r.len() == 100)),
+        // Copied out, its post-return then frees one buffer a hundred times,
+        // which may trap or spin in the plugin's allocator.
+        Err(e) => assert!(matches!(e, PluginError::Trap(_) | PluginError::Timeout(_)), "{e}"),
+    }
+}
+
+#[test]
+fn a_trap_reason_is_one_line_with_what_the_plugin_said() {
+    let (mut plugin, _) = Plugin::load(&hostile_config(OnError::DeadLetter), Some(cache())).unwrap();
+    let e = plugin.filter(&Arc::new(vec![convert::to_wit(&body("hostile/trap"), 0, 0)])).unwrap_err();
+    let PluginError::Trap(reason) = &e else { panic!("a trap: {e}") };
+    assert!(!reason.contains('\n'), "one line: {reason}");
+    assert!(reason.contains("unreachable"), "names the trap: {reason}");
+    assert!(reason.contains("asked to trap"), "quotes the plugin's panic message: {reason}");
+    assert!(!reason.contains("wasm backtrace"), "the backtrace goes to the debug log: {reason}");
+    assert!(plugin.status().last_error.unwrap().starts_with("plugin hostile: plugin trapped: "));
+}
+
+fn body(subject: &str) -> ferry::event::EventBody {
+    ferry::event::EventBody {
+        id: "1".into(),
+        source: "ferry://t".into(),
+        ty: "t".into(),
+        subject: subject.into(),
+        time_nanos: 0,
+        datacontenttype: None,
+        data: Vec::new(),
+        partitionkey: None,
+        extensions: Vec::new(),
+    }
 }
 
 #[test]

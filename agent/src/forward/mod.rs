@@ -127,7 +127,7 @@ impl Forwarder {
             tls,
             store,
             clock,
-            stage,
+            stage: stage.with_limits(limits.clone()),
             downlink,
             shutdown,
             status: status.clone(),
