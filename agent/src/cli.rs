@@ -448,6 +448,9 @@ pub fn main() -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("ferry: {e:#}");
+            if let Some(c) = e.downcast_ref::<plugin::CheckFailed>() {
+                return ExitCode::from(c.exit_code());
+            }
             match e.downcast_ref::<store::VerifyFailed>() {
                 Some(v) => ExitCode::from(v.exit_code()),
                 None => ExitCode::FAILURE,

@@ -1,7 +1,10 @@
-//! WebAssembly plugins end to end: every example passes `ferry plugin check`,
-//! a non-convergent merge is caught, hostile plugins never stop the agent
-//! nor lose an accepted event, every output the host refuses counts against
-//! the plugin at both stages, and a plugin's config reaches it.
+//! WebAssembly plugins end to end: every example passes `ferry plugin check`
+//! on its own samples and its near miss fails, a non-convergent merge is
+//! caught, a G-Counter is told from a sum given the author's data (and is
+//! inconclusive without it), hostile plugins never stop the agent nor lose
+//! an accepted event, every output the host refuses counts against the
+//! plugin at both stages, the agent's memory stays within its stated bound
+//! under a thousand hostile calls, and a plugin's config reaches it.
 //!
 //! Needs the components from `scripts/build-plugins.sh` (scripts/test.sh
 //! runs it first).
@@ -28,16 +31,32 @@ fn cache() -> &'static Path {
     DIR.get_or_init(|| ferry_bin!().parent().expect("binary dir").join("plugin-cache"))
 }
 
-fn ferry_plugin(args: &[&str]) -> (bool, String) {
+/// Runs `ferry plugin ARGS`: its exit code and its output.
+fn ferry_plugin_code(args: &[&str]) -> (i32, String) {
     let out = Command::new(ferry_bin!())
         .arg("plugin")
         .args(args)
         .env("FERRY_PLUGIN_CACHE", cache())
         .env("RUST_LOG", "warn")
+        .env_remove("FERRY_CONFIG")
         .output()
         .expect("running ferry plugin");
     let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
-    (out.status.success(), text)
+    (out.status.code().unwrap_or(-1), text)
+}
+
+fn ferry_plugin(args: &[&str]) -> (bool, String) {
+    let (code, text) = ferry_plugin_code(args);
+    (code == 0, text)
+}
+
+/// An example's own samples file, beside its source.
+fn samples(example: &str) -> String {
+    let dir = match example {
+        "gset-merge" => "plugins/js".to_owned(),
+        rust => format!("plugins/rust/examples/{rust}"),
+    };
+    ferry_tests::repo_root().join(dir).join("samples.json").display().to_string()
 }
 
 #[test]
@@ -63,14 +82,79 @@ fn every_example_plugin_passes_plugin_check() {
 #[test]
 fn a_non_convergent_merge_is_caught_with_a_minimal_counter_example() {
     let path = built_plugin("testdata/diverge-merge");
-    let (ok, out) = ferry_plugin(&["check", path.to_str().unwrap()]);
-    assert!(!ok, "a merge where incoming always wins must fail the check:\n{out}");
+    let (code, out) = ferry_plugin_code(&["check", path.to_str().unwrap()]);
+    assert_eq!(code, 1, "a merge where incoming always wins must fail the check:\n{out}");
     assert!(out.contains("FAIL commutative"), "{out}");
     assert!(out.contains("counter-example"), "{out}");
+    // The counter-example names the form that broke and both expressions.
+    assert!(out.contains("the form merge(a, b) = merge(b, a) broke"), "{out}");
+    assert!(out.contains("merge(a, b) gave") && out.contains("merge(b, a) gave"), "{out}");
     // Shrinking leaves the smallest disagreeing pair: two different values
     // that cannot be smaller, e.g. `["a"]` versus `[]`, or `a` versus empty.
-    let example = out.split("counter-example:").nth(1).unwrap();
-    assert!(example.len() < 600, "the counter-example should be minimal:\n{example}");
+    let example = out.split("counter-example:").nth(1).unwrap().split("  pass ").next().unwrap();
+    assert!(example.len() < 700, "the counter-example should be minimal:\n{example}");
+}
+
+#[test]
+fn a_g_counter_over_the_authors_data_passes_as_max_and_fails_as_sum() {
+    let dir = tempfile::tempdir().unwrap();
+    let samples = dir.path().join("gcounter.json");
+    std::fs::write(&samples, r#"[{"counts": {"gw-1": 3}}, {"counts": {"gw-1": 1, "gw-2": 7}}]"#).unwrap();
+    let path = built_plugin("testdata/gcounter-merge");
+    let (path, samples) = (path.to_str().unwrap(), samples.to_str().unwrap());
+
+    let (code, out) = ferry_plugin_code(&["check", path, "--samples", samples]);
+    assert_eq!(code, 0, "pointwise max converges:\n{out}");
+    assert!(out.contains("example value(s) as given, then mutations of them"), "says what it used:\n{out}");
+    assert!(!out.contains("(0 cases)"), "every law ran cases:\n{out}");
+
+    let (code, out) = ferry_plugin_code(&["check", path, "--samples", samples, "--config", "merge=sum"]);
+    assert_eq!(code, 1, "a sum double-counts:\n{out}");
+    assert!(out.contains("FAIL idempotent"), "{out}");
+    assert!(out.contains("the form merge(x, x) = x, where x = merge(a, b) broke"), "{out}");
+
+    // The same told apart from a declared shape instead of samples.
+    let shape = r#"{"counts": {"*": "uint"}}"#;
+    let (code, out) = ferry_plugin_code(&["check", path, "--shape", shape]);
+    assert_eq!(code, 0, "{out}");
+    assert!(out.contains("declared shape {counts: {*: uint}}"), "{out}");
+    let (code, _) = ferry_plugin_code(&["check", path, "--shape", shape, "--config", "merge=sum"]);
+    assert_eq!(code, 1);
+
+    // On the built-in shapes alone nothing can be tested: its own exit code.
+    let (code, out) = ferry_plugin_code(&["check", path]);
+    assert_eq!(code, 3, "inconclusive is neither pass nor fail:\n{out}");
+    assert!(out.contains("INCONCLUSIVE") && out.contains("--samples"), "{out}");
+    assert!(out.contains("built-in shape pn-counters"), "says which shapes it tried:\n{out}");
+}
+
+#[test]
+fn each_example_merge_passes_on_its_samples_and_its_near_miss_fails() {
+    for (example, bug) in [("lww-merge", "lww-hlc-only"), ("crdt-merge", "crdt-sum"), ("gset-merge", "gset-append")] {
+        let samples = samples(example);
+        let (code, out) = ferry_plugin_code(&["check", built_plugin(example).to_str().unwrap(), "--samples", &samples]);
+        assert_eq!(code, 0, "{example}:\n{out}");
+        let wrong = built_plugin("testdata/wrong-merge");
+        let bug = format!("bug={bug}");
+        let (code, out) =
+            ferry_plugin_code(&["check", wrong.to_str().unwrap(), "--samples", &samples, "--config", &bug]);
+        assert_eq!(code, 1, "{bug} on {example}'s samples must fail:\n{out}");
+        assert!(out.contains("counter-example") && out.contains("the form"), "{out}");
+    }
+}
+
+#[test]
+fn check_refuses_samples_that_are_not_a_json_array_naming_the_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let bad = dir.path().join("one.json");
+    std::fs::write(&bad, r#"{"counts": {}}"#).unwrap();
+    let path = built_plugin("testdata/gcounter-merge");
+    let (code, out) = ferry_plugin_code(&["check", path.to_str().unwrap(), "--samples", bad.to_str().unwrap()]);
+    assert_eq!(code, 1);
+    assert!(out.contains("one.json") && out.contains("JSON array"), "{out}");
+    let (code, out) = ferry_plugin_code(&["check", path.to_str().unwrap(), "--shape", r#"{"n": "nat"}"#]);
+    assert_eq!(code, 1);
+    assert!(out.contains("$.n: `nat` is not a type"), "{out}");
 }
 
 #[test]

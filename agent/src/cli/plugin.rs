@@ -1,6 +1,8 @@
 //! `ferry plugin check|bench|new|precompile`: the plugin author's tools.
 //!
-//! `check` and `bench` print what [`crate::plugin::check`] finds; `new`
+//! `check` and `bench` print what [`crate::plugin::check`] finds (`check`
+//! exits 0 when every property held, 1 when one failed, 3 when none failed
+//! but one could not be tested: [`CheckFailed`]); `new`
 //! writes a starter plugin from the templates in `templates/`, with its own
 //! copy of the WIT contract so it builds outside this repository;
 //! `precompile` compiles a component ahead of time for a device
@@ -14,16 +16,19 @@ use anyhow::{Context, bail};
 use bytesize::ByteSize;
 use clap::{Args, Subcommand, ValueEnum};
 
-use crate::config::plugin::CpuLimit;
+use crate::config::plugin::{CpuLimit, OutputBound};
 use crate::plugin::World;
-use crate::plugin::check::{self, CheckOptions};
+use crate::plugin::check::{self, CheckOptions, Outcome};
+use crate::plugin::inputs::{BUILTIN, Shape, Source};
 
 /// `ferry plugin …`.
 #[derive(Debug, Subcommand)]
 pub enum PluginCommand {
     /// Check a component against the worlds and run it on generated inputs
     /// (no failures, valid and deterministic output; for merge plugins the
-    /// convergence laws). Exits non-zero if anything fails.
+    /// convergence laws), made from your own example data with `--samples`
+    /// or `--shape`. Exits 0 if every property held, 1 if one failed, 3 if
+    /// none failed but one could not be tested (every input refused).
     Check(RunArgs),
     /// Measure per-event cost at batch sizes 1, 64 and 1024, and cold versus cached start.
     Bench(RunArgs),
@@ -74,9 +79,26 @@ pub struct RunArgs {
     /// Memory bound per instance, e.g. "64 MiB" (default 128 MiB).
     #[arg(long)]
     pub memory: Option<ByteSize>,
+    /// Output bound per call, e.g. "4 MiB" (default: 257 KiB per input event,
+    /// as for the default `max_event_size`).
+    #[arg(long)]
+    pub max_output: Option<ByteSize>,
     /// Generated cases per property (check only).
     #[arg(long, default_value_t = 100)]
     pub cases: usize,
+    /// Example values of the data the plugin handles: a JSON file holding an
+    /// array of values (merge states, or filter event data). The check runs
+    /// on them as given, then on mutations of them (numbers changed, keys
+    /// added and removed, at every depth). Repeatable.
+    #[arg(long, value_name = "FILE")]
+    pub samples: Vec<PathBuf>,
+    /// The shape of the data the plugin handles, as a JSON template
+    /// (`{"counts": {"*": "uint"}}`: type names uint, int, float, bool,
+    /// string; `[S]` a list, `{"*": S}` a map), a file holding one, or a
+    /// built-in shape's name (string-set, pn-counters, flat-counts, bytes).
+    /// Repeatable.
+    #[arg(long, value_name = "SHAPE")]
+    pub shape: Vec<String>,
 }
 
 /// A world on the command line.
@@ -134,12 +156,49 @@ fn parse_entry(text: &str) -> Result<(String, String), String> {
     Ok((k.to_owned(), v.to_owned()))
 }
 
+/// Reads `--samples FILE`: a JSON array of example values.
+fn read_samples(path: &Path) -> anyhow::Result<Source> {
+    let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    let value: serde_json::Value =
+        serde_json::from_str(&text).with_context(|| format!("{}: not JSON", path.display()))?;
+    match value {
+        serde_json::Value::Array(values) if !values.is_empty() => Ok(Source::Samples(values)),
+        _ => {
+            bail!("{}: expected a JSON array of example values, e.g. [{{\"counts\": {{\"gw-1\": 3}}}}]", path.display())
+        }
+    }
+}
+
+/// Reads `--shape`: a built-in name, JSON text, or a file holding JSON.
+fn read_shape(text: &str) -> anyhow::Result<Source> {
+    if let Some((name, _)) = BUILTIN.iter().find(|(name, _)| *name == text) {
+        return Ok(Source::Builtin(name));
+    }
+    let json = match serde_json::from_str::<serde_json::Value>(text) {
+        Ok(json) => json,
+        Err(_) if Path::new(text).is_file() => {
+            let file = std::fs::read_to_string(text).with_context(|| format!("reading {text}"))?;
+            serde_json::from_str(&file).with_context(|| format!("{text}: not JSON"))?
+        }
+        Err(e) => {
+            let names: Vec<&str> = BUILTIN.iter().map(|(n, _)| *n).collect();
+            bail!("--shape `{text}` is neither JSON ({e}), a file, nor a built-in shape ({})", names.join(", "))
+        }
+    };
+    Shape::parse(&json).map(Source::Shape).map_err(|e| anyhow::anyhow!("--shape: {e}"))
+}
+
 impl RunArgs {
-    fn options(&self) -> CheckOptions {
+    fn options(&self) -> anyhow::Result<CheckOptions> {
+        let mut sources = self.samples.iter().map(|p| read_samples(p)).collect::<anyhow::Result<Vec<_>>>()?;
+        for shape in &self.shape {
+            sources.push(read_shape(shape)?);
+        }
         let mut options = CheckOptions {
             world: self.world.map(World::from),
             config: self.config.iter().cloned().collect::<BTreeMap<_, _>>(),
             cases: self.cases,
+            sources,
             ..CheckOptions::default()
         };
         if let Some(f) = self.fuel {
@@ -150,7 +209,31 @@ impl RunArgs {
         if let Some(m) = self.memory {
             options.memory_bytes = m.as_u64();
         }
-        options
+        if let Some(m) = self.max_output {
+            options.max_output = OutputBound::Fixed(m.as_u64());
+        }
+        Ok(options)
+    }
+}
+
+/// Why `ferry plugin check` did not pass, as its exit code says.
+#[derive(Debug, thiserror::Error)]
+pub enum CheckFailed {
+    /// A property broke (exit code 1).
+    #[error("{0} of {1} checks failed")]
+    Failed(usize, usize),
+    /// None broke, but one could not be tested (exit code 3).
+    #[error("{0} of {1} checks were inconclusive: the plugin refused every input; give it --samples or --shape")]
+    Inconclusive(usize, usize),
+}
+
+impl CheckFailed {
+    /// The process exit code for this outcome.
+    pub fn exit_code(&self) -> u8 {
+        match self {
+            CheckFailed::Failed(..) => 1,
+            CheckFailed::Inconclusive(..) => 3,
+        }
     }
 }
 
@@ -201,26 +284,36 @@ fn precompile_command(_: &PrecompileArgs) -> anyhow::Result<()> {
 }
 
 fn check_command(args: &RunArgs) -> anyhow::Result<()> {
-    let report = check::check(&args.file, &args.options(), cache_dir().as_deref())
+    let report = check::check(&args.file, &args.options()?, cache_dir().as_deref())
         .with_context(|| format!("{}: cannot load", args.file.display()))?;
     outln!("{}: {} plugin", args.file.display(), report.world.as_str())?;
+    outln!("  inputs ({} cases per property):", args.cases)?;
+    for line in &report.inputs {
+        outln!("       {line}")?;
+    }
     for f in &report.findings {
-        outln!("  {} {}", if f.passed { "pass" } else { "FAIL" }, f.property)?;
+        let mark = match f.outcome {
+            Outcome::Pass => "pass",
+            Outcome::Fail => "FAIL",
+            Outcome::Inconclusive => "INCONCLUSIVE",
+        };
+        outln!("  {mark} {} ({} cases)", f.property, f.cases)?;
         for line in f.detail.lines() {
             outln!("       {line}")?;
         }
     }
-    let failed = report.findings.iter().filter(|f| !f.passed).count();
-    if failed > 0 {
-        bail!("{failed} of {} checks failed", report.findings.len());
+    let total = report.findings.len();
+    let count = |o| report.findings.iter().filter(|f| f.outcome == o).count();
+    match report.outcome() {
+        Outcome::Pass => outln!("all {total} checks passed"),
+        Outcome::Fail => Err(CheckFailed::Failed(count(Outcome::Fail), total).into()),
+        Outcome::Inconclusive => Err(CheckFailed::Inconclusive(count(Outcome::Inconclusive), total).into()),
     }
-    outln!("all {} checks passed", report.findings.len())?;
-    Ok(())
 }
 
 fn bench_command(args: &RunArgs) -> anyhow::Result<()> {
     let scratch = tempfile_dir()?;
-    let report = check::bench(&args.file, &args.options(), &scratch, &[1, 64, 1024], Duration::from_millis(500));
+    let report = check::bench(&args.file, &args.options()?, &scratch, &[1, 64, 1024], Duration::from_millis(500));
     let _ = std::fs::remove_dir_all(&scratch);
     let report = report.with_context(|| format!("{}: cannot run", args.file.display()))?;
     outln!("{}: {} plugin", args.file.display(), report.world.as_str())?;

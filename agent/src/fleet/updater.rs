@@ -637,12 +637,13 @@ fn check_candidate(spec: &PluginConfig, cache: &std::path::Path) -> Result<Plugi
         config: spec.config.clone(),
         cpu: spec.cpu,
         memory_bytes: spec.memory_bytes,
+        max_output: spec.max_output,
         ..CheckOptions::default()
     };
     let report = check::check(&spec.path, &options, Some(cache)).map_err(Refusal::permanent)?;
     if !report.passed() {
         let failed: Vec<String> =
-            report.findings.iter().filter(|f| !f.passed).map(|f| format!("{}: {}", f.property, f.detail)).collect();
+            report.findings.iter().filter(|f| !f.passed()).map(|f| format!("{}: {}", f.property, f.detail)).collect();
         return Err(Refusal::permanent(format!("plugin checks failed: {}", failed.join("; "))));
     }
     let _ = plugin.warm_up();

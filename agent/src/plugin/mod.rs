@@ -19,7 +19,8 @@
 //! - [`engine`] — the shared engines and the on-disk compile cache.
 //! - [`breaker`] — the circuit breaker (pure state).
 //! - [`convert`] — events to and from the WIT types; what output is taken.
-//! - [`check`] — `ferry plugin check|bench`: generated inputs, laws, timing.
+//! - [`check`] — `ferry plugin check|bench`: laws, counter-examples, timing.
+//! - [`inputs`] — the check's data: the author's samples mutated, a declared shape, or built-in shapes.
 //! - [`recent`] — a bounded sample of recent calls, replayed by fleet shadow runs.
 //! - [`PluginHandle`] — the cloneable async handle to a plugin's own thread.
 
@@ -28,6 +29,7 @@ pub mod check;
 pub mod convert;
 pub mod engine;
 pub mod host;
+pub mod inputs;
 pub mod recent;
 
 use std::sync::{Arc, Mutex};
