@@ -580,6 +580,73 @@ fn a_restart_loads_the_compiled_plugin_from_the_cache_instead_of_compiling() {
     assert_eq!(third.source, ferry::plugin::engine::CompileSource::Compiled);
 }
 
+/// Runs `ferry ARGS` with no plugin cache override, as an operator would.
+fn ferry(args: &[&str]) -> (i32, String) {
+    let out = Command::new(ferry_bin!())
+        .args(args)
+        .env_remove("FERRY_PLUGIN_CACHE")
+        .env_remove("FERRY_CONFIG")
+        .env("RUST_LOG", "warn")
+        .output()
+        .expect("running ferry");
+    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    (out.status.code().unwrap_or(-1), text)
+}
+
+#[test]
+fn config_check_loads_each_plugin_so_a_wrong_world_or_config_is_a_config_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let plugin = |world: &str, file: &str, extra: &str| {
+        format!(
+            "[[plugin]]\nname = \"p\"\npath = {:?}\nworld = \"{world}\"\n{extra}",
+            built_plugin(file).display().to_string()
+        )
+    };
+    let config = write_config(dir.path(), "");
+    let base = std::fs::read_to_string(&config).unwrap();
+    let check = |tail: String| {
+        std::fs::write(&config, format!("{base}{tail}")).unwrap();
+        ferry(&["config", "check", "--config", config.to_str().unwrap()])
+    };
+    let (code, out) = check(plugin("filter", "lww-merge", "stage = \"ingest\"\n"));
+    assert_ne!(code, 0, "{out}");
+    assert!(out.contains("plugin[0].world") && out.contains("does not target the `filter` world"), "{out}");
+    let (code, out) = check(plugin("merge", "testdata/gcounter-merge", "config = { merge = \"avg\" }\n"));
+    assert_ne!(code, 0, "{out}");
+    assert!(out.contains("plugin[0].config") && out.contains("`avg` is not"), "the plugin's own words: {out}");
+    let (code, out) = check(plugin("merge", "testdata/gcounter-merge", "config = { merge = \"sum\" }\n"));
+    assert_eq!(code, 0, "{out}");
+    assert!(out.contains("plugin      p (merge world"), "{out}");
+    // The compile went into the agent's own cache: `run` will not compile again.
+    // (Both components: the wrong-world one compiled before its world was checked.)
+    let cached = std::fs::read_dir(dir.path().join("data/plugin-cache")).unwrap().count();
+    assert_eq!(cached, 2);
+    let (_, out) = check(plugin("merge", "testdata/gcounter-merge", ""));
+    assert!(out.contains("Cache"), "the second check loads from the shared cache: {out}");
+}
+
+#[test]
+fn precompiling_with_the_agents_config_fills_its_compile_cache() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_config(dir.path(), "");
+    let wasm = built_plugin("lww-merge");
+    let artifact = dir.path().join("lww.cwasm");
+    let (code, out) = ferry(&[
+        "plugin",
+        "precompile",
+        wasm.to_str().unwrap(),
+        "-o",
+        artifact.to_str().unwrap(),
+        "--agent-config",
+        config.to_str().unwrap(),
+    ]);
+    assert_eq!(code, 0, "{out}");
+    assert!(out.contains("in the compile cache too"), "{out}");
+    let spec = PluginConfig::new("lww", &wasm, World::Merge);
+    let (_, report) = Plugin::load(&spec, Some(&dir.path().join("data/plugin-cache"))).unwrap();
+    assert_eq!(report.source, ferry::plugin::engine::CompileSource::Cache, "the agent finds it compiled");
+}
+
 /// Where scripts/build-plugins.sh keeps the plugin toolchains.
 fn tools() -> PathBuf {
     std::env::var_os("FERRY_TOOLS")

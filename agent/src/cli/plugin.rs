@@ -19,6 +19,7 @@ use clap::{Args, Subcommand, ValueEnum};
 use crate::config::plugin::{CpuLimit, OutputBound};
 use crate::plugin::World;
 use crate::plugin::check::{self, CheckOptions, Outcome};
+use crate::plugin::engine;
 use crate::plugin::inputs::{BUILTIN, Shape, Source};
 
 /// `ferry plugin …`.
@@ -57,6 +58,11 @@ pub struct PrecompileArgs {
     /// Where to write the artifact (default: FILE with extension .cwasm).
     #[arg(short, long)]
     pub output: Option<PathBuf>,
+    /// The agent's config: for this device's own target, the artifact also
+    /// goes into the agent's compile cache, so the agent loads the `.wasm`
+    /// without compiling it.
+    #[arg(long, env = "FERRY_CONFIG", value_name = "FILE")]
+    pub agent_config: Option<PathBuf>,
 }
 
 /// How to load and run a component.
@@ -86,6 +92,10 @@ pub struct RunArgs {
     /// Generated cases per property (check only).
     #[arg(long, default_value_t = 100)]
     pub cases: usize,
+    /// The agent's config: its compile cache is used (and filled), so the
+    /// agent need not compile this component again.
+    #[arg(long, env = "FERRY_CONFIG", value_name = "FILE")]
+    pub agent_config: Option<PathBuf>,
     /// Example values of the data the plugin handles: a JSON file holding an
     /// array of values (merge states, or filter event data). The check runs
     /// on them as given, then on mutations of them (numbers changed, keys
@@ -237,15 +247,56 @@ impl CheckFailed {
     }
 }
 
-/// Where compiled plugins are cached between runs of the tools.
-fn cache_dir() -> Option<PathBuf> {
-    if let Some(dir) = std::env::var_os("FERRY_PLUGIN_CACHE") {
-        return Some(dir.into());
+/// Where compiled plugins are cached: the agent's own cache when its config
+/// is given (`--agent-config` or `FERRY_CONFIG`), so a compile here saves the
+/// agent one; see [`engine::cache_dir`]. Pruned after use.
+fn cache_dir(agent_config: Option<&Path>) -> anyhow::Result<Option<PathBuf>> {
+    let data_dir = match agent_config {
+        Some(path) => Some(crate::config::Config::load(path)?.agent.data_dir),
+        None => None,
+    };
+    Ok(engine::cache_dir(data_dir.as_deref()))
+}
+
+/// Prunes the cache in `dir`, if any (see [`engine::prune_cache`]).
+fn prune(dir: Option<&Path>) {
+    if let Some(dir) = dir
+        && let Err(e) = engine::prune_cache(dir, &[], std::time::SystemTime::now())
+    {
+        tracing::debug!(dir = %dir.display(), error = %e, "cannot prune the plugin compile cache");
     }
-    let base = std::env::var_os("XDG_CACHE_HOME")
-        .map(PathBuf::from)
-        .or_else(|| std::env::var_os("HOME").map(|h| Path::new(&h).join(".cache")))?;
-    Some(base.join("ferry").join("plugins"))
+}
+
+/// `ferry config check`'s plugin part: loads each `[[plugin]]` of `config`
+/// (through the agent's compile cache), checks it targets its world, and
+/// makes one call that needs no data so a config the plugin refuses shows
+/// now rather than at `run`. Returns one line per plugin; an error names the
+/// file, the plugin's key and the reason.
+pub fn check_config_plugins(config: &crate::config::Config) -> anyhow::Result<Vec<String>> {
+    use crate::plugin::{Plugin, PluginError};
+    let cache = engine::cache_dir(Some(&config.agent.data_dir));
+    let mut lines = Vec::with_capacity(config.plugins.len());
+    for (i, spec) in config.plugins.iter().enumerate() {
+        let fail = |key: &str, reason: String| crate::config::ConfigError {
+            file: config.origin.clone(),
+            key: format!("plugin[{i}].{key}"),
+            reason: format!("plugin `{}`: {reason}", spec.name),
+        };
+        let (mut plugin, report) = Plugin::load(spec, cache.as_deref()).map_err(|e| match e {
+            PluginError::WrongWorld { .. } => fail("world", e.to_string()),
+            e => fail("path", e.to_string()),
+        })?;
+        plugin.probe().map_err(|e| fail("config", format!("fails on its first call: {e}")))?;
+        lines.push(format!(
+            "  plugin      {} ({} world, {:?} in {:.0?}): starts with its config",
+            spec.name,
+            spec.world.as_str(),
+            report.source,
+            report.load_time
+        ));
+    }
+    prune(cache.as_deref());
+    Ok(lines)
 }
 
 /// Runs a `ferry plugin` command.
@@ -260,7 +311,7 @@ pub fn run(cmd: &PluginCommand) -> anyhow::Result<()> {
 
 #[cfg(feature = "compiler")]
 fn precompile_command(args: &PrecompileArgs) -> anyhow::Result<()> {
-    use crate::plugin::engine::{self, Metering};
+    use crate::plugin::engine::Metering;
     let target = args.target.as_deref().unwrap_or(engine::NATIVE_TARGET);
     let metering = if args.fuel { Metering::Fuel } else { Metering::Epoch };
     let wasm = std::fs::read(&args.file).with_context(|| format!("reading {}", args.file.display()))?;
@@ -268,6 +319,13 @@ fn precompile_command(args: &PrecompileArgs) -> anyhow::Result<()> {
         .with_context(|| format!("{}: cannot precompile for {target}", args.file.display()))?;
     let output = args.output.clone().unwrap_or_else(|| args.file.with_extension("cwasm"));
     std::fs::write(&output, &artifact).with_context(|| format!("writing {}", output.display()))?;
+    if target == engine::NATIVE_TARGET
+        && let Some(dir) = cache_dir(args.agent_config.as_deref())?
+    {
+        let cached = engine::cache_artifact(&dir, metering, &wasm, &artifact)?;
+        outln!("{}: in the compile cache too, for the .wasm", cached.display())?;
+        prune(Some(&dir));
+    }
     outln!(
         "{}: {} for {target} ({}), {} bytes",
         output.display(),
@@ -284,8 +342,10 @@ fn precompile_command(_: &PrecompileArgs) -> anyhow::Result<()> {
 }
 
 fn check_command(args: &RunArgs) -> anyhow::Result<()> {
-    let report = check::check(&args.file, &args.options()?, cache_dir().as_deref())
+    let cache = cache_dir(args.agent_config.as_deref())?;
+    let report = check::check(&args.file, &args.options()?, cache.as_deref())
         .with_context(|| format!("{}: cannot load", args.file.display()))?;
+    prune(cache.as_deref());
     outln!("{}: {} plugin", args.file.display(), report.world.as_str())?;
     outln!("  inputs ({} cases per property):", args.cases)?;
     for line in &report.inputs {

@@ -455,7 +455,7 @@ impl Plugin {
             CpuLimit::Timeout(_) => Metering::Epoch,
         };
         let engine = engine::engine(metering)?.clone();
-        let (component, source) = engine::load_component(&engine, metering, wasm, cache_dir)?;
+        let (component, source) = engine::load_component(&config.name, &engine, metering, wasm, cache_dir)?;
         let linker = linker(&engine, config.world)?;
         let instance_pre = linker.instantiate_pre(&component).map_err(|e| PluginError::Link(format!("{e:#}")))?;
         let wrong_world =
@@ -665,6 +665,21 @@ impl Plugin {
                 drop(instance);
                 self.record_failure(&e);
                 Err(e)
+            }
+        }
+    }
+
+    /// Builds the instance and makes one call that needs no data (a filter
+    /// on an empty batch; a merge of empty data into nothing), so a plugin
+    /// that cannot start (it traps on its config, say) is found before it
+    /// meets an event. A merge plugin refusing the empty data is an answer,
+    /// not a failure.
+    pub fn probe(&mut self) -> Result<(), PluginError> {
+        match self.world {
+            World::Filter => self.filter(&Arc::new(Vec::new())).map(drop),
+            World::Merge => {
+                let empty = Versioned { data: Vec::new(), version: Vec::new(), hlc: 0, origin: "ferry".into() };
+                self.merge("ferry/probe", None, &empty).map(drop)
             }
         }
     }
