@@ -664,8 +664,37 @@ fn run(command: &mut Command, what: &str) {
     );
 }
 
+/// Names `module` (Python source) uses but neither defines, imports nor
+/// gets from the builtins: what would be a `NameError` only when that line runs.
+fn python_undefined_names(module: &Path) -> String {
+    const SCRIPT: &str = r#"
+import ast, builtins, sys
+tree = ast.parse(open(sys.argv[1]).read())
+bound = set(dir(builtins))
+for node in ast.walk(tree):
+    if isinstance(node, (ast.Import, ast.ImportFrom)):
+        bound.update((a.asname or a.name).split(".")[0] for a in node.names)
+    elif isinstance(node, (ast.FunctionDef, ast.ClassDef)):
+        bound.add(node.name)
+        bound.update(a.arg for a in node.args.args) if isinstance(node, ast.FunctionDef) else None
+    elif isinstance(node, ast.Name) and isinstance(node.ctx, ast.Store):
+        bound.add(node.id)
+    elif isinstance(node, ast.ExceptHandler) and node.name:
+        bound.add(node.name)
+    elif isinstance(node, ast.comprehension):
+        bound.update(n.id for n in ast.walk(node.target) if isinstance(n, ast.Name))
+used = {n.id for n in ast.walk(tree) if isinstance(n, ast.Name) and isinstance(n.ctx, ast.Load)}
+print(" ".join(sorted(used - bound)))
+"#;
+    let out = Command::new("python3").args(["-c", SCRIPT]).arg(module).output().expect("running python3");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8_lossy(&out.stdout).trim().to_owned()
+}
+
+/// Each language's scaffold, as generated: its unit tests pass, it builds,
+/// and it passes `ferry plugin check` on its own samples, in both worlds.
 #[test]
-fn scaffolded_rust_and_c_plugins_of_both_worlds_build_and_pass_plugin_check() {
+fn scaffolded_plugins_of_every_language_and_both_worlds_test_build_and_pass_plugin_check() {
     let dir = tempfile::tempdir().unwrap();
     let scratch = dir.path().to_str().unwrap();
     // Shared across runs so the Rust scaffolds' dependencies build once.
@@ -673,32 +702,55 @@ fn scaffolded_rust_and_c_plugins_of_both_worlds_build_and_pass_plugin_check() {
     let tools = tools();
     let adapter = tools.join("npm/node_modules/@bytecodealliance/jco/lib/wasi_snapshot_preview1.reactor.wasm");
     assert!(adapter.is_file(), "{} is missing: run scripts/build-plugins.sh first", adapter.display());
-    let path = format!("{}:{}", tools.join("cargo/bin").display(), std::env::var("PATH").unwrap_or_default());
+    let path = format!(
+        "{}:{}:{}:{}",
+        tools.join("cargo/bin").display(),
+        tools.join("venv/bin").display(),
+        tools.join("npm/node_modules/.bin").display(),
+        std::env::var("PATH").unwrap_or_default()
+    );
     for world in ["filter", "merge"] {
-        let rust = format!("rust-{world}");
-        let (ok, out) = ferry_plugin(&["new", "--lang", "rust", "--world", world, &rust, "--dir", scratch]);
-        assert!(ok && out.contains(&format!("{world} plugin")), "{out}");
-        run(
-            Command::new("cargo")
-                .args(["build", "--release", "--quiet", "--target", "wasm32-wasip2"])
-                .current_dir(dir.path().join(&rust))
-                .env("CARGO_TARGET_DIR", &rust_target)
-                .env_remove("RUSTFLAGS"),
-            &format!("building the {rust} scaffold"),
-        );
-        let wasm = rust_target.join(format!("wasm32-wasip2/release/{}.wasm", rust.replace('-', "_")));
-
-        let c = format!("c-{world}");
-        let (ok, out) = ferry_plugin(&["new", "--lang", "c", "--world", world, &c, "--dir", scratch]);
-        assert!(ok, "{out}");
-        run(
-            Command::new(dir.path().join(&c).join("build.sh")).env("ADAPTER", &adapter).env("PATH", &path),
-            &format!("building the {c} scaffold"),
-        );
-        let c_wasm = dir.path().join(&c).join(format!("{c}.wasm"));
-
-        for component in [wasm, c_wasm] {
-            let (ok, out) = ferry_plugin(&["check", component.to_str().unwrap(), "--world", world]);
+        let mut components = Vec::new();
+        for lang in ["rust", "c", "python", "js"] {
+            let name = format!("{lang}-{world}");
+            let (ok, out) = ferry_plugin(&["new", "--lang", lang, "--world", world, &name, "--dir", scratch]);
+            assert!(ok && out.contains(&format!("{world} plugin")), "{out}");
+            let root = dir.path().join(&name);
+            let wasm = if lang == "rust" {
+                let cargo = |args: &[&str]| {
+                    let mut c = Command::new("cargo");
+                    c.args(args).current_dir(&root).env("CARGO_TARGET_DIR", &rust_target).env_remove("RUSTFLAGS");
+                    c
+                };
+                run(&mut cargo(&["test", "--quiet"]), &format!("the {name} scaffold's unit tests"));
+                run(
+                    &mut cargo(&["build", "--release", "--quiet", "--target", "wasm32-wasip2"]),
+                    &format!("building the {name} scaffold"),
+                );
+                rust_target.join(format!("wasm32-wasip2/release/{}.wasm", name.replace('-', "_")))
+            } else {
+                // Each build.sh runs the scaffold's unit tests first.
+                run(
+                    Command::new(root.join("build.sh")).env("ADAPTER", &adapter).env("PATH", &path),
+                    &format!("testing and building the {name} scaffold"),
+                );
+                root.join(format!("{name}.wasm"))
+            };
+            if lang == "python" {
+                let undefined = python_undefined_names(&root.join("app.py"));
+                assert!(undefined.is_empty(), "{name}/app.py uses names it does not import: {undefined}");
+            }
+            components.push((wasm, root.join("samples.json")));
+        }
+        for (component, samples) in components {
+            let (ok, out) = ferry_plugin(&[
+                "check",
+                component.to_str().unwrap(),
+                "--world",
+                world,
+                "--samples",
+                samples.to_str().unwrap(),
+            ]);
             assert!(ok && out.contains("checks passed") && !out.contains("FAIL"), "{}:\n{out}", component.display());
         }
     }

@@ -404,60 +404,90 @@ const WIT: [(&str, &str); 3] = [
     ("worlds.wit", include_str!("../../../wit/worlds.wit")),
 ];
 
+/// The Rust SDK's sources, vendored into a Rust scaffold's `sdk/` so it
+/// builds anywhere; its `path: "../../../wit"` becomes the scaffold's `wit/`.
+const SDK: [(&str, &str); 6] = [
+    ("sdk/src/lib.rs", include_str!("../../../plugins/rust/sdk/src/lib.rs")),
+    ("sdk/src/bindings.rs", include_str!("../../../plugins/rust/sdk/src/bindings.rs")),
+    ("sdk/src/config.rs", include_str!("../../../plugins/rust/sdk/src/config.rs")),
+    ("sdk/src/events.rs", include_str!("../../../plugins/rust/sdk/src/events.rs")),
+    ("sdk/src/export.rs", include_str!("../../../plugins/rust/sdk/src/export.rs")),
+    ("sdk/src/log.rs", include_str!("../../../plugins/rust/sdk/src/log.rs")),
+];
+
 /// (path in the new directory, template) per language and world;
 /// `{{name}}`, `{{crate}}`, `{{world}}` and `{{stage_line}}` are replaced.
+/// Each scaffold has its logic apart from the WIT glue, a unit test of that
+/// logic in the language's own runner, and `samples.json` for `check`.
 fn templates(lang: Lang, world: World) -> Vec<(&'static str, &'static str)> {
     let filter = world == World::Filter;
+    let pick = |f: &'static str, m: &'static str| if filter { f } else { m };
+    let mut files = vec![("samples.json", include_str!("templates/samples.json.tmpl"))];
     match lang {
-        Lang::Rust => vec![
-            ("Cargo.toml", include_str!("templates/rust/Cargo.toml.tmpl")),
-            (
-                "src/lib.rs",
-                if filter {
-                    include_str!("templates/rust/lib.rs.tmpl")
-                } else {
-                    include_str!("templates/rust/merge.rs.tmpl")
-                },
-            ),
-            ("README.md", include_str!("templates/rust/README.md.tmpl")),
-        ],
-        Lang::C => vec![
-            (
-                "{{crate}}.c",
-                if filter {
-                    include_str!("templates/c/plugin.c.tmpl")
-                } else {
-                    include_str!("templates/c/merge.c.tmpl")
-                },
-            ),
+        Lang::Rust => {
+            files.extend([
+                ("Cargo.toml", include_str!("templates/rust/Cargo.toml.tmpl")),
+                (
+                    "src/lib.rs",
+                    pick(include_str!("templates/rust/lib.rs.tmpl"), include_str!("templates/rust/merge.rs.tmpl")),
+                ),
+                ("README.md", include_str!("templates/rust/README.md.tmpl")),
+                ("sdk/Cargo.toml", include_str!("templates/rust/sdk.Cargo.toml.tmpl")),
+            ]);
+            files.extend(SDK);
+        }
+        Lang::C => files.extend([
+            ("{{crate}}.c", pick(include_str!("templates/c/plugin.c.tmpl"), include_str!("templates/c/merge.c.tmpl"))),
+            ("logic.h", pick(include_str!("templates/c/logic.h.tmpl"), include_str!("templates/c/merge_logic.h.tmpl"))),
+            ("test.c", pick(include_str!("templates/c/test.c.tmpl"), include_str!("templates/c/merge_test.c.tmpl"))),
             ("build.sh", include_str!("templates/c/build.sh.tmpl")),
             ("README.md", include_str!("templates/c/README.md.tmpl")),
-        ],
-        Lang::Python => vec![
+        ]),
+        Lang::Python => files.extend([
             (
                 "app.py",
-                if filter {
-                    include_str!("templates/python/app.py.tmpl")
-                } else {
-                    include_str!("templates/python/merge.py.tmpl")
-                },
+                pick(include_str!("templates/python/app.py.tmpl"), include_str!("templates/python/merge.py.tmpl")),
+            ),
+            (
+                "logic.py",
+                pick(
+                    include_str!("templates/python/logic.py.tmpl"),
+                    include_str!("templates/python/merge_logic.py.tmpl"),
+                ),
+            ),
+            (
+                "test_logic.py",
+                pick(
+                    include_str!("templates/python/test_logic.py.tmpl"),
+                    include_str!("templates/python/test_merge_logic.py.tmpl"),
+                ),
             ),
             ("build.sh", include_str!("templates/python/build.sh.tmpl")),
             ("README.md", include_str!("templates/python/README.md.tmpl")),
-        ],
-        Lang::Js => vec![
+        ]),
+        Lang::Js => files.extend([
             (
                 "plugin.js",
-                if filter {
-                    include_str!("templates/js/plugin.js.tmpl")
-                } else {
-                    include_str!("templates/js/merge.js.tmpl")
-                },
+                pick(include_str!("templates/js/plugin.js.tmpl"), include_str!("templates/js/merge.js.tmpl")),
             ),
+            (
+                "logic.js",
+                pick(include_str!("templates/js/logic.js.tmpl"), include_str!("templates/js/merge_logic.js.tmpl")),
+            ),
+            (
+                "logic.test.js",
+                pick(
+                    include_str!("templates/js/logic.test.js.tmpl"),
+                    include_str!("templates/js/merge_logic.test.js.tmpl"),
+                ),
+            ),
+            // ES modules for `node --test`; componentize-js reads them as such anyway.
+            ("package.json", "{ \"name\": \"{{name}}\", \"private\": true, \"type\": \"module\" }\n"),
             ("build.sh", include_str!("templates/js/build.sh.tmpl")),
             ("README.md", include_str!("templates/js/README.md.tmpl")),
-        ],
+        ]),
     }
+    files
 }
 
 /// Writes the scaffold for `args` and returns its directory.
@@ -478,13 +508,17 @@ pub fn scaffold(args: &NewArgs) -> anyhow::Result<PathBuf> {
     let world = args.world.into();
     // Filters need a stage in the agent config; merge plugins have none.
     let stage_line = if world == World::Filter { "stage = \"ingest\"          # or a destination name\n" } else { "" };
-    for (path, text) in templates(args.lang, world) {
-        let path = root.join(path.replace("{{crate}}", &crate_name));
-        let text = text
-            .replace("{{name}}", name)
-            .replace("{{crate}}", &crate_name)
-            .replace("{{world}}", world.as_str())
-            .replace("{{stage_line}}", stage_line);
+    for (file, text) in templates(args.lang, world) {
+        let path = root.join(file.replace("{{crate}}", &crate_name));
+        let text = if file.starts_with("sdk/src/") {
+            // Rust source: `{{` there is format syntax, not a placeholder.
+            text.replace("\"../../../wit\"", "\"../wit\"")
+        } else {
+            text.replace("{{name}}", name)
+                .replace("{{crate}}", &crate_name)
+                .replace("{{world}}", world.as_str())
+                .replace("{{stage_line}}", stage_line)
+        };
         write_file(&path, &text)?;
     }
     for (file, text) in WIT {
@@ -534,11 +568,16 @@ mod tests {
                     assert!(root.join("wit").join(file).is_file());
                 }
                 let world: World = world.into();
-                for (path, _) in templates(lang, world) {
-                    let path = root.join(path.replace("{{crate}}", &name.replace('-', "_")));
+                for (file, _) in templates(lang, world) {
+                    let path = root.join(file.replace("{{crate}}", &name.replace('-', "_")));
                     let text = std::fs::read_to_string(&path).unwrap();
-                    assert!(!text.contains("{{"), "{} keeps a placeholder", path.display());
+                    if file.starts_with("sdk/src/") {
+                        assert!(!text.contains("../../../wit"), "{} points outside the scaffold", path.display());
+                    } else {
+                        assert!(!text.contains("{{"), "{} keeps a placeholder", path.display());
+                    }
                 }
+                assert!(root.join("samples.json").is_file());
                 assert!(std::fs::read_to_string(root.join("README.md")).unwrap().contains(&name));
             }
         }
