@@ -387,10 +387,7 @@ async fn load_plugins(config: &Config) -> Result<Vec<PluginHandle>, RunError> {
         );
     }
     // What was just loaded is fresh; what no plugin used for a month goes.
-    let pruned = tokio::task::spawn_blocking(move || {
-        crate::plugin::engine::prune_cache(&cache_dir, &[], std::time::SystemTime::now())
-    })
-    .await;
+    let pruned = tokio::task::spawn_blocking(move || crate::plugin::engine::prune_cache(&cache_dir, &[])).await;
     if let Ok(Ok(removed @ 1..)) = pruned {
         tracing::info!(removed, "pruned the plugin compile cache");
     }

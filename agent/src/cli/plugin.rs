@@ -261,7 +261,7 @@ fn cache_dir(agent_config: Option<&Path>) -> anyhow::Result<Option<PathBuf>> {
 /// Prunes the cache in `dir`, if any (see [`engine::prune_cache`]).
 fn prune(dir: Option<&Path>) {
     if let Some(dir) = dir
-        && let Err(e) = engine::prune_cache(dir, &[], std::time::SystemTime::now())
+        && let Err(e) = engine::prune_cache(dir, &[])
     {
         tracing::debug!(dir = %dir.display(), error = %e, "cannot prune the plugin compile cache");
     }
