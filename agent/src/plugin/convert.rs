@@ -61,8 +61,17 @@ pub fn body_ref(body: &EventBody) -> EventBodyRef<'_> {
 /// carries it); the others (state versions) are the agent's alone. Its
 /// sequence and HLC are ignored (the store or the stored input assigns them).
 pub fn from_wit(event: WitEvent) -> Result<EventBody, String> {
-    let time_nanos = parse_time(&event.time)
-        .ok_or_else(|| format!("field `time`: `{}` is not RFC 3339", event.time.escape_debug()))?;
+    into_body(event, true).map_err(|(_, reason)| reason)
+}
+
+/// [`from_wit`], checking the attributes only when `check_attributes` (the
+/// time and Ferry's own extensions are always checked). The error carries
+/// the event's id, moved rather than copied: the happy path copies nothing.
+fn into_body(event: WitEvent, check_attributes: bool) -> Result<EventBody, (String, String)> {
+    let Some(time_nanos) = parse_time(&event.time) else {
+        let reason = format!("field `time`: `{}` is not RFC 3339", event.time.escape_debug());
+        return Err((event.id, reason));
+    };
     let body = EventBody {
         id: event.id,
         source: event.source,
@@ -74,9 +83,12 @@ pub fn from_wit(event: WitEvent) -> Result<EventBody, String> {
         partitionkey: event.partitionkey,
         extensions: event.extensions,
     };
-    event::check_body(&body)?;
+    if check_attributes && let Err(reason) = event::check_body(&body) {
+        return Err((body.id, reason));
+    }
     if let Some((name, _)) = body.extensions.iter().find(|(n, _)| n.starts_with("ferry") && n != ROUTE_EXTENSION) {
-        return Err(format!("field `{name}`: is an attribute Ferry sets itself; a plugin cannot set it"));
+        let reason = format!("field `{name}`: is an attribute Ferry sets itself; a plugin cannot set it");
+        return Err((body.id, reason));
     }
     Ok(body)
 }
@@ -182,11 +194,21 @@ pub fn decide(inputs: &[WitEvent], verdicts: Vec<Verdict>, rules: &dyn OutputRul
             Verdict::Replace(events) => {
                 let mut bodies = Vec::with_capacity(events.len());
                 for (j, event) in events.into_iter().enumerate() {
-                    let id = event.id.clone();
-                    let which = || format!("{}: replacement {j} (`{}`)", at(), id.escape_debug());
-                    let body = from_wit(event).map_err(|e| format!("{}: {e}", which()))?;
+                    let which = |id: &str| format!("{}: replacement {j} (`{}`)", at(), id.escape_debug());
+                    // Attributes equal to the input's passed these checks when
+                    // the input was accepted (a keep would forward them as
+                    // they are); a transform that changes only the data need
+                    // not pay for them again.
+                    let changed = event.id != input.id
+                        || event.source != input.source
+                        || event.type_ != input.type_
+                        || event.subject != input.subject
+                        || event.datacontenttype != input.datacontenttype
+                        || event.partitionkey != input.partitionkey
+                        || event.extensions != input.extensions;
+                    let body = into_body(event, changed).map_err(|(id, e)| format!("{}: {e}", which(&id)))?;
                     if let Some(rule) = rules.refuse(&body) {
-                        return Err(format!("{}: {rule}", which()));
+                        return Err(format!("{}: {rule}", which(&body.id)));
                     }
                     bodies.push(body);
                 }
@@ -283,6 +305,27 @@ mod tests {
         };
         assert_eq!(out.len(), 2);
         assert_eq!(out[0].subject, "telemetry/temp/f");
+    }
+
+    #[test]
+    fn a_replacement_is_checked_where_it_differs_from_its_input() {
+        // An input that was never checked (a keep would forward it as it is):
+        // a copy with new data only is not re-checked, one with a new
+        // attribute is, and Ferry's own attributes are always refused.
+        let mut input = to_wit(&body(), 0, 0);
+        input.source = "bad\u{0}source".into();
+        let mut same = input.clone();
+        same.data = b"[1]".to_vec();
+        decide(std::slice::from_ref(&input), vec![Verdict::Replace(vec![same.clone()])], &ContractOnly)
+            .expect("only the data changed");
+        same.subject = "telemetry/other".into();
+        let e = decide(std::slice::from_ref(&input), vec![Verdict::Replace(vec![same])], &ContractOnly).unwrap_err();
+        assert!(e.contains("`source`"), "{e}");
+        let mut forged = input.clone();
+        forged.extensions.push(("ferryvv".into(), "r1:1".into()));
+        let mut input = input;
+        input.extensions = forged.extensions.clone();
+        assert!(decide(&[input], vec![Verdict::Replace(vec![forged])], &ContractOnly).is_err());
     }
 
     #[test]
