@@ -179,6 +179,21 @@ pub fn config_command(cmd: &ConfigCommand) -> anyhow::Result<()> {
                 c.store.durability
             )?;
             outln!("  http        {}{}", c.http.listen, if c.http.token.is_some() { " (token required)" } else { "" })?;
+            for d in &c.destinations {
+                outln!(
+                    "  destination {} {} ({}, profile {})",
+                    d.name,
+                    d.endpoint.url(),
+                    match d.endpoint.protocol {
+                        crate::config::Protocol::V5 => "MQTT 5",
+                        crate::config::Protocol::V311 => "MQTT 3.1.1",
+                    },
+                    d.profile.name()
+                )?;
+                for r in &d.resolved {
+                    outln!("    {:<20} {:<42}  {}", r.key, r.value, r.source)?;
+                }
+            }
             for class in &c.store.classes {
                 let filters: Vec<&str> = class.filters.iter().map(|f| f.as_str()).collect();
                 outln!(
@@ -382,7 +397,11 @@ pub fn status(args: &StatusArgs) -> anyhow::Result<()> {
         )?;
     }
     for d in dests {
-        let state = if d["connected"].as_bool() == Some(true) { "connected" } else { "down" };
+        let state = match (d["connected"].as_bool() == Some(true), d["throttled"].as_bool() == Some(true)) {
+            (true, true) => "throttled",
+            (true, false) => "connected",
+            (false, _) => "down",
+        };
         let eta = d["drain_eta_seconds"].as_f64().map_or_else(|| "-".to_owned(), |s| format!("{s:.0}s"));
         writeln!(
             out,

@@ -35,6 +35,7 @@
 //!   publish, and how large that publish is.
 //! - [`event`] — the CloudEvents record, its attribute rules and its
 //!   versioned storage encoding.
+//! - [`sas`] — Azure IoT Hub's shared access signatures (MQTT passwords).
 //! - [`topic`] — MQTT topic name validation, filter matching and the MQTT
 //!   string rule.
 //! - [`durable_file`] — crash-safe whole-file writes (plugin artifacts, fleet staging).
@@ -73,6 +74,7 @@ pub mod limits;
 pub mod metrics;
 pub mod plugin;
 pub mod runtime;
+pub mod sas;
 pub mod state;
 pub mod store;
 pub mod systemd;

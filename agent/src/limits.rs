@@ -1,7 +1,8 @@
 //! What each destination's broker accepts: one predicate that ingest uses to
 //! refuse an event before it is stored and the forwarder uses to set aside
 //! an event that a limit learnt later (a broker's CONNACK) rules out, so the
-//! two can never disagree.
+//! two can never disagree: the packet size (configured, or announced in the
+//! broker's CONNACK), the cloud's payload limit and its topic rules.
 //!
 //! A [`DestinationLimits`] is built from the destination's config and shared
 //! (behind an `Arc`) between ingest and that destination's forwarder, which
@@ -10,7 +11,7 @@
 
 use std::sync::atomic::{AtomicU32, Ordering};
 
-use crate::config::{DestinationConfig, Protocol};
+use crate::config::{DestinationConfig, Protocol, TopicRules, TopicScheme};
 use crate::event::EventBodyRef;
 use crate::topic::TopicFilter;
 use crate::wire;
@@ -24,6 +25,12 @@ pub struct DestinationLimits {
     routes: Vec<TopicFilter>,
     /// State keys this destination subscribes to (it is sent their values).
     subscribe: Vec<TopicFilter>,
+    /// What the cloud requires of topics.
+    topics: TopicRules,
+    /// The MQTT client id (Azure IoT Hub's topics name it).
+    client_id: String,
+    /// The cloud's payload limit.
+    max_payload: Option<usize>,
     /// `max_packet_size` from the config.
     configured_max_packet: usize,
     /// The Maximum Packet Size the broker announced in its last CONNACK
@@ -40,6 +47,9 @@ impl DestinationLimits {
             topic_prefix: config.topic_prefix.clone(),
             routes: config.routes.clone(),
             subscribe: config.subscribe.clone(),
+            topics: config.topics.clone(),
+            client_id: config.endpoint.client_id.clone(),
+            max_payload: config.max_payload_bytes,
             configured_max_packet: config.endpoint.max_packet_bytes,
             announced_max_packet: AtomicU32::new(0),
         }
@@ -85,9 +95,27 @@ impl DestinationLimits {
     }
 
     /// Why this destination's broker would refuse `body` (an event not yet
-    /// stored; see [`wire::publish_len`] for `json_data`), if it would.
+    /// stored; see [`wire::publish_size`] for `json_data`), if it would.
     pub fn refusal(&self, body: &EventBodyRef<'_>, json_data: bool) -> Option<String> {
-        self.packet_refusal(wire::publish_len(self.protocol, &self.topic_prefix, body, json_data))
+        let topic = match self.topics.scheme {
+            TopicScheme::Prefix => format!("{}{}", self.topic_prefix, body.subject),
+            TopicScheme::AzureIotHub => {
+                wire::iot_hub_topic(&self.client_id, body.subject, wire::STRUCTURED_CONTENT_TYPE)
+            }
+        };
+        if let Some(reason) = self.topics.refusal(&topic) {
+            return Some(format!("destination {}: {reason}", self.name));
+        }
+        let size = wire::publish_size(self.protocol, topic.len(), body, json_data);
+        if let Some(max) = self.max_payload
+            && size.payload > max
+        {
+            return Some(format!(
+                "destination {}: a payload of {} bytes exceeds its max_payload_size ({max} bytes)",
+                self.name, size.payload
+            ));
+        }
+        self.packet_refusal(size.packet)
     }
 }
 

@@ -262,6 +262,27 @@ impl Collector for Snapshot {
             &mut e,
         )?;
         dest(
+            "ferry_destination_throttled",
+            "1 while the destination waits on its pace (its cloud's publish or byte rate), else 0.",
+            Gauge,
+            |d, _| f64::from(u8::from(d.throttled)),
+            &mut e,
+        )?;
+        dest(
+            "ferry_destination_throttled_seconds",
+            "Time spent waiting on the destination's pace.",
+            Counter,
+            |d, _| d.throttled_seconds,
+            &mut e,
+        )?;
+        dest(
+            "ferry_destination_events_per_publish",
+            "Events per publish since start (above 1 when batching).",
+            Gauge,
+            |d, _| d.events_per_publish,
+            &mut e,
+        )?;
+        dest(
             "ferry_destination_dead_letters",
             "Events this destination could not take (dead-lettered for it).",
             Counter,

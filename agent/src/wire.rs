@@ -8,6 +8,12 @@
 //! Pure functions: the same event always encodes to the same bytes, so a
 //! resend after a reconnect is identical to the first send.
 //!
+//! A batch is one publish whose payload is a CloudEvents JSON batch
+//! (`application/cloudevents-batch+json`): an array of structured-mode
+//! events, every attribute included, all of one subject, on that subject's
+//! topic. Azure IoT Hub's device endpoint takes one topic per device, with
+//! the message's properties in it ([`iot_hub_topic`]).
+//!
 //! [`publish_len`] sizes a publish without encoding it, so ingest can refuse
 //! an event that some destination's broker would refuse.
 
@@ -16,7 +22,9 @@ use serde_json::value::RawValue;
 use serde_json::{Map, Value};
 
 use crate::config::Protocol;
-use crate::event::{Event, EventBodyRef, ROUTE_EXTENSION, format_time, is_core_attribute, is_json_content_type};
+use crate::event::{
+    Event, EventBodyRef, JSON_CONTENT_TYPE, ROUTE_EXTENSION, format_time, is_core_attribute, is_json_content_type,
+};
 
 /// Whether an extension travels: not Ferry's internal route, and not one
 /// that would stand in for a core attribute (ingest refuses those; an event
@@ -27,6 +35,44 @@ fn travels(name: &str) -> bool {
 
 /// Content type of structured-mode payloads.
 pub const STRUCTURED_CONTENT_TYPE: &str = "application/cloudevents+json";
+
+/// Content type of batch payloads.
+pub const BATCH_CONTENT_TYPE: &str = "application/cloudevents-batch+json";
+
+/// A batch payload: the structured-mode encodings of its events (see
+/// [`structured`]) as one JSON array.
+pub fn batch<'a>(structured: impl IntoIterator<Item = &'a [u8]>) -> Vec<u8> {
+    let mut out = vec![b'['];
+    for (i, e) in structured.into_iter().enumerate() {
+        if i > 0 {
+            out.push(b',');
+        }
+        out.extend_from_slice(e);
+    }
+    out.push(b']');
+    out
+}
+
+/// Bytes [`batch`] adds around events of these encoded lengths.
+pub fn batch_len(encoded: impl IntoIterator<Item = usize>) -> usize {
+    let (n, sum) = encoded.into_iter().fold((0usize, 0usize), |(n, sum), len| (n + 1, sum + len));
+    2 + sum + n.saturating_sub(1)
+}
+
+/// The topic Azure IoT Hub's device endpoint takes for device `device_id`:
+/// `devices/{device_id}/messages/events/` and the message properties, URL
+/// encoded: the system properties content type (`$.ct`) and encoding
+/// (`$.ce`), so IoT Hub routing can read the JSON body, and the event's
+/// `subject`.
+pub fn iot_hub_topic(device_id: &str, subject: &str, content_type: &str) -> String {
+    use crate::sas::encode;
+    format!(
+        "devices/{}/messages/events/$.ct={}&$.ce=utf-8&subject={}",
+        encode(device_id),
+        encode(content_type),
+        encode(subject)
+    )
+}
 
 /// An event in binary content mode (MQTT 5).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -92,13 +138,19 @@ pub fn structured(event: &Event) -> Vec<u8> {
     for (k, v) in attributes(event) {
         obj.insert(k, Value::String(v));
     }
-    if let Some(ct) = &event.body.datacontenttype {
-        obj.insert("datacontenttype".into(), Value::String(ct.clone()));
-    }
     let data = &event.body.data;
     // JSON data is embedded as JSON; anything else (or JSON that fails to
     // parse, which ingest never stores) is carried as base64.
-    match event.body.data_is_json().then(|| serde_json::from_slice::<&RawValue>(data).ok()).flatten() {
+    let json = event.body.data_is_json().then(|| serde_json::from_slice::<&RawValue>(data).ok()).flatten();
+    if let Some(ct) = &event.body.datacontenttype
+        // The JSON format implies `application/json` when it is absent
+        // (CloudEvents JSON Event Format 1.0.2, 3.1): 36 bytes saved per
+        // event of every batch.
+        && !(json.is_some() && ct == JSON_CONTENT_TYPE)
+    {
+        obj.insert("datacontenttype".into(), Value::String(ct.clone()));
+    }
+    match json {
         Some(raw) => {
             let mut text = serde_json::to_string(&obj).expect("a map of strings serialises");
             text.pop(); // the closing brace
@@ -155,19 +207,27 @@ fn base64_len(n: usize) -> usize {
     n.div_ceil(3) * 4
 }
 
-/// The bytes of the PUBLISH packet that carries `body` to a broker of
-/// `protocol` under `topic_prefix`, for an event whose `sequence` and `hlc`
-/// are not assigned yet: an upper bound at most a few dozen bytes above
-/// what the forwarder will send. `json_data` says whether the data is JSON
-/// that structured mode embeds as it is (else it goes as base64 when the
-/// content type is not JSON).
-pub fn publish_len(protocol: Protocol, topic_prefix: &str, body: &EventBodyRef<'_>, json_data: bool) -> usize {
-    let topic = topic_prefix.len() + body.subject.len();
+/// The sizes of the publish that carries `body` to a broker of `protocol`
+/// on a topic of `topic_len` bytes, for an event whose `sequence` and `hlc`
+/// are not assigned yet: upper bounds at most a few dozen bytes above what
+/// the forwarder will send. `json_data` says whether the data is JSON that
+/// structured mode embeds as it is (else it goes as base64 when the content
+/// type is not JSON).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PublishSize {
+    /// The whole packet.
+    pub packet: usize,
+    /// Its payload.
+    pub payload: usize,
+}
+
+/// See [`PublishSize`].
+pub fn publish_size(protocol: Protocol, topic_len: usize, body: &EventBodyRef<'_>, json_data: bool) -> PublishSize {
     // Fixed header (type byte and a remaining length of up to 4 bytes),
     // the topic, the packet id.
-    let mut len = 5 + 2 + topic + 2;
+    let mut packet = 5 + 2 + topic_len + 2;
     let extensions = || body.extensions.iter().filter(|(k, _)| travels(k));
-    match protocol {
+    let payload = match protocol {
         Protocol::V5 => {
             let property = |k: &str, v: &str| 1 + mqtt_str(k) + mqtt_str(v);
             let mut props = property("specversion", "1.0")
@@ -182,7 +242,8 @@ pub fn publish_len(protocol: Protocol, topic_prefix: &str, body: &EventBodyRef<'
             props += body.datacontenttype.map_or(0, |c| 1 + mqtt_str(c));
             props += extensions().map(|(k, v)| property(k, v)).sum::<usize>();
             // The properties' own length, a variable integer of up to 4 bytes.
-            len += 4 + props + body.data.len();
+            packet += 4 + props;
+            body.data.len()
         }
         Protocol::V311 => {
             // `{` `}`, then `"name":value` members separated by commas.
@@ -205,10 +266,15 @@ pub fn publish_len(protocol: Protocol, topic_prefix: &str, body: &EventBodyRef<'
             } else {
                 member("data_base64", 2 + base64_len(body.data.len()))
             };
-            len += json;
+            json
         }
-    }
-    len
+    };
+    PublishSize { packet: packet + payload, payload }
+}
+
+/// The packet size of [`publish_size`] under `{topic_prefix}{subject}`.
+pub fn publish_len(protocol: Protocol, topic_prefix: &str, body: &EventBodyRef<'_>, json_data: bool) -> usize {
+    publish_size(protocol, topic_prefix.len() + body.subject.len(), body, json_data).packet
 }
 
 /// Bytes an MQTT PUBLISH packet takes on the wire (an upper bound: the
@@ -281,8 +347,14 @@ mod tests {
         let v: Value = serde_json::from_slice(&structured(&event(Some("application/json"), br#"{"c":1}"#))).unwrap();
         assert_eq!(v["data"]["c"], 1);
         assert_eq!(v["specversion"], "1.0");
-        assert_eq!(v["datacontenttype"], "application/json");
+        assert!(v.get("datacontenttype").is_none(), "the JSON format's default goes without saying");
         assert_eq!(v["sequence"], "42");
+        let v: Value =
+            serde_json::from_slice(&structured(&event(Some("application/vnd.x+json"), br#"{"c":1}"#))).unwrap();
+        assert_eq!(
+            (&v["datacontenttype"], &v["data"]["c"]),
+            (&serde_json::json!("application/vnd.x+json"), &serde_json::json!(1))
+        );
         assert!(v["traceparent"].is_string());
         let v: Value =
             serde_json::from_slice(&structured(&event(Some("application/octet-stream"), &[0, 1, 2]))).unwrap();
@@ -344,6 +416,29 @@ mod tests {
                 assert!(estimate - actual <= 80, "{protocol:?}: estimate {estimate} far above the real {actual}");
             }
         }
+    }
+
+    #[test]
+    fn a_batch_is_a_json_array_of_structured_events() {
+        let (a, b) = (event(Some("application/json"), b"1"), event(None, &[7]));
+        let (ea, eb) = (structured(&a), structured(&b));
+        let payload = batch([ea.as_slice(), eb.as_slice()]);
+        assert_eq!(payload.len(), batch_len([ea.len(), eb.len()]));
+        let v: Vec<Value> = serde_json::from_slice(&payload).unwrap();
+        assert_eq!(
+            (v[0]["data"].clone(), v[1]["data_base64"].clone()),
+            (serde_json::json!(1), serde_json::json!("Bw=="))
+        );
+        assert_eq!(v[1]["sequence"], "42");
+        assert_eq!(batch(std::iter::empty::<&[u8]>()), b"[]");
+    }
+
+    #[test]
+    fn an_iot_hub_topic_carries_the_properties_encoded() {
+        assert_eq!(
+            iot_hub_topic("gw-1", "telemetry/temp", STRUCTURED_CONTENT_TYPE),
+            "devices/gw-1/messages/events/$.ct=application%2Fcloudevents%2Bjson&$.ce=utf-8&subject=telemetry%2Ftemp"
+        );
     }
 
     #[test]

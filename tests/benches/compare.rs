@@ -9,7 +9,9 @@
 //!   settings at Mosquitto's defaults);
 //! - **ferry-mqtt**: producers → the same kind of local Mosquitto → Ferry's
 //!   local MQTT ingest → two destinations;
-//! - **ferry-http**: producers → Ferry's HTTP API → two destinations.
+//! - **ferry-http**: producers → Ferry's HTTP API → two destinations;
+//! - **ferry-http-batched**: the same, with each destination batching up to
+//!   64 events (32 KiB) per publish, every event still durable on its own.
 //!
 //! Rows: end-to-end throughput (every event at both clouds), latency p50/p99
 //! at a fixed rate, time to drain after one cloud was cut off under load,
@@ -23,7 +25,8 @@
 //! `FERRY_COMPARE_RATE` (events/s for latency and outage, default 2000),
 //! `FERRY_COMPARE_LATENCY_SECS` (10), `FERRY_COMPARE_OUTAGE_SECS` (60),
 //! `FERRY_COMPARE_KILLS` (10), `FERRY_COMPARE_CUTS` (power cuts, 40),
-//! `FERRY_COMPARE_SYSTEMS` (comma-separated subset of bridge,ferry-mqtt,ferry-http),
+//! `FERRY_COMPARE_SYSTEMS` (comma-separated subset of bridge,ferry-mqtt,ferry-http,
+//! ferry-http-batched),
 //! `FERRY_COMPARE_WINDOW` (events in flight per producer, 32),
 //! `FERRY_COMPARE_LOCAL_INFLIGHT` (`max_inflight_messages` of the local
 //! broker, both setups; unset: Mosquitto's default of 20),
@@ -79,6 +82,7 @@ enum System {
     Bridge,
     FerryMqtt,
     FerryHttp,
+    FerryHttpBatched,
 }
 
 impl System {
@@ -87,6 +91,7 @@ impl System {
             System::Bridge => "Mosquitto bridge",
             System::FerryMqtt => "Ferry, local MQTT ingest",
             System::FerryHttp => "Ferry, HTTP ingest",
+            System::FerryHttpBatched => "Ferry, HTTP ingest, batched",
         }
     }
 }
@@ -161,7 +166,7 @@ impl Rig {
                 }
                 rig.local = Some(Mosquitto::start(local_options(s, bridge)).await?);
             }
-            System::FerryMqtt | System::FerryHttp => {
+            System::FerryMqtt | System::FerryHttp | System::FerryHttpBatched => {
                 let mut tail = String::new();
                 if system == System::FerryMqtt {
                     let local = Mosquitto::start(local_options(s, String::new())).await?;
@@ -171,10 +176,16 @@ impl Rig {
                 for (name, proxy) in ["cloud-a", "cloud-b"].iter().zip(&rig.proxies) {
                     let _ = write!(
                         tail,
-                        "[[destination]]\nname = \"{name}\"\nurl = \"mqtt://{}\"\nprotocol = \"{}\"\n\n",
+                        "[[destination]]\nname = \"{name}\"\nurl = \"mqtt://{}\"\nprotocol = \"{}\"\n",
                         proxy.addr(),
                         s.protocol
                     );
+                    if system == System::FerryHttpBatched {
+                        // Room for every publish the broker's Receive Maximum allows to carry a batch.
+                        tail.push_str("inflight = 2048\n");
+                        tail.push_str("[destination.batch]\nmax_events = 64\nmax_bytes = \"32 KiB\"\n");
+                    }
+                    tail.push('\n');
                 }
                 rig.ferry_config = Some(write_config_with(rig._dir.path(), "", &tail));
                 rig.start_ferry().await?;
@@ -231,11 +242,11 @@ impl Rig {
         let first = self.next_producer;
         self.next_producer += PRODUCERS;
         Ok(match (self.system, pace) {
-            (System::FerryHttp, Pace::Max) => {
+            (System::FerryHttp | System::FerryHttpBatched, Pace::Max) => {
                 let requests = usize::from(self.window.div_ceil(HTTP_BATCH));
                 Producers::http(self.url.clone(), first, PRODUCERS, requests, u64::from(HTTP_BATCH), pace, limit)
             }
-            (System::FerryHttp, Pace::Rate(_)) => {
+            (System::FerryHttp | System::FerryHttpBatched, Pace::Rate(_)) => {
                 Producers::http(self.url.clone(), first, PRODUCERS, usize::from(self.window), 1, pace, limit)
             }
             _ => Producers::mqtt(
@@ -452,7 +463,8 @@ fn runs(ns: &[u64]) -> Vec<(u64, u64)> {
 }
 
 fn main() {
-    let systems = std::env::var("FERRY_COMPARE_SYSTEMS").unwrap_or_else(|_| "bridge,ferry-mqtt,ferry-http".into());
+    let systems = std::env::var("FERRY_COMPARE_SYSTEMS")
+        .unwrap_or_else(|_| "bridge,ferry-mqtt,ferry-http,ferry-http-batched".into());
     let s = Settings {
         events: env_num("FERRY_COMPARE_EVENTS", 100_000.0) as u64,
         rate: env_num("FERRY_COMPARE_RATE", 2000.0),
@@ -475,7 +487,10 @@ fn main() {
                 "bridge" => System::Bridge,
                 "ferry-mqtt" => System::FerryMqtt,
                 "ferry-http" => System::FerryHttp,
-                other => panic!("FERRY_COMPARE_SYSTEMS: unknown system {other:?} (bridge, ferry-mqtt, ferry-http)"),
+                "ferry-http-batched" => System::FerryHttpBatched,
+                other => panic!(
+                    "FERRY_COMPARE_SYSTEMS: unknown system {other:?} (bridge, ferry-mqtt, ferry-http, ferry-http-batched)"
+                ),
             })
             .collect(),
     };

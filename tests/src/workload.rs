@@ -53,11 +53,20 @@ struct Structured {
 }
 
 impl Stamp {
-    /// The stamp of a bare payload, or of the data of a structured CloudEvent.
-    fn parse(payload: &[u8]) -> Option<Self> {
+    /// The stamps of a bare payload, of the data of a structured CloudEvent,
+    /// or of each event of a batch (a JSON array of structured events);
+    /// empty if the payload is none of these.
+    fn parse(payload: &[u8]) -> Vec<Self> {
+        if payload.first() == Some(&b'[') {
+            return serde_json::from_slice::<Vec<Structured>>(payload)
+                .map(|batch| batch.into_iter().map(|s| s.data).collect())
+                .unwrap_or_default();
+        }
         serde_json::from_slice(payload)
             .ok()
             .or_else(|| serde_json::from_slice::<Structured>(payload).ok().map(|s| s.data))
+            .into_iter()
+            .collect()
     }
 }
 
@@ -391,21 +400,24 @@ impl Tally {
                         let now = now_us();
                         let mut st = s.lock().expect("tally lock");
                         st.last_arrival = Some(Instant::now());
-                        let Some(stamp) = Stamp::parse(&m.payload) else {
+                        let stamps = Stamp::parse(&m.payload);
+                        if stamps.is_empty() {
                             st.foreign += 1;
                             continue;
-                        };
-                        let p = stamp.p as usize;
-                        if st.received.len() <= p {
-                            st.received.resize(p + 1, Bits::default());
                         }
-                        if st.received[p].insert(stamp.n) {
-                            st.unique += 1;
-                            if let Some(l) = st.latencies_us.as_mut() {
-                                l.push(now.saturating_sub(stamp.t));
+                        for stamp in stamps {
+                            let p = stamp.p as usize;
+                            if st.received.len() <= p {
+                                st.received.resize(p + 1, Bits::default());
                             }
-                        } else {
-                            st.duplicates += 1;
+                            if st.received[p].insert(stamp.n) {
+                                st.unique += 1;
+                                if let Some(l) = st.latencies_us.as_mut() {
+                                    l.push(now.saturating_sub(stamp.t));
+                                }
+                            } else {
+                                st.duplicates += 1;
+                            }
                         }
                     }
                     Ok(_) => {}
@@ -568,15 +580,19 @@ mod tests {
     fn payloads_have_the_fixed_length_and_carry_their_stamp() {
         let p = payload(3, 123_456);
         assert_eq!(p.len(), PAYLOAD_LEN);
-        let s = Stamp::parse(p.as_bytes()).unwrap();
-        assert_eq!((s.p, s.n), (3, 123_456));
+        let s = Stamp::parse(p.as_bytes());
+        assert_eq!(s.iter().map(|s| (s.p, s.n)).collect::<Vec<_>>(), [(3, 123_456)]);
     }
 
     #[test]
-    fn a_structured_cloudevent_yields_the_stamp_of_its_data() {
-        let event = format!(r#"{{"specversion":"1.0","id":"x","data":{}}}"#, payload(5, 9));
-        let s = Stamp::parse(event.as_bytes()).unwrap();
-        assert_eq!((s.p, s.n), (5, 9));
-        assert!(Stamp::parse(br#"{"specversion":"1.0","data":"probe"}"#).is_none());
+    fn a_structured_cloudevent_or_a_batch_yields_the_stamps_of_its_data() {
+        let event = |p, n| format!(r#"{{"specversion":"1.0","id":"x","data":{}}}"#, payload(p, n));
+        let s = Stamp::parse(event(5, 9).as_bytes());
+        assert_eq!(s.iter().map(|s| (s.p, s.n)).collect::<Vec<_>>(), [(5, 9)]);
+        let batch = format!("[{},{}]", event(1, 2), event(1, 3));
+        let s = Stamp::parse(batch.as_bytes());
+        assert_eq!(s.iter().map(|s| (s.p, s.n)).collect::<Vec<_>>(), [(1, 2), (1, 3)]);
+        assert!(Stamp::parse(br#"{"specversion":"1.0","data":"probe"}"#).is_empty());
+        assert!(Stamp::parse(br#"[{"specversion":"1.0","data":"probe"}]"#).is_empty());
     }
 }

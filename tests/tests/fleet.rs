@@ -165,7 +165,7 @@ async fn a_pushed_plugin_is_downloaded_verified_shadowed_and_activated() {
     let mosquitto = broker().await;
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path();
-    // The fleet manager's side, from the CLI as the README shows it.
+    // The fleet manager's side, from the CLI as docs/fleet.md shows it.
     ferry(&["fleet", "keygen", "--out", "ops"], dir);
     let public = std::fs::read_to_string(dir.join("ops.pub")).unwrap();
     let trusted = bundle::decode_public(&public).unwrap();

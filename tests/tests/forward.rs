@@ -466,10 +466,17 @@ async fn local_mqtt_ingest_stores_and_forwards_and_loses_nothing_when_the_agent_
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_route_verdict_limits_an_event_to_the_named_destinations_and_stays_off_the_wire() {
     let ([ma, mb], [ca, cb]) = two_clouds().await;
-    let t = TestAgent::start(&[destination("a", &ma.url(), "v5", ""), destination("b", &mb.url(), "v5", "")].concat())
-        .await;
+    let t = TestAgent::start(
+        &[
+            destination("a", &ma.url(), "v5", ""),
+            destination("b", &mb.url(), "v5", ""),
+            plugin("router", "subject-router", "ingest", "config = { \"route.alerts/\" = \"a\" }"),
+        ]
+        .concat(),
+    )
+    .await;
     let body = json!([
-        {"topic": "t", "id": "only-a", "data": 1, "extensions": {"ferryroute": "a"}},
+        {"topic": "alerts/fire", "id": "only-a", "data": 1},
         {"topic": "t", "id": "both", "data": 2},
     ]);
     let r = t.client.post(format!("http://{}/v1/events", t.agent.http_addr())).json(&body).send().await.unwrap();

@@ -25,7 +25,10 @@ pub use plugin::PluginConfig;
 pub const DEFAULT_TOML: &str = include_str!("ferry.default.toml");
 
 mod mqtt;
-pub use mqtt::{DestinationConfig, MqttEndpoint, MqttIngestConfig, Protocol};
+pub use mqtt::{DestinationConfig, MqttEndpoint, MqttIngestConfig, Protocol, Resolved, SasConfig};
+
+pub mod profile;
+pub use profile::{BATCH_PACKET_ROOM, BatchConfig, Profile, TopicRules, TopicScheme};
 
 pub mod state;
 pub use state::{LocalStateMqtt, MergeRule, StateConfig};

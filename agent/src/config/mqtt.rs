@@ -7,6 +7,7 @@ use std::time::Duration;
 use bytesize::ByteSize;
 use serde::Deserialize;
 
+use super::profile::{BatchConfig, Profile, TopicRules, TopicScheme};
 use super::{ConfigError, Secret, parse_duration};
 use crate::topic::{self, TopicFilter};
 
@@ -69,6 +70,9 @@ pub struct DestinationConfig {
     /// Most events sent whose acknowledgement is not yet durable; also the
     /// bound on events sent twice after a crash.
     pub inflight: usize,
+    /// Most publishes awaiting PUBACK at once (the cloud's in-flight quota;
+    /// a broker's CONNACK Receive Maximum lowers it further).
+    pub inflight_publishes: usize,
     /// First reconnect delay.
     pub backoff_base: Duration,
     /// Longest reconnect delay.
@@ -76,6 +80,46 @@ pub struct DestinationConfig {
     /// Topic filters below `topic_prefix` whose messages this cloud sends
     /// the device (state updates); each is subscribed as `{topic_prefix}{filter}`.
     pub subscribe: Vec<TopicFilter>,
+    /// The cloud profile its defaults came from.
+    pub profile: Profile,
+    /// Most publishes per second (`None`: unpaced).
+    pub max_publish_rate: Option<u32>,
+    /// Most publish bytes per second (`None`: unpaced).
+    pub max_byte_rate: Option<u64>,
+    /// Largest payload the cloud takes (`None`: only the packet limit).
+    pub max_payload_bytes: Option<usize>,
+    /// What the cloud requires of topics.
+    pub topics: TopicRules,
+    /// Whether the cloud keeps retained messages (state is published retained where it does).
+    pub retain_available: bool,
+    /// Batched publishing.
+    pub batch: BatchConfig,
+    /// Azure IoT Hub's shared access signature credentials, if used.
+    pub sas: Option<SasConfig>,
+    /// Every limit as resolved, with where it came from, for `ferry config check`.
+    pub resolved: Vec<Resolved>,
+}
+
+/// Credentials signed with a device key (Azure IoT Hub's SAS tokens), each
+/// connection getting a fresh token.
+#[derive(Debug, Clone)]
+pub struct SasConfig {
+    /// The device's primary or secondary key, base64 as the portal shows it.
+    pub key: Secret,
+    /// How long each token is valid; the connection is renewed before.
+    pub lifetime: Duration,
+}
+
+/// One limit of a destination, resolved.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Resolved {
+    /// The config key.
+    pub key: &'static str,
+    /// Its value, as printed.
+    pub value: String,
+    /// Where it came from: `default`, the profile (with the documented
+    /// figure), or `config`.
+    pub source: String,
 }
 
 impl DestinationConfig {
@@ -173,10 +217,27 @@ raw_with_endpoint! {
         topic_prefix: Option<String>,
         routes: Option<Vec<String>>,
         inflight: Option<usize>,
+        inflight_publishes: Option<usize>,
         backoff_base: Option<String>,
         backoff_cap: Option<String>,
         subscribe: Option<Vec<String>>,
+        profile: Option<String>,
+        max_publish_rate: Option<u32>,
+        max_byte_rate: Option<ByteSize>,
+        max_payload_size: Option<ByteSize>,
+        batch: Option<RawBatch>,
+        sas_key: Option<String>,
+        sas_token_lifetime: Option<String>,
     }
+}
+
+/// `[destination.batch]` as written.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawBatch {
+    max_events: Option<usize>,
+    max_bytes: Option<ByteSize>,
+    linger: Option<String>,
 }
 
 raw_with_endpoint! {
@@ -205,7 +266,20 @@ impl Ctx<'_> {
     }
 }
 
-fn endpoint(raw: RawEndpoint, default_client_id: String, cx: &Ctx<'_>) -> Result<MqttEndpoint, ConfigError> {
+/// What a table's own defaults are for its endpoint keys.
+struct EndpointDefaults {
+    client_id: String,
+    protocol: Protocol,
+    max_packet_bytes: u64,
+}
+
+impl EndpointDefaults {
+    fn plain(client_id: String) -> Self {
+        Self { client_id, protocol: Protocol::V5, max_packet_bytes: 128 * 1024 }
+    }
+}
+
+fn endpoint(raw: RawEndpoint, defaults: EndpointDefaults, cx: &Ctx<'_>) -> Result<MqttEndpoint, ConfigError> {
     let url = raw.url.ok_or_else(|| cx.err("url", "is required, e.g. \"mqtts://broker.example.com:8883\""))?;
     let (tls, rest) = if let Some(r) = url.strip_prefix("mqtts://") {
         (true, r)
@@ -225,12 +299,13 @@ fn endpoint(raw: RawEndpoint, default_client_id: String, cx: &Ctx<'_>) -> Result
     if host.is_empty() || host.contains('/') {
         return Err(cx.err("url", format!("`{url}` has no valid host")));
     }
-    let protocol = match raw.protocol.as_deref().unwrap_or("v5") {
-        "v5" | "5" => Protocol::V5,
-        "v311" | "3.1.1" | "v3.1.1" => Protocol::V311,
-        other => return Err(cx.err("protocol", format!("`{other}` is not one of \"v5\", \"v311\""))),
+    let protocol = match raw.protocol.as_deref() {
+        None => defaults.protocol,
+        Some("v5" | "5") => Protocol::V5,
+        Some("v311" | "3.1.1" | "v3.1.1") => Protocol::V311,
+        Some(other) => return Err(cx.err("protocol", format!("`{other}` is not one of \"v5\", \"v311\""))),
     };
-    let client_id = raw.client_id.unwrap_or(default_client_id);
+    let client_id = raw.client_id.unwrap_or(defaults.client_id);
     if client_id.is_empty() || client_id.len() > 128 {
         return Err(cx.err("client_id", "must be 1 to 128 characters"));
     }
@@ -255,7 +330,7 @@ fn endpoint(raw: RawEndpoint, default_client_id: String, cx: &Ctx<'_>) -> Result
     if keep_alive < Duration::from_secs(5) || keep_alive > Duration::from_secs(65_535) {
         return Err(cx.err("keep_alive", "must be between 5s and 65535s"));
     }
-    let max_packet_bytes = raw.max_packet_size.map_or(128 * 1024, |b| b.as_u64());
+    let max_packet_bytes = raw.max_packet_size.map_or(defaults.max_packet_bytes, |b| b.as_u64());
     if !(1024..=256 * 1024 * 1024).contains(&max_packet_bytes) {
         return Err(cx.err("max_packet_size", "must be between 1 KiB and 256 MiB"));
     }
@@ -291,9 +366,54 @@ pub(super) fn destination(
     if name.is_empty() || name.len() > 64 || !name.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_') {
         return Err(cx.err("name", format!("`{name}` must be 1 to 64 letters, digits, `-` or `_`")));
     }
-    let endpoint = endpoint(raw.take_endpoint(), format!("ferry-{device_id}-{name}"), cx)?;
-    let topic_prefix =
-        raw.topic_prefix.unwrap_or_else(|| "ferry/{device_id}/".into()).replace("{device_id}", device_id);
+    let profile = match raw.profile.as_deref() {
+        None => Profile::Generic,
+        Some(p) => Profile::parse(p).ok_or_else(|| {
+            let names: Vec<&str> = Profile::ALL.iter().map(|p| p.name()).collect();
+            cx.err("profile", format!("`{p}` is not one of {names:?}"))
+        })?,
+    };
+    let pd = profile.defaults();
+    let mut resolved = Vec::new();
+    let from_profile = |documented: String| format!("profile {} (documented {documented})", profile.name());
+    let iot_hub = pd.topics.scheme == TopicScheme::AzureIotHub;
+    let defaults = EndpointDefaults {
+        // IoT Hub takes only the device's own id as client id.
+        client_id: if iot_hub { device_id.to_owned() } else { format!("ferry-{device_id}-{name}") },
+        protocol: pd.protocol.unwrap_or(Protocol::V5),
+        max_packet_bytes: pd.max_packet as u64,
+    };
+    let explicit_packet = raw.max_packet_size.is_some();
+    let mut endpoint = endpoint(raw.take_endpoint(), defaults, cx)?;
+    if let Some(required) = pd.protocol
+        && endpoint.protocol != required
+    {
+        return Err(
+            cx.err("protocol", format!("profile {} speaks MQTT 3.1.1 only: set protocol = \"v311\"", profile.name()))
+        );
+    }
+    resolved.push(Resolved {
+        key: "max_packet_size",
+        value: format!("{} bytes", endpoint.max_packet_bytes),
+        source: if explicit_packet {
+            "config".into()
+        } else if profile == Profile::Generic {
+            "default".into()
+        } else {
+            format!("profile {}", profile.name())
+        },
+    });
+
+    let topic_prefix = match (&raw.topic_prefix, iot_hub) {
+        (Some(_), true) => {
+            return Err(cx.err(
+                "topic_prefix",
+                format!("profile {} fixes its topics (devices/{{device_id}}/messages/events/)", profile.name()),
+            ));
+        }
+        (_, true) => String::new(),
+        (p, false) => p.clone().unwrap_or_else(|| "ferry/{device_id}/".into()).replace("{device_id}", device_id),
+    };
     if !topic_prefix.is_empty() {
         // The prefix plus any valid subject must form a valid topic name.
         topic::validate_name(&format!("{topic_prefix}x"))
@@ -301,11 +421,140 @@ pub(super) fn destination(
         if !topic_prefix.ends_with('/') {
             return Err(cx.err("topic_prefix", format!("`{topic_prefix}` must end with `/`")));
         }
+        // …and one subject level must still fit the cloud's rules.
+        if let Some(reason) = pd.topics.refusal(&format!("{topic_prefix}x")) {
+            return Err(cx.err("topic_prefix", format!("breaks profile {}: {reason}", profile.name())));
+        }
     }
     let routes = filters(raw.routes.unwrap_or_else(|| vec!["#".into()]), "routes", cx)?;
-    let inflight = raw.inflight.unwrap_or(256);
+    let inflight = match raw.inflight {
+        Some(n) => {
+            resolved.push(Resolved { key: "inflight", value: n.to_string(), source: "config".into() });
+            n
+        }
+        None => {
+            let source =
+                if profile == Profile::Generic { "default".into() } else { format!("profile {}", profile.name()) };
+            resolved.push(Resolved { key: "inflight", value: pd.inflight_events.to_string(), source });
+            pd.inflight_events
+        }
+    };
     if !(1..=65_535).contains(&inflight) {
         return Err(cx.err("inflight", "must be between 1 and 65535"));
+    }
+    let inflight_publishes = match (raw.inflight_publishes, pd.inflight_publishes) {
+        (Some(n), _) => (n, "config".to_owned()),
+        (None, Some(f)) => (f.default, from_profile(f.documented.to_string())),
+        (None, None) => (inflight, "default (inflight)".to_owned()),
+    };
+    resolved.push(Resolved {
+        key: "inflight_publishes",
+        value: inflight_publishes.0.to_string(),
+        source: inflight_publishes.1,
+    });
+    let inflight_publishes = inflight_publishes.0;
+    if !(1..=65_535).contains(&inflight_publishes) {
+        return Err(cx.err("inflight_publishes", "must be between 1 and 65535"));
+    }
+    let max_publish_rate = match (raw.max_publish_rate, pd.publish_rate) {
+        (Some(0), _) => None,
+        (Some(n), _) => Some((n, "config".to_owned())),
+        (None, Some(f)) => Some((f.default, from_profile(format!("{}/s", f.documented)))),
+        (None, None) => None,
+    }
+    .map(|(n, source)| {
+        resolved.push(Resolved { key: "max_publish_rate", value: format!("{n}/s"), source });
+        n
+    });
+    let max_byte_rate = match (raw.max_byte_rate.map(|b| b.as_u64()), pd.byte_rate) {
+        (Some(0), _) => None,
+        (Some(n), _) => Some((n, "config".to_owned())),
+        (None, Some(f)) => Some((f.default, from_profile(format!("{} B/s", f.documented)))),
+        (None, None) => None,
+    }
+    .map(|(n, source)| {
+        resolved.push(Resolved { key: "max_byte_rate", value: format!("{n} B/s"), source });
+        n
+    });
+    if max_byte_rate.is_some_and(|r| r < 1024) {
+        return Err(cx.err("max_byte_rate", "must be at least 1 KiB (per second), or 0 for none"));
+    }
+    let max_payload_bytes = match (raw.max_payload_size.map(|b| b.as_u64() as usize), pd.max_payload) {
+        (Some(n), _) => Some((n, "config".to_owned())),
+        (None, Some(n)) => Some((n, format!("profile {}", profile.name()))),
+        (None, None) => None,
+    }
+    .map(|(n, source)| {
+        resolved.push(Resolved { key: "max_payload_size", value: format!("{n} bytes"), source });
+        n
+    });
+    let batch = {
+        let b = raw.batch.unwrap_or_default();
+        let explicit = b.max_events.is_some() || b.max_bytes.is_some() || b.linger.is_some();
+        let max_events = b.max_events.unwrap_or(pd.batch.max_events);
+        if max_events == 0 {
+            return Err(cx.err("batch.max_events", "must be at least 1 (1: no batching)"));
+        }
+        let default_bytes = if pd.batch.enabled() { pd.batch.max_bytes } else { 64 * 1024 };
+        let max_bytes = b.max_bytes.map_or(default_bytes, |b| b.as_u64() as usize);
+        let linger = parse_duration(b.linger.as_deref().unwrap_or("0s")).map_err(|r| cx.err("batch.linger", r))?;
+        let batch = BatchConfig { max_events, max_bytes, linger };
+        let source = if explicit {
+            "config".to_owned()
+        } else if profile == Profile::Generic {
+            "default".into()
+        } else {
+            match pd.billing_unit {
+                Some(u) => format!("profile {} (billed per {u} bytes)", profile.name()),
+                None => format!("profile {}", profile.name()),
+            }
+        };
+        let value = if batch.enabled() {
+            format!("up to {max_events} events, {max_bytes} bytes, linger {}", humantime::format_duration(linger))
+        } else {
+            "off (one event per publish)".into()
+        };
+        resolved.push(Resolved { key: "batch", value, source });
+        batch
+    };
+    if batch.enabled() && batch.max_bytes + super::BATCH_PACKET_ROOM > endpoint.max_packet_bytes {
+        return Err(cx.err(
+            "batch.max_bytes",
+            format!("must leave room in max_packet_size ({} bytes) for the topic", endpoint.max_packet_bytes),
+        ));
+    }
+    let sas = match raw.sas_key {
+        Some(key) => {
+            if !endpoint.tls {
+                return Err(cx.err("sas_key", "is sent only over TLS: the url must be mqtts://"));
+            }
+            crate::sas::check_key(&key).map_err(|r| cx.err("sas_key", r))?;
+            let lifetime = parse_duration(raw.sas_token_lifetime.as_deref().unwrap_or("1h"))
+                .map_err(|r| cx.err("sas_token_lifetime", r))?;
+            if lifetime < Duration::from_secs(10) {
+                return Err(cx.err("sas_token_lifetime", "must be at least 10s"));
+            }
+            if endpoint.username.is_none() {
+                endpoint.username = Some(crate::sas::username(&endpoint.host, &endpoint.client_id));
+            }
+            Some(SasConfig { key: Secret::new(key), lifetime })
+        }
+        None => {
+            if raw.sas_token_lifetime.is_some() {
+                return Err(cx.err("sas_token_lifetime", "needs `sas_key`"));
+            }
+            None
+        }
+    };
+    if iot_hub && sas.is_none() && endpoint.client_cert.is_none() && endpoint.password.is_none() {
+        return Err(cx.err(
+            "sas_key",
+            format!(
+                "profile {} needs the device's key (sas_key), an X.509 certificate (client_cert, client_key), \
+                 or a token you renew yourself (password)",
+                profile.name()
+            ),
+        ));
     }
     let backoff_base =
         parse_duration(raw.backoff_base.as_deref().unwrap_or("500ms")).map_err(|r| cx.err("backoff_base", r))?;
@@ -316,12 +565,36 @@ pub(super) fn destination(
     }
     let mut subscribe = Vec::new();
     for f in raw.subscribe.unwrap_or_default() {
+        if iot_hub {
+            return Err(
+                cx.err("subscribe", format!("profile {} has no topics to subscribe to state on", profile.name()))
+            );
+        }
         let filter = TopicFilter::new(&f).map_err(|e| cx.err("subscribe", format!("`{f}` {e}")))?;
         TopicFilter::new(&format!("{topic_prefix}{f}"))
             .map_err(|e| cx.err("subscribe", format!("`{topic_prefix}{f}` (topic_prefix + filter) {e}")))?;
         subscribe.push(filter);
     }
-    Ok(DestinationConfig { name, endpoint, topic_prefix, routes, inflight, backoff_base, backoff_cap, subscribe })
+    Ok(DestinationConfig {
+        name,
+        endpoint,
+        topic_prefix,
+        routes,
+        inflight,
+        inflight_publishes,
+        backoff_base,
+        backoff_cap,
+        subscribe,
+        profile,
+        max_publish_rate,
+        max_byte_rate,
+        max_payload_bytes,
+        topics: pd.topics,
+        retain_available: pd.retain,
+        batch,
+        sas,
+        resolved,
+    })
 }
 
 pub(super) fn mqtt_ingest(
@@ -329,7 +602,7 @@ pub(super) fn mqtt_ingest(
     device_id: &str,
     cx: &Ctx<'_>,
 ) -> Result<MqttIngestConfig, ConfigError> {
-    let endpoint = endpoint(raw.take_endpoint(), format!("ferry-{device_id}-ingest"), cx)?;
+    let endpoint = endpoint(raw.take_endpoint(), EndpointDefaults::plain(format!("ferry-{device_id}-ingest")), cx)?;
     let topics = filters(raw.topics.unwrap_or_default(), "topics", cx)?;
     Ok(MqttIngestConfig { endpoint, topics })
 }
@@ -339,7 +612,7 @@ pub(super) fn local_state_mqtt(
     device_id: &str,
     cx: &Ctx<'_>,
 ) -> Result<super::state::LocalStateMqtt, ConfigError> {
-    let endpoint = endpoint(raw.take_endpoint(), format!("ferry-{device_id}-state"), cx)?;
+    let endpoint = endpoint(raw.take_endpoint(), EndpointDefaults::plain(format!("ferry-{device_id}-state")), cx)?;
     let topic_prefix = raw.topic_prefix.unwrap_or_else(|| "ferry/state/".into());
     topic::validate_name(&format!("{topic_prefix}x"))
         .map_err(|e| cx.err("topic_prefix", format!("`{topic_prefix}` would make invalid topics: {e}")))?;

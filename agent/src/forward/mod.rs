@@ -9,7 +9,13 @@
 //! Forwarders share nothing but the store, so a dead cloud never slows
 //! another.
 //!
+//! Each destination paces itself to its cloud's limits (publishes and bytes
+//! per second, in-flight publishes, packet size) and may batch several events
+//! of one subject into one publish; status shows when it waits on its pace.
+//!
 //! - [`stage`] — destination-stage filter plugins, run just before publish.
+//! - [`outgoing`] — the next publish: one event, or a batch, encoded.
+//! - [`pace`] — the pure pacer: publishes spaced evenly within the limits.
 //! - [`window`] — the pure in-flight and cursor state.
 //! - [`isolate`] — finding the one event a broker keeps refusing.
 //! - [`link`] — one rumqttc connection of either protocol version.
@@ -18,6 +24,8 @@
 pub mod backoff;
 pub mod isolate;
 pub mod link;
+pub mod outgoing;
+pub mod pace;
 pub mod stage;
 pub mod window;
 
@@ -37,10 +45,11 @@ use crate::event::Event;
 use crate::histogram::Histogram;
 use crate::limits::DestinationLimits;
 use crate::store::{Store, StoreError};
-use crate::wire;
 use backoff::Backoff;
 use isolate::Isolation;
 use link::{Link, LinkError, LinkEvent, LinkOptions, RefusalKind};
+use outgoing::Outgoing;
+use pace::Pacer;
 pub use stage::Stage;
 use stage::Step;
 use window::Window;
@@ -87,6 +96,13 @@ pub struct DestinationStatus {
     pub dead_lettered: u64,
     /// Publishes lost to a failed link before their PUBACK (resent later).
     pub publish_errors: u64,
+    /// Whether it is waiting now on its pace (publish or byte rate): "we
+    /// are at the cloud's limit", as opposed to "the cloud is slow".
+    pub throttled: bool,
+    /// Time spent waiting on its pace since start, in seconds.
+    pub throttled_seconds: f64,
+    /// Events per publish since start (above 1 when batching).
+    pub events_per_publish: f64,
 }
 
 /// A running forwarder.
@@ -166,6 +182,8 @@ impl Forwarder {
 /// Why a session ended.
 enum End {
     Shutdown,
+    /// Its credentials are about to expire: reconnect with fresh ones now.
+    Renew,
     /// `broker_ended`: the broker closed or broke the connection (rather
     /// than Ferry giving up on it), which may blame the publish in flight.
     Failed {
@@ -210,8 +228,19 @@ struct Progress {
     /// so the hot path takes no lock.
     delivered: u64,
     published: u64,
+    /// Events carried by those publishes.
+    events_published: u64,
     bytes_sent: u64,
     isolation: Isolation,
+    pacer: Pacer,
+    /// When to look again for something to send: a pace wait or a batch
+    /// lingering for more events.
+    wake_at: Option<tokio::time::Instant>,
+    /// Whether `wake_at` is a pace wait (as opposed to a linger).
+    throttled: bool,
+    /// Whether the broker keeps retained messages (its CONNACK's Retain
+    /// Available): when it does not, state updates go unretained.
+    broker_retain: bool,
 }
 
 impl Task {
@@ -233,13 +262,18 @@ impl Task {
             rate_mark: (Instant::now(), 0),
             delivered: 0,
             published: 0,
+            events_published: 0,
             bytes_sent: 0,
             isolation: Isolation::default(),
+            pacer: Pacer::new(self.config.max_publish_rate, self.config.max_byte_rate),
+            wake_at: None,
+            throttled: false,
+            broker_retain: true,
         };
         self.update(|s| s.acked_sequence = cursor);
         let mut backoff = Backoff::new(self.config.backoff_base, self.config.backoff_cap);
         let opts = LinkOptions {
-            inflight: u16::try_from(self.config.inflight).unwrap_or(u16::MAX),
+            inflight: u16::try_from(self.config.inflight_publishes).unwrap_or(u16::MAX),
             queue: self.config.inflight + 16,
             // With subscriptions, the broker keeps our session (and the QoS 1
             // messages sent while we were away) and waits for acks that come
@@ -252,12 +286,20 @@ impl Task {
             if *self.shutdown.borrow() {
                 break;
             }
-            let mut link = Link::open(&self.config.endpoint, self.tls.as_ref(), &opts);
+            let endpoint = match self.endpoint() {
+                Ok(e) => e,
+                Err(reason) => {
+                    tracing::error!(destination = %self.config.name, %reason, "cannot sign credentials; forwarder stopped");
+                    self.update(|s| s.last_error = Some(reason));
+                    break;
+                }
+            };
+            let mut link = Link::open(&endpoint, self.tls.as_ref(), &opts);
             let end = self.session(&mut link, &mut progress, &mut backoff).await;
             let lost = progress.window.in_flight() as u64;
             if let End::Failed { error, broker_ended } = &end {
                 let lone = (lost == 1).then(|| progress.window.first_unacked()).flatten();
-                let last_sent = progress.window.next().saturating_sub(1);
+                let last_sent = progress.window.last_offered();
                 progress.isolation.link_failed(lone, *broker_ended, last_sent, &error.to_string());
             }
             progress.window.reconnect();
@@ -266,6 +308,9 @@ impl Task {
                 s.in_flight = 0;
             });
             match end {
+                End::Renew => {
+                    tracing::debug!(destination = %self.config.name, "reconnecting with fresh credentials");
+                }
                 End::Shutdown => {
                     // Let acknowledgements already earned reach the disk.
                     drop(link);
@@ -298,6 +343,18 @@ impl Task {
         tracing::debug!(destination = %self.config.name, cursor = progress.window.durable(), "forwarder stopped");
     }
 
+    /// The endpoint to connect with now: with a fresh SAS token as its
+    /// password when the destination signs with a device key.
+    fn endpoint(&self) -> Result<crate::config::MqttEndpoint, String> {
+        let mut e = self.config.endpoint.clone();
+        if let Some(sas) = &self.config.sas {
+            let expiry = self.clock.now_millis() / 1000 + sas.lifetime.as_secs();
+            let token = crate::sas::token(&e.host, &e.client_id, sas.key.expose(), expiry)?;
+            e.password = Some(crate::config::Secret::new(token));
+        }
+        Ok(e)
+    }
+
     /// Age of the first event after `acked_through`, for lag while the link is down.
     async fn oldest_unsent_age(&self, acked_through: u64) -> u64 {
         let store = self.store.clone();
@@ -323,7 +380,16 @@ impl Task {
             _ = self.shutdown.changed() => return End::Shutdown,
         };
         match connected {
-            Ok(Ok(limits)) => self.limits.announce_max_packet(limits.max_packet_size),
+            Ok(Ok(limits)) => {
+                if limits.maximum_qos == Some(0) {
+                    // QoS 0 has no PUBACK: nothing could tell Ferry an event arrived.
+                    return End::ours(LinkError::Refused(
+                        "the broker takes QoS 0 only (CONNACK Maximum QoS); at-least-once delivery needs QoS 1".into(),
+                    ));
+                }
+                self.limits.announce_max_packet(limits.max_packet_size);
+                p.broker_retain = limits.retain_available != Some(false);
+            }
             Ok(Err(e)) => return End::ours(e),
             Err(_) => return End::ours(LinkError::Connection(format!("no CONNACK within {connect_deadline:?}"))),
         }
@@ -341,6 +407,8 @@ impl Task {
         let mut committed = self.store.committed();
         let mut buffer: VecDeque<Step> = VecDeque::new();
         let mut last_ack = Instant::now();
+        // A signed token is renewed well before it expires: at four fifths of its life.
+        let renew_at = self.config.sas.as_ref().map(|s| Instant::now() + s.lifetime * 4 / 5);
         let mut tick = tokio::time::interval(Duration::from_millis(100));
         // No PUBACK for this long while publishes wait: the link is black-holed.
         let ack_timeout = keep_alive * 2;
@@ -349,8 +417,11 @@ impl Task {
                 return End::ours(e);
             }
             self.maybe_persist(p);
-            let caught_up = buffer.is_empty() && *committed.borrow() < p.window.next();
+            // A lingering batch takes events committed meanwhile, as an empty buffer does.
+            let lingering = p.wake_at.is_some() && !p.throttled;
+            let caught_up = (buffer.is_empty() || lingering) && *committed.borrow() < p.window.next();
             let window_open = p.window.has_room();
+            let wake = p.wake_at;
             tokio::select! {
                 event = link.poll() => {
                     // Take whatever else is ready too, so one wake-up handles a burst of acks.
@@ -361,9 +432,9 @@ impl Task {
                         match e {
                             Ok(LinkEvent::Sent(pkid)) => p.window.on_wire(pkid),
                             Ok(LinkEvent::Acked(pkid)) => {
-                                if let Some(at_ms) = p.window.acked_at(pkid) {
+                                if let Some((events, at_ms)) = p.window.acked_at(pkid) {
                                     last_ack = Instant::now();
-                                    p.delivered += 1;
+                                    p.delivered += events as u64;
                                     self.lag.observe(now_ms.saturating_sub(at_ms) as f64 / 1000.0);
                                 }
                             }
@@ -402,6 +473,9 @@ impl Task {
                     p.isolation.delivered_through(p.window.acked_through());
                 }
                 _ = committed.changed(), if caught_up && window_open => {}
+                _ = tokio::time::sleep_until(wake.unwrap_or_else(tokio::time::Instant::now)), if wake.is_some() => {
+                    p.wake_at = None;
+                }
                 handled = async { (&mut unacked.front_mut().expect("guarded").handled).await }, if !unacked.is_empty() => {
                     let front = unacked.pop_front().expect("guarded");
                     if handled.iter().any(Result::is_err) {
@@ -431,6 +505,10 @@ impl Task {
                     if p.window.in_flight() == 0 {
                         last_ack = Instant::now();
                     }
+                    if renew_at.is_some_and(|at| Instant::now() >= at) {
+                        self.drain(link, p).await;
+                        return End::Renew;
+                    }
                     self.refresh_status(p, &buffer);
                 }
                 _ = self.shutdown.changed() => {
@@ -441,90 +519,150 @@ impl Task {
         }
     }
 
-    /// Offers events to the window while it has room: publishes what the
-    /// routes and destination-stage filters select, settles the rest, and
-    /// sets aside what this destination's broker cannot take.
+    /// Offers events to the window while it has room and the pace allows:
+    /// publishes what the routes and destination-stage filters select (one
+    /// event, or a batch), settles the rest, and sets aside what this
+    /// destination's broker cannot take.
     async fn fill(&mut self, link: &mut Link, p: &mut Progress, buffer: &mut VecDeque<Step>) -> Result<(), LinkError> {
-        while p.window.has_room() {
-            if buffer.is_empty() {
-                let newest = *self.store.committed().borrow();
+        let now = tokio::time::Instant::now();
+        if p.wake_at.is_some_and(|at| at > now) && p.throttled {
+            return Ok(());
+        }
+        if p.throttled {
+            // The wait on the pace is over.
+            p.throttled = false;
+            self.update(|s| s.throttled = false);
+        }
+        let lingering = p.wake_at.take().is_some();
+        loop {
+            if !p.window.has_room() {
+                return Ok(());
+            }
+            let newest = *self.store.committed().borrow();
+            if buffer.is_empty() || (lingering && newest >= p.window.next()) {
                 if newest < p.window.next() {
                     return Ok(());
                 }
                 let Some(events) = self.read(p.window.next() - 1).await? else { continue };
-                if events.is_empty() {
+                let Some(through) = events.last().map(|e| e.sequence) else {
                     // Everything up to `newest` left the log (expired or evicted).
                     p.window.skip_to(newest);
                     return Ok(());
-                }
+                };
+                p.window.read(events.iter().map(|e| (e.sequence, e.hlc.millis())), through);
                 self.plan(events, buffer).await?;
+                continue;
             }
-            if matches!(buffer.front(), Some(Step::Publish { .. }))
-                && !p.isolation.may_send(p.window.next(), p.window.in_flight())
-            {
-                // Resending what was in flight at a failure: one at a time.
-                return Ok(());
-            }
-            let (event, last) = match buffer.pop_front().expect("buffer refilled") {
+            let sequence = match buffer.front().expect("not empty") {
                 Step::Settle(sequence) => {
-                    if sequence > p.window.next() {
-                        p.window.skip_to(sequence - 1);
-                    }
-                    p.window.settled(sequence);
+                    p.window.settle(*sequence);
+                    buffer.pop_front();
                     continue;
                 }
-                Step::Publish { event, last } => (event, last),
+                Step::Publish { event, .. } => event.sequence,
             };
-            if event.sequence > p.window.next() {
-                p.window.skip_to(event.sequence - 1);
-            }
-            let sequence = event.sequence;
             if let Some((condemned, why)) = p.isolation.condemned()
                 && condemned == sequence
             {
                 let reason = format!("destination {}: {why}", self.config.name);
+                let Some(Step::Publish { last, .. }) = buffer.pop_front() else { unreachable!("a publish step") };
                 self.set_aside(sequence, &reason).await?;
                 if last {
                     p.isolation.set_aside();
-                    p.window.settled(sequence);
+                    p.window.settle(sequence);
                 }
                 continue;
             }
-            // State is published retained: the broker then holds the merged value.
-            let state = event.body.is_state();
-            let topic = wire::topic(&self.config.topic_prefix, &event);
-            let at_ms = event.hlc.millis();
-            let (payload, content_type, props) = match self.config.endpoint.protocol {
-                Protocol::V5 => {
-                    let m = wire::into_binary(event);
-                    (m.payload, m.content_type, m.user_properties)
-                }
-                Protocol::V311 => (wire::structured(&event), None, Vec::new()),
-            };
-            let len = wire::publish_packet_len(
-                self.config.endpoint.protocol,
-                &topic,
-                payload.len(),
-                content_type.as_deref(),
-                &props,
-            );
-            if let Some(reason) = self.limits.packet_refusal(len) {
-                self.set_aside(sequence, &reason).await?;
-                if last {
-                    p.window.settled(sequence);
+            // Resending what was in flight at a failure: one event at a time.
+            let careful = p.isolation.careful(sequence);
+            if careful && p.window.in_flight() > 0 {
+                return Ok(());
+            }
+            let now = tokio::time::Instant::now();
+            if let Some(at) = p.pacer.ready_at(now, 0) {
+                return self.throttle(p, now, at);
+            }
+            let mut next = outgoing::next(&self.config, buffer, p.window.room(), self.batch_bytes(careful));
+            if next.parts.len() > 1 && self.refusal(&next).is_some() {
+                // A batch the broker would refuse goes as single events, each judged alone.
+                next = outgoing::next(&self.config, buffer, p.window.room(), None);
+            }
+            if let Some(reason) = self.refusal(&next) {
+                next.take_from(buffer);
+                for &(seq, last) in &next.parts {
+                    self.set_aside(seq, &reason).await?;
+                    if last {
+                        p.window.settle(seq);
+                    }
                 }
                 continue;
             }
-            p.bytes_sent += payload.len() as u64;
-            p.published += 1;
-            link.publish(topic, payload, content_type, props, state)?;
-            if last {
-                p.window.sent(sequence, at_ms);
-            } else {
-                p.window.sent_part(sequence, at_ms);
+            if let Some(at) = p.pacer.ready_at(now, next.packet_len as u64) {
+                return self.throttle(p, now, at);
             }
+            let linger = self.config.batch.linger;
+            if next.unfilled && !linger.is_zero() {
+                let age = self.clock.now_millis().saturating_sub(next.oldest_ms);
+                let left = linger.saturating_sub(Duration::from_millis(age));
+                if !left.is_zero() {
+                    // A batch with room waits for more of its subject, up to `linger`.
+                    p.wake_at = Some(now + left);
+                    return Ok(());
+                }
+            }
+            next.take_from(buffer);
+            next.retain &= p.broker_retain;
+            p.pacer.sent(now, next.packet_len as u64);
+            self.send(link, p, next)?;
         }
+    }
+
+    /// Waits on the pace until `at`.
+    fn throttle(&self, p: &mut Progress, now: tokio::time::Instant, at: tokio::time::Instant) -> Result<(), LinkError> {
+        p.pacer.waited(at - now);
+        p.wake_at = Some(at);
+        p.throttled = true;
+        self.update(|s| s.throttled = true);
         Ok(())
+    }
+
+    /// Queues `o` and offers its events to the window.
+    fn send(&self, link: &mut Link, p: &mut Progress, o: Outgoing) -> Result<(), LinkError> {
+        p.bytes_sent += o.payload.len() as u64;
+        p.published += 1;
+        p.events_published += o.parts.len() as u64;
+        link.publish(o.topic, o.payload, o.content_type, o.properties, o.retain)?;
+        p.window.offer(&o.parts);
+        Ok(())
+    }
+
+    /// The most payload bytes a batch may have now (`None`: send events one
+    /// at a time): the configured size, within the packet size its broker
+    /// announced, leaving room for the topic and the rest of the packet.
+    fn batch_bytes(&self, careful: bool) -> Option<usize> {
+        if careful {
+            return None;
+        }
+        let (max_packet, _) = self.limits.max_packet();
+        Some(self.config.batch.max_bytes.min(max_packet.saturating_sub(crate::config::BATCH_PACKET_ROOM)))
+    }
+
+    /// Why this destination's broker would refuse `o`, if it would: a limit
+    /// learnt after its events were accepted (its CONNACK, a config change).
+    fn refusal(&self, o: &Outgoing) -> Option<String> {
+        let name = &self.config.name;
+        if let Some(max) = self.config.max_payload_bytes
+            && o.payload.len() > max
+        {
+            return Some(format!(
+                "destination {name}: a payload of {} bytes exceeds its max_payload_size ({max} bytes)",
+                o.payload.len()
+            ));
+        }
+        if let Some(reason) = self.config.topics.refusal(&o.topic) {
+            return Some(format!("destination {name}: {reason}"));
+        }
+        self.limits.packet_refusal(o.packet_len)
     }
 
     /// Up to a batch of events after `after`. An unreadable record is moved
@@ -561,12 +699,14 @@ impl Task {
         Ok(())
     }
 
-    /// The broker refused publish `pkid` for what it is: dead-letter its
-    /// event for this destination, then count it as settled.
+    /// The broker refused publish `pkid` for what it is: dead-letter the
+    /// events it carried for this destination, then count them as settled.
     async fn set_aside_refused(&self, p: &mut Progress, pkid: u16, reason: &str) -> Result<(), LinkError> {
-        let Some(sequence) = p.window.sequence_of(pkid) else { return Ok(()) };
+        let Some(sequences) = p.window.sequences_of(pkid).map(<[u64]>::to_vec) else { return Ok(()) };
         let reason = format!("destination {}: the broker refused the publish ({reason})", self.config.name);
-        self.set_aside(sequence, &reason).await?;
+        for sequence in sequences {
+            self.set_aside(sequence, &reason).await?;
+        }
         p.window.acked(pkid);
         Ok(())
     }
@@ -645,10 +785,14 @@ impl Task {
         let in_flight = p.window.in_flight();
         let durable = p.window.durable();
         let (delivered, published, bytes_sent) = (p.delivered, p.published, p.bytes_sent);
+        let events_per_publish = p.events_published as f64 / published.max(1) as f64;
+        let waited = p.pacer.total_wait().as_secs_f64();
         self.update(|s| {
             s.delivered = delivered;
             s.published = published;
             s.bytes_sent = bytes_sent;
+            s.events_per_publish = events_per_publish;
+            s.throttled_seconds = waited;
             let elapsed = now.duration_since(mark_at).as_secs_f64();
             if elapsed >= 1.0 {
                 let rate = (delivered - mark_count) as f64 / elapsed;

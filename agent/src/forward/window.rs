@@ -1,29 +1,41 @@
-//! The forwarding window of one destination: which events are sent, which
-//! are acknowledged, and how far the durable cursor may move.
+//! The forwarding window of one destination: which events are read, sent
+//! and acknowledged, and how far the durable cursor may move.
 //!
-//! Pure state, no I/O. Sequence numbers enter in order as either sent (a
-//! publish is queued) or settled (skipped: not routed here, dropped by a
-//! filter, or dead-lettered). A destination-stage filter may turn one stored
-//! event into several publishes: each is sent as a part, and the sequence
-//! counts as delivered only once every part is acknowledged and the last
-//! one was offered (by [`Window::sent`] or [`Window::settled`]).
+//! Pure state, no I/O. Every event read from the store gets a slot
+//! ([`Window::read`]); sequences the read skipped are not in the log and
+//! count as done. A slot closes when nothing more will be published for it
+//! (it was settled, or its last publish was offered), and is done once it
+//! is closed and every publish carrying it is acknowledged. The cursor
+//! ([`Window::acked_through`]) is the sequence below the first slot not
+//! done: everything at or below it was delivered, whatever order publishes
+//! were offered and acknowledged in. That order is free: a batch carries
+//! several sequences (of one subject, not necessarily adjacent), and a
+//! destination-stage filter may turn one sequence into several publishes.
+//!
 //! rumqttc reports each queued publish's packet id in queue order and then
-//! its PUBACK; the window maps one to the other. Everything at or below
-//! [`Window::acked_through`] is delivered; the cursor is persisted from there.
+//! its PUBACK; the window maps one to the other.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 
-/// One publish (or settlement) above `acked_through`.
+/// One read sequence above `acked_through`.
 #[derive(Debug, Clone, Copy)]
-struct Entry {
-    sequence: u64,
-    acked: bool,
+struct Slot {
+    /// Publishes carrying it that are not yet acknowledged.
+    outstanding: u32,
+    /// Whether every publish for it was offered (or it was settled).
+    closed: bool,
     /// Acceptance time in ms, for lag.
     at_ms: u64,
-    /// Whether this entry completes its sequence: once it and everything
-    /// before it is acknowledged, the cursor may pass the sequence.
-    closes: bool,
 }
+
+impl Slot {
+    fn done(&self) -> bool {
+        self.closed && self.outstanding == 0
+    }
+}
+
+/// A publish the window tracks: the sequences it carries.
+type Publish = Vec<u64>;
 
 /// In-flight state of one destination.
 #[derive(Debug)]
@@ -32,43 +44,60 @@ pub struct Window {
     durable: u64,
     /// Every sequence at or below was delivered (perhaps not yet on disk).
     acked_through: u64,
-    /// Entries above `acked_through`, in sequence order.
-    pending: VecDeque<Entry>,
+    /// Read sequences above `acked_through`.
+    slots: BTreeMap<u64, Slot>,
     /// Publishes queued in the client, awaiting their packet id, in order.
-    queued: VecDeque<u64>,
-    /// Packet id → sequence of publishes on the wire.
-    on_wire: HashMap<u16, u64>,
-    /// Sent sequences above `durable`: what a crash now would send again.
-    undurable_sends: VecDeque<u64>,
-    /// The next sequence to consider.
+    queued: VecDeque<Publish>,
+    /// Packet id → publish on the wire.
+    on_wire: HashMap<u16, Publish>,
+    /// Sent sequences above `durable`, with how many publishes carried
+    /// each: what a crash now would send again.
+    undurable: BTreeMap<u64, u32>,
+    undurable_count: usize,
+    /// The next sequence to read.
     next: u64,
+    /// The highest sequence any publish carried.
+    last_offered: u64,
     limit: usize,
 }
 
 impl Window {
     /// A window resuming after the durable `cursor`, letting at most `limit`
-    /// sent events be without a durable acknowledgement.
+    /// sent events (or parts) be without a durable acknowledgement.
     pub fn new(cursor: u64, limit: usize) -> Self {
         Self {
             durable: cursor,
             acked_through: cursor,
-            pending: VecDeque::new(),
+            slots: BTreeMap::new(),
             queued: VecDeque::new(),
             on_wire: HashMap::new(),
-            undurable_sends: VecDeque::new(),
+            undurable: BTreeMap::new(),
+            undurable_count: 0,
             next: cursor + 1,
+            last_offered: cursor,
             limit: limit.max(1),
         }
     }
 
-    /// The next sequence to read and offer.
+    /// The highest sequence any publish carried (what a failure now may
+    /// have lost is at or below it).
+    pub fn last_offered(&self) -> u64 {
+        self.last_offered
+    }
+
+    /// The next sequence to read.
     pub fn next(&self) -> u64 {
         self.next
     }
 
     /// Whether another event may be sent now.
     pub fn has_room(&self) -> bool {
-        self.undurable_sends.len() < self.limit
+        self.room() > 0
+    }
+
+    /// How many more events (or parts) may be sent now.
+    pub fn room(&self) -> usize {
+        self.limit.saturating_sub(self.undurable_count)
     }
 
     /// Publishes awaiting PUBACK.
@@ -86,53 +115,58 @@ impl Window {
         self.durable
     }
 
-    /// `seq`, accepted at `at_ms`, was queued for publishing. Sequences
-    /// must be offered in order.
-    pub fn sent(&mut self, seq: u64, at_ms: u64) {
-        self.push_send(seq, at_ms, true);
-    }
-
-    /// One publish standing for `seq`, with more to follow: the cursor stays
-    /// before `seq` until [`Window::sent`] or [`Window::settled`] closes it.
-    pub fn sent_part(&mut self, seq: u64, at_ms: u64) {
-        self.push_send(seq, at_ms, false);
-    }
-
-    fn push_send(&mut self, seq: u64, at_ms: u64, closes: bool) {
-        debug_assert!(seq >= self.next, "sequence {seq} offered out of order (next {})", self.next);
-        self.next = if closes { seq + 1 } else { seq };
-        self.pending.push_back(Entry { sequence: seq, acked: false, at_ms, closes });
-        self.queued.push_back(seq);
-        self.undurable_sends.push_back(seq);
-    }
-
-    /// Nothing (more) is sent for `seq` (not routed, dropped, dead-lettered,
-    /// or its parts were all sent).
-    pub fn settled(&mut self, seq: u64) {
-        debug_assert!(seq >= self.next);
-        self.next = seq + 1;
-        self.pending.push_back(Entry { sequence: seq, acked: true, at_ms: 0, closes: true });
+    /// Events `sequences` (ascending, each above every earlier read) were
+    /// read, and nothing else exists up to `through` (the log holds no other
+    /// sequence there): each gets an open slot.
+    pub fn read(&mut self, sequences: impl IntoIterator<Item = (u64, u64)>, through: u64) {
+        for (seq, at_ms) in sequences {
+            debug_assert!(seq >= self.next, "sequence {seq} read twice (next {})", self.next);
+            self.slots.insert(seq, Slot { outstanding: 0, closed: false, at_ms });
+        }
+        self.next = self.next.max(through + 1);
         self.advance();
     }
 
-    /// Events up to `seq` do not exist (the log skips them): move past.
+    /// Nothing exists up to `seq`: move past it.
     pub fn skip_to(&mut self, seq: u64) {
-        if seq >= self.next {
-            self.next = seq + 1;
-            if self.pending.is_empty() {
-                self.acked_through = self.acked_through.max(seq);
-            } else {
-                self.pending.push_back(Entry { sequence: seq, acked: true, at_ms: 0, closes: true });
-                self.advance();
-            }
+        self.read(std::iter::empty(), seq);
+    }
+
+    /// A publish carrying `parts` was queued: each is a read sequence and
+    /// whether this publish is its last. Returns nothing; the packet id
+    /// arrives with [`Window::on_wire`].
+    pub fn offer(&mut self, parts: &[(u64, bool)]) {
+        let mut publish = Vec::with_capacity(parts.len());
+        for &(seq, last) in parts {
+            let slot = self.slots.get_mut(&seq).expect("a sequence is read before it is offered");
+            slot.outstanding += 1;
+            slot.closed |= last;
+            *self.undurable.entry(seq).or_default() += 1;
+            self.undurable_count += 1;
+            self.last_offered = self.last_offered.max(seq);
+            publish.push(seq);
         }
+        self.queued.push_back(publish);
+    }
+
+    /// Nothing (more) is sent for `seq` (not routed, dropped, dead-lettered).
+    pub fn settle(&mut self, seq: u64) {
+        if let Some(slot) = self.slots.get_mut(&seq) {
+            slot.closed = true;
+        }
+        self.advance();
     }
 
     /// The client put the oldest queued publish on the wire with `pkid`.
     pub fn on_wire(&mut self, pkid: u16) {
-        if let Some(seq) = self.queued.pop_front() {
-            self.on_wire.insert(pkid, seq);
+        if let Some(publish) = self.queued.pop_front() {
+            self.on_wire.insert(pkid, publish);
         }
+    }
+
+    /// The sequences of the publish on the wire with `pkid`, if there is one.
+    pub fn sequences_of(&self, pkid: u16) -> Option<&[u64]> {
+        self.on_wire.get(&pkid).map(Vec::as_slice)
     }
 
     /// PUBACK for `pkid`. Returns false for an id we do not know.
@@ -140,43 +174,40 @@ impl Window {
         self.acked_at(pkid).is_some()
     }
 
-    /// PUBACK for `pkid`: when the acknowledged event was accepted, in ms,
-    /// or `None` for an id we do not know.
-    pub fn acked_at(&mut self, pkid: u16) -> Option<u64> {
-        let seq = self.on_wire.remove(&pkid)?;
-        let mut at_ms = 0;
-        // Parts of one sequence are acknowledged in any order: mark the first
-        // unacknowledged send of it.
-        if let Some(entry) = self.pending.iter_mut().find(|e| e.sequence == seq && !e.acked) {
-            entry.acked = true;
-            at_ms = entry.at_ms;
+    /// PUBACK for `pkid`: how many events it carried and when the oldest
+    /// was accepted, in ms, or `None` for an id we do not know.
+    pub fn acked_at(&mut self, pkid: u16) -> Option<(usize, u64)> {
+        let publish = self.on_wire.remove(&pkid)?;
+        let events = publish.len();
+        let mut at_ms = u64::MAX;
+        for seq in publish {
+            if let Some(slot) = self.slots.get_mut(&seq) {
+                slot.outstanding = slot.outstanding.saturating_sub(1);
+                at_ms = at_ms.min(slot.at_ms);
+            }
         }
         self.advance();
-        Some(at_ms)
+        Some((events, if at_ms == u64::MAX { 0 } else { at_ms }))
     }
 
     fn advance(&mut self) {
-        while let Some(entry) = self.pending.front().filter(|e| e.acked) {
-            if entry.closes {
-                self.acked_through = entry.sequence;
-            }
-            self.pending.pop_front();
+        let first_open = self.slots.iter().find(|(_, s)| !s.done()).map(|(seq, _)| *seq);
+        let through = first_open.map_or(self.next - 1, |s| s - 1);
+        if through > self.acked_through {
+            self.acked_through = through;
         }
+        let keep = self.slots.split_off(&(self.acked_through + 1));
+        self.slots = keep;
     }
 
-    /// The sequence of the publish on the wire with `pkid`, if there is one.
-    pub fn sequence_of(&self, pkid: u16) -> Option<u64> {
-        self.on_wire.get(&pkid).copied()
-    }
-
-    /// The oldest sent sequence not yet acknowledged.
+    /// The oldest sequence sent and not yet acknowledged.
     pub fn first_unacked(&self) -> Option<u64> {
-        self.pending.iter().find(|e| !e.acked).map(|e| e.sequence)
+        self.slots.iter().find(|(_, s)| s.outstanding > 0).map(|(seq, _)| *seq)
     }
 
-    /// When the oldest unacknowledged sent event was accepted, in ms.
+    /// When the oldest read event not yet delivered was accepted, in ms.
     pub fn oldest_unacked_ms(&self) -> Option<u64> {
-        self.pending.iter().find(|e| !e.acked).map(|e| e.at_ms)
+        self.slots.values().find(|s| s.outstanding > 0).map(|s| s.at_ms)
     }
 
     /// The cursor to persist now, if it moved past the durable one.
@@ -184,28 +215,28 @@ impl Window {
         (self.acked_through > self.durable).then_some(self.acked_through)
     }
 
-    /// Acknowledged events not yet covered by the durable cursor.
+    /// Acknowledged events (or parts) not yet covered by the durable cursor.
     pub fn undurable_acks(&self) -> usize {
-        self.undurable_sends.iter().take_while(|s| **s <= self.acked_through).count()
+        self.undurable.range(..=self.acked_through).map(|(_, n)| *n as usize).sum()
     }
 
     /// The cursor `seq` is now on disk.
     pub fn made_durable(&mut self, seq: u64) {
         self.durable = self.durable.max(seq);
-        while self.undurable_sends.front().is_some_and(|s| *s <= self.durable) {
-            self.undurable_sends.pop_front();
-        }
+        let rest = self.undurable.split_off(&(self.durable + 1));
+        let freed: u32 = self.undurable.values().sum();
+        self.undurable_count -= freed as usize;
+        self.undurable = rest;
     }
 
-    /// The connection is gone: whatever was not acknowledged will be sent
-    /// again, in order, from just after `acked_through`.
+    /// The connection is gone: whatever was not acknowledged will be read
+    /// and sent again, from just after `acked_through`.
     pub fn reconnect(&mut self) {
-        self.pending.clear();
+        self.slots.clear();
         self.queued.clear();
         self.on_wire.clear();
-        while self.undurable_sends.back().is_some_and(|s| *s > self.acked_through) {
-            self.undurable_sends.pop_back();
-        }
+        let resent = self.undurable.split_off(&(self.acked_through + 1));
+        self.undurable_count -= resent.values().sum::<u32>() as usize;
         self.next = self.acked_through + 1;
     }
 }
@@ -214,11 +245,22 @@ impl Window {
 mod tests {
     use super::*;
 
+    /// Reads `seqs` (accepted at time 0) as one contiguous read.
+    fn read(w: &mut Window, seqs: std::ops::RangeInclusive<u64>) {
+        let through = *seqs.end();
+        w.read(seqs.map(|s| (s, 0)), through);
+    }
+
+    fn sent(w: &mut Window, seq: u64) {
+        w.offer(&[(seq, true)]);
+    }
+
     #[test]
     fn acks_in_order_advance_the_cursor_one_by_one() {
         let mut w = Window::new(10, 8);
+        read(&mut w, 11..=13);
         for seq in 11..=13 {
-            w.sent(seq, 0);
+            sent(&mut w, seq);
         }
         for pkid in 1..=3 {
             w.on_wire(pkid);
@@ -233,8 +275,9 @@ mod tests {
     #[test]
     fn an_out_of_order_ack_waits_for_the_gap_before_it() {
         let mut w = Window::new(0, 8);
-        w.sent(1, 0);
-        w.sent(2, 0);
+        read(&mut w, 1..=2);
+        sent(&mut w, 1);
+        sent(&mut w, 2);
         w.on_wire(5);
         w.on_wire(6);
         assert!(w.acked(6));
@@ -246,10 +289,11 @@ mod tests {
     #[test]
     fn settled_events_move_the_cursor_without_an_ack() {
         let mut w = Window::new(0, 8);
-        w.settled(1);
+        read(&mut w, 1..=3);
+        w.settle(1);
         assert_eq!(w.acked_through(), 1);
-        w.sent(2, 0);
-        w.settled(3);
+        sent(&mut w, 2);
+        w.settle(3);
         assert_eq!(w.acked_through(), 1, "3 is behind an unacknowledged 2");
         w.on_wire(1);
         w.acked(1);
@@ -257,10 +301,47 @@ mod tests {
     }
 
     #[test]
+    fn a_read_but_unsent_event_holds_the_cursor() {
+        let mut w = Window::new(0, 8);
+        read(&mut w, 1..=3);
+        sent(&mut w, 1);
+        sent(&mut w, 3);
+        w.on_wire(1);
+        w.on_wire(2);
+        w.acked(1);
+        w.acked(2);
+        assert_eq!(w.acked_through(), 1, "2 was read but not yet sent");
+        sent(&mut w, 2);
+        w.on_wire(3);
+        w.acked(3);
+        assert_eq!(w.acked_through(), 3);
+    }
+
+    #[test]
+    fn a_batch_acknowledges_every_event_it_carries_and_only_when_acked() {
+        let mut w = Window::new(0, 8);
+        read(&mut w, 1..=5);
+        // Subject a: 1, 3, 5; subject b: 2, 4.
+        w.offer(&[(1, true), (3, true), (5, true)]);
+        w.offer(&[(2, true), (4, true)]);
+        assert_eq!((w.in_flight(), w.room()), (2, 3));
+        w.on_wire(7);
+        w.on_wire(8);
+        assert_eq!(w.sequences_of(7), Some(&[1, 3, 5][..]));
+        assert!(w.acked(8));
+        assert_eq!(w.acked_through(), 0, "1 is in the batch not yet acknowledged");
+        assert_eq!(w.first_unacked(), Some(1));
+        assert!(w.acked(7));
+        assert_eq!(w.acked_through(), 5);
+        assert_eq!(w.undurable_acks(), 5);
+    }
+
+    #[test]
     fn the_window_closes_at_the_limit_until_acks_are_durable() {
         let mut w = Window::new(0, 2);
-        w.sent(1, 0);
-        w.sent(2, 0);
+        read(&mut w, 1..=2);
+        sent(&mut w, 1);
+        sent(&mut w, 2);
         assert!(!w.has_room());
         w.on_wire(1);
         w.on_wire(2);
@@ -276,8 +357,9 @@ mod tests {
     #[test]
     fn a_reconnect_resends_everything_unacknowledged_in_order() {
         let mut w = Window::new(0, 8);
+        read(&mut w, 1..=4);
         for seq in 1..=4 {
-            w.sent(seq, 0);
+            sent(&mut w, seq);
         }
         w.on_wire(1);
         w.on_wire(2);
@@ -285,8 +367,10 @@ mod tests {
         w.reconnect();
         assert_eq!(w.next(), 2);
         assert_eq!(w.in_flight(), 0);
+        assert_eq!(w.room(), 7, "only the acknowledged 1 still waits to be durable");
         assert!(!w.acked(2), "packet ids from the old connection mean nothing now");
-        w.sent(2, 0);
+        read(&mut w, 2..=2);
+        sent(&mut w, 2);
         w.on_wire(1);
         w.acked(1);
         assert_eq!(w.acked_through(), 2);
@@ -297,21 +381,28 @@ mod tests {
         let mut w = Window::new(0, 8);
         w.skip_to(5);
         assert_eq!((w.next(), w.acked_through()), (6, 5));
-        w.sent(6, 0);
+        w.read([(6, 0)], 6);
+        sent(&mut w, 6);
         w.skip_to(9);
         assert_eq!(w.acked_through(), 5);
         w.on_wire(1);
         w.acked(1);
         assert_eq!(w.acked_through(), 9);
+        // A read with holes: 10 and 12 exist, 11 does not.
+        w.read([(10, 0), (12, 0)], 12);
+        w.settle(10);
+        w.settle(12);
+        assert_eq!(w.acked_through(), 12);
     }
 
     #[test]
     fn a_sequence_with_several_parts_is_delivered_only_when_every_part_is_acked() {
         let mut w = Window::new(0, 8);
-        w.sent_part(1, 0);
-        w.sent_part(1, 0);
-        w.sent(1, 0);
-        w.sent(2, 0);
+        read(&mut w, 1..=2);
+        w.offer(&[(1, false)]);
+        w.offer(&[(1, false)]);
+        w.offer(&[(1, true)]);
+        sent(&mut w, 2);
         for pkid in 1..=4 {
             w.on_wire(pkid);
         }
@@ -326,25 +417,26 @@ mod tests {
     #[test]
     fn acked_parts_hold_the_cursor_until_their_sequence_is_closed() {
         let mut w = Window::new(0, 2);
-        w.sent_part(1, 0);
-        w.sent_part(1, 0);
+        read(&mut w, 1..=1);
+        w.offer(&[(1, false)]);
+        w.offer(&[(1, false)]);
         assert!(!w.has_room(), "each part counts against the window");
         w.on_wire(1);
         w.on_wire(2);
         w.acked(1);
         w.acked(2);
         assert_eq!(w.acked_through(), 0, "1 may still have parts to send");
-        assert_eq!(w.next(), 1);
-        w.settled(1);
+        w.settle(1);
         assert_eq!((w.acked_through(), w.next()), (1, 2));
     }
 
     #[test]
     fn a_reconnect_mid_sequence_resends_all_of_its_parts() {
         let mut w = Window::new(0, 8);
-        w.sent(1, 0);
-        w.sent_part(2, 0);
-        w.sent_part(2, 0);
+        read(&mut w, 1..=2);
+        sent(&mut w, 1);
+        w.offer(&[(2, false)]);
+        w.offer(&[(2, false)]);
         for pkid in 1..=3 {
             w.on_wire(pkid);
         }

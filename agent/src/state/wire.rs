@@ -94,7 +94,9 @@ fn envelope(payload: &[u8]) -> Result<Option<Update>, String> {
     }
     let get = |name: &str| obj.get(name).and_then(Value::as_str).map(str::to_owned);
     let version = version_from(get)?.ok_or_else(|| format!("envelope attribute {VV} is not a string"))?;
-    let content_type = get("datacontenttype");
+    // JSON data without a content type is `application/json` (the JSON format's rule).
+    let content_type =
+        get("datacontenttype").or_else(|| obj.get("data").map(|_| crate::event::JSON_CONTENT_TYPE.to_owned()));
     let data = match (obj.get("data"), obj.get("data_base64")) {
         (Some(v), None) => serde_json::to_vec(v).expect("a JSON value serialises"),
         (None, Some(Value::String(b))) => base64::engine::general_purpose::STANDARD

@@ -28,6 +28,9 @@ pub enum Protocol {
     V5,
 }
 
+/// Largest packet the harness's clients take: room for a large batch of events.
+const MAX_PACKET: usize = 1 << 20;
+
 /// One publish as a [`Collector`] received it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Received {
@@ -324,6 +327,8 @@ pub fn options_v311(
     let (host, port, tls_url) = parse_url(url)?;
     let mut opts = rumqttc::MqttOptions::new(client_id, host, port);
     opts.set_keep_alive(Duration::from_secs(5));
+    // rumqttc's default (10 KiB) refuses a batch of events as malformed.
+    opts.set_max_packet_size(MAX_PACKET, MAX_PACKET);
     opts.set_transport(transport(url, tls_url, tls)?);
     Ok(opts)
 }
@@ -338,6 +343,7 @@ pub fn options_v5(
     let (host, port, tls_url) = parse_url(url)?;
     let mut opts = rumqttc::v5::MqttOptions::new(client_id, host, port);
     opts.set_keep_alive(Duration::from_secs(5));
+    opts.set_max_packet_size(Some(MAX_PACKET as u32));
     opts.set_transport(transport(url, tls_url, tls)?);
     Ok(opts)
 }
