@@ -26,6 +26,9 @@ const TARGET_RATIO: f64 = 1.05;
 
 const BATCH: usize = 1024;
 
+/// (component in plugins/build, label, config entries).
+type Case = (&'static str, &'static str, &'static [(&'static str, &'static str)]);
+
 /// The verdicts a filter returned, rebuilt from its decisions, so the
 /// checks can be run on them again.
 fn verdicts(inputs: &[WitEvent], decisions: &[Decision]) -> Vec<Verdict> {
@@ -58,7 +61,7 @@ fn main() {
     let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../plugins/build");
     let secs: f64 = std::env::var("FERRY_BENCH_SECS").ok().and_then(|s| s.parse().ok()).unwrap_or(2.0);
     let min_time = Duration::from_secs_f64(secs / 3.0);
-    let cases: [(&str, &str, &[(&str, &str)]); 5] = [
+    let cases: [Case; 5] = [
         ("threshold-filter", "threshold-filter (drops some)", &[("field", "temp"), ("min", "20")]),
         ("redact-transform", "redact-transform (keeps all)", &[("fields", "secret,reading.celsius")]),
         ("redact-transform", "redact-transform (replaces all)", &[("fields", "temp")]),

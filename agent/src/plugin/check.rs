@@ -190,7 +190,7 @@ fn gen_event(g: &mut Gen, n: u64, sources: &[Source]) -> WitEvent {
             ),
             2 => (json!([number, "x", null]).to_string().into_bytes(), Some("application/json")),
             3 => (b"plain text".to_vec(), Some("text/plain")),
-            4 => ((0..g.below(64)).map(|_| g.next() as u8).collect(), None),
+            4 => ((0..g.below(64)).map(|_| g.next_u64() as u8).collect(), None),
             _ => (Vec::new(), None),
         }
     } else {

@@ -323,7 +323,6 @@ mod tests {
         assert!(e.contains("`source`"), "{e}");
         let mut forged = input.clone();
         forged.extensions.push(("ferryvv".into(), "r1:1".into()));
-        let mut input = input;
         input.extensions = forged.extensions.clone();
         assert!(decide(&[input], vec![Verdict::Replace(vec![forged])], &ContractOnly).is_err());
     }
