@@ -40,6 +40,8 @@ PLUGINS=(
 TESTDATA=(
     hostile-filter:rust:filter
     diverge-merge:rust:merge
+    gcounter-merge:rust:merge
+    wrong-merge:rust:merge
 )
 
 LANGS=("$@")

@@ -84,7 +84,8 @@ pub struct RunArgs {
 /// `ferry config …`.
 #[derive(Debug, Subcommand)]
 pub enum ConfigCommand {
-    /// Validate a config file and print what it resolves to.
+    /// Validate a config file, load each plugin (its world, and one call
+    /// with its config), and print what it resolves to.
     Check {
         /// Config file (TOML). Without it, the embedded default is checked.
         #[arg(long, short, env = "FERRY_CONFIG")]
@@ -166,6 +167,8 @@ pub fn config_command(cmd: &ConfigCommand) -> anyhow::Result<()> {
         }
         ConfigCommand::Check { config } => {
             let c = load_config(config.as_ref())?;
+            // Each plugin loads, targets its world and starts with its config, or the check fails.
+            let plugins = plugin::check_config_plugins(&c)?;
             outln!("{}: ok", c.origin)?;
             outln!("  device_id   {}", c.agent.device_id)?;
             outln!(
@@ -200,6 +203,9 @@ pub fn config_command(cmd: &ConfigCommand) -> anyhow::Result<()> {
                     filters,
                     class.ttl
                 )?;
+            }
+            for line in plugins {
+                outln!("{line}")?;
             }
         }
     }
@@ -445,7 +451,11 @@ pub fn main() -> ExitCode {
         Command::Run(args) => run(args),
         Command::Publish(args) => publish(args),
         Command::Status(args) => status(args),
-        Command::Config(cmd) => config_command(cmd),
+        Command::Config(cmd) => {
+            // `check` compiles plugins, which can take a while: the log says so.
+            init_logging(LogFormat::Human);
+            config_command(cmd)
+        }
         Command::Plugin(cmd) => {
             init_logging(LogFormat::Human);
             plugin::run(cmd)
@@ -467,6 +477,9 @@ pub fn main() -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("ferry: {e:#}");
+            if let Some(c) = e.downcast_ref::<plugin::CheckFailed>() {
+                return ExitCode::from(c.exit_code());
+            }
             match e.downcast_ref::<store::VerifyFailed>() {
                 Some(v) => ExitCode::from(v.exit_code()),
                 None => ExitCode::FAILURE,

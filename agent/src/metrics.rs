@@ -320,6 +320,20 @@ impl Collector for Snapshot {
             &mut e,
         )?;
         plugin(
+            "ferry_plugin_invalid_output",
+            "Calls whose output the contract or the calling stage refused (invalid or oversized events).",
+            Counter,
+            |p| p.invalid_output as f64,
+            &mut e,
+        )?;
+        plugin(
+            "ferry_plugin_output_too_large",
+            "Calls whose output went over max_output (refused while copied).",
+            Counter,
+            |p| p.output_too_large as f64,
+            &mut e,
+        )?;
+        plugin(
             "ferry_plugin_refused",
             "Calls refused while the circuit was open.",
             Counter,

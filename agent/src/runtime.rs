@@ -2,7 +2,8 @@
 //! orders shutdown.
 //!
 //! Start: load TLS material, open the store (recovering it after a crash),
-//! load every plugin (compiled code comes from `{data_dir}/plugin-cache`),
+//! load every plugin (compiled code comes from `{data_dir}/plugin-cache`,
+//! shared with the plugin tools and pruned once they are loaded),
 //! start the state service, then one forwarder per destination (subscribed
 //! to what the state service consumes, with the filters whose stage names
 //! it), then bind and serve the HTTP API (with the ingest-stage filters).
@@ -27,7 +28,7 @@ use crate::ingest::admin::Admin;
 use crate::ingest::mqtt::MqttIngest;
 use crate::ingest::{Ingest, http};
 use crate::metrics::{DestinationSource, Sources};
-use crate::plugin::{Plugin, PluginConfig, PluginError, PluginHandle, World};
+use crate::plugin::{Plugin, PluginConfig, PluginError, PluginHandle, Sampling, World};
 use crate::state::{StateError, StateHandle, StateService, StateServiceConfig};
 use crate::store::{Store, StoreError};
 
@@ -336,7 +337,7 @@ impl Agent {
 
 /// Loads every configured plugin off the runtime, each onto its own thread.
 async fn load_plugins(config: &Config) -> Result<Vec<PluginHandle>, RunError> {
-    let cache_dir = config.agent.data_dir.join("plugin-cache");
+    let cache_dir = crate::plugin::engine::cache_dir(Some(&config.agent.data_dir)).expect("a data dir is given");
     let mut handles = Vec::with_capacity(config.plugins.len());
     for spec in &config.plugins {
         let (spec, dir) = (spec.clone(), cache_dir.clone());
@@ -378,8 +379,17 @@ async fn load_plugins(config: &Config) -> Result<Vec<PluginHandle>, RunError> {
             load_ms = report.load_time.as_millis() as u64,
             "plugin loaded"
         );
-        handles
-            .push(PluginHandle::spawn(plugin, PLUGIN_QUEUE_DEPTH).map_err(|source| RunError::Plugin { name, source })?);
+        // Recent calls are kept only where a fleet update could shadow a new version on them.
+        let sampling = if config.fleet.is_some() { Sampling::Keep } else { Sampling::Off };
+        handles.push(
+            PluginHandle::spawn(plugin, PLUGIN_QUEUE_DEPTH, sampling)
+                .map_err(|source| RunError::Plugin { name, source })?,
+        );
+    }
+    // What was just loaded is fresh; what no plugin used for a month goes.
+    let pruned = tokio::task::spawn_blocking(move || crate::plugin::engine::prune_cache(&cache_dir, &[])).await;
+    if let Ok(Ok(removed @ 1..)) = pruned {
+        tracing::info!(removed, "pruned the plugin compile cache");
     }
     Ok(handles)
 }

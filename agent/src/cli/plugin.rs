@@ -1,6 +1,8 @@
 //! `ferry plugin check|bench|new|precompile`: the plugin author's tools.
 //!
-//! `check` and `bench` print what [`crate::plugin::check`] finds; `new`
+//! `check` and `bench` print what [`crate::plugin::check`] finds (`check`
+//! exits 0 when every property held, 1 when one failed, 3 when none failed
+//! but one could not be tested: [`CheckFailed`]); `new`
 //! writes a starter plugin from the templates in `templates/`, with its own
 //! copy of the WIT contract so it builds outside this repository;
 //! `precompile` compiles a component ahead of time for a device
@@ -14,16 +16,20 @@ use anyhow::{Context, bail};
 use bytesize::ByteSize;
 use clap::{Args, Subcommand, ValueEnum};
 
-use crate::config::plugin::CpuLimit;
+use crate::config::plugin::{CpuLimit, OutputBound};
 use crate::plugin::World;
-use crate::plugin::check::{self, CheckOptions};
+use crate::plugin::check::{self, CheckOptions, Outcome};
+use crate::plugin::engine;
+use crate::plugin::inputs::{BUILTIN, Shape, Source};
 
 /// `ferry plugin …`.
 #[derive(Debug, Subcommand)]
 pub enum PluginCommand {
     /// Check a component against the worlds and run it on generated inputs
     /// (no failures, valid and deterministic output; for merge plugins the
-    /// convergence laws). Exits non-zero if anything fails.
+    /// convergence laws), made from your own example data with `--samples`
+    /// or `--shape`. Exits 0 if every property held, 1 if one failed, 3 if
+    /// none failed but one could not be tested (every input refused).
     Check(RunArgs),
     /// Measure per-event cost at batch sizes 1, 64 and 1024, and cold versus cached start.
     Bench(RunArgs),
@@ -52,6 +58,11 @@ pub struct PrecompileArgs {
     /// Where to write the artifact (default: FILE with extension .cwasm).
     #[arg(short, long)]
     pub output: Option<PathBuf>,
+    /// The agent's config: for this device's own target, the artifact also
+    /// goes into the agent's compile cache, so the agent loads the `.wasm`
+    /// without compiling it.
+    #[arg(long, env = "FERRY_CONFIG", value_name = "FILE")]
+    pub agent_config: Option<PathBuf>,
 }
 
 /// How to load and run a component.
@@ -74,9 +85,30 @@ pub struct RunArgs {
     /// Memory bound per instance, e.g. "64 MiB" (default 128 MiB).
     #[arg(long)]
     pub memory: Option<ByteSize>,
+    /// Output bound per call, e.g. "4 MiB" (default: 257 KiB per input event,
+    /// as for the default `max_event_size`).
+    #[arg(long)]
+    pub max_output: Option<ByteSize>,
     /// Generated cases per property (check only).
     #[arg(long, default_value_t = 100)]
     pub cases: usize,
+    /// The agent's config: its compile cache is used (and filled), so the
+    /// agent need not compile this component again.
+    #[arg(long, env = "FERRY_CONFIG", value_name = "FILE")]
+    pub agent_config: Option<PathBuf>,
+    /// Example values of the data the plugin handles: a JSON file holding an
+    /// array of values (merge states, or filter event data). The check runs
+    /// on them as given, then on mutations of them (numbers changed, keys
+    /// added and removed, at every depth). Repeatable.
+    #[arg(long, value_name = "FILE")]
+    pub samples: Vec<PathBuf>,
+    /// The shape of the data the plugin handles, as a JSON template
+    /// (`{"counts": {"*": "uint"}}`: type names uint, int, float, bool,
+    /// string; `[S]` a list, `{"*": S}` a map), a file holding one, or a
+    /// built-in shape's name (string-set, pn-counters, flat-counts, bytes).
+    /// Repeatable.
+    #[arg(long, value_name = "SHAPE")]
+    pub shape: Vec<String>,
 }
 
 /// A world on the command line.
@@ -134,12 +166,49 @@ fn parse_entry(text: &str) -> Result<(String, String), String> {
     Ok((k.to_owned(), v.to_owned()))
 }
 
+/// Reads `--samples FILE`: a JSON array of example values.
+fn read_samples(path: &Path) -> anyhow::Result<Source> {
+    let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    let value: serde_json::Value =
+        serde_json::from_str(&text).with_context(|| format!("{}: not JSON", path.display()))?;
+    match value {
+        serde_json::Value::Array(values) if !values.is_empty() => Ok(Source::Samples(values)),
+        _ => {
+            bail!("{}: expected a JSON array of example values, e.g. [{{\"counts\": {{\"gw-1\": 3}}}}]", path.display())
+        }
+    }
+}
+
+/// Reads `--shape`: a built-in name, JSON text, or a file holding JSON.
+fn read_shape(text: &str) -> anyhow::Result<Source> {
+    if let Some((name, _)) = BUILTIN.iter().find(|(name, _)| *name == text) {
+        return Ok(Source::Builtin(name));
+    }
+    let json = match serde_json::from_str::<serde_json::Value>(text) {
+        Ok(json) => json,
+        Err(_) if Path::new(text).is_file() => {
+            let file = std::fs::read_to_string(text).with_context(|| format!("reading {text}"))?;
+            serde_json::from_str(&file).with_context(|| format!("{text}: not JSON"))?
+        }
+        Err(e) => {
+            let names: Vec<&str> = BUILTIN.iter().map(|(n, _)| *n).collect();
+            bail!("--shape `{text}` is neither JSON ({e}), a file, nor a built-in shape ({})", names.join(", "))
+        }
+    };
+    Shape::parse(&json).map(Source::Shape).map_err(|e| anyhow::anyhow!("--shape: {e}"))
+}
+
 impl RunArgs {
-    fn options(&self) -> CheckOptions {
+    fn options(&self) -> anyhow::Result<CheckOptions> {
+        let mut sources = self.samples.iter().map(|p| read_samples(p)).collect::<anyhow::Result<Vec<_>>>()?;
+        for shape in &self.shape {
+            sources.push(read_shape(shape)?);
+        }
         let mut options = CheckOptions {
             world: self.world.map(World::from),
             config: self.config.iter().cloned().collect::<BTreeMap<_, _>>(),
             cases: self.cases,
+            sources,
             ..CheckOptions::default()
         };
         if let Some(f) = self.fuel {
@@ -150,19 +219,84 @@ impl RunArgs {
         if let Some(m) = self.memory {
             options.memory_bytes = m.as_u64();
         }
-        options
+        if let Some(m) = self.max_output {
+            options.max_output = OutputBound::Fixed(m.as_u64());
+        }
+        Ok(options)
     }
 }
 
-/// Where compiled plugins are cached between runs of the tools.
-fn cache_dir() -> Option<PathBuf> {
-    if let Some(dir) = std::env::var_os("FERRY_PLUGIN_CACHE") {
-        return Some(dir.into());
+/// Why `ferry plugin check` did not pass, as its exit code says.
+#[derive(Debug, thiserror::Error)]
+pub enum CheckFailed {
+    /// A property broke (exit code 1).
+    #[error("{0} of {1} checks failed")]
+    Failed(usize, usize),
+    /// None broke, but one could not be tested (exit code 3).
+    #[error("{0} of {1} checks were inconclusive: the plugin refused every input; give it --samples or --shape")]
+    Inconclusive(usize, usize),
+}
+
+impl CheckFailed {
+    /// The process exit code for this outcome.
+    pub fn exit_code(&self) -> u8 {
+        match self {
+            CheckFailed::Failed(..) => 1,
+            CheckFailed::Inconclusive(..) => 3,
+        }
     }
-    let base = std::env::var_os("XDG_CACHE_HOME")
-        .map(PathBuf::from)
-        .or_else(|| std::env::var_os("HOME").map(|h| Path::new(&h).join(".cache")))?;
-    Some(base.join("ferry").join("plugins"))
+}
+
+/// Where compiled plugins are cached: the agent's own cache when its config
+/// is given (`--agent-config` or `FERRY_CONFIG`), so a compile here saves the
+/// agent one; see [`engine::cache_dir`]. Pruned after use.
+fn cache_dir(agent_config: Option<&Path>) -> anyhow::Result<Option<PathBuf>> {
+    let data_dir = match agent_config {
+        Some(path) => Some(crate::config::Config::load(path)?.agent.data_dir),
+        None => None,
+    };
+    Ok(engine::cache_dir(data_dir.as_deref()))
+}
+
+/// Prunes the cache in `dir`, if any (see [`engine::prune_cache`]).
+fn prune(dir: Option<&Path>) {
+    if let Some(dir) = dir
+        && let Err(e) = engine::prune_cache(dir, &[])
+    {
+        tracing::debug!(dir = %dir.display(), error = %e, "cannot prune the plugin compile cache");
+    }
+}
+
+/// `ferry config check`'s plugin part: loads each `[[plugin]]` of `config`
+/// (through the agent's compile cache), checks it targets its world, and
+/// makes one call that needs no data so a config the plugin refuses shows
+/// now rather than at `run`. Returns one line per plugin; an error names the
+/// file, the plugin's key and the reason.
+pub fn check_config_plugins(config: &crate::config::Config) -> anyhow::Result<Vec<String>> {
+    use crate::plugin::{Plugin, PluginError};
+    let cache = engine::cache_dir(Some(&config.agent.data_dir));
+    let mut lines = Vec::with_capacity(config.plugins.len());
+    for (i, spec) in config.plugins.iter().enumerate() {
+        let fail = |key: &str, reason: String| crate::config::ConfigError {
+            file: config.origin.clone(),
+            key: format!("plugin[{i}].{key}"),
+            reason: format!("plugin `{}`: {reason}", spec.name),
+        };
+        let (mut plugin, report) = Plugin::load(spec, cache.as_deref()).map_err(|e| match e {
+            PluginError::WrongWorld { .. } => fail("world", e.to_string()),
+            e => fail("path", e.to_string()),
+        })?;
+        plugin.probe().map_err(|e| fail("config", format!("fails on its first call: {e}")))?;
+        lines.push(format!(
+            "  plugin      {} ({} world, {:?} in {:.0?}): starts with its config",
+            spec.name,
+            spec.world.as_str(),
+            report.source,
+            report.load_time
+        ));
+    }
+    prune(cache.as_deref());
+    Ok(lines)
 }
 
 /// Runs a `ferry plugin` command.
@@ -177,7 +311,7 @@ pub fn run(cmd: &PluginCommand) -> anyhow::Result<()> {
 
 #[cfg(feature = "compiler")]
 fn precompile_command(args: &PrecompileArgs) -> anyhow::Result<()> {
-    use crate::plugin::engine::{self, Metering};
+    use crate::plugin::engine::Metering;
     let target = args.target.as_deref().unwrap_or(engine::NATIVE_TARGET);
     let metering = if args.fuel { Metering::Fuel } else { Metering::Epoch };
     let wasm = std::fs::read(&args.file).with_context(|| format!("reading {}", args.file.display()))?;
@@ -185,6 +319,13 @@ fn precompile_command(args: &PrecompileArgs) -> anyhow::Result<()> {
         .with_context(|| format!("{}: cannot precompile for {target}", args.file.display()))?;
     let output = args.output.clone().unwrap_or_else(|| args.file.with_extension("cwasm"));
     std::fs::write(&output, &artifact).with_context(|| format!("writing {}", output.display()))?;
+    if target == engine::NATIVE_TARGET
+        && let Some(dir) = cache_dir(args.agent_config.as_deref())?
+    {
+        let cached = engine::cache_artifact(&dir, metering, &wasm, &artifact)?;
+        outln!("{}: in the compile cache too, for the .wasm", cached.display())?;
+        prune(Some(&dir));
+    }
     outln!(
         "{}: {} for {target} ({}), {} bytes",
         output.display(),
@@ -201,26 +342,38 @@ fn precompile_command(_: &PrecompileArgs) -> anyhow::Result<()> {
 }
 
 fn check_command(args: &RunArgs) -> anyhow::Result<()> {
-    let report = check::check(&args.file, &args.options(), cache_dir().as_deref())
+    let cache = cache_dir(args.agent_config.as_deref())?;
+    let report = check::check(&args.file, &args.options()?, cache.as_deref())
         .with_context(|| format!("{}: cannot load", args.file.display()))?;
+    prune(cache.as_deref());
     outln!("{}: {} plugin", args.file.display(), report.world.as_str())?;
+    outln!("  inputs ({} cases per property):", args.cases)?;
+    for line in &report.inputs {
+        outln!("       {line}")?;
+    }
     for f in &report.findings {
-        outln!("  {} {}", if f.passed { "pass" } else { "FAIL" }, f.property)?;
+        let mark = match f.outcome {
+            Outcome::Pass => "pass",
+            Outcome::Fail => "FAIL",
+            Outcome::Inconclusive => "INCONCLUSIVE",
+        };
+        outln!("  {mark} {} ({} cases)", f.property, f.cases)?;
         for line in f.detail.lines() {
             outln!("       {line}")?;
         }
     }
-    let failed = report.findings.iter().filter(|f| !f.passed).count();
-    if failed > 0 {
-        bail!("{failed} of {} checks failed", report.findings.len());
+    let total = report.findings.len();
+    let count = |o| report.findings.iter().filter(|f| f.outcome == o).count();
+    match report.outcome() {
+        Outcome::Pass => outln!("all {total} checks passed"),
+        Outcome::Fail => Err(CheckFailed::Failed(count(Outcome::Fail), total).into()),
+        Outcome::Inconclusive => Err(CheckFailed::Inconclusive(count(Outcome::Inconclusive), total).into()),
     }
-    outln!("all {} checks passed", report.findings.len())?;
-    Ok(())
 }
 
 fn bench_command(args: &RunArgs) -> anyhow::Result<()> {
     let scratch = tempfile_dir()?;
-    let report = check::bench(&args.file, &args.options(), &scratch, &[1, 64, 1024], Duration::from_millis(500));
+    let report = check::bench(&args.file, &args.options()?, &scratch, &[1, 64, 1024], Duration::from_millis(500));
     let _ = std::fs::remove_dir_all(&scratch);
     let report = report.with_context(|| format!("{}: cannot run", args.file.display()))?;
     outln!("{}: {} plugin", args.file.display(), report.world.as_str())?;
@@ -251,60 +404,90 @@ const WIT: [(&str, &str); 3] = [
     ("worlds.wit", include_str!("../../../wit/worlds.wit")),
 ];
 
+/// The Rust SDK's sources, vendored into a Rust scaffold's `sdk/` so it
+/// builds anywhere; its `path: "../../../wit"` becomes the scaffold's `wit/`.
+const SDK: [(&str, &str); 6] = [
+    ("sdk/src/lib.rs", include_str!("../../../plugins/rust/sdk/src/lib.rs")),
+    ("sdk/src/bindings.rs", include_str!("../../../plugins/rust/sdk/src/bindings.rs")),
+    ("sdk/src/config.rs", include_str!("../../../plugins/rust/sdk/src/config.rs")),
+    ("sdk/src/events.rs", include_str!("../../../plugins/rust/sdk/src/events.rs")),
+    ("sdk/src/export.rs", include_str!("../../../plugins/rust/sdk/src/export.rs")),
+    ("sdk/src/log.rs", include_str!("../../../plugins/rust/sdk/src/log.rs")),
+];
+
 /// (path in the new directory, template) per language and world;
 /// `{{name}}`, `{{crate}}`, `{{world}}` and `{{stage_line}}` are replaced.
+/// Each scaffold has its logic apart from the WIT glue, a unit test of that
+/// logic in the language's own runner, and `samples.json` for `check`.
 fn templates(lang: Lang, world: World) -> Vec<(&'static str, &'static str)> {
     let filter = world == World::Filter;
+    let pick = |f: &'static str, m: &'static str| if filter { f } else { m };
+    let mut files = vec![("samples.json", include_str!("templates/samples.json.tmpl"))];
     match lang {
-        Lang::Rust => vec![
-            ("Cargo.toml", include_str!("templates/rust/Cargo.toml.tmpl")),
-            (
-                "src/lib.rs",
-                if filter {
-                    include_str!("templates/rust/lib.rs.tmpl")
-                } else {
-                    include_str!("templates/rust/merge.rs.tmpl")
-                },
-            ),
-            ("README.md", include_str!("templates/rust/README.md.tmpl")),
-        ],
-        Lang::C => vec![
-            (
-                "{{crate}}.c",
-                if filter {
-                    include_str!("templates/c/plugin.c.tmpl")
-                } else {
-                    include_str!("templates/c/merge.c.tmpl")
-                },
-            ),
+        Lang::Rust => {
+            files.extend([
+                ("Cargo.toml", include_str!("templates/rust/Cargo.toml.tmpl")),
+                (
+                    "src/lib.rs",
+                    pick(include_str!("templates/rust/lib.rs.tmpl"), include_str!("templates/rust/merge.rs.tmpl")),
+                ),
+                ("README.md", include_str!("templates/rust/README.md.tmpl")),
+                ("sdk/Cargo.toml", include_str!("templates/rust/sdk.Cargo.toml.tmpl")),
+            ]);
+            files.extend(SDK);
+        }
+        Lang::C => files.extend([
+            ("{{crate}}.c", pick(include_str!("templates/c/plugin.c.tmpl"), include_str!("templates/c/merge.c.tmpl"))),
+            ("logic.h", pick(include_str!("templates/c/logic.h.tmpl"), include_str!("templates/c/merge_logic.h.tmpl"))),
+            ("test.c", pick(include_str!("templates/c/test.c.tmpl"), include_str!("templates/c/merge_test.c.tmpl"))),
             ("build.sh", include_str!("templates/c/build.sh.tmpl")),
             ("README.md", include_str!("templates/c/README.md.tmpl")),
-        ],
-        Lang::Python => vec![
+        ]),
+        Lang::Python => files.extend([
             (
                 "app.py",
-                if filter {
-                    include_str!("templates/python/app.py.tmpl")
-                } else {
-                    include_str!("templates/python/merge.py.tmpl")
-                },
+                pick(include_str!("templates/python/app.py.tmpl"), include_str!("templates/python/merge.py.tmpl")),
+            ),
+            (
+                "logic.py",
+                pick(
+                    include_str!("templates/python/logic.py.tmpl"),
+                    include_str!("templates/python/merge_logic.py.tmpl"),
+                ),
+            ),
+            (
+                "test_logic.py",
+                pick(
+                    include_str!("templates/python/test_logic.py.tmpl"),
+                    include_str!("templates/python/test_merge_logic.py.tmpl"),
+                ),
             ),
             ("build.sh", include_str!("templates/python/build.sh.tmpl")),
             ("README.md", include_str!("templates/python/README.md.tmpl")),
-        ],
-        Lang::Js => vec![
+        ]),
+        Lang::Js => files.extend([
             (
                 "plugin.js",
-                if filter {
-                    include_str!("templates/js/plugin.js.tmpl")
-                } else {
-                    include_str!("templates/js/merge.js.tmpl")
-                },
+                pick(include_str!("templates/js/plugin.js.tmpl"), include_str!("templates/js/merge.js.tmpl")),
             ),
+            (
+                "logic.js",
+                pick(include_str!("templates/js/logic.js.tmpl"), include_str!("templates/js/merge_logic.js.tmpl")),
+            ),
+            (
+                "logic.test.js",
+                pick(
+                    include_str!("templates/js/logic.test.js.tmpl"),
+                    include_str!("templates/js/merge_logic.test.js.tmpl"),
+                ),
+            ),
+            // ES modules for `node --test`; componentize-js reads them as such anyway.
+            ("package.json", "{ \"name\": \"{{name}}\", \"private\": true, \"type\": \"module\" }\n"),
             ("build.sh", include_str!("templates/js/build.sh.tmpl")),
             ("README.md", include_str!("templates/js/README.md.tmpl")),
-        ],
+        ]),
     }
+    files
 }
 
 /// Writes the scaffold for `args` and returns its directory.
@@ -325,13 +508,17 @@ pub fn scaffold(args: &NewArgs) -> anyhow::Result<PathBuf> {
     let world = args.world.into();
     // Filters need a stage in the agent config; merge plugins have none.
     let stage_line = if world == World::Filter { "stage = \"ingest\"          # or a destination name\n" } else { "" };
-    for (path, text) in templates(args.lang, world) {
-        let path = root.join(path.replace("{{crate}}", &crate_name));
-        let text = text
-            .replace("{{name}}", name)
-            .replace("{{crate}}", &crate_name)
-            .replace("{{world}}", world.as_str())
-            .replace("{{stage_line}}", stage_line);
+    for (file, text) in templates(args.lang, world) {
+        let path = root.join(file.replace("{{crate}}", &crate_name));
+        let text = if file.starts_with("sdk/src/") {
+            // Rust source: `{{` there is format syntax, not a placeholder.
+            text.replace("\"../../../wit\"", "\"../wit\"")
+        } else {
+            text.replace("{{name}}", name)
+                .replace("{{crate}}", &crate_name)
+                .replace("{{world}}", world.as_str())
+                .replace("{{stage_line}}", stage_line)
+        };
         write_file(&path, &text)?;
     }
     for (file, text) in WIT {
@@ -381,11 +568,16 @@ mod tests {
                     assert!(root.join("wit").join(file).is_file());
                 }
                 let world: World = world.into();
-                for (path, _) in templates(lang, world) {
-                    let path = root.join(path.replace("{{crate}}", &name.replace('-', "_")));
+                for (file, _) in templates(lang, world) {
+                    let path = root.join(file.replace("{{crate}}", &name.replace('-', "_")));
                     let text = std::fs::read_to_string(&path).unwrap();
-                    assert!(!text.contains("{{"), "{} keeps a placeholder", path.display());
+                    if file.starts_with("sdk/src/") {
+                        assert!(!text.contains("../../../wit"), "{} points outside the scaffold", path.display());
+                    } else {
+                        assert!(!text.contains("{{"), "{} keeps a placeholder", path.display());
+                    }
                 }
+                assert!(root.join("samples.json").is_file());
                 assert!(std::fs::read_to_string(root.join("README.md")).unwrap().contains(&name));
             }
         }

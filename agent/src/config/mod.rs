@@ -469,7 +469,7 @@ impl Config {
         // stage is `ingest` or a destination's name.
         let base = Path::new(file).parent().unwrap_or(Path::new(""));
         let destination_names: Vec<&str> = destinations.iter().map(|d| d.name.as_str()).collect();
-        let plugins = plugin::validate(raw.plugin, &destination_names, base, file)?;
+        let plugins = plugin::validate(raw.plugin, &destination_names, base, file, max_event_bytes)?;
         let fleet = raw.fleet.map(|f| fleet::validate(f, &destination_names, file)).transpose()?;
         let state = StateConfig {
             merge: state::merge_rules(raw.merge, &plugins, file)?,

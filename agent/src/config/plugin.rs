@@ -4,7 +4,8 @@
 //! Validation here covers what the file alone can show: names, the file's
 //! existence, the world, the stage (`ingest` or a configured destination),
 //! limits and the error policy. Whether the component really targets its
-//! world is checked when the plugin host loads it, before the agent starts.
+//! world is checked when the plugin host loads it, before the agent starts
+//! (and by `ferry config check`).
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -25,6 +26,11 @@ pub const DEFAULT_MEMORY_BYTES: u64 = 128 << 20;
 /// The stage name that runs a filter before events are stored.
 pub const INGEST_STAGE: &str = "ingest";
 
+/// Host memory an output event takes besides its attribute and data bytes
+/// (the host's record of it), allowed per input event by the default
+/// output bound ([`OutputBound::PerEvent`]).
+pub const OUTPUT_OVERHEAD_PER_EVENT: u64 = 1024;
+
 /// One `[[plugin]]` table as written.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -38,6 +44,7 @@ pub struct RawPlugin {
     fuel: Option<u64>,
     timeout_ms: Option<u64>,
     memory: Option<ByteSize>,
+    max_output: Option<ByteSize>,
     on_error: Option<String>,
 }
 
@@ -80,8 +87,37 @@ pub enum CpuLimit {
     Timeout(Duration),
 }
 
+/// How many bytes of output one call may hand the host. The host checks it
+/// while it copies the output out of the plugin, before each allocation, so
+/// a plugin cannot make the agent hold more than this per call, however
+/// large its own memory or however it aliases its output.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OutputBound {
+    /// At most this many bytes per call (`max_output`).
+    Fixed(u64),
+    /// At most this many bytes per input event of the call (for merge: per
+    /// call). The default: the store's `max_event_size` plus
+    /// [`OUTPUT_OVERHEAD_PER_EVENT`], room for one largest event per input.
+    PerEvent(u64),
+}
+
+impl OutputBound {
+    /// The default for a store whose largest event is `max_event_bytes`.
+    pub fn for_max_event(max_event_bytes: u64) -> Self {
+        OutputBound::PerEvent(max_event_bytes.saturating_add(OUTPUT_OVERHEAD_PER_EVENT))
+    }
+
+    /// The bound of a call over `events` events (a merge call counts as one).
+    pub fn for_call(self, events: usize) -> u64 {
+        match self {
+            OutputBound::Fixed(bytes) => bytes,
+            OutputBound::PerEvent(bytes) => bytes.saturating_mul(events.max(1) as u64),
+        }
+    }
+}
+
 /// What happens to the events of a call that trapped, timed out, ran out of
-/// memory, returned invalid output, or was refused by the open circuit.
+/// memory, returned output the stage refused, or was refused by the open circuit.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum OnError {
@@ -119,13 +155,17 @@ pub struct PluginConfig {
     pub cpu: CpuLimit,
     /// Memory bound per instance, in bytes (all its linear memories together).
     pub memory_bytes: u64,
+    /// Output bound per call.
+    pub max_output: OutputBound,
     /// Error policy.
     pub on_error: OnError,
 }
 
 impl PluginConfig {
-    /// A plugin with the documented defaults; for tools and tests.
+    /// A plugin with the documented defaults (for the embedded default
+    /// config's store); for tools and tests.
     pub fn new(name: impl Into<String>, path: impl Into<PathBuf>, world: World) -> Self {
+        let max_event_bytes = super::Config::embedded().store.max_event_bytes as u64;
         Self {
             name: name.into(),
             path: path.into(),
@@ -134,6 +174,7 @@ impl PluginConfig {
             config: BTreeMap::new(),
             cpu: CpuLimit::Timeout(DEFAULT_TIMEOUT),
             memory_bytes: DEFAULT_MEMORY_BYTES,
+            max_output: OutputBound::for_max_event(max_event_bytes),
             on_error: OnError::DeadLetter,
         }
     }
@@ -141,12 +182,14 @@ impl PluginConfig {
 
 /// Validates every `[[plugin]]`. `destinations` are the configured
 /// destination names a stage may name; `base` resolves relative paths (the
-/// config file's directory).
+/// config file's directory); `max_event_bytes` is the store's
+/// `max_event_size`, from which the default output bound derives.
 pub fn validate(
     raw: Vec<RawPlugin>,
     destinations: &[&str],
     base: &Path,
     file: &str,
+    max_event_bytes: u64,
 ) -> Result<Vec<PluginConfig>, ConfigError> {
     let mut out: Vec<PluginConfig> = Vec::with_capacity(raw.len());
     for (i, p) in raw.into_iter().enumerate() {
@@ -194,6 +237,13 @@ pub fn validate(
         if memory_bytes < (1 << 20) {
             return Err(err("memory", format!("{memory_bytes} bytes is too small; the minimum is 1 MiB")));
         }
+        let max_output = match p.max_output.map(|b| b.as_u64()) {
+            None => OutputBound::for_max_event(max_event_bytes),
+            Some(bytes) if bytes < 1024 => {
+                return Err(err("max_output", format!("{bytes} bytes is too small; the minimum is 1 KiB")));
+            }
+            Some(bytes) => OutputBound::Fixed(bytes),
+        };
         let on_error = match p.on_error.as_deref().unwrap_or("dead-letter") {
             "dead-letter" => OnError::DeadLetter,
             "pass" => OnError::Pass,
@@ -202,7 +252,17 @@ pub fn validate(
                 return Err(err("on_error", format!("`{other}` is not one of \"dead-letter\", \"pass\", \"drop\"")));
             }
         };
-        out.push(PluginConfig { name: p.name, path, world, stage, config: p.config, cpu, memory_bytes, on_error });
+        out.push(PluginConfig {
+            name: p.name,
+            path,
+            world,
+            stage,
+            config: p.config,
+            cpu,
+            memory_bytes,
+            max_output,
+            on_error,
+        });
     }
     Ok(out)
 }
@@ -217,7 +277,7 @@ mod tests {
             plugin: Vec<RawPlugin>,
         }
         let doc: Doc = toml::from_str(toml_text).unwrap();
-        validate(doc.plugin, destinations, Path::new(env!("CARGO_MANIFEST_DIR")), "test.toml")
+        validate(doc.plugin, destinations, Path::new(env!("CARGO_MANIFEST_DIR")), "test.toml", 256 * 1024)
     }
 
     #[test]
@@ -231,6 +291,9 @@ mod tests {
         assert_eq!(p.stage, Some(Stage::Ingest));
         assert_eq!(p.cpu, CpuLimit::Timeout(DEFAULT_TIMEOUT));
         assert_eq!(p.memory_bytes, DEFAULT_MEMORY_BYTES);
+        assert_eq!(p.max_output, OutputBound::PerEvent(256 * 1024 + OUTPUT_OVERHEAD_PER_EVENT));
+        assert_eq!(p.max_output.for_call(0), p.max_output.for_call(1), "a merge call or an empty batch counts as one");
+        assert_eq!(p.max_output.for_call(3), 3 * (256 * 1024 + OUTPUT_OVERHEAD_PER_EVENT));
         assert_eq!(p.on_error, OnError::DeadLetter);
         assert_eq!(p.config["field"], "temp");
         assert!(p.path.is_absolute());
@@ -245,6 +308,7 @@ mod tests {
         assert_eq!(key("stage = \"ingest\"\nfuel = 1\ntimeout_ms = 1\n", &[]), "plugin[0].fuel");
         assert_eq!(key("stage = \"ingest\"\nmemory = \"1 KiB\"\n", &[]), "plugin[0].memory");
         assert_eq!(key("stage = \"ingest\"\non_error = \"retry\"\n", &[]), "plugin[0].on_error");
+        assert_eq!(key("stage = \"ingest\"\nmax_output = \"10 B\"\n", &[]), "plugin[0].max_output");
         let e = check("[[plugin]]\nname = \"f\"\npath = \"nope.wasm\"\nworld = \"filter\"\nstage = \"ingest\"\n", &[])
             .unwrap_err();
         assert_eq!(e.key, "plugin[0].path");
@@ -261,6 +325,9 @@ mod tests {
         assert_eq!(p.stage, Some(Stage::Destination("cloud-a".into())));
         assert_eq!(p.cpu, CpuLimit::Timeout(Duration::from_millis(20)));
         assert_eq!(p.on_error, OnError::Pass);
+        let fixed = check(&format!("{text}max_output = \"4 MiB\"\n"), &["cloud-a"]).unwrap();
+        assert_eq!(fixed[0].max_output, OutputBound::Fixed(4 << 20));
+        assert_eq!(fixed[0].max_output.for_call(1024), 4 << 20, "a fixed bound does not grow with the batch");
         let e = check(text, &[]).unwrap_err();
         assert!(e.reason.contains("cloud-a"), "{e}");
     }

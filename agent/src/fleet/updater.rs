@@ -496,7 +496,7 @@ impl Updater {
 
         self.publish(name, step(self, State::Checking), false).await;
         let spec = PluginConfig { path: path.clone(), ..self.slots[name].plugin.spec.clone() };
-        let cache = self.env.data_dir.join("plugin-cache");
+        let cache = crate::plugin::engine::cache_dir(Some(&self.env.data_dir)).expect("a data dir is given");
         let checked = tokio::task::spawn_blocking(move || check_candidate(&spec, &cache)).await;
         let mut plugin = match checked {
             Ok(Ok(p)) => p,
@@ -591,7 +591,7 @@ impl Updater {
             Some(p) => PluginConfig { path: slot.dir.component(p.version), ..slot.plugin.spec.clone() },
             None => slot.plugin.spec.clone(),
         };
-        let cache = self.env.data_dir.join("plugin-cache");
+        let cache = crate::plugin::engine::cache_dir(Some(&self.env.data_dir)).expect("a data dir is given");
         let loaded = tokio::task::spawn_blocking(move || {
             let (mut p, _) = Plugin::load(&spec, Some(&cache))?;
             let _ = p.warm_up();
@@ -637,12 +637,13 @@ fn check_candidate(spec: &PluginConfig, cache: &std::path::Path) -> Result<Plugi
         config: spec.config.clone(),
         cpu: spec.cpu,
         memory_bytes: spec.memory_bytes,
+        max_output: spec.max_output,
         ..CheckOptions::default()
     };
     let report = check::check(&spec.path, &options, Some(cache)).map_err(Refusal::permanent)?;
     if !report.passed() {
         let failed: Vec<String> =
-            report.findings.iter().filter(|f| !f.passed).map(|f| format!("{}: {}", f.property, f.detail)).collect();
+            report.findings.iter().filter(|f| !f.passed()).map(|f| format!("{}: {}", f.property, f.detail)).collect();
         return Err(Refusal::permanent(format!("plugin checks failed: {}", failed.join("; "))));
     }
     let _ = plugin.warm_up();

@@ -143,7 +143,7 @@ impl Forwarder {
             tls,
             store,
             clock,
-            stage,
+            stage: stage.with_limits(limits.clone()),
             downlink,
             shutdown,
             status: status.clone(),

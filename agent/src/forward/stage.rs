@@ -11,18 +11,24 @@
 //!
 //! Verdicts, for this destination only: `keep` publishes, `drop` skips,
 //! `replace` publishes the replacements in place of the original, and
-//! `route` keeps the event if it names this destination, else skips it. A
-//! failed call (trap, timeout, out of memory, invalid output, open circuit)
-//! follows the plugin's `on_error`: `dead-letter` copies the events of the
-//! call to the dead-letter table for this destination and skips them here,
-//! `pass` publishes them as they entered the call, `drop` skips them. Other
-//! destinations are never affected.
+//! `route` keeps the event if it names this destination, else skips it.
+//! A replacement this destination's broker would refuse (its packet size,
+//! payload or topic rules: [`DestinationRules`]) fails the call inside the
+//! plugin host, so it counts against the plugin and names it, rather than
+//! being dead-lettered later as a publish no plugin is blamed for. A failed
+//! call (trap, timeout, out of memory, output over its bound or refused,
+//! open circuit) follows the plugin's `on_error`: `dead-letter` copies the
+//! events of the call to the dead-letter table for this destination and
+//! skips them here, `pass` publishes them as they entered the call, `drop`
+//! skips them. Other destinations are never affected.
 
 use std::collections::BTreeSet;
+use std::sync::Arc;
 
 use crate::clock::Hlc;
-use crate::event::{Event, EventBody};
-use crate::plugin::{OnError, PluginHandle, Verdict, convert};
+use crate::event::{Event, EventBody, is_json_content_type};
+use crate::limits::DestinationLimits;
+use crate::plugin::{ContractOnly, Decision, OnError, OutputRules, PluginHandle, convert};
 use crate::store::{AppendError, Store};
 
 /// What the forwarder does next for a stored sequence.
@@ -44,10 +50,32 @@ pub enum Step {
 }
 
 /// The destination-stage filters of one destination.
-#[derive(Clone, Default)]
+#[derive(Clone)]
 pub struct Stage {
     destination: String,
     filters: Vec<PluginHandle>,
+    /// What the filters' replacements must meet.
+    rules: Arc<dyn OutputRules>,
+}
+
+impl Default for Stage {
+    fn default() -> Self {
+        Self::new(String::new(), Vec::new())
+    }
+}
+
+/// What a destination stage takes of a filter's replacements: a publish
+/// its broker accepts ([`DestinationLimits::refusal`]). The plugin host
+/// applies it inside the call ([`OutputRules`]).
+pub struct DestinationRules(pub Arc<DestinationLimits>);
+
+impl OutputRules for DestinationRules {
+    fn refuse(&self, body: &EventBody) -> Option<String> {
+        // Structured mode embeds data as JSON only when it parses.
+        let json = body.datacontenttype.as_deref().is_some_and(is_json_content_type)
+            && serde_json::from_slice::<serde::de::IgnoredAny>(&body.data).is_ok();
+        self.0.refusal(&convert::body_ref(body), json)
+    }
 }
 
 /// What a publish for a stored event inherits from it.
@@ -67,9 +95,17 @@ struct Item {
 }
 
 impl Stage {
-    /// The filters for `destination`, run in the given order.
+    /// The filters for `destination`, run in the given order. Until
+    /// [`Stage::with_limits`], replacements need only meet the contract.
     pub fn new(destination: String, filters: Vec<PluginHandle>) -> Self {
-        Self { destination, filters }
+        Self { destination, filters, rules: Arc::new(ContractOnly) }
+    }
+
+    /// The same stage, refusing replacements the destination's broker would
+    /// refuse (`limits` as it learns them, shared with its forwarder).
+    pub fn with_limits(mut self, limits: Arc<DestinationLimits>) -> Self {
+        self.rules = Arc::new(DestinationRules(limits));
+        self
     }
 
     /// Whether any filter runs here.
@@ -108,14 +144,14 @@ impl Stage {
                 .iter()
                 .map(|i| convert::to_wit(&i.body, headers[i.origin].sequence, headers[i.origin].hlc.0))
                 .collect();
-            let reason = match filter.filter(wit).await {
-                Ok(verdicts) => match apply(&self.destination, &mut items, verdicts) {
-                    Ok(()) => continue,
-                    Err(invalid) => format!("plugin returned invalid output: {invalid}"),
-                },
-                Err(e) => e.to_string(),
+            let error = match filter.filter(wit, self.rules.clone()).await {
+                Ok(decisions) => {
+                    apply(&self.destination, &mut items, decisions);
+                    continue;
+                }
+                Err(e) => e,
             };
-            let reason = format!("destination {}: plugin {}: {reason}", self.destination, filter.name());
+            let reason = format!("destination {}: plugin {}: {error}", self.destination, filter.name());
             let origins: BTreeSet<usize> = items.iter().map(|i| i.origin).collect();
             match filter.on_error() {
                 OnError::Pass => {
@@ -146,38 +182,24 @@ impl Stage {
     }
 }
 
-/// Applies one filter's verdicts to the items that went into the call, or
-/// says why they break the contract (then nothing is changed).
-fn apply(destination: &str, items: &mut Vec<Item>, verdicts: Vec<Verdict>) -> Result<(), String> {
-    if verdicts.len() != items.len() {
-        return Err(format!("{} verdicts for {} events", verdicts.len(), items.len()));
-    }
+/// Applies one filter's decisions (one per item, already checked by the
+/// plugin host against this stage's rules) to the items that went into the call.
+fn apply(destination: &str, items: &mut Vec<Item>, decisions: Vec<Decision>) {
+    debug_assert_eq!(items.len(), decisions.len(), "the host checks the count");
     let mut out = Vec::with_capacity(items.len());
-    for (item, verdict) in std::mem::take(items).into_iter().zip(verdicts) {
-        match verdict {
-            Verdict::Keep => out.push(item),
-            Verdict::Drop => {}
-            Verdict::Route(names) => {
+    for (item, decision) in std::mem::take(items).into_iter().zip(decisions) {
+        match decision {
+            Decision::Keep => out.push(item),
+            Decision::Drop => {}
+            Decision::Route(names) => {
                 if names.iter().any(|n| n == destination) {
                     out.push(item);
                 }
             }
-            Verdict::Replace(events) => {
-                for event in events {
-                    match convert::from_wit(event) {
-                        Ok(body) => out.push(Item { origin: item.origin, body }),
-                        Err(e) => {
-                            // Leave the batch as it was for the error policy.
-                            *items = out;
-                            return Err(e);
-                        }
-                    }
-                }
-            }
+            Decision::Replace(bodies) => out.extend(bodies.into_iter().map(|body| Item { origin: item.origin, body })),
         }
     }
     *items = out;
-    Ok(())
 }
 
 /// The steps for a batch: per stored event in order, its publishes or a
@@ -232,33 +254,48 @@ mod tests {
     }
 
     #[test]
-    fn verdicts_apply_for_this_destination_only() {
+    fn decisions_apply_for_this_destination_only() {
         let events: Vec<Event> = (1..=5).map(|s| event(s, "t")).collect();
         let mut batch = items(&events);
-        let mut wit = convert::to_wit(&events[3].body, 4, 0);
-        wit.subject = "t/a".into();
-        let verdicts = vec![
-            Verdict::Keep,
-            Verdict::Drop,
-            Verdict::Route(vec!["other".into()]),
-            Verdict::Replace(vec![wit.clone(), wit]),
-            Verdict::Route(vec!["other".into(), "here".into()]),
+        let mut replacement = events[3].body.clone();
+        replacement.subject = "t/a".into();
+        let decisions = vec![
+            Decision::Keep,
+            Decision::Drop,
+            Decision::Route(vec!["other".into()]),
+            Decision::Replace(vec![replacement.clone(), replacement]),
+            Decision::Route(vec!["other".into(), "here".into()]),
         ];
-        apply("here", &mut batch, verdicts).unwrap();
+        apply("here", &mut batch, decisions);
         let kept: Vec<(usize, &str)> = batch.iter().map(|i| (i.origin, i.body.subject.as_str())).collect();
         assert_eq!(kept, [(0, "t"), (3, "t/a"), (3, "t/a"), (4, "t")]);
         assert!(batch.iter().all(|i| i.body.extensions.is_empty()), "no route marker is added at this stage");
     }
 
+    fn limits(max_packet: &str) -> Arc<DestinationLimits> {
+        let c = crate::config::Config::parse(
+            &format!(
+                "[[destination]]\nname = \"here\"\nurl = \"mqtt://x\"\nroutes = [\"#\"]\nmax_packet_size = \"{max_packet}\"\n"
+            ),
+            "test.toml",
+        )
+        .unwrap();
+        Arc::new(DestinationLimits::new(&c.destinations[0]))
+    }
+
     #[test]
-    fn invalid_verdicts_leave_the_batch_for_the_error_policy() {
-        let events: Vec<Event> = (1..=2).map(|s| event(s, "t")).collect();
-        let mut batch = items(&events);
-        assert!(apply("here", &mut batch, vec![Verdict::Keep]).is_err());
-        let mut bad = convert::to_wit(&events[0].body, 1, 0);
-        bad.subject = "a/#".into();
-        assert!(apply("here", &mut batch, vec![Verdict::Keep, Verdict::Replace(vec![bad])]).is_err());
-        assert!(!batch.is_empty());
+    fn a_replacement_over_the_destination_packet_size_is_refused_naming_the_destination() {
+        let rules = DestinationRules(limits("1 KiB"));
+        let mut body = event(1, "t").body;
+        assert_eq!(rules.refuse(&body), None);
+        body.data = vec![b'x'; 4096];
+        let reason = rules.refuse(&body).expect("over 1 KiB");
+        assert!(reason.contains("destination here") && reason.contains("max_packet_size"), "{reason}");
+        // Inside a call, the refusal is the plugin's invalid output, naming the event.
+        let input = convert::to_wit(&event(1, "t").body, 1, 0);
+        let replace = crate::plugin::Verdict::Replace(vec![convert::to_wit(&body, 1, 0)]);
+        let e = convert::decide(&[input], vec![replace], &rules).unwrap_err();
+        assert!(e.starts_with("event 0 (`e1`): replacement 0 (`e1`): destination here"), "{e}");
     }
 
     #[test]

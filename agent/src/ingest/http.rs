@@ -240,11 +240,17 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     a.ct_eq(b).into()
 }
 
+/// The answer to a `POST /v1/events` that was committed.
 #[derive(Serialize)]
 struct Accepted {
     accepted: usize,
     duplicates: usize,
     events: Vec<Appended>,
+    /// Per input event an ingest-stage plugin dropped, replaced or failed
+    /// on, what happened ("dropped by plugin P" versus "plugin P failed:
+    /// dead-lettered"); absent when plugins kept every event.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    filtered: Vec<super::Filtered>,
 }
 
 async fn post_events(State(api): State<Api>, headers: HeaderMap, body: Body) -> Response {
@@ -285,9 +291,9 @@ async fn post_events(State(api): State<Api>, headers: HeaderMap, body: Body) -> 
         Err(response) => return response,
     };
     match api.ingest.commit(events).await {
-        Ok(events) => {
+        Ok(super::Committed { events, filtered }) => {
             let duplicates = events.iter().filter(|e| e.duplicate).count();
-            let body = Accepted { accepted: events.len() - duplicates, duplicates, events };
+            let body = Accepted { accepted: events.len() - duplicates, duplicates, events, filtered };
             (StatusCode::OK, axum::Json(body)).into_response()
         }
         Err(e) => ingest_error(&e),

@@ -11,11 +11,16 @@
 //! config order, before the append: dropped events are never stored,
 //! replacements are stored instead of their input (inheriting its priority
 //! and expiry), and a `route` verdict is stored as the `ferryroute`
-//! extension for the forwarder (see [`crate::plugin::convert`]). When a
-//! filter fails, its `on_error` policy decides: `dead-letter` records the
-//! batch in the dead-letter table (sequence 0: never in the log) before the
-//! producer gets its answer, `pass` keeps the events as they were, `drop`
-//! discards them. The producer's answer lists only the events stored.
+//! extension for the forwarder (see [`crate::plugin::convert`]). What this
+//! stage takes ([`IngestRules`]: `store.max_event_size`, and what every
+//! destination that routes a replacement accepts) is checked by the plugin
+//! host inside the call, so a replacement it refuses fails the call and
+//! counts against the plugin like a trap. When a filter fails, its
+//! `on_error` policy decides: `dead-letter` records the batch in the
+//! dead-letter table (sequence 0: never in the log) before the producer gets
+//! its answer, `pass` keeps the events as they were, `drop` discards them.
+//! The producer's answer lists the events stored and, per input event, what
+//! a plugin did to it ([`Filtered`]).
 
 pub mod admin;
 pub mod http;
@@ -25,12 +30,103 @@ pub mod parse;
 use std::sync::Arc;
 use std::time::Duration;
 
+use serde::Serialize;
+
 use crate::clock::{self, SharedClock};
-use crate::event::{DEFAULT_TYPE, EventBody, EventBodyRef, JSON_CONTENT_TYPE, is_json_content_type};
+use crate::event::{self, DEFAULT_TYPE, EventBody, EventBodyRef, JSON_CONTENT_TYPE, is_json_content_type};
 use crate::limits::DestinationLimits;
-use crate::plugin::{OnError, PluginHandle, PluginStatus, convert};
+use crate::plugin::{Decision, OnError, OutputRules, PluginHandle, PluginStatus, convert};
 use crate::store::{AppendError, Appended, Dedup, PreparedEvent, Store};
 pub use parse::{BadInput, InputEvent};
+
+/// What an ingest-stage plugin did to one event of a request, for the
+/// producer's answer: the event was dropped by the plugin, replaced, or
+/// the plugin failed and its `on_error` policy applied.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Filtered {
+    /// The event's index in the request.
+    pub index: usize,
+    /// The event's id (as it entered the plugin).
+    pub id: String,
+    /// The plugin.
+    pub plugin: String,
+    /// What happened.
+    pub outcome: FilterOutcome,
+    /// The same in words: "dropped by plugin P", "plugin P failed: dead-lettered", …
+    pub message: String,
+    /// Why the plugin failed, in one line (failures only).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+}
+
+/// What happened to an event in an ingest-stage plugin.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum FilterOutcome {
+    /// The plugin decided to drop it (`drop`, or an empty replacement or route).
+    Dropped,
+    /// The plugin replaced it; the replacements are stored with their own ids.
+    Replaced,
+    /// The plugin failed; the event is in the dead-letter table (`on_error = "dead-letter"`).
+    FailedDeadLettered,
+    /// The plugin failed; the event went on unfiltered (`on_error = "pass"`).
+    FailedPassed,
+    /// The plugin failed; the event was discarded (`on_error = "drop"`).
+    FailedDropped,
+}
+
+impl FilterOutcome {
+    fn message(self, plugin: &str) -> String {
+        match self {
+            FilterOutcome::Dropped => format!("dropped by plugin {plugin}"),
+            FilterOutcome::Replaced => format!("replaced by plugin {plugin}"),
+            FilterOutcome::FailedDeadLettered => format!("plugin {plugin} failed: dead-lettered"),
+            FilterOutcome::FailedPassed => format!("plugin {plugin} failed: passed through unfiltered"),
+            FilterOutcome::FailedDropped => format!("plugin {plugin} failed: dropped"),
+        }
+    }
+}
+
+/// What a committed request left: the events stored, and what plugins did
+/// to the others.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct Committed {
+    /// The events appended (replacements included), in order.
+    pub events: Vec<Appended>,
+    /// Per input event a plugin did not simply keep, what it did.
+    pub filtered: Vec<Filtered>,
+}
+
+/// What the ingest stage takes of a filter's replacements: an event within
+/// `store.max_event_size`, which every destination that routes it accepts.
+/// The plugin host applies it inside the call ([`OutputRules`]).
+pub struct IngestRules {
+    max_event_bytes: usize,
+    destinations: Arc<[Arc<DestinationLimits>]>,
+}
+
+impl OutputRules for IngestRules {
+    fn refuse(&self, body: &EventBody) -> Option<String> {
+        let size = event::HEADER_LEN + postcard::experimental::serialized_size(body).unwrap_or(usize::MAX);
+        if size > self.max_event_bytes {
+            return Some(format!("{size} bytes encoded, over store.max_event_size ({} bytes)", self.max_event_bytes));
+        }
+        refusal(&self.destinations, &convert::body_ref(body), false)
+    }
+}
+
+/// Why a destination among `destinations` that routes `body` would refuse
+/// it, if one would. `json_data`: the data was checked to be JSON.
+fn refusal(destinations: &[Arc<DestinationLimits>], body: &EventBodyRef<'_>, json_data: bool) -> Option<String> {
+    let mut routed = destinations.iter().filter(|d| d.routes(body.subject)).peekable();
+    routed.peek()?;
+    // Structured mode embeds data as JSON only when it parses; bytes under
+    // a JSON content type that were not checked are checked here, rarely.
+    let json = json_data
+        || (body.datacontenttype.is_some_and(is_json_content_type)
+            && serde_json::from_slice::<serde::de::IgnoredAny>(body.data).is_ok());
+    routed.find_map(|d| d.refusal(body, json))
+}
 
 /// Why an ingest request was refused. Nothing of a refused request is stored.
 #[derive(Debug, thiserror::Error)]
@@ -85,18 +181,29 @@ pub struct Ingest {
     /// What each destination accepts: an event a routing destination
     /// would refuse is refused here, before it is stored.
     destinations: Arc<[Arc<DestinationLimits>]>,
+    /// What the filters' replacements must meet (built from the above).
+    rules: Arc<IngestRules>,
 }
 
 impl Ingest {
     /// Ingest into `store`, stamping events with `source`.
     pub fn new(store: Store, source: String, clock: SharedClock) -> Self {
-        Self { store, source, clock, filters: Arc::new([]), reported: Arc::new([]), destinations: Arc::new([]) }
+        let destinations: Arc<[Arc<DestinationLimits>]> = Arc::new([]);
+        let rules = Arc::new(IngestRules {
+            max_event_bytes: store.config().max_event_bytes,
+            destinations: destinations.clone(),
+        });
+        Self { store, source, clock, filters: Arc::new([]), reported: Arc::new([]), destinations, rules }
     }
 
     /// The same path, refusing what any of `destinations` that routes an
     /// event would refuse.
     pub fn with_destinations(mut self, destinations: Vec<Arc<DestinationLimits>>) -> Self {
         self.destinations = destinations.into();
+        self.rules = Arc::new(IngestRules {
+            max_event_bytes: self.store.config().max_event_bytes,
+            destinations: self.destinations.clone(),
+        });
         self
     }
 
@@ -138,111 +245,77 @@ impl Ingest {
     }
 
     /// Prepares and appends the events of one request, all or nothing.
-    pub async fn submit(&self, inputs: Vec<InputEvent>) -> Result<Vec<Appended>, IngestError> {
+    pub async fn submit(&self, inputs: Vec<InputEvent>) -> Result<Committed, IngestError> {
         let prepared = self.prepare(inputs)?;
         self.commit(prepared).await
     }
 
     /// Runs the ingest-stage filters on prepared events, then appends what
     /// they leave, all or nothing.
-    pub async fn commit(&self, prepared: Vec<PreparedEvent>) -> Result<Vec<Appended>, IngestError> {
-        let mut events = prepared;
+    pub async fn commit(&self, prepared: Vec<PreparedEvent>) -> Result<Committed, IngestError> {
+        // Each event with the index of the request's event it stands for.
+        let mut events: Vec<(usize, PreparedEvent)> = prepared.into_iter().enumerate().collect();
+        let mut filtered = Vec::new();
         for filter in self.filters.iter() {
             if events.is_empty() {
                 break;
             }
-            events = self.run_filter(filter, events).await?;
+            events = self.run_filter(filter, events, &mut filtered).await?;
         }
+        filtered.sort_by_key(|f: &Filtered| f.index);
         if events.is_empty() {
-            return Ok(Vec::new());
+            return Ok(Committed { events: Vec::new(), filtered });
         }
-        Ok(self.store.append(events).await?)
+        let events = self.store.append(events.into_iter().map(|(_, e)| e).collect()).await?;
+        Ok(Committed { events, filtered })
     }
 
-    /// One filter over the batch; on failure, its error policy.
+    /// One filter over the batch, noting in `filtered` what it did to each
+    /// event; on failure, its error policy.
     async fn run_filter(
         &self,
         filter: &PluginHandle,
-        events: Vec<PreparedEvent>,
-    ) -> Result<Vec<PreparedEvent>, IngestError> {
-        let bodies: Vec<EventBody> = match events.iter().map(|e| postcard::from_bytes(&e.body)).collect() {
+        events: Vec<(usize, PreparedEvent)>,
+        filtered: &mut Vec<Filtered>,
+    ) -> Result<Vec<(usize, PreparedEvent)>, IngestError> {
+        let bodies: Vec<EventBody> = match events.iter().map(|(_, e)| postcard::from_bytes(&e.body)).collect() {
             Ok(bodies) => bodies,
             Err(e) => return Err(AppendError::Storage(format!("re-reading a prepared event: {e}")).into()),
         };
         let wit = bodies.iter().map(|b| convert::to_wit(b, 0, 0)).collect();
-        let reason = match filter.filter(wit).await {
-            Ok(verdicts) => match self.apply_verdicts(&events, bodies, verdicts) {
-                Ok(out) => return Ok(out),
-                Err(invalid) => format!("plugin returned invalid output: {invalid}"),
-            },
-            Err(e) => e.to_string(),
+        let error = match filter.filter(wit, self.rules.clone()).await {
+            Ok(decisions) => return Ok(apply_decisions(filter.name(), events, bodies, decisions, filtered)),
+            Err(e) => e,
         };
-        let reason = format!("plugin {}: {reason}", filter.name());
-        match filter.on_error() {
-            OnError::Pass => {
-                tracing::warn!(plugin = filter.name(), events = events.len(), %reason, "plugin failed: events pass unfiltered");
-                Ok(events)
-            }
-            OnError::Drop => {
-                tracing::warn!(plugin = filter.name(), events = events.len(), %reason, "plugin failed: events dropped");
+        let reason = format!("plugin {}: {error}", filter.name());
+        let outcome = match filter.on_error() {
+            OnError::Pass => FilterOutcome::FailedPassed,
+            OnError::Drop => FilterOutcome::FailedDropped,
+            OnError::DeadLetter => FilterOutcome::FailedDeadLettered,
+        };
+        tracing::warn!(plugin = filter.name(), events = events.len(), %reason, "{}", outcome.message(filter.name()));
+        filtered.extend(events.iter().map(|(index, e)| Filtered {
+            index: *index,
+            id: e.id.clone(),
+            plugin: filter.name().to_owned(),
+            outcome,
+            message: outcome.message(filter.name()),
+            reason: Some(reason.clone()),
+        }));
+        match outcome {
+            FilterOutcome::FailedPassed => Ok(events),
+            FilterOutcome::FailedDeadLettered => {
+                self.store.dead_letter_new(events.into_iter().map(|(_, e)| e).collect(), reason).await?;
                 Ok(Vec::new())
             }
-            OnError::DeadLetter => {
-                tracing::warn!(plugin = filter.name(), events = events.len(), %reason, "plugin failed: events dead-lettered");
-                self.store.dead_letter_new(events, reason).await?;
-                Ok(Vec::new())
-            }
+            _ => Ok(Vec::new()),
         }
-    }
-
-    /// The events that stand in for `events` after their verdicts, or why
-    /// the verdicts are invalid (which fails the whole call).
-    fn apply_verdicts(
-        &self,
-        events: &[PreparedEvent],
-        bodies: Vec<EventBody>,
-        verdicts: Vec<crate::plugin::Verdict>,
-    ) -> Result<Vec<PreparedEvent>, String> {
-        use crate::plugin::Verdict;
-        let limit = self.store.config().max_event_bytes;
-        let mut out = Vec::with_capacity(events.len());
-        for ((event, body), verdict) in events.iter().zip(bodies).zip(verdicts) {
-            match verdict {
-                Verdict::Keep => out.push(event.clone()),
-                Verdict::Drop => {}
-                other => {
-                    let keep_id = matches!(other, Verdict::Route(_));
-                    for body in convert::apply(body, other)? {
-                        // A route keeps the event's identity; a replacement is
-                        // a new event whose id dedup must know.
-                        let dedup = if keep_id { event.dedup } else { Dedup::Producer };
-                        let e = PreparedEvent::new(&body, dedup, event.priority, event.expires_at_ms);
-                        if e.record_len() as usize > limit {
-                            return Err(format!(
-                                "event `{}` is {} bytes encoded, over the {limit}-byte limit",
-                                body.id,
-                                e.record_len()
-                            ));
-                        }
-                        out.push(e);
-                    }
-                }
-            }
-        }
-        Ok(out)
     }
 
     /// Why a destination that routes `body` would refuse it, if one would.
     /// `json_data`: the producer's data was checked to be JSON.
     pub fn refusal(&self, body: &EventBodyRef<'_>, json_data: bool) -> Option<String> {
-        let mut routed = self.destinations.iter().filter(|d| d.routes(body.subject)).peekable();
-        routed.peek()?;
-        // Structured mode embeds data as JSON only when it parses; bytes under
-        // a JSON content type that were not checked are checked here, rarely.
-        let json = json_data
-            || (body.datacontenttype.is_some_and(is_json_content_type)
-                && serde_json::from_slice::<serde::de::IgnoredAny>(body.data).is_ok());
-        routed.find_map(|d| d.refusal(body, json))
+        refusal(&self.destinations, body, json_data)
     }
 
     /// Fills defaults, classifies and encodes; refuses oversized events.
@@ -283,6 +356,47 @@ impl Ingest {
         }
         Ok(out)
     }
+}
+
+/// The events that stand in for `events` after one filter's `decisions`
+/// (already checked by the plugin host against [`IngestRules`]), noting in
+/// `filtered` each event `plugin` dropped or replaced.
+fn apply_decisions(
+    plugin: &str,
+    events: Vec<(usize, PreparedEvent)>,
+    bodies: Vec<EventBody>,
+    decisions: Vec<Decision>,
+    filtered: &mut Vec<Filtered>,
+) -> Vec<(usize, PreparedEvent)> {
+    let mut out = Vec::with_capacity(events.len());
+    for (((index, event), body), decision) in events.into_iter().zip(bodies).zip(decisions) {
+        let note = |outcome: FilterOutcome| Filtered {
+            index,
+            id: event.id.clone(),
+            plugin: plugin.to_owned(),
+            outcome,
+            message: outcome.message(plugin),
+            reason: None,
+        };
+        match decision {
+            Decision::Keep => out.push((index, event)),
+            Decision::Drop => filtered.push(note(FilterOutcome::Dropped)),
+            decision => {
+                // A route keeps the event's identity; a replacement is a new
+                // event whose id dedup must know.
+                let dedup = if matches!(decision, Decision::Route(_)) {
+                    event.dedup
+                } else {
+                    filtered.push(note(FilterOutcome::Replaced));
+                    Dedup::Producer
+                };
+                for body in convert::apply(body, decision) {
+                    out.push((index, PreparedEvent::new(&body, dedup, event.priority, event.expires_at_ms)));
+                }
+            }
+        }
+    }
+    out
 }
 
 fn expiry(now_ms: u64, ttl: Duration) -> u64 {

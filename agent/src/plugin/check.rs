@@ -1,12 +1,16 @@
 //! `ferry plugin check` and `ferry plugin bench` as library functions.
 //!
 //! The check loads a component against the worlds, then runs it on inputs
-//! generated from a fixed seed (so a failure reproduces): filters must not
-//! fail, must return valid verdicts and must answer the same for the same
-//! input from a fresh instance; merge functions must be deterministic,
-//! commutative, associative and idempotent, and a broken law is reported
-//! with a counter-example shrunk to a minimal one. The bench measures
-//! per-event cost at several batch sizes and cold versus cached start.
+//! from [`super::inputs`]: mutations of the author's own example values, a
+//! declared shape, or the built-in shapes (always from a fixed seed, so a
+//! failure reproduces). Filters must not fail (the host checks every
+//! verdict, as at a stage) and must answer the same for the same input from
+//! a fresh instance. Merge functions must be deterministic, commutative,
+//! associative and idempotent; a broken law is reported with the form that
+//! broke, the two expressions that disagree and a counter-example shrunk to
+//! a minimal one. A law no input could test (the plugin refused them all)
+//! is inconclusive, which is neither a pass nor a failure. The bench
+//! measures per-event cost at several batch sizes and cold versus cached start.
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
@@ -16,8 +20,8 @@ use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
 
-use super::convert;
-use super::{CpuLimit, Plugin, PluginConfig, PluginError, Verdict, Versioned, WitEvent, World};
+use super::inputs::{Gen, Source, shrink};
+use super::{CpuLimit, Decision, OutputBound, Plugin, PluginConfig, PluginError, Versioned, WitEvent, World};
 
 /// What to check and with which settings.
 #[derive(Debug, Clone)]
@@ -30,8 +34,13 @@ pub struct CheckOptions {
     pub cpu: CpuLimit,
     /// Memory bound.
     pub memory_bytes: u64,
+    /// Output bound per call.
+    pub max_output: OutputBound,
     /// Generated cases per property.
     pub cases: usize,
+    /// Where the data comes from: the author's samples or shape, else the
+    /// built-in shapes.
+    pub sources: Vec<Source>,
 }
 
 impl Default for CheckOptions {
@@ -42,9 +51,29 @@ impl Default for CheckOptions {
             config: BTreeMap::new(),
             cpu: defaults.cpu,
             memory_bytes: defaults.memory_bytes,
+            max_output: defaults.max_output,
             cases: 100,
+            sources: Vec::new(),
         }
     }
+}
+
+impl CheckOptions {
+    /// The sources a run uses: the given ones, else the built-in shapes.
+    fn sources(&self) -> Vec<Source> {
+        if self.sources.is_empty() { Source::builtins() } else { self.sources.clone() }
+    }
+}
+
+/// How a property came out.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    /// It held on every case that ran.
+    Pass,
+    /// It broke (the detail has the counter-example).
+    Fail,
+    /// No case could test it: the plugin refused every input.
+    Inconclusive,
 }
 
 /// One property's outcome.
@@ -52,10 +81,19 @@ impl Default for CheckOptions {
 pub struct Finding {
     /// What was checked.
     pub property: String,
-    /// Whether it held.
-    pub passed: bool,
+    /// How it came out.
+    pub outcome: Outcome,
+    /// Cases that ran and held (or, for a failure, held before it broke).
+    pub cases: usize,
     /// Evidence: figures when it held, a counter-example when it did not.
     pub detail: String,
+}
+
+impl Finding {
+    /// Whether it held.
+    pub fn passed(&self) -> bool {
+        self.outcome == Outcome::Pass
+    }
 }
 
 /// The result of a check.
@@ -63,6 +101,8 @@ pub struct Finding {
 pub struct CheckReport {
     /// The world the component targets.
     pub world: World,
+    /// Where the inputs came from, one line per source.
+    pub inputs: Vec<String>,
     /// One line per property.
     pub findings: Vec<Finding>,
 }
@@ -70,7 +110,19 @@ pub struct CheckReport {
 impl CheckReport {
     /// Whether every property held.
     pub fn passed(&self) -> bool {
-        self.findings.iter().all(|f| f.passed)
+        self.outcome() == Outcome::Pass
+    }
+
+    /// Fail if any property failed, else inconclusive if any was, else pass.
+    pub fn outcome(&self) -> Outcome {
+        let any = |o| self.findings.iter().any(|f| f.outcome == o);
+        if any(Outcome::Fail) {
+            Outcome::Fail
+        } else if any(Outcome::Inconclusive) {
+            Outcome::Inconclusive
+        } else {
+            Outcome::Pass
+        }
     }
 }
 
@@ -79,6 +131,7 @@ fn plugin_config(path: &Path, world: World, options: &CheckOptions) -> PluginCon
     config.config = options.config.clone();
     config.cpu = options.cpu;
     config.memory_bytes = options.memory_bytes;
+    config.max_output = options.max_output;
     config
 }
 
@@ -107,61 +160,50 @@ pub fn check(path: &Path, options: &CheckOptions, cache_dir: Option<&Path>) -> R
     let world = plugin.world();
     let mut findings = vec![Finding {
         property: format!("targets ferry:plugin/{}", world.as_str()),
-        passed: true,
+        outcome: Outcome::Pass,
+        cases: 1,
         detail: "exports match; every import is provided".into(),
     }];
+    let sources = options.sources();
     match world {
-        World::Filter => check_filter(&mut plugin, options, &mut findings),
-        World::Merge => check_merge(&mut plugin, options, &mut findings),
+        World::Filter => check_filter(&mut plugin, options, &sources, &mut findings),
+        World::Merge => check_merge(&mut plugin, options, &sources, &mut findings),
     }
-    Ok(CheckReport { world, findings })
-}
-
-/// A small deterministic generator (SplitMix64), so every run checks the
-/// same inputs and a failure reproduces.
-struct Gen(u64);
-
-impl Gen {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n.max(1)
-    }
-
-    fn pick<'a>(&mut self, items: &[&'a str]) -> &'a str {
-        items[self.below(items.len() as u64) as usize]
-    }
+    let inputs = sources.iter().map(Source::describe).collect();
+    Ok(CheckReport { world, inputs, findings })
 }
 
 const SUBJECTS: [&str; 8] =
     ["telemetry/temp", "telemetry/raw/x", "alerts/fire", "debug/trace", "a", "state/door/1", "logs/app", "x/y/z"];
 const FIELDS: [&str; 5] = ["temp", "value", "reading", "level", "secret"];
 
-/// A generated event: JSON readings of several shapes, text and binary data.
-fn gen_event(g: &mut Gen, n: u64) -> WitEvent {
+/// A generated event: with the author's data when there are sources, else
+/// JSON readings of several shapes, text and binary data.
+fn gen_event(g: &mut Gen, n: u64, sources: &[Source]) -> WitEvent {
     let number = (g.below(2001) as f64 - 1000.0) / 10.0;
-    let (data, content_type) = match g.below(6) {
-        0 => (json!({ g.pick(&FIELDS): number }).to_string().into_bytes(), Some("application/json")),
-        1 => (
-            json!({ "reading": { "celsius": number }, "secret": "s3cr3t" }).to_string().into_bytes(),
-            Some("application/json"),
-        ),
-        2 => (json!([number, "x", null]).to_string().into_bytes(), Some("application/json")),
-        3 => (b"plain text".to_vec(), Some("text/plain")),
-        4 => ((0..g.below(64)).map(|_| g.next() as u8).collect(), None),
-        _ => (Vec::new(), None),
+    let (data, content_type) = if sources.is_empty() {
+        match g.below(6) {
+            0 => (json!({ *g.pick(&FIELDS): number }).to_string().into_bytes(), Some("application/json")),
+            1 => (
+                json!({ "reading": { "celsius": number }, "secret": "s3cr3t" }).to_string().into_bytes(),
+                Some("application/json"),
+            ),
+            2 => (json!([number, "x", null]).to_string().into_bytes(), Some("application/json")),
+            3 => (b"plain text".to_vec(), Some("text/plain")),
+            4 => ((0..g.below(64)).map(|_| g.next_u64() as u8).collect(), None),
+            _ => (Vec::new(), None),
+        }
+    } else {
+        let source = &sources[n as usize % sources.len()];
+        let data = source.value(g, n as usize / sources.len());
+        let json = serde_json::from_slice::<serde::de::IgnoredAny>(&data).is_ok();
+        (data, json.then_some("application/json"))
     };
     WitEvent {
         id: format!("check-{n}"),
         source: "ferry://check".into(),
         type_: "ferry.event".into(),
-        subject: g.pick(&SUBJECTS).into(),
+        subject: (*g.pick(&SUBJECTS)).into(),
         time: "2026-01-01T00:00:00Z".into(),
         datacontenttype: content_type.map(str::to_owned),
         data,
@@ -172,8 +214,10 @@ fn gen_event(g: &mut Gen, n: u64) -> WitEvent {
     }
 }
 
-fn check_filter(plugin: &mut Plugin, options: &CheckOptions, findings: &mut Vec<Finding>) {
-    let mut g = Gen(0xF1_17E5);
+fn check_filter(plugin: &mut Plugin, options: &CheckOptions, sources: &[Source], findings: &mut Vec<Finding>) {
+    let mut g = Gen::new(0xF1_17E5);
+    // The author's data, when given, replaces the built-in event mix.
+    let data_sources: &[Source] = if options.sources.is_empty() { &[] } else { sources };
     let mut n = 0;
     let batches: Vec<Arc<Vec<WitEvent>>> = (0..options.cases.max(1))
         .map(|i| {
@@ -181,14 +225,14 @@ fn check_filter(plugin: &mut Plugin, options: &CheckOptions, findings: &mut Vec<
             (0..size)
                 .map(|_| {
                     n += 1;
-                    gen_event(&mut g, n)
+                    gen_event(&mut g, n, data_sources)
                 })
                 .collect::<Vec<_>>()
         })
         .map(Arc::new)
         .collect();
-    // Ok: every batch's verdicts and the slowest call; Err: the failing batch.
-    type Run = Result<(Vec<Vec<Verdict>>, Duration), (usize, PluginError)>;
+    // Ok: every batch's decisions and the slowest call; Err: the failing batch.
+    type Run = Result<(Vec<Vec<Decision>>, Duration), (usize, PluginError)>;
     let run = |plugin: &mut Plugin| -> Run {
         let mut slowest = Duration::ZERO;
         let mut out = Vec::with_capacity(batches.len());
@@ -200,19 +244,23 @@ fn check_filter(plugin: &mut Plugin, options: &CheckOptions, findings: &mut Vec<
         Ok((out, slowest))
     };
     let events: usize = batches.iter().map(|b| b.len()).sum();
+    let property = "no failures and valid output on every batch (one verdict per event, valid replacements, \
+                    destination names as routes, within max_output)";
     let first = match run(plugin) {
         Ok(first) => {
             findings.push(Finding {
-                property: "no failures on generated batches".into(),
-                passed: true,
+                property: property.into(),
+                outcome: Outcome::Pass,
+                cases: batches.len(),
                 detail: format!("{} batches, {events} events; slowest call {:.2?}", batches.len(), first.1),
             });
             first.0
         }
         Err((i, e)) => {
             findings.push(Finding {
-                property: "no failures on generated batches".into(),
-                passed: false,
+                property: property.into(),
+                outcome: Outcome::Fail,
+                cases: i,
                 detail: format!(
                     "batch {i} of {} events failed: {e}\n  first event: {:?}",
                     batches[i].len(),
@@ -222,87 +270,34 @@ fn check_filter(plugin: &mut Plugin, options: &CheckOptions, findings: &mut Vec<
             return;
         }
     };
-    let mut invalid = None;
-    'outer: for (batch, verdicts) in batches.iter().zip(&first) {
-        for (event, verdict) in batch.iter().zip(verdicts) {
-            let body = match convert::from_wit(event.clone()) {
-                Ok(body) => body,
-                Err(_) => continue,
-            };
-            if let Err(e) = convert::apply(body, verdict.clone()) {
-                invalid = Some(format!("{e}\n  for event {event:?}"));
-                break 'outer;
-            }
-        }
-    }
-    findings.push(Finding {
-        property: "verdicts are valid (replacements are valid events, routes name destinations)".into(),
-        passed: invalid.is_none(),
-        detail: invalid.unwrap_or_else(|| "all valid".into()),
-    });
     plugin.reset();
     let verdict = match run(plugin) {
         Ok((second, _)) => match first.iter().zip(&second).position(|(a, b)| a != b) {
             None => Ok("a fresh instance gave identical verdicts".to_owned()),
-            Some(i) => Err(format!(
-                "batch {i} ({} events) got {:?} then {:?} from a fresh instance",
-                batches[i].len(),
-                first[i],
-                second[i]
+            Some(i) => Err((
+                i,
+                format!(
+                    "batch {i} ({} events) got {:?} then {:?} from a fresh instance",
+                    batches[i].len(),
+                    first[i],
+                    second[i]
+                ),
             )),
         },
-        Err((i, e)) => Err(format!("batch {i} failed on a fresh instance: {e}")),
+        Err((i, e)) => Err((i, format!("batch {i} failed on a fresh instance: {e}"))),
     };
-    findings.push(Finding {
-        property: "deterministic (same input, same verdicts)".into(),
-        passed: verdict.is_ok(),
-        detail: verdict.unwrap_or_else(|e| e),
-    });
-}
-
-/// A generated state value for one of several data shapes a merge function
-/// may expect: a JSON set of strings, a JSON map of PN-counters, a flat JSON
-/// object, raw bytes.
-fn gen_data(g: &mut Gen, shape: u64, size: u64) -> Vec<u8> {
-    let names = ["a", "b", "c", "d", "e"];
-    let value = match shape {
-        0 => {
-            let mut set: Vec<&str> = (0..g.below(size + 1)).map(|_| g.pick(&names)).collect();
-            set.sort_unstable();
-            set.dedup();
-            json!(set)
-        }
-        1 => {
-            let mut counters = serde_json::Map::new();
-            for _ in 0..g.below(size + 1) {
-                let side = |g: &mut Gen| {
-                    let mut m = serde_json::Map::new();
-                    for _ in 0..g.below(3) {
-                        m.insert(format!("r{}", g.below(3) + 1), json!(g.below(5)));
-                    }
-                    Value::Object(m)
-                };
-                counters.insert(g.pick(&names).into(), json!({ "n": side(g), "p": side(g) }));
-            }
-            Value::Object(counters)
-        }
-        2 => {
-            let mut m = serde_json::Map::new();
-            for _ in 0..g.below(size + 1) {
-                m.insert(g.pick(&names).into(), json!(g.below(10)));
-            }
-            Value::Object(m)
-        }
-        _ => return (0..g.below(size + 1)).map(|_| b'a' + g.below(3) as u8).collect(),
+    let (outcome, cases, detail) = match verdict {
+        Ok(detail) => (Outcome::Pass, batches.len(), detail),
+        Err((i, detail)) => (Outcome::Fail, i, detail),
     };
-    serde_json::to_vec(&value).expect("JSON values serialise")
+    findings.push(Finding { property: "deterministic (same input, same verdicts)".into(), outcome, cases, detail });
 }
 
 /// A version written by `origin`, concurrent with the other generated ones
 /// (each origin appears only in its own vector).
-fn gen_versioned(g: &mut Gen, shape: u64, size: u64, origin: &str) -> Versioned {
+fn gen_versioned(g: &mut Gen, source: &Source, case: usize, origin: &str) -> Versioned {
     Versioned {
-        data: gen_data(g, shape, size),
+        data: source.value(g, case),
         version: vec![(origin.to_owned(), 1 + g.below(3))],
         hlc: (1_700_000_000_000 + g.below(4)) << 16,
         origin: origin.to_owned(),
@@ -340,7 +335,7 @@ impl Law {
             Law::Deterministic => "deterministic: merge(a, b) twice gives the same data",
             Law::Commutative => "commutative: merge(a, b) = merge(b, a)",
             Law::Associative => "associative: merge(merge(a, b), c) = merge(a, merge(b, c))",
-            Law::Idempotent => "idempotent: merge(x, x) = x and merge(merge(a, b), b) = merge(a, b)",
+            Law::Idempotent => "idempotent: merge(x, x) = x, and merge(merge(a, b), b) = merge(a, b)",
         }
     }
 }
@@ -350,8 +345,16 @@ enum Trial {
     Holds,
     /// The plugin refused an input (an `err` result): nothing to compare.
     Refused(String),
-    /// The law is broken: the two sides that differ.
-    Broken(Vec<u8>, Vec<u8>),
+    /// The law is broken: the form that broke and the two sides that differ.
+    Broken(Broken),
+}
+
+/// One broken form of a law: each side's expression and what it gave.
+#[derive(Debug, Clone)]
+struct Broken {
+    form: &'static str,
+    left: (&'static str, Vec<u8>),
+    right: (&'static str, Vec<u8>),
 }
 
 fn trial(plugin: &mut Plugin, law: Law, [a, b, c]: &[Versioned; 3]) -> Result<Trial, PluginError> {
@@ -363,44 +366,135 @@ fn trial(plugin: &mut Plugin, law: Law, [a, b, c]: &[Versioned; 3]) -> Result<Tr
             }
         };
     }
-    let (left, right) = match law {
-        Law::Deterministic => (m!(a, b).data, m!(a, b).data),
-        Law::Commutative => (m!(a, b).data, m!(b, a).data),
+    let broken = |form, left: (&'static str, Vec<u8>), right: (&'static str, Vec<u8>)| {
+        if left.1 == right.1 { Trial::Holds } else { Trial::Broken(Broken { form, left, right }) }
+    };
+    Ok(match law {
+        Law::Deterministic => {
+            let once = m!(a, b).data;
+            broken("merge(a, b) = merge(a, b)", ("merge(a, b)", once), ("merge(a, b) again", m!(a, b).data))
+        }
+        Law::Commutative => {
+            broken("merge(a, b) = merge(b, a)", ("merge(a, b)", m!(a, b).data), ("merge(b, a)", m!(b, a).data))
+        }
         Law::Associative => {
             let ab = m!(a, b);
             let bc = m!(b, c);
-            (m!(&ab, c).data, m!(a, &bc).data)
+            broken(
+                "merge(merge(a, b), c) = merge(a, merge(b, c))",
+                ("merge(merge(a, b), c)", m!(&ab, c).data),
+                ("merge(a, merge(b, c))", m!(a, &bc).data),
+            )
         }
         Law::Idempotent => {
             let ab = m!(a, b);
             let again = m!(&ab, &ab);
-            if again.data != ab.data { (again.data, ab.data) } else { (m!(&ab, b).data, ab.data) }
+            match broken("merge(x, x) = x, where x = merge(a, b)", ("merge(x, x)", again.data), ("x", ab.data.clone()))
+            {
+                Trial::Holds => broken(
+                    "merge(merge(a, b), b) = merge(a, b)",
+                    ("merge(merge(a, b), b)", m!(&ab, b).data),
+                    ("merge(a, b)", ab.data),
+                ),
+                other => other,
+            }
         }
-    };
-    Ok(if left == right { Trial::Holds } else { Trial::Broken(left, right) })
+    })
 }
 
-/// Smaller variants of a state: one JSON element or member removed, or
-/// (for non-JSON data) one byte removed.
-fn shrink(v: &Versioned) -> Vec<Versioned> {
+fn show_data(data: &[u8]) -> String {
+    String::from_utf8_lossy(data).into_owned()
+}
+
+fn show(v: &Versioned) -> String {
+    format!("{{ data: {}, origin: {}, hlc: {}, version: {:?} }}", show_data(&v.data), v.origin, v.hlc, v.version)
+}
+
+/// How many inputs a law may try per case it is asked for: inputs the
+/// plugin refuses (mutations of a sample can leave its shape) do not count,
+/// so a law still runs its cases when most inputs are refused.
+const TRIES_PER_CASE: usize = 10;
+
+fn check_merge(plugin: &mut Plugin, options: &CheckOptions, sources: &[Source], findings: &mut Vec<Finding>) {
+    let mut g = Gen::new(0x3E_76E5);
+    let cases = options.cases.max(sources.len());
+    let mut triples = Vec::new();
+    for i in 0..cases * TRIES_PER_CASE {
+        let source = &sources[i % sources.len()];
+        let case = i / sources.len();
+        triples.push([
+            gen_versioned(&mut g, source, case, "r1"),
+            gen_versioned(&mut g, source, case, "r2"),
+            gen_versioned(&mut g, source, case, "r3"),
+        ]);
+    }
+    // `none` as current is the first write of a key: it must not fail either.
+    let mut no_current = None;
+    let mut held = 0;
+    for [a, ..] in triples.iter().take(cases) {
+        if let Err(e) = plugin.merge("check/key", None, a) {
+            no_current = Some(format!("merge(none, a) failed: {e}\n  a = {}", show(a)));
+            break;
+        }
+        held += 1;
+    }
+    findings.push(Finding {
+        property: "no failures with no current value: merge(none, a)".into(),
+        outcome: if no_current.is_none() { Outcome::Pass } else { Outcome::Fail },
+        cases: held,
+        detail: no_current.unwrap_or_else(|| format!("{held} cases held")),
+    });
+    for law in Law::ALL {
+        let (mut checked, mut refused, mut last_refusal) = (0usize, 0usize, String::new());
+        let mut broken = None;
+        for triple in &triples {
+            if checked == cases {
+                break;
+            }
+            match trial(plugin, law, triple) {
+                Ok(Trial::Holds) => checked += 1,
+                Ok(Trial::Refused(why)) => {
+                    refused += 1;
+                    last_refusal = why;
+                }
+                Ok(Trial::Broken(_)) => {
+                    broken = Some(minimise(plugin, law, triple.clone()));
+                    break;
+                }
+                Err(e) => {
+                    broken = Some(format!(
+                        "the plugin failed: {e}\n  a = {}\n  b = {}\n  c = {}",
+                        show(&triple[0]),
+                        show(&triple[1]),
+                        show(&triple[2])
+                    ));
+                    break;
+                }
+            }
+        }
+        let (outcome, detail) = match broken {
+            Some(counter_example) => {
+                (Outcome::Fail, format!("broke after {checked} cases held; counter-example:\n  {counter_example}"))
+            }
+            None if checked == 0 => (
+                Outcome::Inconclusive,
+                format!(
+                    "inconclusive: the plugin refused all {refused} inputs (last: {last_refusal}); \
+                     give it your own data with --samples FILE or --shape SHAPE"
+                ),
+            ),
+            None => (Outcome::Pass, format!("{checked} cases held, {refused} inputs refused by the plugin")),
+        };
+        findings.push(Finding { property: law.describe().into(), outcome, cases: checked, detail });
+    }
+}
+
+/// Smaller variants of a state's data, JSON-aware (see [`shrink`]); for
+/// non-JSON data, one byte removed.
+fn shrink_versioned(v: &Versioned) -> Vec<Versioned> {
     let with = |data: Vec<u8>| Versioned { data, ..v.clone() };
     match serde_json::from_slice::<Value>(&v.data) {
-        Ok(Value::Array(items)) => (0..items.len())
-            .map(|i| {
-                let mut fewer = items.clone();
-                fewer.remove(i);
-                with(serde_json::to_vec(&fewer).expect("JSON"))
-            })
-            .collect(),
-        Ok(Value::Object(map)) => map
-            .keys()
-            .map(|k| {
-                let mut fewer = map.clone();
-                fewer.remove(k);
-                with(serde_json::to_vec(&fewer).expect("JSON"))
-            })
-            .collect(),
-        Ok(_) => Vec::new(),
+        Ok(value) => shrink(&value).into_iter().map(|s| with(serde_json::to_vec(&s).expect("JSON"))).collect(),
         Err(_) => (0..v.data.len())
             .map(|i| {
                 let mut fewer = v.data.clone();
@@ -411,86 +505,21 @@ fn shrink(v: &Versioned) -> Vec<Versioned> {
     }
 }
 
-fn show(v: &Versioned) -> String {
-    format!(
-        "{{ data: {}, origin: {}, hlc: {}, version: {:?} }}",
-        String::from_utf8_lossy(&v.data),
-        v.origin,
-        v.hlc,
-        v.version
-    )
-}
-
-fn check_merge(plugin: &mut Plugin, options: &CheckOptions, findings: &mut Vec<Finding>) {
-    let mut g = Gen(0x3E_76E5);
-    let mut triples = Vec::new();
-    for i in 0..options.cases.max(4) {
-        let shape = i as u64 % 4;
-        // Sizes grow with the case number, so the first failure is small.
-        let size = 1 + (i / 4) as u64 % 6;
-        triples.push([
-            gen_versioned(&mut g, shape, size, "r1"),
-            gen_versioned(&mut g, shape, size, "r2"),
-            gen_versioned(&mut g, shape, size, "r3"),
-        ]);
-    }
-    // `none` as current is the first write of a key: it must not fail either.
-    let mut no_current = None;
-    for [a, ..] in &triples {
-        if let Err(e) = plugin.merge("check/key", None, a) {
-            no_current = Some(format!("merge(none, {}) failed: {e}", show(a)));
-            break;
-        }
-    }
-    findings.push(Finding {
-        property: "no failures with no current value".into(),
-        passed: no_current.is_none(),
-        detail: no_current.unwrap_or_else(|| format!("{} states", triples.len())),
-    });
-    for law in Law::ALL {
-        let (mut checked, mut refused, mut last_refusal) = (0usize, 0usize, String::new());
-        let mut broken = None;
-        for triple in &triples {
-            match trial(plugin, law, triple) {
-                Ok(Trial::Holds) => checked += 1,
-                Ok(Trial::Refused(why)) => {
-                    refused += 1;
-                    last_refusal = why;
-                }
-                Ok(Trial::Broken(..)) => {
-                    broken = Some(minimise(plugin, law, triple.clone()));
-                    break;
-                }
-                Err(e) => {
-                    broken =
-                        Some(format!("the plugin failed: {e}\n  a = {}\n  b = {}", show(&triple[0]), show(&triple[1])));
-                    break;
-                }
-            }
-        }
-        let (passed, detail) = match broken {
-            Some(counter_example) => (false, format!("counter-example:\n  {counter_example}")),
-            None if checked == 0 => (
-                false,
-                format!("inconclusive: the plugin refused all {refused} generated inputs (last: {last_refusal})"),
-            ),
-            None => (true, format!("{checked} cases held, {refused} inputs refused by the plugin")),
-        };
-        findings.push(Finding { property: law.describe().into(), passed, detail });
-    }
-}
-
 /// Shrinks a triple that breaks `law` while it keeps breaking it, and
-/// describes the smallest one found.
+/// describes the smallest one found: the form that broke, the inputs, and
+/// what each side of the form gave.
 fn minimise(plugin: &mut Plugin, law: Law, mut triple: [Versioned; 3]) -> String {
-    let breaks = |plugin: &mut Plugin, t: &[Versioned; 3]| matches!(trial(plugin, law, t), Ok(Trial::Broken(..)));
+    let broken = |plugin: &mut Plugin, t: &[Versioned; 3]| match trial(plugin, law, t) {
+        Ok(Trial::Broken(b)) => Some(b),
+        _ => None,
+    };
     for _ in 0..200 {
         let mut smaller = None;
         'search: for slot in 0..3 {
-            for candidate in shrink(&triple[slot]) {
+            for candidate in shrink_versioned(&triple[slot]) {
                 let mut t = triple.clone();
                 t[slot] = candidate;
-                if breaks(plugin, &t) {
+                if broken(plugin, &t).is_some() {
                     smaller = Some(t);
                     break 'search;
                 }
@@ -501,18 +530,22 @@ fn minimise(plugin: &mut Plugin, law: Law, mut triple: [Versioned; 3]) -> String
             None => break,
         }
     }
-    let mut out = format!("a = {}\n  b = {}", show(&triple[0]), show(&triple[1]));
+    let Some(b) = broken(plugin, &triple) else {
+        return format!("a = {}\n  b = {}\n  c = {}", show(&triple[0]), show(&triple[1]), show(&triple[2]));
+    };
+    let mut out = format!("the form {} broke\n  a = {}\n  b = {}", b.form, show(&triple[0]), show(&triple[1]));
     if law == Law::Associative {
         let _ = write!(out, "\n  c = {}", show(&triple[2]));
     }
-    if let Ok(Trial::Broken(left, right)) = trial(plugin, law, &triple) {
-        let _ = write!(
-            out,
-            "\n  one side gives {}\n  the other gives {}",
-            String::from_utf8_lossy(&left),
-            String::from_utf8_lossy(&right)
-        );
-    }
+    let width = b.left.0.len().max(b.right.0.len());
+    let _ = write!(
+        out,
+        "\n  {:<width$} gave {}\n  {:<width$} gave {}",
+        b.left.0,
+        show_data(&b.left.1),
+        b.right.0,
+        show_data(&b.right.1)
+    );
     out
 }
 
@@ -567,29 +600,35 @@ pub fn bench(
     let mut timings = Vec::new();
     match world {
         World::Filter => {
-            let mut g = Gen(7);
+            let mut g = Gen::new(7);
             for &batch in batches {
-                let events: Arc<Vec<WitEvent>> = (0..batch as u64)
-                    .map(|n| {
-                        let mut e = gen_event(&mut g, n);
-                        e.data = format!("{{\"temp\": {}}}", n % 40).into_bytes();
-                        e.datacontenttype = Some("application/json".into());
-                        e
-                    })
-                    .collect::<Vec<_>>()
-                    .into();
+                let events = bench_batch(&mut g, batch);
                 plugin.filter(&events)?;
                 timings.push(time(batch, min_time, || plugin.filter(&events).map(drop))?);
             }
         }
         World::Merge => {
-            let mut g = Gen(7);
-            let a = gen_versioned(&mut g, 0, 3, "r1");
-            let b = gen_versioned(&mut g, 0, 3, "r2");
+            let mut g = Gen::new(7);
+            let source = &options.sources()[0];
+            let a = gen_versioned(&mut g, source, 3, "r1");
+            let b = gen_versioned(&mut g, source, 3, "r2");
             timings.push(time(1, min_time, || plugin.merge("bench", Some(&a), &b).map(drop))?);
         }
     }
     Ok(BenchReport { world, cold_start, cached_start, timings })
+}
+
+/// The bench's events: a JSON reading each, on the generated subjects.
+pub fn bench_batch(g: &mut Gen, batch: usize) -> Arc<Vec<WitEvent>> {
+    (0..batch as u64)
+        .map(|n| {
+            let mut e = gen_event(g, n, &[]);
+            e.data = format!("{{\"temp\": {}}}", n % 40).into_bytes();
+            e.datacontenttype = Some("application/json".into());
+            e
+        })
+        .collect::<Vec<_>>()
+        .into()
 }
 
 fn time(
@@ -616,19 +655,34 @@ mod tests {
     }
 
     #[test]
-    fn shrinking_removes_one_json_element_or_byte_at_a_time() {
-        let smaller: Vec<String> =
-            shrink(&state(r#"["a","b"]"#)).iter().map(|v| String::from_utf8(v.data.clone()).unwrap()).collect();
+    fn shrinking_a_state_is_json_aware_and_byte_wise_otherwise() {
+        let smaller: Vec<String> = shrink_versioned(&state(r#"["a","b"]"#))
+            .iter()
+            .map(|v| String::from_utf8(v.data.clone()).unwrap())
+            .collect();
         assert_eq!(smaller, [r#"["b"]"#, r#"["a"]"#]);
-        assert_eq!(shrink(&state(r#"{"a":1}"#))[0].data, b"{}");
-        assert_eq!(shrink(&state("ab")).len(), 2);
-        assert!(shrink(&state("7")).is_empty(), "a scalar is already minimal");
+        assert_eq!(shrink_versioned(&state(r#"{"a":1}"#))[0].data, b"{}");
+        assert_eq!(shrink_versioned(&state("ab")).len(), 2);
     }
 
     #[test]
     fn generated_inputs_are_the_same_on_every_run() {
-        let (mut a, mut b) = (Gen(1), Gen(1));
-        assert_eq!(gen_event(&mut a, 1), gen_event(&mut b, 1));
-        assert_eq!(gen_versioned(&mut a, 1, 4, "r1"), gen_versioned(&mut b, 1, 4, "r1"));
+        let (mut a, mut b) = (Gen::new(1), Gen::new(1));
+        assert_eq!(gen_event(&mut a, 1, &[]), gen_event(&mut b, 1, &[]));
+        let source = Source::Builtin("pn-counters");
+        assert_eq!(gen_versioned(&mut a, &source, 4, "r1"), gen_versioned(&mut b, &source, 4, "r1"));
+    }
+
+    #[test]
+    fn a_report_is_inconclusive_only_when_nothing_failed() {
+        let finding = |outcome| Finding { property: String::new(), outcome, cases: 0, detail: String::new() };
+        let report = |outcomes: &[Outcome]| CheckReport {
+            world: World::Merge,
+            inputs: Vec::new(),
+            findings: outcomes.iter().map(|&o| finding(o)).collect(),
+        };
+        assert_eq!(report(&[Outcome::Pass, Outcome::Pass]).outcome(), Outcome::Pass);
+        assert_eq!(report(&[Outcome::Pass, Outcome::Inconclusive]).outcome(), Outcome::Inconclusive);
+        assert_eq!(report(&[Outcome::Inconclusive, Outcome::Fail]).outcome(), Outcome::Fail);
     }
 }

@@ -5,11 +5,17 @@
 //! bounds, driven by a ticker thread). Neither enables
 //! `component-model-async`, which would make every call about 3× slower.
 //!
-//! Compiling a component takes seconds on a small device, so compiled code
-//! is kept in a cache directory, one file per (engine configuration, wasmtime
-//! version, component hash): a restart deserialises instead of compiling.
-//! Files are written to a temporary name, synced and renamed, so a crash
-//! never leaves a torn artifact under a real key.
+//! Compiling a component takes seconds on a small device (a Python
+//! component, with CPython inside, 10 s and 540 MiB on the 2-core
+//! development machine), so compiled code is kept in a cache directory, one
+//! file per (engine configuration, wasmtime version, component hash): a
+//! restart deserialises instead of compiling. The agent, `ferry config
+//! check` and the plugin tools share one directory ([`cache_dir`]), so
+//! whichever compiles first saves the others the work; it is pruned
+//! ([`prune_cache`]) of what has not been used for [`CACHE_MAX_AGE`] and
+//! kept under [`CACHE_MAX_BYTES`]. Files are written to a temporary name,
+//! synced and renamed, so a crash never leaves a torn artifact under a real
+//! key. While a component compiles, the log says so every few seconds.
 //!
 //! A plugin file may also be an artifact precompiled for this device
 //! ([`precompile`], `ferry plugin precompile`): it is loaded as it is, and
@@ -19,11 +25,9 @@
 
 #[cfg(feature = "compiler")]
 use std::hash::{Hash, Hasher};
-use std::path::Path;
-#[cfg(feature = "compiler")]
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
-use std::time::Duration;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 #[cfg(feature = "compiler")]
 use sha2::{Digest, Sha256};
@@ -200,6 +204,113 @@ pub enum CompileSource {
     Precompiled,
 }
 
+/// Compiled components unused for this long are pruned from the cache.
+pub const CACHE_MAX_AGE: Duration = Duration::from_secs(30 * 24 * 3600);
+
+/// Most bytes the cache keeps; the least recently used files go first.
+pub const CACHE_MAX_BYTES: u64 = 2 << 30;
+
+/// The compile cache directory. `$FERRY_PLUGIN_CACHE` when set; else the
+/// agent's `{data_dir}/plugin-cache` when the agent's config is known (the
+/// agent itself, `ferry config check`, the plugin tools given
+/// `--agent-config`); else `$XDG_CACHE_HOME/ferry/plugins` or
+/// `~/.cache/ferry/plugins`.
+pub fn cache_dir(data_dir: Option<&Path>) -> Option<PathBuf> {
+    if let Some(dir) = std::env::var_os("FERRY_PLUGIN_CACHE").filter(|d| !d.is_empty()) {
+        return Some(dir.into());
+    }
+    if let Some(data_dir) = data_dir {
+        return Some(data_dir.join("plugin-cache"));
+    }
+    let base = std::env::var_os("XDG_CACHE_HOME")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| Path::new(&h).join(".cache")))?;
+    Some(base.join("ferry").join("plugins"))
+}
+
+/// Now, as a file time: the wall clock read through [`crate::clock`].
+fn wall_clock() -> SystemTime {
+    use crate::clock::Clock as _;
+    UNIX_EPOCH + Duration::from_nanos(u64::try_from(crate::clock::SystemClock.now_nanos()).unwrap_or(0))
+}
+
+/// Removes from the cache in `dir` the compiled components not used for
+/// [`CACHE_MAX_AGE`], then the least recently used ones while it holds more
+/// than [`CACHE_MAX_BYTES`], and leftover temporary files; never one of
+/// `keep` (the ones just loaded). Only files named as the cache names them
+/// are touched. Returns how many files it removed.
+pub fn prune_cache(dir: &Path, keep: &[PathBuf]) -> std::io::Result<usize> {
+    prune_cache_at(dir, keep, wall_clock())
+}
+
+/// [`prune_cache`] as of `now`.
+fn prune_cache_at(dir: &Path, keep: &[PathBuf], now: SystemTime) -> std::io::Result<usize> {
+    // `{sha256 hex}-{engine hash}.cwasm`, or a temporary file beside one.
+    let ours = |name: &str| {
+        name.len() > 65 && name.as_bytes()[64] == b'-' && name[..64].bytes().all(|b| b.is_ascii_hexdigit())
+    };
+    let mut files = Vec::new();
+    for entry in std::fs::read_dir(dir)? {
+        let entry = entry?;
+        let meta = entry.metadata()?;
+        if meta.is_file() && entry.file_name().to_str().is_some_and(ours) {
+            files.push((entry.path(), meta.modified().unwrap_or(now), meta.len()));
+        }
+    }
+    // Oldest first: the first to go when the cache is over its size.
+    files.sort_by_key(|(_, used, _)| *used);
+    let mut total: u64 = files.iter().map(|(_, _, len)| len).sum();
+    let mut removed = 0;
+    for (path, used, len) in files {
+        let compiled = path.extension().is_some_and(|e| e == "cwasm");
+        let age = now.duration_since(used).unwrap_or_default();
+        // A temporary file older than a day is a write a crash cut short.
+        let stale =
+            if compiled { age > CACHE_MAX_AGE || total > CACHE_MAX_BYTES } else { age > Duration::from_secs(86_400) };
+        if stale && !keep.contains(&path) && std::fs::remove_file(&path).is_ok() {
+            total -= len;
+            removed += 1;
+        }
+    }
+    Ok(removed)
+}
+
+/// Logs that `name` is compiling every [`COMPILE_NOTICE`] until dropped,
+/// so a long first start is not mistaken for a hang.
+struct CompileNotice {
+    stop: Option<std::sync::mpsc::Sender<()>>,
+}
+
+/// How often a long compile says it is still going.
+const COMPILE_NOTICE: Duration = Duration::from_secs(5);
+
+impl CompileNotice {
+    fn start(name: &str, bytes: usize) -> Self {
+        tracing::info!(
+            plugin = name,
+            mib = bytes >> 20,
+            "compiling plugin (not in the compile cache); a large component (Python, JavaScript) takes tens of \
+             seconds on a small device: `ferry plugin precompile` at install time avoids it"
+        );
+        let (stop, stopped) = std::sync::mpsc::channel::<()>();
+        let name = name.to_owned();
+        let started = std::time::Instant::now();
+        let spawned = std::thread::Builder::new().name("ferry-plugin-compile-notice".into()).spawn(move || {
+            while let Err(std::sync::mpsc::RecvTimeoutError::Timeout) = stopped.recv_timeout(COMPILE_NOTICE) {
+                tracing::info!(plugin = %name, seconds = started.elapsed().as_secs(), "still compiling plugin");
+            }
+        });
+        Self { stop: spawned.is_ok().then_some(stop) }
+    }
+}
+
+impl Drop for CompileNotice {
+    fn drop(&mut self) {
+        // Dropping the sender wakes the notice thread, which then ends.
+        self.stop.take();
+    }
+}
+
 /// The cache file for `wasm` under `engine` in `dir`.
 #[cfg(feature = "compiler")]
 pub fn cache_path(dir: &Path, engine: &Engine, wasm: &[u8]) -> PathBuf {
@@ -213,8 +324,9 @@ pub fn cache_path(dir: &Path, engine: &Engine, wasm: &[u8]) -> PathBuf {
 }
 
 /// Loads a precompiled artifact, or compiles `wasm` (or loads it from
-/// `cache_dir` when it was compiled before).
+/// `cache_dir` when it was compiled before). `name` is for the log.
 pub fn load_component(
+    name: &str,
     engine: &Engine,
     metering: Metering,
     wasm: &[u8],
@@ -239,21 +351,23 @@ pub fn load_component(
         }
         None => {}
     }
-    compile_cached(engine, wasm, cache_dir)
+    compile_cached(name, engine, wasm, cache_dir)
 }
 
 #[cfg(not(feature = "compiler"))]
-fn compile_cached(_: &Engine, _: &[u8], _: Option<&Path>) -> Result<(Component, CompileSource), PluginError> {
+fn compile_cached(_: &str, _: &Engine, _: &[u8], _: Option<&Path>) -> Result<(Component, CompileSource), PluginError> {
     Err(PluginError::NoCompiler { target: NATIVE_TARGET })
 }
 
 #[cfg(feature = "compiler")]
 fn compile_cached(
+    name: &str,
     engine: &Engine,
     wasm: &[u8],
     cache_dir: Option<&Path>,
 ) -> Result<(Component, CompileSource), PluginError> {
     let Some(dir) = cache_dir else {
+        let _notice = CompileNotice::start(name, wasm.len());
         return Ok((compile(engine, wasm)?, CompileSource::Compiled));
     };
     let path = cache_path(dir, engine, wasm);
@@ -263,11 +377,23 @@ fn compile_cached(
         // (renamed into place only once complete); wasmtime also checks its
         // header for version and configuration compatibility.
         match unsafe { Component::deserialize_file(engine, &path) } {
-            Ok(component) => return Ok((component, CompileSource::Cache)),
+            Ok(component) => {
+                // Its modification time says when it was last used, for pruning.
+                let _ = std::fs::File::options().append(true).open(&path).and_then(|f| f.set_modified(wall_clock()));
+                return Ok((component, CompileSource::Cache));
+            }
             Err(e) => tracing::warn!(path = %path.display(), error = %e, "ignoring an unusable compiled plugin"),
         }
     }
+    let started = std::time::Instant::now();
+    let notice = CompileNotice::start(name, wasm.len());
     let component = compile(engine, wasm)?;
+    drop(notice);
+    tracing::info!(
+        plugin = name,
+        seconds = started.elapsed().as_secs_f64(),
+        "compiled plugin; cached for the next start"
+    );
     match component.serialize() {
         Ok(bytes) => {
             if let Err(e) = write_atomically(&path, &bytes) {
@@ -277,6 +403,18 @@ fn compile_cached(
         Err(e) => tracing::warn!(error = %e, "cannot serialise the compiled plugin"),
     }
     Ok((component, CompileSource::Compiled))
+}
+
+/// Stores an artifact precompiled for this build's own target and engine
+/// configuration in the cache in `dir`, under the key a load of `wasm`
+/// looks for, so the agent loads it instead of compiling. For `ferry plugin
+/// precompile`, whose artifact is exactly what a compile would cache.
+#[cfg(feature = "compiler")]
+pub fn cache_artifact(dir: &Path, metering: Metering, wasm: &[u8], artifact: &[u8]) -> Result<PathBuf, PluginError> {
+    let path = cache_path(dir, engine(metering)?, wasm);
+    write_atomically(&path, artifact)
+        .map_err(|e| PluginError::Engine(format!("cannot write {}: {e}", path.display())))?;
+    Ok(path)
 }
 
 #[cfg(feature = "compiler")]
@@ -316,9 +454,40 @@ mod tests {
             return;
         }
         let engine = engine(Metering::Epoch).unwrap();
-        let e = load_component(engine, Metering::Epoch, EMPTY_COMPONENT, None).unwrap_err();
+        let e = load_component("t", engine, Metering::Epoch, EMPTY_COMPONENT, None).unwrap_err();
         assert!(matches!(e, PluginError::NoCompiler { .. }), "{e}");
         assert!(e.to_string().contains("ferry plugin precompile"), "{e}");
+    }
+
+    #[test]
+    fn pruning_drops_old_and_excess_files_but_never_those_in_use() {
+        let dir = tempfile::tempdir().unwrap();
+        let now = wall_clock();
+        let file = |name: &str, age_days: u64, len: usize| {
+            let path = dir.path().join(name);
+            std::fs::write(&path, vec![0u8; len]).unwrap();
+            let f = std::fs::File::options().append(true).open(&path).unwrap();
+            f.set_modified(now - Duration::from_secs(age_days * 86_400)).unwrap();
+            path
+        };
+        let key = |c: char| format!("{}-0123456789abcdef", c.to_string().repeat(64));
+        let fresh = file(&format!("{}.cwasm", key('a')), 1, 10);
+        let old = file(&format!("{}.cwasm", key('b')), 40, 10);
+        let old_in_use = file(&format!("{}.cwasm", key('c')), 40, 10);
+        let torn = file(&format!("{}.tmp123", key('d')), 2, 10);
+        let foreign = file("notes.txt", 400, 10);
+        let removed = prune_cache_at(dir.path(), std::slice::from_ref(&old_in_use), now).unwrap();
+        assert_eq!(removed, 2);
+        assert!(fresh.exists() && old_in_use.exists() && foreign.exists());
+        assert!(!old.exists() && !torn.exists());
+    }
+
+    #[test]
+    fn the_cache_directory_is_the_agents_unless_overridden() {
+        if std::env::var_os("FERRY_PLUGIN_CACHE").is_some() {
+            return;
+        }
+        assert_eq!(cache_dir(Some(Path::new("/var/lib/ferry"))), Some(PathBuf::from("/var/lib/ferry/plugin-cache")));
     }
 
     #[cfg(feature = "compiler")]
@@ -329,7 +498,7 @@ mod tests {
         fn an_artifact_for_this_target_loads_without_compiling() {
             let artifact = precompile(EMPTY_COMPONENT, NATIVE_TARGET, Metering::Epoch).unwrap();
             let engine = engine(Metering::Epoch).unwrap();
-            let (_, source) = load_component(engine, Metering::Epoch, &artifact, None).unwrap();
+            let (_, source) = load_component("t", engine, Metering::Epoch, &artifact, None).unwrap();
             assert_eq!(source, CompileSource::Precompiled);
         }
 
@@ -339,7 +508,7 @@ mod tests {
             // (and a 64-bit one not pulley32 in any case).
             let artifact = precompile(EMPTY_COMPONENT, "armv7-unknown-linux-gnueabihf", Metering::Epoch).unwrap();
             let engine = engine(Metering::Epoch).unwrap();
-            let e = load_component(engine, Metering::Epoch, &artifact, None).unwrap_err();
+            let e = load_component("t", engine, Metering::Epoch, &artifact, None).unwrap_err();
             assert!(matches!(e, PluginError::Incompatible { .. }), "{e}");
             let text = e.to_string();
             assert!(text.contains("pulley32"), "{text}");
@@ -350,7 +519,7 @@ mod tests {
         fn an_artifact_for_another_cpu_bound_is_refused_naming_it() {
             let artifact = precompile(EMPTY_COMPONENT, NATIVE_TARGET, Metering::Fuel).unwrap();
             let engine = engine(Metering::Epoch).unwrap();
-            let e = load_component(engine, Metering::Epoch, &artifact, None).unwrap_err();
+            let e = load_component("t", engine, Metering::Epoch, &artifact, None).unwrap_err();
             let text = e.to_string();
             assert!(text.contains("fuel"), "{text}");
             assert!(text.contains("epoch"), "{text}");

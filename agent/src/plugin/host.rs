@@ -1,10 +1,18 @@
 //! One loaded plugin and its instance: the WIT bindings, the host imports
-//! (`log`, `config`, deny-by-default WASI), the CPU and memory bounds, and
-//! failure handling (classify, rebuild, circuit breaker, counters).
+//! (`log`, `config`, deny-by-default WASI), the CPU, memory and output
+//! bounds, and failure handling (classify, rebuild, circuit breaker,
+//! counters).
+//!
+//! [`Plugin::call`] is the one place that decides a call failed: a trap, a
+//! timeout, running out of memory, output over `max_output` (refused while
+//! it is copied out, before the host allocates it), and output the contract
+//! or the calling stage's rules refuse ([`super::convert::decide`]) all
+//! count alike, set `last_error`, feed the circuit breaker and discard the
+//! instance.
 //!
 //! [`Plugin`] is synchronous and owns its `Store`; it must run off the async
 //! runtime (see [`super::PluginHandle`]). It knows nothing of the store or
-//! of MQTT: callers turn its verdicts into effects.
+//! of MQTT: callers turn its decisions into effects.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -18,9 +26,10 @@ use wasmtime_wasi::p2::{OutputStream, Pollable, StreamResult};
 use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
 
 use super::breaker::{Breaker, BreakerConfig};
+use super::convert::{self, ContractOnly, Decision, OutputRules};
 use super::engine::{self, CompileSource, EPOCH_TICK, Metering};
 use super::{PluginError, PluginStatus};
-use crate::config::plugin::{CpuLimit, OnError, PluginConfig, World};
+use crate::config::plugin::{CpuLimit, OnError, OutputBound, PluginConfig, World};
 
 /// Bindings generated from `wit/`; the merge world reuses the filter
 /// world's shared interfaces so the host implements them once.
@@ -60,6 +69,13 @@ const LOG_BUDGET_PER_CALL: u32 = 100;
 /// Longest log message or output line kept, in bytes.
 const MAX_LOG_LINE: usize = 2048;
 
+/// Lines of a call's stderr kept to explain a trap (a Rust panic prints its
+/// message there just before it aborts).
+const LAST_WORDS: usize = 4;
+
+/// Longest guest message quoted in a one-line failure reason, in bytes.
+const MAX_GUEST_MESSAGE: usize = 300;
+
 /// Most table elements an instance may hold (guards host memory).
 const MAX_TABLE_ELEMENTS: usize = 100_000;
 
@@ -74,13 +90,41 @@ pub struct HostState {
     logs: Arc<std::sync::Mutex<LogBudget>>,
 }
 
+/// What one call may log, and the last lines it wrote to stderr.
 #[derive(Debug, Default)]
 struct LogBudget {
     left: u32,
     suppressed: u32,
+    last_words: std::collections::VecDeque<String>,
 }
 
 impl LogBudget {
+    /// Starts a call: a fresh budget, nothing said yet.
+    fn start(&mut self) {
+        self.left = LOG_BUDGET_PER_CALL;
+        self.last_words.clear();
+    }
+
+    fn said(&mut self, line: &str) {
+        if self.last_words.len() == LAST_WORDS {
+            self.last_words.pop_front();
+        }
+        self.last_words.push_back(clip(line).to_owned());
+    }
+
+    /// The guest's own account of a failure: its last stderr lines on one
+    /// line, without Rust's backtrace hint.
+    fn guest_message(&self) -> Option<String> {
+        let text = self
+            .last_words
+            .iter()
+            .map(|l| l.trim())
+            .filter(|l| !l.is_empty() && !l.starts_with("note: run with `RUST_BACKTRACE"))
+            .collect::<Vec<_>>()
+            .join(" ");
+        (!text.is_empty()).then(|| clip_to(&text, MAX_GUEST_MESSAGE).to_owned())
+    }
+
     fn take(&mut self) -> bool {
         if self.left == 0 {
             self.suppressed += 1;
@@ -121,10 +165,14 @@ impl ResourceLimiter for MemoryLimiter {
 }
 
 fn clip(text: &str) -> &str {
-    if text.len() <= MAX_LOG_LINE {
+    clip_to(text, MAX_LOG_LINE)
+}
+
+fn clip_to(text: &str, max: usize) -> &str {
+    if text.len() <= max {
         return text;
     }
-    let mut end = MAX_LOG_LINE;
+    let mut end = max;
     while !text.is_char_boundary(end) {
         end -= 1;
     }
@@ -250,11 +298,20 @@ struct LogOutputStream {
 
 impl LogOutputStream {
     fn emit(&mut self) {
-        if self.line.is_empty() || !self.out.logs.lock().expect("log budget lock").take() {
-            self.line.clear();
+        if self.line.is_empty() {
             return;
         }
         let text = String::from_utf8_lossy(&self.line);
+        let mut logs = self.out.logs.lock().expect("log budget lock");
+        if self.out.stream == "stderr" {
+            logs.said(&text);
+        }
+        if !logs.take() {
+            drop(logs);
+            self.line.clear();
+            return;
+        }
+        drop(logs);
         tracing::info!(plugin = &*self.out.name, stream = self.out.stream, "{}", clip(text.trim_end()));
         self.line.clear();
     }
@@ -343,6 +400,7 @@ pub struct Plugin {
     config: Arc<BTreeMap<String, String>>,
     cpu: CpuLimit,
     memory_bytes: usize,
+    max_output: OutputBound,
     on_error: OnError,
     instance: Option<Instance>,
     breaker: Breaker,
@@ -397,7 +455,7 @@ impl Plugin {
             CpuLimit::Timeout(_) => Metering::Epoch,
         };
         let engine = engine::engine(metering)?.clone();
-        let (component, source) = engine::load_component(&engine, metering, wasm, cache_dir)?;
+        let (component, source) = engine::load_component(&config.name, &engine, metering, wasm, cache_dir)?;
         let linker = linker(&engine, config.world)?;
         let instance_pre = linker.instantiate_pre(&component).map_err(|e| PluginError::Link(format!("{e:#}")))?;
         let wrong_world =
@@ -416,6 +474,7 @@ impl Plugin {
             config: Arc::new(config.config.clone()),
             cpu: config.cpu,
             memory_bytes: usize::try_from(config.memory_bytes).unwrap_or(usize::MAX),
+            max_output: config.max_output,
             on_error: config.on_error,
             instance: None,
             breaker: Breaker::new(BreakerConfig::default()),
@@ -484,20 +543,24 @@ impl Plugin {
         };
         let mut store = Store::new(&self.engine, state);
         store.limiter(|s| &mut s.limiter);
-        self.arm(&mut store)?;
+        self.arm(&mut store, 1)?;
         self.status.instances_built += 1;
         let bindings = match &self.pre {
             Pre::Filter(pre) => pre.instantiate(&mut store).map(Bindings::Filter),
             Pre::Merge(pre) => pre.instantiate(&mut store).map(Bindings::Merge),
         };
-        let bindings = bindings.map_err(|e| self.classify(&store, e))?;
+        let bindings = bindings.map_err(|e| self.classify(&store, e, 1))?;
         Ok(Instance { store, bindings })
     }
 
-    /// Gives the store a fresh CPU budget for one call.
-    fn arm(&self, store: &mut Store<HostState>) -> Result<u64, PluginError> {
-        self.logs.lock().expect("log budget lock").left = LOG_BUDGET_PER_CALL;
+    /// Gives the store fresh CPU and output budgets for one call over `events` events.
+    fn arm(&self, store: &mut Store<HostState>, events: usize) -> Result<u64, PluginError> {
+        self.logs.lock().expect("log budget lock").start();
         store.data_mut().limiter.hit = false;
+        // wasmtime counts every byte it lifts out of the plugin against this
+        // (the result of the call, and any argument of a host import) and
+        // stops before allocating past it.
+        store.set_hostcall_fuel(usize::try_from(self.max_output.for_call(events)).unwrap_or(usize::MAX));
         match self.cpu {
             CpuLimit::Fuel(fuel) => {
                 store.set_fuel(fuel).map_err(|e| PluginError::Engine(format!("{e:#}")))?;
@@ -511,14 +574,29 @@ impl Plugin {
         }
     }
 
-    /// Turns a wasmtime error from a call into what went wrong.
-    fn classify(&self, store: &Store<HostState>, error: wasmtime::Error) -> PluginError {
+    /// Turns a wasmtime error from a call over `events` events into what
+    /// went wrong, in one line; the full error with the wasm backtrace goes
+    /// to the debug log.
+    fn classify(&self, store: &Store<HostState>, error: wasmtime::Error, events: usize) -> PluginError {
+        tracing::debug!(plugin = &*self.name, "plugin call failed: {error:?}");
         if store.data().limiter.hit {
             return PluginError::OutOfMemory { limit: self.memory_bytes as u64 };
         }
-        match error.downcast_ref::<Trap>() {
-            Some(Trap::OutOfFuel) | Some(Trap::Interrupt) => PluginError::Timeout(self.cpu),
-            _ => PluginError::Trap(format!("{error:#}")),
+        if let Some(Trap::OutOfFuel | Trap::Interrupt) = error.downcast_ref::<Trap>() {
+            return PluginError::Timeout(self.cpu);
+        }
+        if is_output_over_bound(&error) {
+            return PluginError::OutputTooLarge { limit: self.max_output.for_call(events) };
+        }
+        // A trap names its kind; an error from a host import says itself what was wrong.
+        let what = match error.downcast_ref::<Trap>() {
+            Some(trap) => trap.to_string(),
+            None => error.root_cause().to_string(),
+        };
+        let what = what.lines().next().unwrap_or_default().to_owned();
+        match self.logs.lock().expect("log budget lock").guest_message() {
+            Some(said) => PluginError::Trap(format!("{what}; the plugin said: {said}")),
+            None => PluginError::Trap(what),
         }
     }
 
@@ -530,24 +608,26 @@ impl Plugin {
             PluginError::OutOfMemory { .. } => s.out_of_memory += 1,
             PluginError::Trap(_) => s.traps += 1,
             PluginError::InvalidOutput(_) => s.invalid_output += 1,
+            PluginError::OutputTooLarge { .. } => s.output_too_large += 1,
             _ => {}
         }
-        s.last_error = Some(error.to_string());
+        s.last_error = Some(format!("plugin {}: {error}", self.name));
         let now = self.now_ms();
         if self.breaker.failure(now) {
             tracing::warn!(plugin = &*self.name, error = %error, "plugin keeps failing: circuit opened");
         }
     }
 
-    /// Runs one call on the live instance (building it first if needed),
-    /// with a fresh CPU budget. On any failure the instance is discarded so
-    /// the next call starts from a clean one.
-    fn call<R>(
+    /// Runs one call over `events` events on the live instance (building it
+    /// first if needed), with fresh CPU and output budgets, then has `check`
+    /// take its result. On any failure, of the call or of `check`, the
+    /// instance is discarded so the next call starts from a clean one.
+    fn call<R, T>(
         &mut self,
         events: usize,
         f: impl FnOnce(&mut Instance) -> wasmtime::Result<R>,
-        validate: impl FnOnce(&R) -> Result<(), String>,
-    ) -> Result<R, PluginError> {
+        check: impl FnOnce(R) -> Result<T, String>,
+    ) -> Result<T, PluginError> {
         if !self.breaker.allows(self.now_ms()) {
             self.status.refused += 1;
             return Err(PluginError::CircuitOpen);
@@ -558,7 +638,7 @@ impl Plugin {
             Some(instance) => instance,
             None => self.instantiate().inspect_err(|e| self.record_failure(e))?,
         };
-        let fuel = self.arm(&mut instance.store)?;
+        let fuel = self.arm(&mut instance.store, events)?;
         let result = f(&mut instance);
         if fuel > 0 {
             self.status.fuel_used += fuel.saturating_sub(instance.store.get_fuel().unwrap_or(0));
@@ -572,8 +652,8 @@ impl Plugin {
             );
         }
         let outcome = match result {
-            Ok(r) => validate(&r).map(|()| r).map_err(PluginError::InvalidOutput),
-            Err(e) => Err(self.classify(&instance.store, e)),
+            Ok(r) => check(r).map_err(PluginError::InvalidOutput),
+            Err(e) => Err(self.classify(&instance.store, e, events)),
         };
         match outcome {
             Ok(r) => {
@@ -589,9 +669,36 @@ impl Plugin {
         }
     }
 
-    /// Calls the filter on a batch. Exactly one verdict per event comes
-    /// back, or the call is a failure ([`PluginError::InvalidOutput`]).
-    pub fn filter(&mut self, events: &Arc<Vec<WitEvent>>) -> Result<Vec<Verdict>, PluginError> {
+    /// Builds the instance and makes one call that needs no data (a filter
+    /// on an empty batch; a merge of empty data into nothing), so a plugin
+    /// that cannot start (it traps on its config, say) is found before it
+    /// meets an event. A merge plugin refusing the empty data is an answer,
+    /// not a failure.
+    pub fn probe(&mut self) -> Result<(), PluginError> {
+        match self.world {
+            World::Filter => self.filter(&Arc::new(Vec::new())).map(drop),
+            World::Merge => {
+                let empty = Versioned { data: Vec::new(), version: Vec::new(), hlc: 0, origin: "ferry".into() };
+                self.merge("ferry/probe", None, &empty).map(drop)
+            }
+        }
+    }
+
+    /// Calls the filter on a batch, with no stage rules beyond the contract
+    /// (see [`Plugin::filter_for`]).
+    pub fn filter(&mut self, events: &Arc<Vec<WitEvent>>) -> Result<Vec<Decision>, PluginError> {
+        self.filter_for(events, &ContractOnly)
+    }
+
+    /// Calls the filter on a batch for a stage with `rules`. One checked
+    /// decision per event comes back, or the call is a failure: output over
+    /// `max_output` ([`PluginError::OutputTooLarge`]), or verdicts the
+    /// contract or `rules` refuse ([`PluginError::InvalidOutput`]).
+    pub fn filter_for(
+        &mut self,
+        events: &Arc<Vec<WitEvent>>,
+        rules: &dyn OutputRules,
+    ) -> Result<Vec<Decision>, PluginError> {
         if self.world != World::Filter {
             return Err(PluginError::WrongWorld { world: World::Filter, reason: "this is a merge plugin".into() });
         }
@@ -607,19 +714,7 @@ impl Plugin {
                 }
                 Bindings::Merge(_) => unreachable!("world checked above"),
             },
-            |verdicts| {
-                if verdicts.len() != n {
-                    return Err(format!("{} verdicts for {n} events", verdicts.len()));
-                }
-                let replacements: usize =
-                    verdicts.iter().map(|v| if let Verdict::Replace(list) = v { list.len() } else { 0 }).sum();
-                if replacements > MAX_REPLACEMENTS_PER_EVENT * n.max(1) {
-                    return Err(format!(
-                        "{replacements} replacement events for {n} events (at most {MAX_REPLACEMENTS_PER_EVENT} per event)"
-                    ));
-                }
-                Ok(())
-            },
+            |verdicts: Vec<Verdict>| convert::decide(events, verdicts, rules),
         )
     }
 
@@ -640,14 +735,21 @@ impl Plugin {
                 Bindings::Merge(b) => b.call_merge(&mut i.store, key, current, incoming),
                 Bindings::Filter(_) => unreachable!("world checked above"),
             },
-            |_| Ok(()),
+            |merged: Result<Vec<u8>, String>| {
+                // A refusal is the plugin's answer, not a failure; one line of it is enough.
+                Ok(merged.map_err(|why| clip_to(why.lines().next().unwrap_or_default(), MAX_GUEST_MESSAGE).to_owned()))
+            },
         )
     }
 }
 
-/// Most replacement events a filter may return per input event; more is
-/// treated as a runaway plugin rather than a transform.
-pub const MAX_REPLACEMENTS_PER_EVENT: usize = 1024;
+/// Whether a call failed because the plugin handed the host more bytes
+/// than the call's output bound (wasmtime's hostcall fuel ran out). wasmtime
+/// does not export that error's type, so its message is matched; a test
+/// with a real component pins the wording.
+fn is_output_over_bound(error: &wasmtime::Error) -> bool {
+    error.chain().any(|cause| cause.to_string().contains("fuel allocated for hostcalls has been exhausted"))
+}
 
 #[cfg(test)]
 mod tests {

@@ -2,17 +2,25 @@
 //! WebAssembly components (the contract is the WIT package in `wit/`).
 //!
 //! It owns loading (compile or cached artifact, world check), the sandbox
-//! (deny-by-default WASI, CPU and memory bounds), failure handling (rebuild,
-//! circuit breaker, counters) and the async handle that keeps wasmtime off
-//! the tokio runtime. It knows nothing of redb or MQTT: callers decide what
-//! a verdict or a failure means for their events (see [`OnError`]).
+//! (deny-by-default WASI, CPU, memory and output bounds), deciding that a
+//! call failed and what follows (rebuild, circuit breaker, counters) and the
+//! async handle that keeps wasmtime off the tokio runtime. It knows nothing
+//! of redb or MQTT: a stage hands each call its own rules
+//! ([`convert::OutputRules`]), and decides what a decision or a failure
+//! means for its events (see [`OnError`]).
+//!
+//! Host memory a plugin can make the agent hold is bounded by its config:
+//! its instance's `memory`, one call's output (`max_output`, refused while
+//! it is copied out), and, only where a fleet update can use them, a 1 MiB
+//! ring of recent calls ([`recent`]).
 //!
 //! # Layout
 //! - [`host`] — bindings, host imports, one [`Plugin`] with its instance.
 //! - [`engine`] — the shared engines and the on-disk compile cache.
 //! - [`breaker`] — the circuit breaker (pure state).
-//! - [`convert`] — events to and from the WIT types; verdict validation.
-//! - [`check`] — `ferry plugin check|bench`: generated inputs, laws, timing.
+//! - [`convert`] — events to and from the WIT types; what output is taken.
+//! - [`check`] — `ferry plugin check|bench`: laws, counter-examples, timing.
+//! - [`inputs`] — the check's data: the author's samples mutated, a declared shape, or built-in shapes.
 //! - [`recent`] — a bounded sample of recent calls, replayed by fleet shadow runs.
 //! - [`PluginHandle`] — the cloneable async handle to a plugin's own thread.
 
@@ -21,6 +29,7 @@ pub mod check;
 pub mod convert;
 pub mod engine;
 pub mod host;
+pub mod inputs;
 pub mod recent;
 
 use std::sync::{Arc, Mutex};
@@ -28,8 +37,9 @@ use std::sync::{Arc, Mutex};
 use serde::Serialize;
 use tokio::sync::oneshot;
 
-pub use crate::config::plugin::{CpuLimit, OnError, PluginConfig, World};
+pub use crate::config::plugin::{CpuLimit, OnError, OutputBound, PluginConfig, World};
 pub use breaker::CircuitState;
+pub use convert::{ContractOnly, Decision, OutputRules};
 pub use host::{LoadReport, Plugin, Verdict, Versioned, WitEvent};
 pub use recent::{Recent, Sample};
 
@@ -96,9 +106,17 @@ pub enum PluginError {
         /// The configured limit.
         limit: u64,
     },
-    /// The call returned, but its output breaks the contract.
-    #[error("plugin returned invalid output: {0}")]
+    /// The call returned, but its output breaks the contract or a rule of
+    /// the stage that called it (the message names the event and the rule).
+    #[error("invalid output: {0}")]
     InvalidOutput(String),
+    /// The call handed the host more bytes than its output bound; refused
+    /// while being copied, before the host held them.
+    #[error("output over max_output: more than {limit} bytes in one call")]
+    OutputTooLarge {
+        /// The bound of that call.
+        limit: u64,
+    },
     /// The circuit breaker is open: the plugin failed repeatedly, so it is
     /// not called for a while.
     #[error("plugin circuit is open after repeated failures")]
@@ -127,8 +145,10 @@ pub struct PluginStatus {
     pub timeouts: u64,
     /// Calls that hit the memory limit.
     pub out_of_memory: u64,
-    /// Calls whose output broke the contract.
+    /// Calls whose output broke the contract or a rule of the stage.
     pub invalid_output: u64,
+    /// Calls whose output went over `max_output`.
+    pub output_too_large: u64,
     /// Calls refused because the circuit was open.
     pub refused: u64,
     /// Fuel consumed (fuel-metered plugins only).
@@ -155,6 +175,7 @@ impl PluginStatus {
             timeouts: 0,
             out_of_memory: 0,
             invalid_output: 0,
+            output_too_large: 0,
             refused: 0,
             fuel_used: 0,
             instances_built: 0,
@@ -165,11 +186,23 @@ impl PluginStatus {
     }
 }
 
+/// The reply to a filter call.
+type FilterReply = oneshot::Sender<Result<Vec<Decision>, PluginError>>;
+
 /// Work for a plugin's thread.
 enum Job {
-    Filter(Vec<WitEvent>, oneshot::Sender<Result<Vec<Verdict>, PluginError>>),
+    Filter(Vec<WitEvent>, Arc<dyn OutputRules>, FilterReply),
     Merge(String, Option<Versioned>, Versioned, oneshot::Sender<Result<Result<Vec<u8>, String>, PluginError>>),
     Swap(Box<Plugin>, oneshot::Sender<Box<Plugin>>),
+}
+
+/// Whether a plugin's recent calls are kept for fleet shadow runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Sampling {
+    /// Keep a bounded sample ([`recent`]): a fleet update may shadow a new version.
+    Keep,
+    /// Keep nothing: no fleet update can happen (no `[fleet]` section).
+    Off,
 }
 
 /// Cloneable async handle to a plugin running on its own thread. Calls queue
@@ -187,7 +220,8 @@ pub struct PluginHandle {
 
 impl PluginHandle {
     /// Moves `plugin` onto a new thread; at most `queue_depth` calls wait.
-    pub fn spawn(mut plugin: Plugin, queue_depth: usize) -> Result<Self, PluginError> {
+    /// Recent calls are sampled only under [`Sampling::Keep`].
+    pub fn spawn(mut plugin: Plugin, queue_depth: usize, sampling: Sampling) -> Result<Self, PluginError> {
         let (jobs, rx) = flume::bounded::<Job>(queue_depth.max(1));
         let status = Arc::new(Mutex::new(plugin.status()));
         let shared = status.clone();
@@ -199,17 +233,17 @@ impl PluginHandle {
             .spawn(move || {
                 for job in rx.iter() {
                     match job {
-                        Job::Filter(events, reply) => {
+                        Job::Filter(events, rules, reply) => {
                             let events = Arc::new(events);
-                            let verdicts = plugin.filter(&events);
-                            if let Ok(v) = &verdicts {
-                                recent::offer(&samples, || Sample::Filter(events, v.clone()));
+                            let decisions = plugin.filter_for(&events, rules.as_ref());
+                            if let (Sampling::Keep, Ok(d)) = (sampling, &decisions) {
+                                recent::offer(&samples, || Sample::Filter(events, d.clone()));
                             }
-                            let _ = reply.send(verdicts);
+                            let _ = reply.send(decisions);
                         }
                         Job::Merge(key, current, incoming, reply) => {
                             let merged = plugin.merge(&key, current.as_ref(), &incoming);
-                            if let Ok(m) = &merged {
+                            if let (Sampling::Keep, Ok(m)) = (sampling, &merged) {
                                 recent::offer(&samples, || Sample::Merge(key, current, incoming, m.clone()));
                             }
                             let _ = reply.send(merged);
@@ -239,7 +273,7 @@ impl PluginHandle {
     }
 
     /// The most recent successful calls sampled (oldest first), with what
-    /// the running version answered.
+    /// the running version answered; none unless spawned with [`Sampling::Keep`].
     pub fn recent(&self) -> Vec<Sample> {
         self.recent.lock().expect("recent samples lock").samples()
     }
@@ -264,10 +298,14 @@ impl PluginHandle {
         self.status.lock().expect("plugin status lock").clone()
     }
 
-    /// Runs the filter on a batch (see [`Plugin::filter`]).
-    pub async fn filter(&self, events: Vec<WitEvent>) -> Result<Vec<Verdict>, PluginError> {
+    /// Runs the filter on a batch for a stage with `rules` (see [`Plugin::filter_for`]).
+    pub async fn filter(
+        &self,
+        events: Vec<WitEvent>,
+        rules: Arc<dyn OutputRules>,
+    ) -> Result<Vec<Decision>, PluginError> {
         let (reply, rx) = oneshot::channel();
-        self.jobs.send_async(Job::Filter(events, reply)).await.map_err(|_| PluginError::Closed)?;
+        self.jobs.send_async(Job::Filter(events, rules, reply)).await.map_err(|_| PluginError::Closed)?;
         rx.await.map_err(|_| PluginError::Closed)?
     }
 
