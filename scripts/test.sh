@@ -4,6 +4,8 @@
 # lints and runs every test. CI runs exactly this (.ci/run).
 set -euo pipefail
 cd "$(dirname "$0")/.."
+# shellcheck source=lib/packages.sh
+. scripts/lib/packages.sh
 
 # A target dir outside the clone is reused across clean clones when present.
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/ferry/target}"
@@ -12,10 +14,11 @@ export CARGO_TERM_COLOR="${CARGO_TERM_COLOR:-never}"
 step() { printf '\n==> %s\n' "$*"; }
 
 step "test dependencies"
+ensure_packages "${RUST_BUILD_PACKAGES[@]}"
 scripts/install-test-deps.sh
 
 step "format and lints"
-rustup component add rustfmt clippy >/dev/null 2>&1 || true
+ensure_rust_components rustfmt clippy
 cargo fmt --all -- --check
 cargo clippy --workspace --all-targets --locked -- -D warnings
 

@@ -103,7 +103,13 @@ impl FerryProcess {
         // SAFETY: plain kill(2) on our own child's pid.
         unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
         let status = self.child.wait().expect("waiting for ferry");
-        let lines = self.log.try_iter().collect();
+        // The reader thread may still be forwarding the last lines (the
+        // shutdown's) when the process is reaped, most often on a loaded
+        // machine: read until it sees the pipe close.
+        let mut lines = Vec::new();
+        while let Ok(line) = self.log.recv_timeout(Duration::from_secs(10)) {
+            lines.push(line);
+        }
         (status, lines)
     }
 }
