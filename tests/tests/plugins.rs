@@ -702,8 +702,10 @@ fn scaffolded_plugins_of_every_language_and_both_worlds_test_build_and_pass_plug
     let tools = tools();
     let adapter = tools.join("npm/node_modules/@bytecodealliance/jco/lib/wasi_snapshot_preview1.reactor.wasm");
     assert!(adapter.is_file(), "{} is missing: run scripts/build-plugins.sh first", adapter.display());
+    // tools/bin holds node (Node.js from PyPI: a fresh machine has no other).
     let path = format!(
-        "{}:{}:{}:{}",
+        "{}:{}:{}:{}:{}",
+        tools.join("bin").display(),
         tools.join("cargo/bin").display(),
         tools.join("venv/bin").display(),
         tools.join("npm/node_modules/.bin").display(),
