@@ -277,13 +277,16 @@ fn prune_cache_at(dir: &Path, keep: &[PathBuf], now: SystemTime) -> std::io::Res
 
 /// Logs that `name` is compiling every [`COMPILE_NOTICE`] until dropped,
 /// so a long first start is not mistaken for a hang.
+#[cfg(feature = "compiler")]
 struct CompileNotice {
     stop: Option<std::sync::mpsc::Sender<()>>,
 }
 
 /// How often a long compile says it is still going.
+#[cfg(feature = "compiler")]
 const COMPILE_NOTICE: Duration = Duration::from_secs(5);
 
+#[cfg(feature = "compiler")]
 impl CompileNotice {
     fn start(name: &str, bytes: usize) -> Self {
         tracing::info!(
@@ -304,6 +307,7 @@ impl CompileNotice {
     }
 }
 
+#[cfg(feature = "compiler")]
 impl Drop for CompileNotice {
     fn drop(&mut self) {
         // Dropping the sender wakes the notice thread, which then ends.
