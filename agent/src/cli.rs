@@ -20,6 +20,8 @@ use crate::config::{Config, ConfigError};
 pub mod dlq;
 pub mod fleet;
 pub mod plugin;
+#[cfg(feature = "scaffold")]
+pub mod scaffold;
 pub mod store;
 
 /// Ferry: durable store-and-forward of device events to several clouds.
