@@ -196,42 +196,43 @@ impl Profile {
     pub fn defaults(self) -> ProfileDefaults {
         let rate = |documented: u32| Figure { default: margin(u64::from(documented)) as u32, documented };
         let bytes = |documented: u64| Figure { default: documented, documented };
+        // Batches of whole billing units (see `billed_batch_bytes`).
+        let billed =
+            |unit: usize| BatchConfig { max_events: 1000, max_bytes: billed_batch_bytes(unit), linger: Duration::ZERO };
+        // Topics checked against the cloud's own rules, `$` reserved.
+        let prefixed = |max_levels: usize| TopicRules {
+            scheme: TopicScheme::Prefix,
+            max_bytes: 256,
+            max_levels: Some(max_levels),
+            reserved: &["$"],
+        };
+        // A broker that documents no limits: what Ferry does without a profile.
+        let generic = ProfileDefaults {
+            publish_rate: None,
+            byte_rate: None,
+            inflight_publishes: None,
+            inflight_events: 256,
+            max_packet: 128 * 1024,
+            max_payload: None,
+            topics: TopicRules::MQTT,
+            protocol: None,
+            retain: true,
+            batch: BatchConfig::OFF,
+            billing_unit: None,
+        };
         match self {
-            Profile::Generic => ProfileDefaults {
-                publish_rate: None,
-                byte_rate: None,
-                inflight_publishes: None,
-                inflight_events: 256,
-                max_packet: 128 * 1024,
-                max_payload: None,
-                topics: TopicRules::MQTT,
-                protocol: None,
-                retain: true,
-                batch: BatchConfig::OFF,
-                billing_unit: None,
-            },
+            Profile::Generic => generic,
             // docs/cloud-profiles.md#aws-iot-core
             Profile::AwsIotCore => ProfileDefaults {
                 publish_rate: Some(rate(100)),
                 byte_rate: Some(bytes(512 * 1024)),
                 inflight_publishes: Some(Figure { default: 95, documented: 100 }),
                 inflight_events: 2048,
-                max_packet: 128 * 1024,
                 max_payload: Some(128 * 1024),
-                topics: TopicRules {
-                    scheme: TopicScheme::Prefix,
-                    max_bytes: 256,
-                    max_levels: Some(8),
-                    reserved: &["$"],
-                },
-                protocol: None,
-                retain: true,
-                batch: BatchConfig {
-                    max_events: 1000,
-                    max_bytes: billed_batch_bytes(5 * 1024),
-                    linger: Duration::ZERO,
-                },
+                topics: prefixed(8),
+                batch: billed(5 * 1024),
                 billing_unit: Some(5 * 1024),
+                ..generic
             },
             // docs/cloud-profiles.md#azure-event-grid-namespace-mqtt-broker
             Profile::AzureEventGrid => ProfileDefaults {
@@ -241,26 +242,17 @@ impl Profile {
                 inflight_events: 4096,
                 max_packet: 512 * 1024,
                 max_payload: Some(512 * 1024),
-                topics: TopicRules {
-                    scheme: TopicScheme::Prefix,
-                    max_bytes: 256,
-                    max_levels: Some(15),
-                    reserved: &["$"],
-                },
-                protocol: None,
+                topics: prefixed(15),
                 retain: false,
                 // Its billing unit is not documented: batch up to a size that
                 // keeps a publish well under its 1 MB/s per session.
                 batch: BatchConfig { max_events: 1000, max_bytes: 16 * 1024, linger: Duration::ZERO },
-                billing_unit: None,
+                ..generic
             },
             // docs/cloud-profiles.md#azure-iot-hub-mqtt-device-endpoint
             Profile::AzureIotHub => ProfileDefaults {
                 // 6,000 a minute on one S1 unit, counted per hub.
                 publish_rate: Some(rate(100)),
-                byte_rate: None,
-                inflight_publishes: None,
-                inflight_events: 256,
                 max_packet: 256 * 1024 + 4096,
                 max_payload: Some(256 * 1024),
                 topics: TopicRules {
@@ -270,31 +262,18 @@ impl Profile {
                     reserved: &[],
                 },
                 protocol: Some(Protocol::V311),
-                retain: true,
-                batch: BatchConfig {
-                    max_events: 1000,
-                    max_bytes: billed_batch_bytes(4 * 1024),
-                    linger: Duration::ZERO,
-                },
+                batch: billed(4 * 1024),
                 billing_unit: Some(4 * 1024),
+                ..generic
             },
             // docs/cloud-profiles.md#hivemq-cloud
             Profile::HivemqCloud => ProfileDefaults {
-                publish_rate: None,
-                byte_rate: None,
                 inflight_publishes: Some(Figure { default: 10, documented: 10 }),
                 inflight_events: 1024,
                 max_packet: 256 * 1024 * 1024,
-                max_payload: None,
-                topics: TopicRules::MQTT,
-                protocol: None,
-                retain: true,
-                batch: BatchConfig {
-                    max_events: 1000,
-                    max_bytes: billed_batch_bytes(5 * 1024),
-                    linger: Duration::ZERO,
-                },
+                batch: billed(5 * 1024),
                 billing_unit: Some(5 * 1024),
+                ..generic
             },
         }
     }
