@@ -21,10 +21,10 @@
 //!   verify, check, shadow, activate, roll back.
 //! - [`state`] — multi-cloud state sync: versions, merge, the state table,
 //!   reconciliation of the clouds, the `/v1/state` API.
-//! - [`downlink`] — cloud-to-device messages: the forwarders' subscriptions,
-//!   routed by topic filter to their consumers, acked once handled.
 //! - [`metrics`] — the Prometheus scrape: reads every part below.
 //! - [`forward`] — one task per destination publishing the log over MQTT.
+//! - [`downlink`] — cloud-to-device messages: the forwarders' subscriptions,
+//!   routed by topic filter to their consumers, acked once handled.
 //! - [`store`] — the redb event log: group commit, dedup, quota and
 //!   eviction, TTL and dead letters, forwarder cursors.
 //! - [`plugin`] — the WebAssembly plugin host: sandboxed filter and merge
@@ -35,13 +35,14 @@
 //!   publish, and how large that publish is.
 //! - [`event`] — the CloudEvents record, its attribute rules and its
 //!   versioned storage encoding.
+//! - [`config`] — the TOML config: parsed, then validated into [`config::Config`].
+//! - [`signing`] — the fleet's Ed25519 keys: key files and key ids.
 //! - [`sas`] — Azure IoT Hub's shared access signatures (MQTT passwords).
 //! - [`topic`] — MQTT topic name validation, filter matching and the MQTT
 //!   string rule.
 //! - [`durable_file`] — crash-safe whole-file writes (plugin artifacts, fleet staging).
 //! - [`histogram`] — lock-free fixed-bucket histograms (commit time, delivery lag).
 //! - [`clock`] — the injectable wall clock and the hybrid logical clock.
-//! - [`config`] — the TOML config: parsed, then validated into [`config::Config`].
 
 /// The process's allocator (feature `mimalloc`): the agent's per-event
 /// allocations are small and made on several threads at once.
@@ -75,6 +76,7 @@ pub mod metrics;
 pub mod plugin;
 pub mod runtime;
 pub mod sas;
+pub mod signing;
 pub mod state;
 pub mod store;
 pub mod systemd;

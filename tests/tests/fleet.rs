@@ -19,6 +19,7 @@ use ferry::config::plugin::World;
 use ferry::fleet::bundle::{self, Chunk, Manifest};
 use ferry::fleet::report::{Report, State};
 use ferry::fleet::topics;
+use ferry::signing;
 use ferry_harness::{Collector, FaultProxy, Mosquitto, MosquittoOptions, Protocol};
 use ferry_tests::{FerryProcess, built_plugin, ferry_bin, write_config_with};
 use serde_json::json;
@@ -52,7 +53,7 @@ fn config_with(dir: &Path, brokers: &[(&str, &str)], trusted: &VerifyingKey, fle
          config = {{ field = \"temp\", min = \"20\" }}\n\n\
          [fleet]\ntrusted_keys = [\"{}\"]\n{fleet_extra}\n",
         built_plugin("threshold-filter").display().to_string(),
-        bundle::encode_public(trusted),
+        signing::encode_public(trusted),
     );
     write_config_with(dir, "", &tail)
 }
@@ -168,7 +169,7 @@ async fn a_pushed_plugin_is_downloaded_verified_shadowed_and_activated() {
     // The fleet manager's side, from the CLI as docs/fleet.md shows it.
     ferry(&["fleet", "keygen", "--out", "ops"], dir);
     let public = std::fs::read_to_string(dir.join("ops.pub")).unwrap();
-    let trusted = bundle::decode_public(&public).unwrap();
+    let trusted = signing::decode_public(&public).unwrap();
     let hostile = built_plugin("testdata/hostile-filter");
     ferry(
         &[

@@ -24,6 +24,7 @@ use crate::fleet::topics;
 use crate::forward::link::{Link, LinkEvent, LinkOptions};
 use crate::plugin::World;
 use crate::plugin::check::{self, CheckOptions};
+use crate::signing;
 
 /// `ferry fleet …`.
 #[derive(Debug, Subcommand)]
@@ -161,8 +162,8 @@ fn keygen(args: &KeygenArgs) -> anyhow::Result<()> {
             bail!("{} exists; refusing to overwrite a key", p.display());
         }
     }
-    let key = bundle::generate_key();
-    let public = bundle::encode_public(&key.verifying_key());
+    let key = signing::generate_key();
+    let public = signing::encode_public(&key.verifying_key());
     {
         use std::os::unix::fs::OpenOptionsExt as _;
         let mut f = std::fs::OpenOptions::new()
@@ -171,13 +172,13 @@ fn keygen(args: &KeygenArgs) -> anyhow::Result<()> {
             .mode(0o600)
             .open(&secret_path)
             .with_context(|| format!("creating {}", secret_path.display()))?;
-        f.write_all(bundle::encode_secret(&key).as_bytes())?;
+        f.write_all(signing::encode_secret(&key).as_bytes())?;
         f.sync_all()?;
     }
     std::fs::write(&public_path, format!("{public}\n"))
         .with_context(|| format!("writing {}", public_path.display()))?;
     outln!("secret key  {} (keep it private)", secret_path.display())?;
-    outln!("public key  {} (key id {})", public_path.display(), bundle::key_id(&key.verifying_key()))?;
+    outln!("public key  {} (key id {})", public_path.display(), signing::key_id(&key.verifying_key()))?;
     outln!("\nTrust it on devices with:\n[fleet]\ntrusted_keys = [\"{public}\"]")?;
     Ok(())
 }
@@ -192,7 +193,7 @@ fn sign(args: &SignArgs) -> anyhow::Result<()> {
         .with_context(|| format!("--chunk-size must be between 1 byte and {} bytes", bundle::MAX_CHUNK_SIZE))?;
     let key_text =
         std::fs::read_to_string(&args.key).with_context(|| format!("reading the key {}", args.key.display()))?;
-    let key = bundle::decode_secret(&key_text).with_context(|| format!("{}", args.key.display()))?;
+    let key = signing::decode_secret(&key_text).with_context(|| format!("{}", args.key.display()))?;
     let component =
         std::fs::read(&args.file).with_context(|| format!("reading the component {}", args.file.display()))?;
     // Refuse to sign what no device could load: a component that does not
@@ -220,7 +221,7 @@ fn sign(args: &SignArgs) -> anyhow::Result<()> {
         manifest.size,
         manifest.total(),
         manifest.sha256,
-        bundle::key_id(&key.verifying_key())
+        signing::key_id(&key.verifying_key())
     )?;
     Ok(())
 }

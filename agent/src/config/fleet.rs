@@ -3,11 +3,10 @@
 
 use std::time::Duration;
 
-use ed25519_dalek::VerifyingKey;
 use serde::Deserialize;
 
 use super::ConfigError;
-use crate::fleet::bundle;
+use crate::signing::{self, VerifyingKey};
 
 /// Default root of the fleet topics on every destination.
 pub const DEFAULT_TOPIC_ROOT: &str = "ferry/fleet";
@@ -54,7 +53,7 @@ pub fn validate(raw: RawFleet, destinations: &[&str], file: &str) -> Result<Flee
         .trusted_keys
         .iter()
         .enumerate()
-        .map(|(i, k)| bundle::decode_public(k).map_err(|e| err(&format!("trusted_keys[{i}]"), e.to_string())))
+        .map(|(i, k)| signing::decode_public(k).map_err(|e| err(&format!("trusted_keys[{i}]"), e.to_string())))
         .collect::<Result<Vec<_>, _>>()?;
     let topic_root = raw.topic_root.unwrap_or_else(|| DEFAULT_TOPIC_ROOT.into());
     if topic_root.is_empty()
@@ -112,7 +111,7 @@ mod tests {
 
     #[test]
     fn defaults_watch_every_destination() {
-        let key = bundle::encode_public(&ed25519_dalek::SigningKey::from_bytes(&[7; 32]).verifying_key());
+        let key = signing::encode_public(&signing::SigningKey::from_bytes(&[7; 32]).verifying_key());
         let c = check(&format!("trusted_keys = [\"{key}\"]"), &["a", "b"]).unwrap();
         assert_eq!(c.destinations, ["a", "b"]);
         assert_eq!(c.topic_root, DEFAULT_TOPIC_ROOT);
@@ -121,7 +120,7 @@ mod tests {
 
     #[test]
     fn mistakes_name_their_key() {
-        let key = bundle::encode_public(&ed25519_dalek::SigningKey::from_bytes(&[7; 32]).verifying_key());
+        let key = signing::encode_public(&signing::SigningKey::from_bytes(&[7; 32]).verifying_key());
         let k = |extra: &str| check(&format!("trusted_keys = [\"{key}\"]\n{extra}"), &["a"]).unwrap_err().key;
         assert_eq!(check("trusted_keys = [\"nope\"]", &["a"]).unwrap_err().key, "fleet.trusted_keys[0]");
         assert_eq!(check("trusted_keys = []", &["a"]).unwrap_err().key, "fleet.trusted_keys");

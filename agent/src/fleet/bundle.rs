@@ -12,9 +12,7 @@
 //! JSON and the component as self-describing [`Chunk`]s, each well under the
 //! 128 KiB payload limit of the strictest brokers (AWS IoT Core).
 //!
-//! Key files are one line: `ferry-fleet-secret-key:` and the base64 32-byte
-//! ed25519 seed (secret), or the base64 32-byte public key (what
-//! `[fleet] trusted_keys` lists).
+//! Keys and their files are [`crate::signing`]'s.
 
 use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD as B64;
@@ -23,6 +21,7 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 use crate::config::plugin::World;
+use crate::signing::{self, encode_public, key_id};
 
 /// The manifest format this agent reads and writes.
 pub const FORMAT: u32 = 1;
@@ -97,6 +96,12 @@ pub enum BundleError {
     Mismatch(String),
 }
 
+impl From<signing::KeyError> for BundleError {
+    fn from(e: signing::KeyError) -> Self {
+        BundleError::Malformed { what: e.what, reason: e.reason }
+    }
+}
+
 /// Lowercase hex of `bytes`.
 pub fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
@@ -105,56 +110,6 @@ pub fn hex(bytes: &[u8]) -> String {
 /// Hex SHA-256 of `bytes`.
 pub fn sha256_hex(bytes: &[u8]) -> String {
     hex(&Sha256::digest(bytes))
-}
-
-/// A short, stable name for a public key: the first 8 bytes of its SHA-256.
-pub fn key_id(key: &VerifyingKey) -> String {
-    sha256_hex(key.as_bytes())[..16].to_owned()
-}
-
-/// A new random signing key.
-pub fn generate_key() -> SigningKey {
-    let mut seed = [0u8; 32];
-    rand::Rng::fill(&mut rand::rng(), &mut seed);
-    SigningKey::from_bytes(&seed)
-}
-
-/// Marks a secret key file, so a public key given by mistake is refused
-/// instead of silently signing with a key nobody trusts.
-const SECRET_PREFIX: &str = "ferry-fleet-secret-key:";
-
-/// The secret key file text.
-pub fn encode_secret(key: &SigningKey) -> String {
-    format!("{SECRET_PREFIX}{}\n", B64.encode(key.to_bytes()))
-}
-
-/// The public key file text (also what `[fleet] trusted_keys` lists).
-pub fn encode_public(key: &VerifyingKey) -> String {
-    B64.encode(key.as_bytes())
-}
-
-fn decode_32(text: &str, what: &'static str) -> Result<[u8; 32], BundleError> {
-    let bytes =
-        B64.decode(text.trim()).map_err(|e| BundleError::Malformed { what, reason: format!("not base64: {e}") })?;
-    bytes.try_into().map_err(|b: Vec<u8>| BundleError::Malformed {
-        what,
-        reason: format!("{} bytes, an ed25519 key has 32", b.len()),
-    })
-}
-
-/// Parses a secret key file.
-pub fn decode_secret(text: &str) -> Result<SigningKey, BundleError> {
-    let encoded = text.trim().strip_prefix(SECRET_PREFIX).ok_or_else(|| BundleError::Malformed {
-        what: "secret key",
-        reason: "not a secret key file from `ferry fleet keygen` (the .key file, not the .pub one)".into(),
-    })?;
-    Ok(SigningKey::from_bytes(&decode_32(encoded, "secret key")?))
-}
-
-/// Parses a public key (base64 of 32 bytes).
-pub fn decode_public(text: &str) -> Result<VerifyingKey, BundleError> {
-    VerifyingKey::from_bytes(&decode_32(text, "public key")?)
-        .map_err(|e| BundleError::Malformed { what: "public key", reason: e.to_string() })
 }
 
 /// Whether `name` is a valid plugin name (the rules of `[[plugin]] name`).
@@ -316,7 +271,7 @@ impl Manifest {
     /// verifies. Returns the signer's key id.
     pub fn verify(&self, trusted: &[VerifyingKey]) -> Result<String, BundleError> {
         self.validate()?;
-        let key = decode_public(&self.key)?;
+        let key = signing::decode_public(&self.key)?;
         let key_id = key_id(&key);
         if !trusted.iter().any(|t| t.as_bytes() == key.as_bytes()) {
             return Err(BundleError::UntrustedKey { key_id });
@@ -572,18 +527,12 @@ mod tests {
     }
 
     #[test]
-    fn bundles_and_keys_round_trip() {
+    fn bundles_round_trip() {
         let b = Bundle { manifest: manifest(b"0123456789"), component: b"0123456789".to_vec() };
         let back = Bundle::decode(&b.encode()).unwrap();
         assert_eq!(back.manifest, b.manifest);
         assert_eq!(back.component, b.component);
         assert!(Bundle::decode(b"not a bundle").is_err());
-        let k = generate_key();
-        assert_eq!(decode_secret(&encode_secret(&k)).unwrap().to_bytes(), k.to_bytes());
-        assert_eq!(decode_public(&encode_public(&k.verifying_key())).unwrap(), k.verifying_key());
-        assert!(decode_public("AAAA").is_err());
-        let public_as_secret = decode_secret(&encode_public(&k.verifying_key())).unwrap_err().to_string();
-        assert!(public_as_secret.contains(".pub"), "{public_as_secret}");
     }
 
     #[test]
