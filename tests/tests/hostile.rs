@@ -15,8 +15,12 @@ use std::time::{Duration, Instant};
 
 use ferry::clock::SystemClock;
 use ferry::config::{Config, StoreConfig};
+use ferry::downlink::DestinationDownlink;
 use ferry::event::EventBody;
+use ferry::forward::Forwarder;
+use ferry::forward::stage::Stage;
 use ferry::runtime::Agent;
+use ferry::store::faults::IoFaults;
 use ferry::store::{Dedup, PreparedEvent, Store};
 use ferry_harness::{Collector, Mosquitto, MosquittoOptions, Protocol};
 use ferry_tests::{FerryProcess, ferry_bin, write_config_with};
@@ -217,7 +221,11 @@ async fn a_state_value_a_subscribing_destination_cannot_take_is_refused() {
 
 /// A record as an earlier release could have stored it, checked by nothing.
 fn unchecked(id: &str, subject: &str) -> PreparedEvent {
-    let body = EventBody {
+    PreparedEvent::new(&body(id, subject), Dedup::None, 100, None)
+}
+
+fn body(id: &str, subject: &str) -> EventBody {
+    EventBody {
         id: id.into(),
         source: "ferry://gw-1".into(),
         ty: "ferry.event".into(),
@@ -227,8 +235,7 @@ fn unchecked(id: &str, subject: &str) -> PreparedEvent {
         data: b"1".to_vec(),
         partitionkey: None,
         extensions: vec![],
-    };
-    PreparedEvent::new(&body, Dedup::None, 100, None)
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -271,6 +278,59 @@ async fn an_unreadable_record_is_moved_to_the_dead_letters_and_forwarding_goes_o
     assert!(dead[0].reason.starts_with("unreadable"), "{}", dead[0].reason);
     assert_eq!(dead[0].sequence, 2);
     agent.shutdown().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_store_failure_in_a_forwarder_pauses_it_on_a_live_link_and_it_resumes_when_the_store_heals() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = StoreConfig::at(dir.path().join("ferry.redb"));
+    let faults = IoFaults::new();
+    let (f2, path) = (faults.clone(), config.path.clone());
+    let store = Store::open_with_backends(config, Arc::new(SystemClock), move || f2.backend(&path)).unwrap();
+    let big = EventBody { data: format!("\"{}\"", "x".repeat(2000)).into_bytes(), ..body("big", "t/a") };
+    let big = PreparedEvent::new(&big, Dedup::None, 100, None);
+    store.append(vec![unchecked("a", "t/a"), big, unchecked("b", "t/a")]).await.unwrap();
+    // The broker announces a 1 KiB packet limit, so "big" must be dead-lettered:
+    // a write, which fails while the disk does.
+    let broker =
+        Mosquitto::start(MosquittoOptions { max_packet_size: Some(1024), ..Default::default() }).await.unwrap();
+    let c = Collector::start(&broker.url(), "ferry/#", Protocol::V5).await.unwrap();
+    faults.fail_writes(libc::ENOSPC);
+    let toml = agent_toml(dir.path(), &destination("cloud", &broker.url(), "v5", ""));
+    let destination = Config::parse(&toml, "test.toml").unwrap().destinations.remove(0);
+    let (stop, shutdown) = tokio::sync::watch::channel(false);
+    let forwarder = Forwarder::spawn(
+        destination,
+        None,
+        store.clone(),
+        Arc::new(SystemClock),
+        Stage::new("cloud".into(), vec![]),
+        DestinationDownlink::none("cloud"),
+        shutdown,
+    );
+    wait_for_ids(&c, Protocol::V5, &["a"]).await;
+    wait_until("the forwarder to pause on the failed write", async || {
+        forwarder.status().last_error.is_some_and(|e| e.contains("paused"))
+    })
+    .await;
+    let paused = forwarder.status();
+    assert!(paused.last_error.as_deref().unwrap().contains("No space left"), "{paused:?}");
+    // Waited out on a live link: no reconnect, nothing sent past the failed step.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let still = forwarder.status();
+    assert!(still.connected, "{still:?}");
+    assert_eq!(still.reconnects, paused.reconnects, "a store failure must not cost the link: {still:?}");
+    assert_eq!(ids(&c, Protocol::V5), ["a"]);
+    faults.heal();
+    wait_for_ids(&c, Protocol::V5, &["a", "b"]).await;
+    wait_until("big to be dead-lettered", async || store.dead_letters(0, 10).is_ok_and(|d| d.len() == 1)).await;
+    let dead = store.dead_letters(0, 10).unwrap();
+    assert_eq!(dead[0].event().unwrap().body.id, "big");
+    assert!(dead[0].reason.contains("announced"), "{}", dead[0].reason);
+    assert_eq!(forwarder.status().reconnects, paused.reconnects);
+    assert_eq!(ids(&c, Protocol::V5), ["a", "b"], "each event once, in order");
+    stop.send(true).unwrap();
+    forwarder.join().await;
 }
 
 /// `ferry <args>`, its exit code and everything it printed.

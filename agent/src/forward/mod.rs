@@ -63,6 +63,11 @@ const PERSIST_INTERVAL: Duration = Duration::from_millis(50);
 /// How long shutdown waits for outstanding PUBACKs.
 const DRAIN_ON_SHUTDOWN: Duration = Duration::from_secs(2);
 
+/// How long a forwarder waits before trying again a step that failed on
+/// Ferry's own side (the store, a filter). The store answers at once while
+/// it cannot write, so a retry costs little; the link stays up meanwhile.
+const LOCAL_RETRY: Duration = Duration::from_secs(1);
+
 /// What an operator sees of one destination.
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct DestinationStatus {
@@ -192,6 +197,21 @@ enum End {
     },
 }
 
+/// Why a step of a session could not go on.
+enum Failure {
+    /// The connection: the session ends and the forwarder reconnects.
+    Link(LinkError),
+    /// Ferry's own side (the store, a destination-stage filter): the link
+    /// stays up, and the step is tried again after [`LOCAL_RETRY`].
+    Local(String),
+}
+
+impl From<LinkError> for Failure {
+    fn from(error: LinkError) -> Self {
+        Failure::Link(error)
+    }
+}
+
 impl End {
     /// A failure Ferry decided on, which blames no publish.
     fn ours(error: LinkError) -> Self {
@@ -241,6 +261,8 @@ struct Progress {
     /// Whether the broker keeps retained messages (its CONNACK's Retain
     /// Available): when it does not, state updates go unretained.
     broker_retain: bool,
+    /// A local failure being waited out: when to try again, and why.
+    paused: Option<(tokio::time::Instant, String)>,
 }
 
 impl Task {
@@ -269,6 +291,7 @@ impl Task {
             wake_at: None,
             throttled: false,
             broker_retain: true,
+            paused: None,
         };
         self.update(|s| s.acked_sequence = cursor);
         let mut backoff = Backoff::new(self.config.backoff_base, self.config.backoff_cap);
@@ -413,8 +436,12 @@ impl Task {
         // No PUBACK for this long while publishes wait: the link is black-holed.
         let ack_timeout = keep_alive * 2;
         loop {
-            if let Err(e) = self.fill(link, p, &mut buffer).await {
-                return End::ours(e);
+            if p.paused.as_ref().is_none_or(|(until, _)| *until <= tokio::time::Instant::now()) {
+                match self.fill(link, p, &mut buffer).await {
+                    Ok(()) => self.resume(p),
+                    Err(Failure::Link(e)) => return End::ours(e),
+                    Err(Failure::Local(reason)) => self.pause(p, reason),
+                }
             }
             self.maybe_persist(p);
             // A lingering batch takes events committed meanwhile, as an empty buffer does.
@@ -422,6 +449,7 @@ impl Task {
             let caught_up = (buffer.is_empty() || lingering) && *committed.borrow() < p.window.next();
             let window_open = p.window.has_room();
             let wake = p.wake_at;
+            let retry_at = p.paused.as_ref().map(|(until, _)| *until);
             tokio::select! {
                 event = link.poll() => {
                     // Take whatever else is ready too, so one wake-up handles a burst of acks.
@@ -440,8 +468,9 @@ impl Task {
                             }
                             Ok(LinkEvent::Refused { pkid, kind: RefusalKind::Message, reason }) => {
                                 last_ack = Instant::now();
-                                if let Err(e) = self.set_aside_refused(p, pkid, &reason).await {
-                                    return End::ours(e);
+                                if let Err(reason) = self.set_aside_refused(p, pkid, &reason).await {
+                                    // The refused publish stays in flight: a new session sends it again.
+                                    return End::ours(LinkError::Connection(reason));
                                 }
                             }
                             Ok(LinkEvent::Refused { pkid, kind, reason }) => {
@@ -476,6 +505,7 @@ impl Task {
                 _ = tokio::time::sleep_until(wake.unwrap_or_else(tokio::time::Instant::now)), if wake.is_some() => {
                     p.wake_at = None;
                 }
+                _ = tokio::time::sleep_until(retry_at.unwrap_or_else(tokio::time::Instant::now)), if retry_at.is_some() => {}
                 handled = async { (&mut unacked.front_mut().expect("guarded").handled).await }, if !unacked.is_empty() => {
                     let front = unacked.pop_front().expect("guarded");
                     if handled.iter().any(Result::is_err) {
@@ -523,7 +553,9 @@ impl Task {
     /// publishes what the routes and destination-stage filters select (one
     /// event, or a batch), settles the rest, and sets aside what this
     /// destination's broker cannot take.
-    async fn fill(&mut self, link: &mut Link, p: &mut Progress, buffer: &mut VecDeque<Step>) -> Result<(), LinkError> {
+    /// A failure on Ferry's side leaves the step where it was, to be tried
+    /// again: nothing is taken from the buffer or the window before it.
+    async fn fill(&mut self, link: &mut Link, p: &mut Progress, buffer: &mut VecDeque<Step>) -> Result<(), Failure> {
         let now = tokio::time::Instant::now();
         if p.wake_at.is_some_and(|at| at > now) && p.throttled {
             return Ok(());
@@ -549,8 +581,9 @@ impl Task {
                     p.window.skip_to(newest);
                     return Ok(());
                 };
-                p.window.read(events.iter().map(|e| (e.sequence, e.hlc.millis())), through);
+                let read: Vec<(u64, u64)> = events.iter().map(|e| (e.sequence, e.hlc.millis())).collect();
                 self.plan(events, buffer).await?;
+                p.window.read(read, through);
                 continue;
             }
             let sequence = match buffer.front().expect("not empty") {
@@ -565,8 +598,8 @@ impl Task {
                 && condemned == sequence
             {
                 let reason = format!("destination {}: {why}", self.config.name);
+                self.set_aside(sequence, &reason).await.map_err(Failure::Local)?;
                 let Some(Step::Publish { last, .. }) = buffer.pop_front() else { unreachable!("a publish step") };
-                self.set_aside(sequence, &reason).await?;
                 if last {
                     p.isolation.set_aside();
                     p.window.settle(sequence);
@@ -588,9 +621,11 @@ impl Task {
                 next = outgoing::next(&self.config, buffer, p.window.room(), None);
             }
             if let Some(reason) = self.refusal(&next) {
+                for &(seq, _) in &next.parts {
+                    self.set_aside(seq, &reason).await.map_err(Failure::Local)?;
+                }
                 next.take_from(buffer);
                 for &(seq, last) in &next.parts {
-                    self.set_aside(seq, &reason).await?;
                     if last {
                         p.window.settle(seq);
                     }
@@ -617,8 +652,25 @@ impl Task {
         }
     }
 
+    /// A step failed on Ferry's side: keep the link, try again after
+    /// [`LOCAL_RETRY`]. Logged when the failure starts, not at every retry.
+    fn pause(&self, p: &mut Progress, reason: String) {
+        if p.paused.is_none() {
+            tracing::warn!(destination = %self.config.name, %reason, retry_every = ?LOCAL_RETRY, "forwarding paused, the link stays up");
+        }
+        self.update(|s| s.last_error = Some(format!("forwarding paused: {reason}")));
+        p.paused = Some((tokio::time::Instant::now() + LOCAL_RETRY, reason));
+    }
+
+    /// A step went through after a pause.
+    fn resume(&self, p: &mut Progress) {
+        if let Some((_, reason)) = p.paused.take() {
+            tracing::info!(destination = %self.config.name, after = %reason, "forwarding resumed");
+        }
+    }
+
     /// Waits on the pace until `at`.
-    fn throttle(&self, p: &mut Progress, now: tokio::time::Instant, at: tokio::time::Instant) -> Result<(), LinkError> {
+    fn throttle(&self, p: &mut Progress, now: tokio::time::Instant, at: tokio::time::Instant) -> Result<(), Failure> {
         p.pacer.waited(at - now);
         p.wake_at = Some(at);
         p.throttled = true;
@@ -668,11 +720,11 @@ impl Task {
     /// Up to a batch of events after `after`. An unreadable record is moved
     /// to the dead letters (for every destination: none can read it) and
     /// `None` says to read again.
-    async fn read(&self, after: u64) -> Result<Option<Vec<Event>>, LinkError> {
+    async fn read(&self, after: u64) -> Result<Option<Vec<Event>>, Failure> {
         let store = self.store.clone();
         let read = tokio::task::spawn_blocking(move || store.read_after(after, READ_BATCH))
             .await
-            .map_err(|e| LinkError::Connection(format!("store read task failed: {e}")))?;
+            .map_err(|e| Failure::Local(format!("store read task failed: {e}")))?;
         match read {
             Ok(events) => Ok(Some(events)),
             Err(StoreError::Corrupt { sequence, source }) => {
@@ -681,27 +733,27 @@ impl Task {
                 self.store
                     .set_aside_unreadable(sequence, &reason)
                     .await
-                    .map_err(|e| LinkError::Connection(e.to_string()))?;
+                    .map_err(|e| Failure::Local(format!("setting aside unreadable record {sequence}: {e}")))?;
                 Ok(None)
             }
-            Err(e) => Err(LinkError::Connection(format!("store read failed: {e}"))),
+            Err(e) => Err(Failure::Local(format!("store read failed: {e}"))),
         }
     }
 
     /// Dead-letters event `sequence` for this destination only.
-    async fn set_aside(&self, sequence: u64, reason: &str) -> Result<(), LinkError> {
-        tracing::warn!(destination = %self.config.name, sequence, %reason, "event dead-lettered for this destination");
+    async fn set_aside(&self, sequence: u64, reason: &str) -> Result<(), String> {
         self.store
             .dead_letter_copy_for(sequence, &self.config.name, reason)
             .await
-            .map_err(|e| LinkError::Connection(e.to_string()))?;
+            .map_err(|e| format!("dead-lettering event {sequence}: {e}"))?;
+        tracing::warn!(destination = %self.config.name, sequence, %reason, "event dead-lettered for this destination");
         self.update(|s| s.dead_lettered += 1);
         Ok(())
     }
 
     /// The broker refused publish `pkid` for what it is: dead-letter the
     /// events it carried for this destination, then count them as settled.
-    async fn set_aside_refused(&self, p: &mut Progress, pkid: u16, reason: &str) -> Result<(), LinkError> {
+    async fn set_aside_refused(&self, p: &mut Progress, pkid: u16, reason: &str) -> Result<(), String> {
         let Some(sequences) = p.window.sequences_of(pkid).map(<[u64]>::to_vec) else { return Ok(()) };
         let reason = format!("destination {}: the broker refused the publish ({reason})", self.config.name);
         for sequence in sequences {
@@ -713,7 +765,7 @@ impl Task {
 
     /// Turns a batch read from the store into steps: the routes select, then
     /// the destination-stage filters (if any) decide.
-    async fn plan(&self, events: Vec<Event>, buffer: &mut VecDeque<Step>) -> Result<(), LinkError> {
+    async fn plan(&self, events: Vec<Event>, buffer: &mut VecDeque<Step>) -> Result<(), Failure> {
         let name = self.config.name.as_str();
         // State updates name their destination themselves (ferryroute).
         let selected = |e: &Event| (e.body.is_state() || self.config.routes(&e.body.subject)) && e.body.routed_to(name);
@@ -724,7 +776,7 @@ impl Task {
             return Ok(());
         }
         let (steps, dead_lettered) =
-            self.stage.run(events, selected, &self.store).await.map_err(|e| LinkError::Connection(e.to_string()))?;
+            self.stage.run(events, selected, &self.store).await.map_err(|e| Failure::Local(e.to_string()))?;
         if dead_lettered > 0 {
             self.update(|s| s.dead_lettered += dead_lettered);
         }
