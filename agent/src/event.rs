@@ -153,6 +153,21 @@ pub struct EventBody {
 }
 
 impl EventBody {
+    /// A borrowed view, for what takes one (the limit checks, encoding).
+    pub fn view(&self) -> EventBodyRef<'_> {
+        EventBodyRef {
+            id: &self.id,
+            source: &self.source,
+            ty: &self.ty,
+            subject: &self.subject,
+            time_nanos: self.time_nanos,
+            datacontenttype: self.datacontenttype.as_deref(),
+            data: &self.data,
+            partitionkey: self.partitionkey.as_deref(),
+            extensions: &self.extensions,
+        }
+    }
+
     /// Whether `destination` may receive this event: true unless a route
     /// verdict named other destinations only.
     pub fn routed_to(&self, destination: &str) -> bool {
@@ -410,18 +425,7 @@ mod tests {
     #[test]
     fn borrowed_and_owned_bodies_encode_to_the_same_bytes() {
         let b = sample();
-        let r = EventBodyRef {
-            id: &b.id,
-            source: &b.source,
-            ty: &b.ty,
-            subject: &b.subject,
-            time_nanos: b.time_nanos,
-            datacontenttype: b.datacontenttype.as_deref(),
-            data: &b.data,
-            partitionkey: b.partitionkey.as_deref(),
-            extensions: &b.extensions,
-        };
-        assert_eq!(r.encode(), b.encode());
+        assert_eq!(b.view().encode(), b.encode());
     }
 
     #[test]

@@ -393,17 +393,7 @@ mod tests {
         events.push(big);
         for e in events {
             let b = &e.body;
-            let view = EventBodyRef {
-                id: &b.id,
-                source: &b.source,
-                ty: &b.ty,
-                subject: &b.subject,
-                time_nanos: b.time_nanos,
-                datacontenttype: b.datacontenttype.as_deref(),
-                data: &b.data,
-                partitionkey: b.partitionkey.as_deref(),
-                extensions: &b.extensions,
-            };
+            let view = b.view();
             let json = serde_json::from_slice::<&RawValue>(&b.data).is_ok();
             let t = topic("ferry/gw/", &e);
             let m = binary(&e);

@@ -74,7 +74,7 @@ impl OutputRules for DestinationRules {
         // Structured mode embeds data as JSON only when it parses.
         let json = body.datacontenttype.as_deref().is_some_and(is_json_content_type)
             && serde_json::from_slice::<serde::de::IgnoredAny>(&body.data).is_ok();
-        self.0.refusal(&convert::body_ref(body), json)
+        self.0.refusal(&body.view(), json)
     }
 }
 

@@ -111,7 +111,7 @@ impl OutputRules for IngestRules {
         if size > self.max_event_bytes {
             return Some(format!("{size} bytes encoded, over store.max_event_size ({} bytes)", self.max_event_bytes));
         }
-        refusal(&self.destinations, &convert::body_ref(body), false)
+        refusal(&self.destinations, &body.view(), false)
     }
 }
 

@@ -12,7 +12,7 @@
 //! comma-separated destination names; the forwarder publishes such an event
 //! only to those destinations among the ones whose routes match it.
 
-use crate::event::{self, EventBody, EventBodyRef, format_time, parse_time};
+use crate::event::{self, EventBody, format_time, parse_time};
 
 use super::{Verdict, WitEvent};
 
@@ -37,21 +37,6 @@ pub fn to_wit(body: &EventBody, sequence: u64, hlc: u64) -> WitEvent {
         hlc,
         partitionkey: body.partitionkey.clone(),
         extensions: body.extensions.clone(),
-    }
-}
-
-/// A borrowed view of `body`, for the limit checks that take one.
-pub fn body_ref(body: &EventBody) -> EventBodyRef<'_> {
-    EventBodyRef {
-        id: &body.id,
-        source: &body.source,
-        ty: &body.ty,
-        subject: &body.subject,
-        time_nanos: body.time_nanos,
-        datacontenttype: body.datacontenttype.as_deref(),
-        data: &body.data,
-        partitionkey: body.partitionkey.as_deref(),
-        extensions: &body.extensions,
     }
 }
 
