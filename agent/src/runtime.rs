@@ -14,13 +14,14 @@
 
 use std::future::Future;
 use std::net::SocketAddr;
+use std::sync::Arc;
 
 use tokio::sync::{oneshot, watch};
 use tokio::task::JoinHandle;
 
 use crate::clock::SharedClock;
-use crate::config::Config;
 use crate::config::plugin::Stage;
+use crate::config::{Config, MqttEndpoint};
 use crate::downlink::DownlinkRouter;
 use crate::fleet::FleetPlugin;
 use crate::forward::{Forwarder, Stage as ForwardStage, link};
@@ -53,11 +54,11 @@ pub enum RunError {
         /// The cause.
         source: std::io::Error,
     },
-    /// A destination's TLS material could not be loaded.
-    #[error("destination {name}: {source}")]
-    Destination {
-        /// The destination.
-        name: String,
+    /// A broker connection's TLS material could not be loaded.
+    #[error("{connection}: {source}")]
+    Tls {
+        /// Which connection: `destination NAME`, `[ingest.mqtt]` or `[state.local_mqtt]`.
+        connection: String,
         /// The cause.
         source: link::LinkError,
     },
@@ -100,18 +101,14 @@ impl Agent {
     /// Opens the store and starts every service.
     pub async fn start(config: Config, clock: SharedClock) -> Result<Self, RunError> {
         // TLS material is read before anything starts, so a bad file stops start-up.
-        let mut tls = Vec::with_capacity(config.destinations.len());
-        for d in &config.destinations {
-            let t = if d.endpoint.tls {
-                Some(
-                    link::tls_config(&d.endpoint)
-                        .map_err(|source| RunError::Destination { name: d.name.clone(), source })?,
-                )
-            } else {
-                None
-            };
-            tls.push(t);
-        }
+        let tls = config
+            .destinations
+            .iter()
+            .map(|d| tls_for(&d.endpoint, &format!("destination {}", d.name)))
+            .collect::<Result<Vec<_>, _>>()?;
+        let ingest_tls = config.mqtt_ingest.as_ref().map(|m| tls_for(&m.endpoint, "[ingest.mqtt]")).transpose()?;
+        let state_tls =
+            config.state.local_mqtt.as_ref().map(|m| tls_for(&m.endpoint, "[state.local_mqtt]")).transpose()?;
         let store_config = config.store.clone();
         let store_clock = clock.clone();
         let store = tokio::task::spawn_blocking(move || Store::open(store_config, store_clock))
@@ -119,13 +116,10 @@ impl Agent {
             .map_err(|e| RunError::Task(e.to_string()))??;
 
         let plugins = load_plugins(&config).await?;
-        let ingest_filters = config
-            .plugins
-            .iter()
-            .zip(&plugins)
-            .filter(|(c, _)| c.stage == Some(Stage::Ingest))
-            .map(|(_, h)| h.clone())
-            .collect();
+        // Each plugin with its config, for picking them by stage and world.
+        let configured = || config.plugins.iter().zip(&plugins);
+        let ingest_filters =
+            configured().filter(|(c, _)| c.stage == Some(Stage::Ingest)).map(|(_, h)| h.clone()).collect();
 
         let (listener, http_addr) =
             http::bind(&config.http).await.map_err(|source| RunError::Bind { addr: config.http.listen, source })?;
@@ -136,12 +130,7 @@ impl Agent {
                 config.agent.device_id.clone(),
                 config.agent.data_dir.clone(),
                 config.destinations.iter().cloned().zip(tls.iter().cloned()).collect(),
-                config
-                    .plugins
-                    .iter()
-                    .zip(&plugins)
-                    .map(|(spec, handle)| FleetPlugin { spec: spec.clone(), handle: handle.clone() })
-                    .collect(),
+                configured().map(|(spec, handle)| FleetPlugin { spec: spec.clone(), handle: handle.clone() }).collect(),
                 clock.clone(),
                 stop_rx.clone(),
             ),
@@ -157,13 +146,8 @@ impl Agent {
             }
         }
         drop(state_tx);
-        let merge_plugins = config
-            .plugins
-            .iter()
-            .zip(&plugins)
-            .filter(|(c, _)| c.world == World::Merge)
-            .map(|(c, h)| (c.name.clone(), h.clone()))
-            .collect();
+        let merge_plugins =
+            configured().filter(|(c, _)| c.world == World::Merge).map(|(c, h)| (c.name.clone(), h.clone())).collect();
         let state = StateService::start(
             StateServiceConfig {
                 device_id: config.agent.device_id.clone(),
@@ -178,30 +162,16 @@ impl Agent {
             stop_rx.clone(),
         )
         .await?;
-        let local_state = match &config.state.local_mqtt {
-            Some(m) => {
-                let tls = if m.endpoint.tls {
-                    Some(
-                        link::tls_config(&m.endpoint)
-                            .map_err(|source| RunError::Destination { name: "state.local_mqtt".into(), source })?,
-                    )
-                } else {
-                    None
-                };
-                Some(tokio::spawn(crate::state::local::run(m.clone(), tls, state.handle(), stop_rx.clone())))
-            }
-            None => None,
-        };
+        let local_state = config.state.local_mqtt.as_ref().map(|m| {
+            tokio::spawn(crate::state::local::run(m.clone(), state_tls.flatten(), state.handle(), stop_rx.clone()))
+        });
         let forwarders: Vec<Forwarder> = config
             .destinations
             .iter()
             .zip(tls)
             .map(|(d, tls)| {
                 let downlink = downlink.for_destination(&d.name, &d.topic_prefix);
-                let filters = config
-                    .plugins
-                    .iter()
-                    .zip(&plugins)
+                let filters = configured()
                     .filter(|(c, _)| matches!(&c.stage, Some(Stage::Destination(name)) if *name == d.name))
                     .map(|(_, h)| h.clone())
                     .collect();
@@ -229,20 +199,9 @@ impl Agent {
             .with_filters(ingest_filters)
             .with_destinations(limits.clone())
             .reporting(plugins.clone());
-        let mqtt_ingest = match &config.mqtt_ingest {
-            Some(m) => {
-                let tls = if m.endpoint.tls {
-                    Some(
-                        link::tls_config(&m.endpoint)
-                            .map_err(|source| RunError::Destination { name: "ingest.mqtt".into(), source })?,
-                    )
-                } else {
-                    None
-                };
-                Some(tokio::spawn(MqttIngest::new(m.clone(), tls, ingest.clone(), stop_rx.clone()).run()))
-            }
-            None => None,
-        };
+        let mqtt_ingest = config.mqtt_ingest.as_ref().map(|m| {
+            tokio::spawn(MqttIngest::new(m.clone(), ingest_tls.flatten(), ingest.clone(), stop_rx.clone()).run())
+        });
         let (stop_http, stopped) = oneshot::channel::<()>();
         let http = tokio::spawn(http::serve(
             listener,
@@ -336,6 +295,15 @@ impl Agent {
 }
 
 /// Loads every configured plugin off the runtime, each onto its own thread.
+/// The TLS setup of a broker connection, if it uses TLS; `connection` says
+/// which one in the error.
+fn tls_for(endpoint: &MqttEndpoint, connection: &str) -> Result<Option<Arc<rustls::ClientConfig>>, RunError> {
+    if !endpoint.tls {
+        return Ok(None);
+    }
+    link::tls_config(endpoint).map(Some).map_err(|source| RunError::Tls { connection: connection.to_owned(), source })
+}
+
 async fn load_plugins(config: &Config) -> Result<Vec<PluginHandle>, RunError> {
     let cache_dir = crate::plugin::engine::cache_dir(Some(&config.agent.data_dir)).expect("a data dir is given");
     let mut handles = Vec::with_capacity(config.plugins.len());
@@ -400,4 +368,31 @@ pub async fn run(config: Config, clock: SharedClock, shutdown: impl Future<Outpu
     shutdown.await;
     tracing::info!("shutting down: no new requests; finishing commits");
     agent.shutdown().await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::clock::SystemClock;
+
+    #[tokio::test]
+    async fn unusable_tls_material_of_any_connection_stops_start_up_before_the_store_opens() {
+        let dir = tempfile::tempdir().unwrap();
+        let ca = dir.path().join("ca.pem");
+        std::fs::write(&ca, "not a certificate\n").unwrap();
+        let data = dir.path().join("data");
+        let toml = format!(
+            "[agent]\ndevice_id = \"gw\"\ndata_dir = {:?}\n[store]\nmin_free_disk = \"0 B\"\n\
+             [ingest.http]\nlisten = \"127.0.0.1:0\"\n\
+             [ingest.mqtt]\nurl = \"mqtts://127.0.0.1:1\"\ntopics = [\"sensors/#\"]\nca_file = {:?}\n",
+            data.display().to_string(),
+            ca.display().to_string()
+        );
+        let config = Config::parse(&toml, "test.toml").unwrap();
+        let store_path = config.store.path.clone();
+        let Err(e) = Agent::start(config, Arc::new(SystemClock)).await else { panic!("started with a bad CA file") };
+        assert!(matches!(e, RunError::Tls { .. }), "{e:?}");
+        assert!(e.to_string().starts_with("[ingest.mqtt]: "), "{e}");
+        assert!(!store_path.exists(), "the store was opened before the TLS material was read");
+    }
 }
