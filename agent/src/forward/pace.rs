@@ -13,8 +13,8 @@
 //! the cloud's count within its limit. Spacing alone would let one second
 //! hold a second's bytes plus one large publish, so bytes are also held to
 //! a sliding window: a publish waits until the bytes of the last
-//! [`BYTE_WINDOW`] and its own fit `max_byte_rate`. The window is a second
-//! plus [`JITTER`]: with large publishes (a 40 KB batch is 8 % of AWS's
+//! `BYTE_WINDOW` and its own fit `max_byte_rate`. The window is a second
+//! plus `JITTER`: with large publishes (a 40 KB batch is 8 % of AWS's
 //! 512 KiB/s) the 5 % margin is less than one publish, so network bunching
 //! could otherwise bring one more into a cloud's second. The schedule
 //! outlives connections, so a reconnect never bursts.

@@ -3,7 +3,7 @@
 //! bounds, and failure handling (classify, rebuild, circuit breaker,
 //! counters).
 //!
-//! [`Plugin::call`] is the one place that decides a call failed: a trap, a
+//! `Plugin::call` is the one place that decides a call failed: a trap, a
 //! timeout, running out of memory, output over `max_output` (refused while
 //! it is copied out, before the host allocates it), and output the contract
 //! or the calling stage's rules refuse ([`super::convert::decide`]) all

@@ -2,14 +2,14 @@
 //! a byte quota, priority eviction, TTL expiry, dead letters and the
 //! per-destination cursors of the forwarders.
 //!
-//! All writes go through one writer thread ([`writer`]) that group-commits
+//! All writes go through one writer thread (`writer`) that group-commits
 //! whatever requests are waiting into one transaction, so many producers share
 //! one fsync. Reads open their own redb snapshots and never wait for the
 //! writer. Nothing here knows about MQTT or HTTP.
 //!
 //! A failed write never ends the store: the writer reopens the file with
 //! backoff until writes succeed again, refusing ingest meanwhile, and
-//! [`Store::health`] says why ([`health`]). A record that no longer decodes
+//! [`Store::health`] says why (`health`). A record that no longer decodes
 //! is moved to the dead letters rather than blocking its readers.
 
 #[cfg(any(test, feature = "fault-injection"))]

@@ -1,0 +1,185 @@
+//! What leaves the log besides eviction: TTL expiry and dedup pruning
+//! (the sweep), and events every consumer routing them has acknowledged.
+
+use super::append::decode_deliveries;
+use super::*;
+
+/// A stable fingerprint of the consumers and their routes.
+fn consumers_fingerprint(consumers: &[crate::config::Consumer]) -> u64 {
+    use std::hash::{Hash, Hasher};
+    let mut h = std::hash::DefaultHasher::new();
+    for c in consumers {
+        c.name.hash(&mut h);
+        for r in &c.routes {
+            r.as_str().hash(&mut h);
+        }
+    }
+    h.finish().max(1)
+}
+
+/// An event retired from the log, for its secondary indexes and the byte count.
+struct Retired {
+    seq: u64,
+    priority: u8,
+    expires_at_ms: Option<u64>,
+    size: u64,
+}
+
+impl Writer {
+    /// Deletes a record and its expiry entry; returns its size. The caller
+    /// has already removed (or is iterating) its priority entry.
+    pub(super) fn remove_from_log(&mut self, t: &mut Tables<'_>, seq: u64) -> Result<u64, redb::Error> {
+        let Some(record) = t.log.remove(seq)? else {
+            return Ok(0);
+        };
+        let bytes = record.value();
+        let size = bytes.len() as u64;
+        if let Ok((header, _)) = event::decode_header(bytes)
+            && let Some(at) = header.expires_at_ms
+        {
+            drop(record);
+            t.expiry.remove((at, seq))?;
+        }
+        self.meta.log_bytes = self.meta.log_bytes.saturating_sub(size);
+        Ok(size)
+    }
+
+    /// Expires events past their TTL into dead letters, forgets dedup ids
+    /// older than the window, and keeps dead letters within their share.
+    pub(super) fn sweep(&mut self, t: &mut Tables<'_>, now_ms: u64) -> Result<SweepReport, redb::Error> {
+        let mut report = SweepReport::default();
+        while (report.expired as usize) < SWEEP_LIMIT {
+            let Some((key, _)) = t.expiry.first()? else {
+                break;
+            };
+            let (at, seq) = key.value();
+            drop(key);
+            if at > now_ms {
+                break;
+            }
+            t.expiry.remove((at, seq))?;
+            let record = t.log.remove(seq)?.map(|r| r.value().to_vec());
+            if let Some(record) = record {
+                let priority = event::decode_header(&record).map_or(0, |(h, _)| h.priority);
+                t.by_priority.remove((priority, seq))?;
+                self.meta.log_bytes = self.meta.log_bytes.saturating_sub(record.len() as u64);
+                self.dead_letter(t, seq, "ttl expired", now_ms, record, None)?;
+                report.expired += 1;
+            }
+        }
+        self.meta.expired_events += report.expired;
+
+        let window_ms = u64::try_from(self.config.dedup_window.as_millis()).unwrap_or(u64::MAX);
+        let cutoff = now_ms.saturating_sub(window_ms);
+        while (report.dedup_pruned as usize) < SWEEP_LIMIT {
+            let Some((key, value)) = t.dedup_age.first()? else {
+                break;
+            };
+            let (seq, (at, id)) = (key.value(), value.value());
+            if at >= cutoff {
+                break;
+            }
+            let id = id.to_owned();
+            drop((key, value));
+            t.dedup_age.remove(seq)?;
+            // The id may since have been stored again under a newer sequence.
+            if t.dedup.get(id.as_str())?.is_some_and(|v| v.value() == seq) {
+                t.dedup.remove(id.as_str())?;
+            }
+            report.dedup_pruned += 1;
+        }
+
+        // A batch's record outlives the window only when its acks never
+        // reached the broker (the agent stopped between commit and ack).
+        let cutoff_key = u128::from(cutoff) << 80;
+        for row in t.deliveries.extract_from_if(..cutoff_key, |_, _| true)?.take(SWEEP_LIMIT) {
+            let (_, ids) = row?;
+            report.dedup_pruned += decode_deliveries(ids.value()).len() as u64;
+        }
+
+        report.delivered = self.retire_delivered(t)?;
+
+        let dead_cap = self.config.quota_bytes / DEAD_LETTER_SHARE;
+        while self.meta.dead_bytes > dead_cap {
+            let Some((_, v)) = t.dead.pop_first()? else {
+                break;
+            };
+            self.meta.dead_bytes = self.meta.dead_bytes.saturating_sub(v.value().len() as u64);
+            report.dead_dropped += 1;
+        }
+        if report.dead_dropped > 0 {
+            self.meta.dead_dropped += report.dead_dropped;
+            tracing::warn!(
+                dropped = report.dead_dropped,
+                "dead letters over their share of the quota: dropped the oldest"
+            );
+        }
+        Ok(report)
+    }
+
+    /// Removes events every consumer routing them has acknowledged; keeps
+    /// events no consumer routes (a destination added later will want them).
+    /// Bounded per call; resumes from `retention_floor` next time.
+    pub(super) fn retire_delivered(&mut self, t: &mut Tables<'_>) -> Result<u64, redb::Error> {
+        self.last_retire = Some(Instant::now());
+        let consumers = &self.config.consumers;
+        if consumers.is_empty() {
+            return Ok(0);
+        }
+        let fingerprint = consumers_fingerprint(consumers);
+        if self.meta.consumers_hash != fingerprint {
+            // Different destinations now: earlier verdicts on kept events no longer hold.
+            self.meta.consumers_hash = fingerprint;
+            self.meta.retention_floor = 0;
+        }
+        let mut upto = u64::MAX;
+        for c in consumers {
+            upto = upto.min(t.cursors.get(c.name.as_str())?.map_or(0, |v| v.value()));
+        }
+        let floor = self.meta.retention_floor;
+        if upto <= floor {
+            return Ok(0);
+        }
+        // Bound the pass to `SWEEP_LIMIT` rows: stop before the first row past them.
+        let last = match t.log.range(floor + 1..=upto)?.nth(SWEEP_LIMIT) {
+            Some(row) => row?.0.value() - 1,
+            None => upto,
+        };
+        self.meta.retention_floor = last;
+        // One pass over the range both decides and removes (far cheaper than a
+        // lookup and a removal per event); the secondary indexes follow.
+        let mut doomed: Vec<Retired> = Vec::new();
+        t.log.retain_in(floor + 1..=last, |seq, record| {
+            // An unreadable record is kept for an operator to inspect rather than lost.
+            let Ok(subject) = event::decode_subject(record) else { return true };
+            if !consumers.iter().any(|c| c.routes(subject)) {
+                return true;
+            }
+            let Ok((header, _)) = event::decode_header(record) else { return true };
+            doomed.push(Retired {
+                seq,
+                priority: header.priority,
+                expires_at_ms: header.expires_at_ms,
+                size: record.len() as u64,
+            });
+            false
+        })?;
+        // Per priority, the retired entries of the index are one key range.
+        let mut priorities: Vec<u8> = doomed.iter().map(|r| r.priority).collect();
+        priorities.sort_unstable();
+        priorities.dedup();
+        for p in priorities {
+            let seqs: Vec<u64> = doomed.iter().filter(|r| r.priority == p).map(|r| r.seq).collect();
+            let (lo, hi) = (seqs[0], seqs[seqs.len() - 1]);
+            t.by_priority.retain_in((p, lo)..=(p, hi), |(_, seq), _| seqs.binary_search(&seq).is_err())?;
+        }
+        for r in &doomed {
+            if let Some(at) = r.expires_at_ms {
+                t.expiry.remove((at, r.seq))?;
+            }
+            self.meta.log_bytes = self.meta.log_bytes.saturating_sub(r.size);
+        }
+        self.meta.delivered_events += doomed.len() as u64;
+        Ok(doomed.len() as u64)
+    }
+}
