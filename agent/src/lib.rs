@@ -14,9 +14,10 @@
 //!   outage, verified end to end (cargo feature `demo`, on by default).
 //! - [`systemd`] — readiness, watchdog and stopping notifications under systemd.
 //! - [`runtime`] — wiring: builds the services, runs them, orders shutdown.
-//! - [`ingest`] — producer input: body decoding ([`ingest::parse`]), defaults
-//!   and limits, the HTTP API ([`ingest::http`]) and its operator routes
-//!   (`/metrics`, dead letters: [`ingest::admin`]).
+//! - [`api`] — every HTTP route: events, status and health, the operator's
+//!   routes (`/metrics`, dead letters), the state API.
+//! - [`ingest`] — producer input: body decoding ([`ingest::parse`]), defaults,
+//!   limits and ingest filters, and local MQTT ingest ([`ingest::mqtt`]).
 //! - [`fleet`] — signed plugin updates from a fleet manager: download,
 //!   verify, check, shadow, activate, roll back.
 //! - [`state`] — multi-cloud state sync: versions, merge, the state table,
@@ -59,6 +60,7 @@ macro_rules! outln {
     }};
 }
 
+pub mod api;
 pub mod cli;
 pub mod clock;
 pub mod config;

@@ -214,7 +214,7 @@ impl Collector for Snapshot {
             "ferry_destination_backlog_events",
             "Events after the destination's durable cursor (an upper bound: it includes events its routes skip).",
             Gauge,
-            |d, s| s.last_sequence.saturating_sub(d.acked_sequence) as f64,
+            |d, s| d.backlog_events(s.last_sequence) as f64,
             &mut e,
         )?;
         dest(

@@ -19,15 +19,16 @@ use std::sync::Arc;
 use tokio::sync::{oneshot, watch};
 use tokio::task::JoinHandle;
 
+use crate::api::admin::Admin;
+use crate::api::http;
 use crate::clock::SharedClock;
 use crate::config::plugin::Stage;
 use crate::config::{Config, MqttEndpoint};
 use crate::downlink::DownlinkRouter;
 use crate::fleet::FleetPlugin;
 use crate::forward::{Forwarder, Stage as ForwardStage, link};
-use crate::ingest::admin::Admin;
+use crate::ingest::Ingest;
 use crate::ingest::mqtt::MqttIngest;
-use crate::ingest::{Ingest, http};
 use crate::metrics::{DestinationSource, Sources};
 use crate::plugin::{Plugin, PluginConfig, PluginError, PluginHandle, Sampling, World};
 use crate::state::{StateError, StateHandle, StateService, StateServiceConfig};
@@ -209,7 +210,7 @@ impl Agent {
             ingest,
             config.agent.device_id.clone(),
             statuses,
-            crate::ingest::admin::router(admin).merge(crate::state::http::routes(
+            crate::api::admin::router(admin).merge(crate::api::state::routes(
                 state.handle(),
                 config.store.max_event_bytes,
                 limits.clone(),

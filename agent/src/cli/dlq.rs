@@ -1,5 +1,5 @@
 //! `ferry dlq list|show|replay|purge`: the dead-letter queue of a running
-//! agent, through its HTTP API (see [`crate::ingest::admin`]).
+//! agent, through its HTTP API (see [`crate::api::admin`]).
 
 use std::io::Write;
 

@@ -423,7 +423,7 @@ impl Config {
             .map_err(|_| err("ingest.http.max_body_size", "too large for this platform".into()))?;
         let max_buffered_bytes = usize::try_from(h.max_buffered.map_or(48 << 20, |b| b.as_u64()))
             .map_err(|_| err("ingest.http.max_buffered", "too large for this platform".into()))?;
-        // A request holds about four times its body (see ingest::http::BODY_COPIES).
+        // A request holds about four times its body (see api::http::BODY_COPIES).
         let largest = max_body_bytes.saturating_mul(4);
         if max_buffered_bytes < largest {
             return Err(err(

@@ -110,6 +110,15 @@ pub struct DestinationStatus {
     pub events_per_publish: f64,
 }
 
+impl DestinationStatus {
+    /// Events after its durable cursor when the log's last sequence is
+    /// `last_sequence`: an upper bound of what it has left to send, as it
+    /// counts events its routes skip. What status and metrics both show.
+    pub fn backlog_events(&self, last_sequence: u64) -> u64 {
+        last_sequence.saturating_sub(self.acked_sequence)
+    }
+}
+
 /// A running forwarder.
 pub struct Forwarder {
     status: Arc<Mutex<DestinationStatus>>,

@@ -3,7 +3,7 @@
 //! [`Ingest`] fills in what the producer left out (id, type, time, content
 //! type, source), classifies each event for priority and TTL, enforces the
 //! event size limit and appends the request to the store as one unit. The
-//! HTTP API ([`http`]) and later ingest paths share it, so every path answers
+//! HTTP API ([`crate::api::http`]) and later ingest paths share it, so every path answers
 //! success only after the commit. [`mqtt`] subscribes to a broker on the
 //! device and acknowledges each message only after its commit.
 //!
@@ -22,8 +22,6 @@
 //! The producer's answer lists the events stored and, per input event, what
 //! a plugin did to it ([`Filtered`]).
 
-pub mod admin;
-pub mod http;
 pub mod mqtt;
 pub mod parse;
 

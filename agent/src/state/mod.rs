@@ -16,11 +16,9 @@
 //! - [`wire`] — versions on MQTT: user properties or a CloudEvents envelope.
 //! - [`db`] — the durable state tables in the store's redb file.
 //! - [`service`] — the task that applies updates and reconciles clouds.
-//! - [`http`] — the `/v1/state` routes, including the change stream.
 //! - [`local`] — optional retained publishing of merged state to a local broker.
 
 pub mod db;
-pub mod http;
 pub mod local;
 pub mod service;
 pub mod version;

@@ -27,9 +27,8 @@ use serde::Deserialize;
 use serde_json::{Value, json};
 use tokio::sync::broadcast;
 
-use super::db::{Change, Entry};
-use super::service::{StateError, StateHandle};
 use crate::limits::DestinationLimits;
+use crate::state::{Change, Entry, StateError, StateHandle};
 
 /// Changes read from the history per page while a stream catches up.
 const PAGE: usize = 256;

@@ -3,9 +3,9 @@
 //! Routes: `POST /v1/events`, `GET /v1/status` (store and destinations),
 //! `GET /healthz`, the operator's routes of [`super::admin`]
 //! (`/metrics`, `/v1/dead-letters…`), plus routes other services hand in
-//! (the state API, [`crate::state::http`]). Every route
+//! (the state API, [`super::state`]). Every route
 //! but `/healthz` requires the bearer token when one is configured. Bodies
-//! are decoded by [`super::parse`]; large ones off the async threads.
+//! are decoded by [`crate::ingest::parse`]; large ones off the async threads.
 //!
 //! No client can stall the agent through it: connections are capped below
 //! the open-file limit, headers and bodies must arrive within their
@@ -37,9 +37,9 @@ use serde::Serialize;
 use serde_json::json;
 use tokio::net::TcpListener;
 
-use super::{Ingest, IngestError, parse};
 use crate::config::HttpConfig;
 use crate::forward::DestinationStatus;
+use crate::ingest::{Ingest, IngestError, parse};
 use crate::store::{AppendError, Appended, StoreStatus};
 
 /// Bodies above this size are decoded on the blocking pool.
@@ -250,7 +250,7 @@ struct Accepted {
     /// on, what happened ("dropped by plugin P" versus "plugin P failed:
     /// dead-lettered"); absent when plugins kept every event.
     #[serde(skip_serializing_if = "Vec::is_empty")]
-    filtered: Vec<super::Filtered>,
+    filtered: Vec<crate::ingest::Filtered>,
 }
 
 async fn post_events(State(api): State<Api>, headers: HeaderMap, body: Body) -> Response {
@@ -291,7 +291,7 @@ async fn post_events(State(api): State<Api>, headers: HeaderMap, body: Body) -> 
         Err(response) => return response,
     };
     match api.ingest.commit(events).await {
-        Ok(super::Committed { events, filtered }) => {
+        Ok(crate::ingest::Committed { events, filtered }) => {
             let duplicates = events.iter().filter(|e| e.duplicate).count();
             let body = Accepted { accepted: events.len() - duplicates, duplicates, events, filtered };
             (StatusCode::OK, axum::Json(body)).into_response()
@@ -484,7 +484,7 @@ pub struct DestinationView {
 
 impl DestinationView {
     fn new(forwarder: DestinationStatus, store: &StoreStatus) -> Self {
-        let backlog_events = store.last_sequence.saturating_sub(forwarder.acked_sequence);
+        let backlog_events = forwarder.backlog_events(store.last_sequence);
         let mean = store.bytes.checked_div(store.events).unwrap_or(0);
         let drain_eta_seconds =
             (backlog_events > 0 && forwarder.send_rate > 0.0).then(|| backlog_events as f64 / forwarder.send_rate);
