@@ -231,6 +231,9 @@ impl PluginHandle {
         std::thread::Builder::new()
             .name(format!("ferry-plugin-{name}"))
             .spawn(move || {
+                // The status is updated before each reply, so a caller that
+                // has its answer also sees the call counted.
+                let publish = |plugin: &Plugin| *shared.lock().expect("plugin status lock") = plugin.status();
                 for job in rx.iter() {
                     match job {
                         Job::Filter(events, rules, reply) => {
@@ -239,6 +242,7 @@ impl PluginHandle {
                             if let (Sampling::Keep, Ok(d)) = (sampling, &decisions) {
                                 recent::offer(&samples, || Sample::Filter(events, d.clone()));
                             }
+                            publish(&plugin);
                             let _ = reply.send(decisions);
                         }
                         Job::Merge(key, current, incoming, reply) => {
@@ -246,6 +250,7 @@ impl PluginHandle {
                             if let (Sampling::Keep, Ok(m)) = (sampling, &merged) {
                                 recent::offer(&samples, || Sample::Merge(key, current, incoming, m.clone()));
                             }
+                            publish(&plugin);
                             let _ = reply.send(merged);
                         }
                         Job::Swap(next, reply) => {
@@ -253,10 +258,10 @@ impl PluginHandle {
                             let previous = std::mem::replace(&mut plugin, *next);
                             // Samples hold the old version's answers; a later shadow run compares with the new one.
                             *samples.lock().expect("recent samples lock") = Recent::default();
+                            publish(&plugin);
                             let _ = reply.send(Box::new(previous));
                         }
                     }
-                    *shared.lock().expect("plugin status lock") = plugin.status();
                 }
             })
             .map_err(|e| PluginError::Engine(format!("cannot start the plugin thread: {e}")))?;
