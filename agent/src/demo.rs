@@ -28,7 +28,7 @@ use tokio::sync::watch;
 
 use crate::clock::SystemClock;
 use crate::config::{Config, MqttEndpoint, Protocol};
-use crate::forward::link::{Link, LinkEvent, LinkOptions};
+use crate::mqtt::{Link, LinkEvent, LinkOptions};
 use crate::runtime::Agent;
 
 /// The demo device's id (and so the topic prefix `ferry/demo-gateway/`).

@@ -26,6 +26,8 @@
 //! - [`forward`] — one task per destination publishing the log over MQTT.
 //! - [`downlink`] — cloud-to-device messages: the forwarders' subscriptions,
 //!   routed by topic filter to their consumers, acked once handled.
+//! - [`mqtt`] — the MQTT session layer: one supervised reconnect loop,
+//!   links of either protocol version, TLS, backoff and pacing.
 //! - [`store`] — the redb event log: group commit, dedup, quota and
 //!   eviction, TTL and dead letters, forwarder cursors.
 //! - [`plugin`] — the WebAssembly plugin host: sandboxed filter and merge
@@ -75,6 +77,7 @@ pub mod histogram;
 pub mod ingest;
 pub mod limits;
 pub mod metrics;
+pub mod mqtt;
 pub mod plugin;
 pub mod runtime;
 pub mod sas;

@@ -26,10 +26,11 @@ use crate::config::plugin::Stage;
 use crate::config::{Config, MqttEndpoint};
 use crate::downlink::DownlinkRouter;
 use crate::fleet::FleetPlugin;
-use crate::forward::{Forwarder, Stage as ForwardStage, link};
+use crate::forward::{Forwarder, Stage as ForwardStage};
 use crate::ingest::Ingest;
 use crate::ingest::mqtt::MqttIngest;
 use crate::metrics::{DestinationSource, Sources};
+use crate::mqtt;
 use crate::plugin::{Plugin, PluginConfig, PluginError, PluginHandle, Sampling, World};
 use crate::state::{StateError, StateHandle, StateService, StateServiceConfig};
 use crate::store::{Store, StoreError};
@@ -61,7 +62,7 @@ pub enum RunError {
         /// Which connection: `destination NAME`, `[ingest.mqtt]` or `[state.local_mqtt]`.
         connection: String,
         /// The cause.
-        source: link::LinkError,
+        source: mqtt::LinkError,
     },
     /// The HTTP server failed.
     #[error("HTTP API failed: {0}")]
@@ -302,7 +303,7 @@ fn tls_for(endpoint: &MqttEndpoint, connection: &str) -> Result<Option<Arc<rustl
     if !endpoint.tls {
         return Ok(None);
     }
-    link::tls_config(endpoint).map(Some).map_err(|source| RunError::Tls { connection: connection.to_owned(), source })
+    mqtt::tls_config(endpoint).map(Some).map_err(|source| RunError::Tls { connection: connection.to_owned(), source })
 }
 
 async fn load_plugins(config: &Config) -> Result<Vec<PluginHandle>, RunError> {

@@ -21,7 +21,7 @@ use crate::config::{Config, MqttEndpoint};
 use crate::fleet::bundle::{self, Bundle, Chunk, Manifest};
 use crate::fleet::report::Report;
 use crate::fleet::topics;
-use crate::forward::link::{Link, LinkEvent, LinkOptions};
+use crate::mqtt::{self, Link, LinkEvent, LinkOptions};
 use crate::plugin::World;
 use crate::plugin::check::{self, CheckOptions};
 use crate::signing;
@@ -268,19 +268,11 @@ fn endpoint(args: &BrokerArgs, client_id: &str) -> anyhow::Result<MqttEndpoint> 
 async fn connect(args: &BrokerArgs, role: &str) -> anyhow::Result<Link> {
     let client_id = format!("ferry-fleet-{role}-{}", std::process::id());
     let e = endpoint(args, &client_id)?;
-    let tls = if e.tls { Some(crate::forward::link::tls_config(&e)?) } else { None };
+    let tls = if e.tls { Some(mqtt::tls_config(&e)?) } else { None };
     let opts = LinkOptions { inflight: 32, queue: 64, clean_session: true, manual_acks: false, receive_maximum: None };
     let mut link = Link::open(&e, tls.as_ref(), &opts);
-    let connected = tokio::time::timeout(Duration::from_secs(15), async {
-        loop {
-            if let LinkEvent::Connected { .. } = link.poll().await? {
-                return Ok::<(), crate::forward::link::LinkError>(());
-            }
-        }
-    })
-    .await;
-    match connected {
-        Ok(Ok(())) => Ok(link),
+    match tokio::time::timeout(Duration::from_secs(15), mqtt::session::connect(&mut link)).await {
+        Ok(Ok(_)) => Ok(link),
         Ok(Err(e)) => Err(anyhow::anyhow!("cannot connect to {}: {e}", args.broker)),
         Err(_) => bail!("cannot connect to {}: no answer within 15s", args.broker),
     }

@@ -9,7 +9,7 @@
 //! 95 % of the documented figure: the clouds count arrival times in sliding
 //! windows, and the margin absorbs up to about 50 ms of network bunching.
 //! The byte rate defaults to the documented figure itself, because the
-//! pacer holds bytes to it over a second and 50 ms (see `forward::pace`):
+//! pacer holds bytes to it over a second and 50 ms (see `mqtt::pace`):
 //! the same margin, kept in time rather than in bytes, so that it holds for
 //! publishes as large as a batch.
 

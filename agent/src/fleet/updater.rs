@@ -28,9 +28,10 @@ use super::report::{Report, Shadow, State, rfc3339};
 use super::staging::{Installed, Persisted, PluginDir};
 use super::topics::{self, FleetTopic};
 use crate::clock::SharedClock;
+use crate::config::MqttEndpoint;
 use crate::config::{DestinationConfig, FleetConfig, PluginConfig};
-use crate::forward::backoff::Backoff;
-use crate::forward::link::{Link, LinkError, LinkEvent, LinkOptions};
+use crate::mqtt::session::stopping;
+use crate::mqtt::{Connected, End, Link, LinkError, LinkEvent, LinkOptions, Session, Supervisor};
 use crate::plugin::check::{self, CheckOptions};
 use crate::plugin::{Plugin, PluginError, PluginHandle, Sample};
 
@@ -691,12 +692,11 @@ struct LinkChannels {
 async fn run_link(
     config: DestinationConfig,
     tls: Option<Arc<rustls::ClientConfig>>,
-    mut channels: LinkChannels,
-    mut shutdown: watch::Receiver<bool>,
+    channels: LinkChannels,
+    shutdown: watch::Receiver<bool>,
 ) {
     let mut endpoint = config.endpoint.clone();
     endpoint.client_id = format!("{}-fleet", endpoint.client_id);
-    let destination: Arc<str> = config.name.as_str().into();
     let opts = LinkOptions {
         inflight: 16,
         queue: REPORT_QUEUE + 16,
@@ -704,94 +704,77 @@ async fn run_link(
         manual_acks: false,
         receive_maximum: None,
     };
-    let mut backoff = Backoff::new(config.backoff_base, config.backoff_cap);
-    loop {
-        if *shutdown.borrow() {
-            return;
-        }
-        let mut link = Link::open(&endpoint, tls.as_ref(), &opts);
-        let error = tokio::select! {
-            e = session(&mut link, &destination, &mut channels, &mut backoff) => e,
-            _ = shutdown.changed() => return,
-        };
-        let delay = backoff.next_delay(&mut rand::rng());
-        tracing::warn!(destination = %destination, error = %error, retry_in = ?delay, "fleet link down");
-        tokio::select! {
-            _ = tokio::time::sleep(delay) => {}
-            _ = shutdown.changed() => return,
-        }
-    }
+    let backoff = (config.backoff_base, config.backoff_cap);
+    let supervisor = Supervisor::new(format!("fleet via {}", config.name), tls, opts, backoff, shutdown.clone());
+    let mut link = FleetLink { endpoint, destination: config.name.as_str().into(), channels, shutdown };
+    supervisor.run(&mut link).await;
 }
 
-async fn session(
-    link: &mut Link,
-    destination: &Arc<str>,
-    channels: &mut LinkChannels,
-    backoff: &mut Backoff,
-) -> LinkError {
-    let stopped = || LinkError::Connection("the fleet updater has stopped".into());
-    let deadline = Duration::from_secs(30);
-    let connected = tokio::time::timeout(deadline, async {
-        loop {
-            if let LinkEvent::Connected { .. } = link.poll().await? {
-                return Ok::<(), LinkError>(());
-            }
-        }
-    })
-    .await;
-    match connected {
-        Ok(Ok(())) => {}
-        Ok(Err(e)) => return e,
-        Err(_) => return LinkError::Connection(format!("no CONNACK within {deadline:?}")),
+/// The fleet's side of one destination's connections.
+struct FleetLink {
+    endpoint: MqttEndpoint,
+    destination: Arc<str>,
+    channels: LinkChannels,
+    shutdown: watch::Receiver<bool>,
+}
+
+impl Session for FleetLink {
+    fn endpoint(&mut self) -> Result<MqttEndpoint, String> {
+        Ok(self.endpoint.clone())
     }
-    backoff.reset();
-    tracing::info!(destination = %destination, "fleet link connected");
-    let mut subscribed: BTreeSet<String> = BTreeSet::new();
-    // A new connection starts from the latest reports; reports queued
-    // before it are superseded by them.
-    channels.reports = channels.reports.resubscribe();
-    let mut republish = true;
-    loop {
-        let wanted = channels.outbound.borrow_and_update().clone();
-        for filter in &wanted.subscriptions {
-            if !subscribed.contains(filter) {
-                if let Err(e) = link.subscribe(filter) {
-                    return e;
-                }
-                subscribed.insert(filter.clone());
-            }
-        }
-        if std::mem::take(&mut republish) {
-            for (topic, json) in &wanted.reports {
-                if let Err(e) = publish_report(link, topic, json) {
-                    return e;
+
+    async fn run(&mut self, link: &mut Link, _: Connected) -> End {
+        tracing::info!(destination = %self.destination, "fleet link connected");
+        let channels = &mut self.channels;
+        let mut subscribed: BTreeSet<String> = BTreeSet::new();
+        // A new connection starts from the latest reports; reports queued
+        // before it are superseded by them.
+        channels.reports = channels.reports.resubscribe();
+        let mut republish = true;
+        loop {
+            let wanted = channels.outbound.borrow_and_update().clone();
+            for filter in &wanted.subscriptions {
+                if !subscribed.contains(filter) {
+                    if let Err(e) = link.subscribe(filter) {
+                        return End::ours(e);
+                    }
+                    subscribed.insert(filter.clone());
                 }
             }
-        }
-        tokio::select! {
-            event = link.poll() => match event {
-                Ok(LinkEvent::Message(m)) => {
-                    let m = Inbound { destination: destination.clone(), topic: m.topic, payload: m.payload };
-                    if channels.inbound.send(m).await.is_err() {
-                        return stopped();
+            if std::mem::take(&mut republish) {
+                for (topic, json) in &wanted.reports {
+                    if let Err(e) = publish_report(link, topic, json) {
+                        return End::ours(e);
                     }
                 }
-                Ok(_) => {}
-                Err(e) => return e,
-            },
-            report = channels.reports.recv() => match report {
-                Ok((topic, json)) => {
-                    if let Err(e) = publish_report(link, &topic, &json) {
-                        return e;
+            }
+            // The updater stops only at shutdown; its links stop with it.
+            tokio::select! {
+                event = link.poll() => match event {
+                    Ok(LinkEvent::Message(m)) => {
+                        let m = Inbound { destination: self.destination.clone(), topic: m.topic, payload: m.payload };
+                        if channels.inbound.send(m).await.is_err() {
+                            return End::Shutdown;
+                        }
+                    }
+                    Ok(_) => {}
+                    Err(e) => return e.into(),
+                },
+                report = channels.reports.recv() => match report {
+                    Ok((topic, json)) => {
+                        if let Err(e) = publish_report(link, &topic, &json) {
+                            return End::ours(e);
+                        }
+                    }
+                    Err(broadcast::error::RecvError::Lagged(_)) => republish = true,
+                    Err(broadcast::error::RecvError::Closed) => return End::Shutdown,
+                },
+                changed = channels.outbound.changed() => {
+                    if changed.is_err() {
+                        return End::Shutdown;
                     }
                 }
-                Err(broadcast::error::RecvError::Lagged(_)) => republish = true,
-                Err(broadcast::error::RecvError::Closed) => return stopped(),
-            },
-            changed = channels.outbound.changed() => {
-                if changed.is_err() {
-                    return stopped();
-                }
+                _ = stopping(&mut self.shutdown) => return End::Shutdown,
             }
         }
     }

@@ -15,17 +15,14 @@
 //!
 //! - [`stage`] — destination-stage filter plugins, run just before publish.
 //! - [`outgoing`] — the next publish: one event, or a batch, encoded.
-//! - [`pace`] — the pure pacer: publishes spaced evenly within the limits.
 //! - [`window`] — the pure in-flight and cursor state.
 //! - [`isolate`] — finding the one event a broker keeps refusing.
-//! - [`link`] — one rumqttc connection of either protocol version.
-//! - [`backoff`] — reconnect delays.
+//!
+//! The connection itself, its reconnects and its pacer are the MQTT session
+//! layer's ([`crate::mqtt`]).
 
-pub mod backoff;
 pub mod isolate;
-pub mod link;
 pub mod outgoing;
-pub mod pace;
 pub mod stage;
 pub mod window;
 
@@ -44,12 +41,11 @@ use crate::downlink::DestinationDownlink;
 use crate::event::Event;
 use crate::histogram::Histogram;
 use crate::limits::DestinationLimits;
+use crate::mqtt::pace::Pacer;
+use crate::mqtt::{Connected, End, Link, LinkError, LinkEvent, LinkOptions, RefusalKind, Session, Supervisor};
 use crate::store::{Store, StoreError};
-use backoff::Backoff;
 use isolate::Isolation;
-use link::{Link, LinkError, LinkEvent, LinkOptions, RefusalKind};
 use outgoing::Outgoing;
-use pace::Pacer;
 pub use stage::Stage;
 use stage::Step;
 use window::Window;
@@ -193,19 +189,6 @@ impl Forwarder {
     }
 }
 
-/// Why a session ended.
-enum End {
-    Shutdown,
-    /// Its credentials are about to expire: reconnect with fresh ones now.
-    Renew,
-    /// `broker_ended`: the broker closed or broke the connection (rather
-    /// than Ferry giving up on it), which may blame the publish in flight.
-    Failed {
-        error: LinkError,
-        broker_ended: bool,
-    },
-}
-
 /// Why a step of a session could not go on.
 enum Failure {
     /// The connection: the session ends and the forwarder reconnects.
@@ -218,13 +201,6 @@ enum Failure {
 impl From<LinkError> for Failure {
     fn from(error: LinkError) -> Self {
         Failure::Link(error)
-    }
-}
-
-impl End {
-    /// A failure Ferry decided on, which blames no publish.
-    fn ours(error: LinkError) -> Self {
-        End::Failed { error, broker_ended: false }
     }
 }
 
@@ -243,7 +219,7 @@ struct Task {
 
 /// A received message whose consumers have not all acked yet.
 struct Unacked {
-    message: Box<link::Incoming>,
+    message: Box<crate::mqtt::Incoming>,
     handled: futures::future::JoinAll<tokio::sync::oneshot::Receiver<()>>,
 }
 
@@ -303,7 +279,6 @@ impl Task {
             paused: None,
         };
         self.update(|s| s.acked_sequence = cursor);
-        let mut backoff = Backoff::new(self.config.backoff_base, self.config.backoff_cap);
         let opts = LinkOptions {
             inflight: u16::try_from(self.config.inflight_publishes).unwrap_or(u16::MAX),
             queue: self.config.inflight + 16,
@@ -314,57 +289,14 @@ impl Task {
             manual_acks: !self.downlink.is_empty(),
             receive_maximum: None,
         };
-        loop {
-            if *self.shutdown.borrow() {
-                break;
-            }
-            let endpoint = match self.endpoint() {
-                Ok(e) => e,
-                Err(reason) => {
-                    tracing::error!(destination = %self.config.name, %reason, "cannot sign credentials; forwarder stopped");
-                    self.update(|s| s.last_error = Some(reason));
-                    break;
-                }
-            };
-            let mut link = Link::open(&endpoint, self.tls.as_ref(), &opts);
-            let end = self.session(&mut link, &mut progress, &mut backoff).await;
-            let lost = progress.window.in_flight() as u64;
-            if let End::Failed { error, broker_ended } = &end {
-                let lone = (lost == 1).then(|| progress.window.first_unacked()).flatten();
-                let last_sent = progress.window.last_offered();
-                progress.isolation.link_failed(lone, *broker_ended, last_sent, &error.to_string());
-            }
-            progress.window.reconnect();
-            self.update(|s| {
-                s.connected = false;
-                s.in_flight = 0;
-            });
-            match end {
-                End::Renew => {
-                    tracing::debug!(destination = %self.config.name, "reconnecting with fresh credentials");
-                }
-                End::Shutdown => {
-                    // Let acknowledgements already earned reach the disk.
-                    drop(link);
-                    break;
-                }
-                End::Failed { error: e, .. } => {
-                    let delay = backoff.next_delay(&mut rand::rng());
-                    tracing::warn!(destination = %self.config.name, error = %e, retry_in = ?delay, "link down");
-                    let lag_ms = self.oldest_unsent_age(progress.window.acked_through()).await;
-                    self.update(|s| {
-                        s.reconnects += 1;
-                        s.publish_errors += lost;
-                        s.last_error = Some(e.to_string());
-                        s.lag_ms = lag_ms;
-                    });
-                    tokio::select! {
-                        _ = tokio::time::sleep(delay) => {}
-                        _ = self.shutdown.changed() => {}
-                    }
-                }
-            }
-        }
+        let supervisor = Supervisor::new(
+            format!("destination {}", self.config.name),
+            self.tls.clone(),
+            opts,
+            (self.config.backoff_base, self.config.backoff_cap),
+            self.shutdown.clone(),
+        );
+        supervisor.run(&mut Connection { task: &mut self, p: &mut progress }).await;
         self.finish_persist(&mut progress).await;
         if let Some(seq) = progress.window.cursor_to_persist()
             && self.store.set_cursor(&self.config.name, seq).await.is_ok()
@@ -403,29 +335,18 @@ impl Task {
 
     /// One connection: connect, then publish and collect acks until the
     /// link fails or shutdown is asked for.
-    async fn session(&mut self, link: &mut Link, p: &mut Progress, backoff: &mut Backoff) -> End {
-        let keep_alive = self.config.endpoint.keep_alive;
-        // rumqttc connects on the first poll; bound it ourselves too.
-        let connect_deadline = keep_alive.max(Duration::from_secs(5)) * 2;
-        let connected = tokio::select! {
-            r = tokio::time::timeout(connect_deadline, wait_connected(link)) => r,
-            _ = self.shutdown.changed() => return End::Shutdown,
-        };
-        match connected {
-            Ok(Ok(limits)) => {
-                if limits.maximum_qos == Some(0) {
-                    // QoS 0 has no PUBACK: nothing could tell Ferry an event arrived.
-                    return End::ours(LinkError::Refused(
-                        "the broker takes QoS 0 only (CONNACK Maximum QoS); at-least-once delivery needs QoS 1".into(),
-                    ));
-                }
-                self.limits.announce_max_packet(limits.max_packet_size);
-                p.broker_retain = limits.retain_available != Some(false);
-            }
-            Ok(Err(e)) => return End::ours(e),
-            Err(_) => return End::ours(LinkError::Connection(format!("no CONNACK within {connect_deadline:?}"))),
+    /// One accepted connection: publish and collect acks until the link
+    /// fails or shutdown is asked for.
+    async fn session(&mut self, link: &mut Link, p: &mut Progress, connected: Connected) -> End {
+        if connected.limits.maximum_qos == Some(0) {
+            // QoS 0 has no PUBACK: nothing could tell Ferry an event arrived.
+            return End::ours(LinkError::Refused(
+                "the broker takes QoS 0 only (CONNACK Maximum QoS); at-least-once delivery needs QoS 1".into(),
+            ));
         }
-        backoff.reset();
+        self.limits.announce_max_packet(connected.limits.max_packet_size);
+        p.broker_retain = connected.limits.retain_available != Some(false);
+        let keep_alive = self.config.endpoint.keep_alive;
         self.update(|s| s.connected = true);
         tracing::info!(destination = %self.config.name, url = %self.config.endpoint.url(), resume_after = p.window.acked_through(), "connected");
         // Every connection subscribes again: a broker may have lost the session.
@@ -479,13 +400,13 @@ impl Task {
                                 last_ack = Instant::now();
                                 if let Err(reason) = self.set_aside_refused(p, pkid, &reason).await {
                                     // The refused publish stays in flight: a new session sends it again.
-                                    return End::ours(LinkError::Connection(reason));
+                                    return End::Local(reason);
                                 }
                             }
                             Ok(LinkEvent::Refused { pkid, kind, reason }) => {
                                 // It may pass later: send it again on a new connection, after the backoff.
                                 let error = LinkError::Refused(format!("the broker answered packet {pkid} with {reason}"));
-                                return End::Failed { error, broker_ended: kind == RefusalKind::Other };
+                                return End::Link { error, broker_ended: kind == RefusalKind::Other };
                             }
                             Ok(LinkEvent::Message(m)) => {
                                 let handled = self
@@ -501,7 +422,7 @@ impl Task {
                                 unacked.push_back(Unacked { message: m, handled: futures::future::join_all(handled) });
                             }
                             Ok(_) => {}
-                            Err(error) => return End::Failed { error, broker_ended: true },
+                            Err(error) => return End::Link { error, broker_ended: true },
                         }
                         burst += 1;
                         if burst < 256 {
@@ -519,9 +440,9 @@ impl Task {
                     let front = unacked.pop_front().expect("guarded");
                     if handled.iter().any(Result::is_err) {
                         // Unhandled: drop the link so the broker delivers it again.
-                        return End::ours(LinkError::Connection(format!(
+                        return End::Local(format!(
                             "a downlink consumer did not handle the message on {}", front.message.topic
-                        )));
+                        ));
                     }
                     // PUBACKs leave in arrival order, each once its consumers are done.
                     if let Err(e) = link.ack(&front.message) {
@@ -867,10 +788,47 @@ impl Task {
     }
 }
 
-async fn wait_connected(link: &mut Link) -> Result<link::BrokerLimits, LinkError> {
-    loop {
-        if let LinkEvent::Connected { limits, .. } = link.poll().await? {
-            return Ok(limits);
+/// A forwarder's side of its connections: the task and the progress it keeps
+/// across them.
+struct Connection<'a> {
+    task: &'a mut Task,
+    p: &'a mut Progress,
+}
+
+impl Session for Connection<'_> {
+    fn endpoint(&mut self) -> Result<crate::config::MqttEndpoint, String> {
+        self.task.endpoint().inspect_err(|reason| {
+            tracing::error!(destination = %self.task.config.name, %reason, "cannot sign credentials; forwarder stopped");
+            self.task.update(|s| s.last_error = Some(reason.clone()));
+        })
+    }
+
+    async fn run(&mut self, link: &mut Link, connected: Connected) -> End {
+        self.task.session(link, self.p, connected).await
+    }
+
+    async fn ended(&mut self, end: &End) {
+        let p = &mut *self.p;
+        let lost = p.window.in_flight() as u64;
+        let failure = end.failure();
+        if let Some(error) = &failure {
+            let broker_ended = matches!(end, End::Link { broker_ended: true, .. });
+            let lone = (lost == 1).then(|| p.window.first_unacked()).flatten();
+            p.isolation.link_failed(lone, broker_ended, p.window.last_offered(), error);
+        }
+        p.window.reconnect();
+        self.task.update(|s| {
+            s.connected = false;
+            s.in_flight = 0;
+        });
+        if let Some(error) = failure {
+            let lag_ms = self.task.oldest_unsent_age(p.window.acked_through()).await;
+            self.task.update(|s| {
+                s.reconnects += 1;
+                s.publish_errors += lost;
+                s.last_error = Some(error);
+                s.lag_ms = lag_ms;
+            });
         }
     }
 }

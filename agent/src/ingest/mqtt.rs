@@ -12,7 +12,6 @@
 //! window as on every ingest path.
 
 use std::sync::Arc;
-use std::time::Duration;
 
 use sha2::{Digest, Sha256};
 use tokio::sync::watch;
@@ -21,9 +20,9 @@ use tokio::task::JoinHandle;
 use super::parse::{self, BadInput, InputEvent};
 use super::{Ingest, IngestError};
 use crate::clock;
-use crate::config::MqttIngestConfig;
-use crate::forward::backoff::Backoff;
-use crate::forward::link::{Incoming, Link, LinkError, LinkEvent, LinkOptions};
+use crate::config::{MqttEndpoint, MqttIngestConfig};
+use crate::mqtt::session::{DEFAULT_BACKOFF, stopping};
+use crate::mqtt::{Connected, End, Incoming, Link, LinkError, LinkEvent, LinkOptions, Session, Supervisor};
 use crate::store::{AppendError, Dedup};
 
 /// Messages committed together at most.
@@ -57,7 +56,6 @@ impl MqttIngest {
 
     /// Connects, subscribes and ingests until shutdown, reconnecting with backoff.
     pub async fn run(mut self) {
-        let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(30));
         // Every ack waits in the client's queue until the event loop sends it;
         // there are never more than `RECEIVE_MAXIMUM` (one per message held),
         // so the queue cannot overflow.
@@ -68,32 +66,16 @@ impl MqttIngest {
             manual_acks: true,
             receive_maximum: Some(RECEIVE_MAXIMUM),
         };
-        while !*self.shutdown.borrow() {
-            let mut link = Link::open(&self.config.endpoint, self.tls.as_ref(), &opts);
-            match self.session(&mut link, &mut backoff).await {
-                Ok(()) => break,
-                Err(e) => {
-                    let delay = backoff.next_delay(&mut rand::rng());
-                    tracing::warn!(url = %self.config.endpoint.url(), error = %e, retry_in = ?delay, "local MQTT ingest link down");
-                    tokio::select! {
-                        _ = tokio::time::sleep(delay) => {}
-                        _ = self.shutdown.changed() => {}
-                    }
-                }
-            }
-        }
+        let supervisor =
+            Supervisor::new("local MQTT ingest", self.tls.clone(), opts, DEFAULT_BACKOFF, self.shutdown.clone());
+        supervisor.run(&mut self).await;
     }
 
-    async fn session(&mut self, link: &mut Link, backoff: &mut Backoff) -> Result<(), LinkError> {
-        loop {
-            tokio::select! {
-                event = link.poll() => if let LinkEvent::Connected { .. } = event? { break },
-                _ = self.shutdown.changed() => return Ok(()),
-            }
-        }
-        backoff.reset();
+    async fn session(&mut self, link: &mut Link) -> End {
         for filter in &self.config.topics {
-            link.subscribe(filter.as_str())?;
+            if let Err(e) = link.subscribe(filter.as_str()) {
+                return End::ours(e);
+            }
         }
         tracing::info!(url = %self.config.endpoint.url(), topics = ?self.config.topics, "local MQTT ingest subscribed");
         // One commit at a time; messages that arrive while it is in flight
@@ -104,19 +86,21 @@ impl MqttIngest {
         // unmap from the kernel, batch after batch).
         let mut pending: Vec<Box<Incoming>> = Vec::new();
         let mut commit: Option<Commit> = None;
-        let result = loop {
+        let end = 'session: loop {
             tokio::select! {
                 event = link.poll() => match event {
                     Ok(LinkEvent::Message(m)) => pending.push(m),
                     Ok(_) => {}
-                    Err(e) => break Err(e),
+                    Err(e) => break End::from(e),
                 },
                 stored = async { (&mut commit.as_mut().expect("guarded").task).await }, if commit.is_some() => {
                     commit = None;
                     match stored {
                         Ok((Stored::Yes(batch), messages)) => {
                             for m in &messages {
-                                link.ack(m)?;
+                                if let Err(e) = link.ack(m) {
+                                    break 'session End::ours(e);
+                                }
                             }
                             // The broker will not redeliver the batch now; off the ack path.
                             let store = self.ingest.store().clone();
@@ -126,15 +110,16 @@ impl MqttIngest {
                                 }
                             });
                         }
-                        Ok((Stored::Closed, _)) => break Ok(()),
-                        Err(e) => break Err(LinkError::Connection(format!("storing local MQTT messages failed: {e}"))),
+                        Ok((Stored::Closed, _)) => break End::Shutdown,
+                        Err(e) => break End::Local(format!("storing local MQTT messages failed: {e}")),
                         Ok((Stored::Failed(e), _)) => {
-                            // Storage failure: leave the batch unacknowledged; the broker redelivers it.
-                            break Err(LinkError::Connection(format!("storing local MQTT messages failed: {e}")));
+                            // Storage failure: leave the batch unacknowledged; a new
+                            // session makes the broker deliver it again.
+                            break End::Local(format!("storing local MQTT messages failed: {e}"));
                         }
                     }
                 }
-                _ = self.shutdown.changed() => break Ok(()),
+                _ = stopping(&mut self.shutdown) => break End::Shutdown,
             }
             if commit.is_none() && !pending.is_empty() {
                 // Hand over the whole buffer when it fits in one batch (the usual
@@ -145,14 +130,17 @@ impl MqttIngest {
                     let rest = pending.split_off(BATCH);
                     std::mem::replace(&mut pending, rest)
                 };
-                commit = self.start_commit(link, batch)?;
+                match self.start_commit(link, batch) {
+                    Ok(c) => commit = c,
+                    Err(e) => break End::ours(e),
+                }
             }
         };
         if let Some(c) = commit {
             // Unacknowledged: the broker redelivers, and the derived ids dedupe what did commit.
             c.task.abort();
         }
-        result
+        end
     }
 
     /// Refuses what cannot become an event (acked, so it is not redelivered
@@ -184,6 +172,16 @@ impl MqttIngest {
         let ingest = self.ingest.clone();
         let task = tokio::spawn(store_batch(ingest, deliveries, inputs, messages));
         Ok(Some(Commit { task }))
+    }
+}
+
+impl Session for MqttIngest {
+    fn endpoint(&mut self) -> Result<MqttEndpoint, String> {
+        Ok(self.config.endpoint.clone())
+    }
+
+    async fn run(&mut self, link: &mut Link, _: Connected) -> End {
+        self.session(link).await
     }
 }
 

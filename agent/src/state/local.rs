@@ -8,88 +8,81 @@
 //! state table is the source of truth and a reconnect republishes it.
 
 use std::sync::Arc;
-use std::time::Duration;
 
-use tokio::sync::{broadcast, watch};
+use tokio::sync::watch;
 
 use super::service::{LIST_LIMIT, StateHandle};
 use super::wire;
-use crate::config::LocalStateMqtt;
-use crate::forward::backoff::Backoff;
-use crate::forward::link::{Link, LinkError, LinkEvent, LinkOptions};
+use crate::config::{LocalStateMqtt, MqttEndpoint};
+use crate::mqtt::session::{DEFAULT_BACKOFF, stopping};
+use crate::mqtt::{Connected, End, Link, LinkError, LinkOptions, Session, Supervisor};
 
 /// Runs until `shutdown`.
 pub async fn run(
     config: LocalStateMqtt,
     tls: Option<Arc<rustls::ClientConfig>>,
     state: StateHandle,
-    mut shutdown: watch::Receiver<bool>,
+    shutdown: watch::Receiver<bool>,
 ) {
     let opts = LinkOptions { inflight: 64, queue: 256, clean_session: true, manual_acks: false, receive_maximum: None };
-    let mut backoff = Backoff::new(Duration::from_millis(500), Duration::from_secs(30));
-    loop {
-        let mut link = Link::open(&config.endpoint, tls.as_ref(), &opts);
-        let mut changes = state.subscribe();
-        let result = tokio::select! {
-            r = session(&config, &mut link, &state, &mut changes, &mut backoff) => r,
-            _ = shutdown.changed() => return,
-        };
-        let delay = backoff.next_delay(&mut rand::rng());
-        tracing::warn!(url = %config.endpoint.url(), error = %result.err().map(|e| e.to_string()).unwrap_or_default(), retry_in = ?delay, "local state broker link down");
-        tokio::select! {
-            _ = tokio::time::sleep(delay) => {}
-            _ = shutdown.changed() => return,
-        }
-    }
+    let supervisor = Supervisor::new("local state", tls, opts, DEFAULT_BACKOFF, shutdown.clone());
+    supervisor.run(&mut Publisher { config, state, shutdown }).await;
 }
 
-async fn session(
-    config: &LocalStateMqtt,
-    link: &mut Link,
-    state: &StateHandle,
-    changes: &mut broadcast::Receiver<(u64, super::Change)>,
-    backoff: &mut Backoff,
-) -> Result<(), LinkError> {
-    loop {
-        if let LinkEvent::Connected { .. } = link.poll().await? {
-            break;
-        }
-    }
-    backoff.reset();
-    let publish = |link: &Link, key: &str, e: &super::Entry| {
+struct Publisher {
+    config: LocalStateMqtt,
+    state: StateHandle,
+    shutdown: watch::Receiver<bool>,
+}
+
+impl Publisher {
+    fn publish(&self, link: &Link, key: &str, e: &super::Entry) -> Result<(), LinkError> {
         link.publish(
-            format!("{}{key}", config.topic_prefix),
+            format!("{}{key}", self.config.topic_prefix),
             e.data.clone(),
             e.content_type.clone(),
             wire::attributes(&e.version),
             true,
         )
-    };
-    let snapshot = state.list(String::new()).await.map_err(|e| LinkError::Connection(e.to_string()))?;
-    if snapshot.len() >= LIST_LIMIT {
-        tracing::warn!(limit = LIST_LIMIT, "local state snapshot truncated");
     }
-    let mut snapshot: std::collections::VecDeque<_> = snapshot.into();
-    loop {
-        // Feed the snapshot at the pace the client queue allows.
-        while let Some((k, e)) = snapshot.front() {
-            match publish(link, k, e) {
-                Ok(()) => {
-                    snapshot.pop_front();
-                }
-                Err(LinkError::QueueFull) => break,
-                Err(err) => return Err(err),
-            }
+}
+
+impl Session for Publisher {
+    fn endpoint(&mut self) -> Result<MqttEndpoint, String> {
+        Ok(self.config.endpoint.clone())
+    }
+
+    async fn run(&mut self, link: &mut Link, _: Connected) -> End {
+        // Subscribed before the snapshot is read, so no change falls between them.
+        let mut changes = self.state.subscribe();
+        let snapshot = match self.state.list(String::new()).await {
+            Ok(s) => s,
+            Err(e) => return End::Local(format!("reading the state table: {e}")),
+        };
+        if snapshot.len() >= LIST_LIMIT {
+            tracing::warn!(limit = LIST_LIMIT, "local state snapshot truncated");
         }
-        tokio::select! {
-            ev = link.poll() => { ev?; }
-            change = changes.recv() => match change {
-                Ok((_, c)) => {
-                    publish(link, &c.key, &c.entry)?;
+        let mut snapshot: std::collections::VecDeque<_> = snapshot.into();
+        loop {
+            // Feed the snapshot at the pace the client queue allows.
+            while let Some((k, e)) = snapshot.front() {
+                match self.publish(link, k, e) {
+                    Ok(()) => {
+                        snapshot.pop_front();
+                    }
+                    Err(LinkError::QueueFull) => break,
+                    Err(err) => return End::ours(err),
                 }
-                // Fell behind: reconnect republishes everything.
-                Err(_) => return Err(LinkError::Connection("fell behind the change feed".into())),
-            },
+            }
+            tokio::select! {
+                ev = link.poll() => if let Err(e) = ev { return e.into() },
+                change = changes.recv() => match change {
+                    Ok((_, c)) => if let Err(e) = self.publish(link, &c.key, &c.entry) { return End::ours(e) },
+                    // Fell behind: a new connection republishes everything.
+                    Err(_) => return End::Local("fell behind the change feed".into()),
+                },
+                _ = stopping(&mut self.shutdown) => return End::Shutdown,
+            }
         }
     }
 }
