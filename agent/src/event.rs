@@ -11,6 +11,7 @@ use time::OffsetDateTime;
 use time::format_description::well_known::Rfc3339;
 
 use crate::clock::Hlc;
+use crate::config::Routing;
 
 /// The record format this release writes. Readers accept every version
 /// listed in [`decode_record`].
@@ -175,6 +176,14 @@ impl EventBody {
             Some((_, names)) => names.split(',').any(|n| n.trim() == destination),
             None => true,
         }
+    }
+
+    /// Whether destination `name`, taking what `routing` selects, publishes
+    /// this event. A state update is addressed by the state service, which
+    /// names its subscribers in `ferryroute`; any other event is selected by
+    /// its subject, and a route verdict (`ferryroute`) may narrow that.
+    pub fn is_for(&self, name: &str, routing: &Routing) -> bool {
+        (self.is_state() || routing.routes(&self.subject)) && self.routed_to(name)
     }
 
     /// Whether this is a state update published by the state service.
@@ -368,6 +377,38 @@ mod tests {
             partitionkey: Some("sensor-7".into()),
             extensions: vec![("traceparent".into(), "00-abc-def-01".into())],
         }
+    }
+
+    #[test]
+    fn a_destination_publishes_only_what_the_store_keeps_for_it() {
+        let filters = |fs: &[&str]| fs.iter().map(|f| crate::topic::TopicFilter::new(f).unwrap()).collect();
+        let routing = Routing { routes: filters(&["telemetry/#"]), subscribe: filters(&["desired/#"]) };
+        let with = |subject: &str, extensions: &[(&str, &str)]| EventBody {
+            subject: subject.into(),
+            extensions: extensions.iter().map(|(k, v)| ((*k).into(), (*v).into())).collect(),
+            ..sample()
+        };
+        let routed = with("telemetry/temp", &[]);
+        let elsewhere = with("logs/app", &[]);
+        let verdict_elsewhere = with("telemetry/temp", &[(ROUTE_EXTENSION, "other")]);
+        // As the state service writes them: subject = key, addressed to subscribers.
+        let state = with("desired/fan", &[(STATE_EXTENSION, "{}"), (ROUTE_EXTENSION, "aws")]);
+        let state_for_other = with("desired/fan", &[(STATE_EXTENSION, "{}"), (ROUTE_EXTENSION, "other")]);
+        let cases = [
+            (&routed, true),
+            (&elsewhere, false),
+            (&verdict_elsewhere, false),
+            (&state, true),
+            (&state_for_other, false),
+        ];
+        for (body, published) in cases {
+            assert_eq!(body.is_for("aws", &routing), published, "{}", body.subject);
+            if published {
+                assert!(routing.may_take(&body.subject), "{} is published but not kept", body.subject);
+            }
+        }
+        // An event no destination takes is kept for one added later.
+        assert!(!routing.may_take("logs/app"));
     }
 
     #[test]

@@ -11,9 +11,8 @@
 
 use std::sync::atomic::{AtomicU32, Ordering};
 
-use crate::config::{DestinationConfig, Protocol, TopicRules, TopicScheme};
+use crate::config::{DestinationConfig, Protocol, Routing, TopicRules, TopicScheme};
 use crate::event::EventBodyRef;
-use crate::topic::TopicFilter;
 use crate::wire;
 
 /// The limits of one destination.
@@ -22,9 +21,7 @@ pub struct DestinationLimits {
     name: String,
     protocol: Protocol,
     topic_prefix: String,
-    routes: Vec<TopicFilter>,
-    /// State keys this destination subscribes to (it is sent their values).
-    subscribe: Vec<TopicFilter>,
+    routing: Routing,
     /// What the cloud requires of topics.
     topics: TopicRules,
     /// The MQTT client id (Azure IoT Hub's topics name it).
@@ -45,8 +42,7 @@ impl DestinationLimits {
             name: config.name.clone(),
             protocol: config.endpoint.protocol,
             topic_prefix: config.topic_prefix.clone(),
-            routes: config.routes.clone(),
-            subscribe: config.subscribe.clone(),
+            routing: config.routing.clone(),
             topics: config.topics.clone(),
             client_id: config.endpoint.client_id.clone(),
             max_payload: config.max_payload_bytes,
@@ -62,12 +58,12 @@ impl DestinationLimits {
 
     /// Whether the destination's routes select events on `subject`.
     pub fn routes(&self, subject: &str) -> bool {
-        self.routes.iter().any(|f| f.matches(subject))
+        self.routing.routes(subject)
     }
 
     /// Whether this destination is sent the values of state key `key`.
     pub fn subscribes(&self, key: &str) -> bool {
-        self.subscribe.iter().any(|f| f.matches(key))
+        self.routing.subscribes(key)
     }
 
     /// Records the Maximum Packet Size a broker announced in its CONNACK

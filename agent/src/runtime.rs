@@ -143,7 +143,7 @@ impl Agent {
         let mut downlink = DownlinkRouter::new();
         let (state_tx, state_rx) = tokio::sync::mpsc::channel(STATE_QUEUE_DEPTH);
         for d in &config.destinations {
-            for f in &d.subscribe {
+            for f in &d.routing.subscribe {
                 downlink.register(&d.name, d.subscription_filter(f), state_tx.clone());
             }
         }

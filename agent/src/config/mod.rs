@@ -25,7 +25,7 @@ pub use plugin::PluginConfig;
 pub const DEFAULT_TOML: &str = include_str!("ferry.default.toml");
 
 mod mqtt;
-pub use mqtt::{DestinationConfig, MqttEndpoint, MqttIngestConfig, Protocol, Resolved, SasConfig};
+pub use mqtt::{DestinationConfig, MqttEndpoint, MqttIngestConfig, Protocol, Resolved, Routing, SasConfig};
 
 pub mod profile;
 pub use profile::{BATCH_PACKET_ROOM, BatchConfig, Profile, TopicRules, TopicScheme};
@@ -247,15 +247,8 @@ pub struct StoreConfig {
 pub struct Consumer {
     /// Cursor name (the destination name).
     pub name: String,
-    /// Topic filters of the events it takes.
-    pub routes: Vec<TopicFilter>,
-}
-
-impl Consumer {
-    /// Whether this consumer takes events on `topic`.
-    pub fn routes(&self, topic: &str) -> bool {
-        self.routes.iter().any(|f| f.matches(topic))
-    }
+    /// Which events it takes.
+    pub routing: Routing,
 }
 
 impl StoreConfig {
@@ -497,14 +490,9 @@ impl Config {
                 queue_depth: 1024,
                 cache_bytes: usize::try_from(s.cache_size.map_or(64 << 20, |b| b.as_u64())).unwrap_or(usize::MAX),
                 min_free_disk_bytes: s.min_free_disk.map_or(256 << 20, |b| b.as_u64()),
-                // A destination also takes the state updates it subscribes to
-                // (see `state`), whatever its routes say.
                 consumers: destinations
                     .iter()
-                    .map(|d| Consumer {
-                        name: d.name.clone(),
-                        routes: d.routes.iter().chain(&d.subscribe).cloned().collect(),
-                    })
+                    .map(|d| Consumer { name: d.name.clone(), routing: d.routing.clone() })
                     .collect(),
             },
             http: HttpConfig {
@@ -656,8 +644,8 @@ mod tests {
         .unwrap();
         let d = &c.destinations[0];
         assert!(d.subscribes("desired/fan") && !d.subscribes("t/x"));
-        assert_eq!(d.subscription_filter(&d.subscribe[0]).as_str(), "ferry/gw/desired/#");
-        assert!(c.store.consumers[0].routes("desired/fan"), "state updates are retained until delivered");
+        assert_eq!(d.subscription_filter(&d.routing.subscribe[0]).as_str(), "ferry/gw/desired/#");
+        assert!(c.store.consumers[0].routing.may_take("desired/fan"), "state updates are retained until delivered");
         let e = parse("[[destination]]\nname = \"a\"\nurl = \"mqtt://x\"\nsubscribe = [\"a/#/b\"]\n").unwrap_err();
         assert_eq!(e.key, "destination[0].subscribe");
         let e = parse("[[merge]]\nkeys = \"desired/#\"\nplugin = \"nope\"\n").unwrap_err();

@@ -65,8 +65,8 @@ pub struct DestinationConfig {
     pub endpoint: MqttEndpoint,
     /// Prepended to an event's subject to form the MQTT topic.
     pub topic_prefix: String,
-    /// Local topics forwarded here.
-    pub routes: Vec<TopicFilter>,
+    /// Which events it takes: its `routes` and `subscribe` filters.
+    pub routing: Routing,
     /// Most events sent whose acknowledgement is not yet durable; also the
     /// bound on events sent twice after a crash.
     pub inflight: usize,
@@ -77,9 +77,6 @@ pub struct DestinationConfig {
     pub backoff_base: Duration,
     /// Longest reconnect delay.
     pub backoff_cap: Duration,
-    /// Topic filters below `topic_prefix` whose messages this cloud sends
-    /// the device (state updates); each is subscribed as `{topic_prefix}{filter}`.
-    pub subscribe: Vec<TopicFilter>,
     /// The cloud profile its defaults came from.
     pub profile: Profile,
     /// Most publishes per second (`None`: unpaced).
@@ -122,18 +119,58 @@ pub struct Resolved {
     pub source: String,
 }
 
-impl DestinationConfig {
-    /// Whether this destination forwards events on `topic`.
-    pub fn routes(&self, topic: &str) -> bool {
-        self.routes.iter().any(|f| f.matches(topic))
+/// Which events a destination takes: the one rule behind what its
+/// forwarder publishes ([`crate::event::EventBody::is_for`]), what the store
+/// keeps for it, and what ingest checks against its limits.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Routing {
+    /// `routes`: topic filters of the events it forwards.
+    pub routes: Vec<TopicFilter>,
+    /// `subscribe`: state keys (topics below `topic_prefix`) whose values it
+    /// is sent and whose messages its cloud sends the device; each is
+    /// subscribed as `{topic_prefix}{filter}`.
+    pub subscribe: Vec<TopicFilter>,
+}
+
+impl Routing {
+    /// Whether its routes select events on `subject`.
+    pub fn routes(&self, subject: &str) -> bool {
+        self.routes.iter().any(|f| f.matches(subject))
     }
 
-    /// Whether this destination subscribes to the key (topic below the prefix) `key`.
+    /// Whether it subscribes to state key `key`.
     pub fn subscribes(&self, key: &str) -> bool {
         self.subscribe.iter().any(|f| f.matches(key))
     }
 
-    /// The full MQTT filter of one of [`DestinationConfig::subscribe`].
+    /// Whether an event on `subject` may be for this destination, so the
+    /// store keeps it until this destination's cursor passes it: its routes
+    /// select the subject, or it is the state key of an update it is sent
+    /// (a state update's subject is its key, and the state service
+    /// addresses updates to subscribers only).
+    pub fn may_take(&self, subject: &str) -> bool {
+        self.routes(subject) || self.subscribes(subject)
+    }
+
+    /// Every filter, routes first; what the store fingerprints to notice
+    /// that routing changed.
+    pub fn filters(&self) -> impl Iterator<Item = &TopicFilter> {
+        self.routes.iter().chain(&self.subscribe)
+    }
+}
+
+impl DestinationConfig {
+    /// Whether this destination forwards events on `topic`.
+    pub fn routes(&self, topic: &str) -> bool {
+        self.routing.routes(topic)
+    }
+
+    /// Whether this destination subscribes to the key (topic below the prefix) `key`.
+    pub fn subscribes(&self, key: &str) -> bool {
+        self.routing.subscribes(key)
+    }
+
+    /// The full MQTT filter of one of its [`Routing::subscribe`] filters.
     pub fn subscription_filter(&self, filter: &TopicFilter) -> TopicFilter {
         TopicFilter::new(&format!("{}{}", self.topic_prefix, filter.as_str()))
             .expect("validated: the prefix and the filter form a valid filter")
@@ -579,12 +616,11 @@ pub(super) fn destination(
         name,
         endpoint,
         topic_prefix,
-        routes,
+        routing: Routing { routes, subscribe },
         inflight,
         inflight_publishes,
         backoff_base,
         backoff_cap,
-        subscribe,
         profile,
         max_publish_rate,
         max_byte_rate,

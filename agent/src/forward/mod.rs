@@ -697,8 +697,7 @@ impl Task {
     /// the destination-stage filters (if any) decide.
     async fn plan(&self, events: Vec<Event>, buffer: &mut VecDeque<Step>) -> Result<(), Failure> {
         let name = self.config.name.as_str();
-        // State updates name their destination themselves (ferryroute).
-        let selected = |e: &Event| (e.body.is_state() || self.config.routes(&e.body.subject)) && e.body.routed_to(name);
+        let selected = |e: &Event| e.body.is_for(name, &self.config.routing);
         if self.stage.is_empty() {
             buffer.extend(events.into_iter().map(|event| {
                 if selected(&event) { Step::Publish { event, last: true } } else { Step::Settle(event.sequence) }

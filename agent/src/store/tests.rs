@@ -385,7 +385,10 @@ async fn a_full_store_removes_delivered_events_before_it_refuses_a_producer() {
         c.full_policy = FullPolicy::Reject;
         c.consumers = vec![crate::config::Consumer {
             name: "cloud".into(),
-            routes: vec![crate::topic::TopicFilter::new("#").unwrap()],
+            routing: crate::config::Routing {
+                routes: vec![crate::topic::TopicFilter::new("#").unwrap()],
+                subscribe: vec![],
+            },
         }];
     });
     f.store.append((0..10).map(|i| event(&format!("a{i}"), "t", 1000)).collect()).await.unwrap();

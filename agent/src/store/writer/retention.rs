@@ -10,7 +10,7 @@ fn consumers_fingerprint(consumers: &[crate::config::Consumer]) -> u64 {
     let mut h = std::hash::DefaultHasher::new();
     for c in consumers {
         c.name.hash(&mut h);
-        for r in &c.routes {
+        for r in c.routing.filters() {
             r.as_str().hash(&mut h);
         }
     }
@@ -152,7 +152,7 @@ impl Writer {
         t.log.retain_in(floor + 1..=last, |seq, record| {
             // An unreadable record is kept for an operator to inspect rather than lost.
             let Ok(subject) = event::decode_subject(record) else { return true };
-            if !consumers.iter().any(|c| c.routes(subject)) {
+            if !consumers.iter().any(|c| c.routing.may_take(subject)) {
                 return true;
             }
             let Ok((header, _)) = event::decode_header(record) else { return true };
