@@ -129,6 +129,17 @@ pub enum OnError {
     Drop,
 }
 
+impl OnError {
+    /// The policy as the config spells it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            OnError::DeadLetter => "dead-letter",
+            OnError::Pass => "pass",
+            OnError::Drop => "drop",
+        }
+    }
+}
+
 /// Where a plugin runs.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Stage {

@@ -28,7 +28,8 @@ use std::sync::Arc;
 use crate::clock::Hlc;
 use crate::event::{Event, EventBody, is_json_content_type};
 use crate::limits::DestinationLimits;
-use crate::plugin::{ContractOnly, Decision, OnError, OutputRules, PluginHandle, convert};
+use crate::plugin::chain::{self, Site};
+use crate::plugin::{ContractOnly, Decision, OutputRules, PluginHandle, WitEvent, convert};
 use crate::store::{AppendError, Store};
 
 /// What the forwarder does next for a stored sequence.
@@ -135,50 +136,51 @@ impl Stage {
                 if body.is_state() { bypass.push(Item { origin, body }) } else { items.push(Item { origin, body }) }
             }
         }
-        let mut dead_lettered = 0;
-        for filter in &self.filters {
-            if items.is_empty() {
-                break;
-            }
-            let wit = items
-                .iter()
-                .map(|i| convert::to_wit(&i.body, headers[i.origin].sequence, headers[i.origin].hlc.0))
-                .collect();
-            let error = match filter.filter(wit, self.rules.clone()).await {
-                Ok(decisions) => {
-                    apply(&self.destination, &mut items, decisions);
-                    continue;
-                }
-                Err(e) => e,
-            };
-            let reason = format!("destination {}: plugin {}: {error}", self.destination, filter.name());
-            let origins: BTreeSet<usize> = items.iter().map(|i| i.origin).collect();
-            match filter.on_error() {
-                OnError::Pass => {
-                    tracing::warn!(destination = %self.destination, plugin = filter.name(), events = origins.len(), %reason, "plugin failed: events pass unfiltered");
-                }
-                OnError::Drop => {
-                    tracing::warn!(destination = %self.destination, plugin = filter.name(), events = origins.len(), %reason, "plugin failed: events dropped");
-                    items.clear();
-                }
-                OnError::DeadLetter => {
-                    tracing::warn!(destination = %self.destination, plugin = filter.name(), events = origins.len(), %reason, "plugin failed: events dead-lettered");
-                    // Concurrent requests share one commit in the store's writer.
-                    let copies = origins
-                        .iter()
-                        .map(|&o| store.dead_letter_copy_for(headers[o].sequence, &self.destination, &reason));
-                    futures::future::try_join_all(copies).await?;
-                    dead_lettered += origins.len() as u64;
-                    items.clear();
-                }
-            }
-        }
+        let mut site = StageSite { destination: &self.destination, headers: &headers, store, dead_lettered: 0 };
+        let context = format!("destination {}: ", self.destination);
+        let mut items = chain::run(&self.filters, &self.rules, &context, items, &mut site).await?;
+        let dead_lettered = site.dead_lettered;
         if !bypass.is_empty() {
             // Stable: replacements keep their order within their origin.
             items.extend(bypass);
             items.sort_by_key(|i| i.origin);
         }
         Ok((steps(headers, &chosen, items), dead_lettered))
+    }
+}
+
+/// A destination stage as the filter chain sees it: items keep the batch
+/// position they came from, and a failed call's events are dead-lettered
+/// for this destination only.
+struct StageSite<'a> {
+    destination: &'a str,
+    headers: &'a [Header],
+    store: &'a Store,
+    dead_lettered: u64,
+}
+
+impl Site<Item> for StageSite<'_> {
+    type Error = AppendError;
+
+    fn wit(&self, item: &Item) -> WitEvent {
+        let h = &self.headers[item.origin];
+        convert::to_wit(&item.body, h.sequence, h.hlc.0)
+    }
+
+    fn apply(&mut self, _: &PluginHandle, mut items: Vec<Item>, decisions: Vec<Decision>) -> Vec<Item> {
+        apply(self.destination, &mut items, decisions);
+        items
+    }
+
+    async fn dead_letter(&mut self, items: Vec<Item>, reason: String) -> Result<(), AppendError> {
+        let origins: BTreeSet<usize> = items.iter().map(|i| i.origin).collect();
+        // Concurrent requests share one commit in the store's writer.
+        let copies = origins
+            .iter()
+            .map(|&o| self.store.dead_letter_copy_for(self.headers[o].sequence, self.destination, &reason));
+        futures::future::try_join_all(copies).await?;
+        self.dead_lettered += origins.len() as u64;
+        Ok(())
     }
 }
 

@@ -33,7 +33,8 @@ use serde::Serialize;
 use crate::clock::{self, SharedClock};
 use crate::event::{self, DEFAULT_TYPE, EventBody, EventBodyRef, JSON_CONTENT_TYPE, is_json_content_type};
 use crate::limits::DestinationLimits;
-use crate::plugin::{Decision, OnError, OutputRules, PluginHandle, PluginStatus, convert};
+use crate::plugin::chain::{self, Site};
+use crate::plugin::{Decision, OnError, OutputRules, PluginHandle, PluginStatus, WitEvent, convert};
 use crate::store::{AppendError, Appended, Dedup, PreparedEvent, Store};
 pub use parse::{BadInput, InputEvent};
 
@@ -251,63 +252,29 @@ impl Ingest {
     /// Runs the ingest-stage filters on prepared events, then appends what
     /// they leave, all or nothing.
     pub async fn commit(&self, prepared: Vec<PreparedEvent>) -> Result<Committed, IngestError> {
-        // Each event with the index of the request's event it stands for.
-        let mut events: Vec<(usize, PreparedEvent)> = prepared.into_iter().enumerate().collect();
         let mut filtered = Vec::new();
-        for filter in self.filters.iter() {
-            if events.is_empty() {
-                break;
-            }
-            events = self.run_filter(filter, events, &mut filtered).await?;
-        }
+        let events = if self.filters.is_empty() {
+            prepared
+        } else {
+            let pending = prepared
+                .into_iter()
+                .enumerate()
+                .map(|(index, event)| match postcard::from_bytes(&event.body) {
+                    Ok(body) => Ok(Pending { index, event, body }),
+                    Err(e) => Err(AppendError::Storage(format!("re-reading a prepared event: {e}"))),
+                })
+                .collect::<Result<Vec<_>, _>>()?;
+            let rules: Arc<dyn OutputRules> = self.rules.clone();
+            let mut site = IngestSite { store: &self.store, filtered: &mut filtered };
+            let kept = chain::run(&self.filters, &rules, "", pending, &mut site).await?;
+            kept.into_iter().map(|p| p.event).collect()
+        };
         filtered.sort_by_key(|f: &Filtered| f.index);
         if events.is_empty() {
             return Ok(Committed { events: Vec::new(), filtered });
         }
-        let events = self.store.append(events.into_iter().map(|(_, e)| e).collect()).await?;
+        let events = self.store.append(events).await?;
         Ok(Committed { events, filtered })
-    }
-
-    /// One filter over the batch, noting in `filtered` what it did to each
-    /// event; on failure, its error policy.
-    async fn run_filter(
-        &self,
-        filter: &PluginHandle,
-        events: Vec<(usize, PreparedEvent)>,
-        filtered: &mut Vec<Filtered>,
-    ) -> Result<Vec<(usize, PreparedEvent)>, IngestError> {
-        let bodies: Vec<EventBody> = match events.iter().map(|(_, e)| postcard::from_bytes(&e.body)).collect() {
-            Ok(bodies) => bodies,
-            Err(e) => return Err(AppendError::Storage(format!("re-reading a prepared event: {e}")).into()),
-        };
-        let wit = bodies.iter().map(|b| convert::to_wit(b, 0, 0)).collect();
-        let error = match filter.filter(wit, self.rules.clone()).await {
-            Ok(decisions) => return Ok(apply_decisions(filter.name(), events, bodies, decisions, filtered)),
-            Err(e) => e,
-        };
-        let reason = format!("plugin {}: {error}", filter.name());
-        let outcome = match filter.on_error() {
-            OnError::Pass => FilterOutcome::FailedPassed,
-            OnError::Drop => FilterOutcome::FailedDropped,
-            OnError::DeadLetter => FilterOutcome::FailedDeadLettered,
-        };
-        tracing::warn!(plugin = filter.name(), events = events.len(), %reason, "{}", outcome.message(filter.name()));
-        filtered.extend(events.iter().map(|(index, e)| Filtered {
-            index: *index,
-            id: e.id.clone(),
-            plugin: filter.name().to_owned(),
-            outcome,
-            message: outcome.message(filter.name()),
-            reason: Some(reason.clone()),
-        }));
-        match outcome {
-            FilterOutcome::FailedPassed => Ok(events),
-            FilterOutcome::FailedDeadLettered => {
-                self.store.dead_letter_new(events.into_iter().map(|(_, e)| e).collect(), reason).await?;
-                Ok(Vec::new())
-            }
-            _ => Ok(Vec::new()),
-        }
     }
 
     /// Why a destination that routes `body` would refuse it, if one would.
@@ -359,15 +326,64 @@ impl Ingest {
 /// The events that stand in for `events` after one filter's `decisions`
 /// (already checked by the plugin host against [`IngestRules`]), noting in
 /// `filtered` each event `plugin` dropped or replaced.
+/// An event on its way through the ingest filters: its index in the
+/// request, as it will be stored, and decoded for the plugins.
+struct Pending {
+    index: usize,
+    event: PreparedEvent,
+    body: EventBody,
+}
+
+/// The ingest stage as the filter chain sees it: what each plugin did is
+/// noted per request event, and failed calls' events are dead-lettered new.
+struct IngestSite<'a> {
+    store: &'a Store,
+    filtered: &'a mut Vec<Filtered>,
+}
+
+impl Site<Pending> for IngestSite<'_> {
+    type Error = IngestError;
+
+    fn wit(&self, item: &Pending) -> WitEvent {
+        convert::to_wit(&item.body, 0, 0)
+    }
+
+    fn apply(&mut self, filter: &PluginHandle, items: Vec<Pending>, decisions: Vec<Decision>) -> Vec<Pending> {
+        apply_decisions(filter.name(), items, decisions, self.filtered)
+    }
+
+    fn failed(&mut self, filter: &PluginHandle, items: &[Pending], policy: OnError, reason: &str) {
+        let outcome = match policy {
+            OnError::Pass => FilterOutcome::FailedPassed,
+            OnError::Drop => FilterOutcome::FailedDropped,
+            OnError::DeadLetter => FilterOutcome::FailedDeadLettered,
+        };
+        self.filtered.extend(items.iter().map(|p| Filtered {
+            index: p.index,
+            id: p.event.id.clone(),
+            plugin: filter.name().to_owned(),
+            outcome,
+            message: outcome.message(filter.name()),
+            reason: Some(reason.to_owned()),
+        }));
+    }
+
+    async fn dead_letter(&mut self, items: Vec<Pending>, reason: String) -> Result<(), IngestError> {
+        let events = items.into_iter().map(|p| p.event).collect();
+        Ok(self.store.dead_letter_new(events, reason).await?)
+    }
+}
+
+/// Applies one filter's decisions (one per event, checked by the plugin
+/// host), noting in `filtered` what it did to each request event.
 fn apply_decisions(
     plugin: &str,
-    events: Vec<(usize, PreparedEvent)>,
-    bodies: Vec<EventBody>,
+    items: Vec<Pending>,
     decisions: Vec<Decision>,
     filtered: &mut Vec<Filtered>,
-) -> Vec<(usize, PreparedEvent)> {
-    let mut out = Vec::with_capacity(events.len());
-    for (((index, event), body), decision) in events.into_iter().zip(bodies).zip(decisions) {
+) -> Vec<Pending> {
+    let mut out = Vec::with_capacity(items.len());
+    for (Pending { index, event, body }, decision) in items.into_iter().zip(decisions) {
         let note = |outcome: FilterOutcome| Filtered {
             index,
             id: event.id.clone(),
@@ -377,7 +393,7 @@ fn apply_decisions(
             reason: None,
         };
         match decision {
-            Decision::Keep => out.push((index, event)),
+            Decision::Keep => out.push(Pending { index, event, body }),
             Decision::Drop => filtered.push(note(FilterOutcome::Dropped)),
             decision => {
                 // A route keeps the event's identity; a replacement is a new
@@ -389,7 +405,8 @@ fn apply_decisions(
                     Dedup::Producer
                 };
                 for body in convert::apply(body, decision) {
-                    out.push((index, PreparedEvent::new(&body, dedup, event.priority, event.expires_at_ms)));
+                    let prepared = PreparedEvent::new(&body, dedup, event.priority, event.expires_at_ms);
+                    out.push(Pending { index, event: prepared, body });
                 }
             }
         }

@@ -18,6 +18,7 @@
 //! - [`host`] — bindings, host imports, one [`Plugin`] with its instance.
 //! - [`engine`] — the shared engines and the on-disk compile cache.
 //! - [`breaker`] — the circuit breaker (pure state).
+//! - [`chain`] — a stage's filters run in order, and the `on_error` policy.
 //! - [`convert`] — events to and from the WIT types; what output is taken.
 //! - [`check`] — `ferry plugin check|bench`: laws, counter-examples, timing.
 //! - [`inputs`] — the check's data: the author's samples mutated, a declared shape, or built-in shapes.
@@ -25,6 +26,7 @@
 //! - [`PluginHandle`] — the cloneable async handle to a plugin's own thread.
 
 pub mod breaker;
+pub mod chain;
 pub mod check;
 pub mod convert;
 pub mod engine;

@@ -27,7 +27,7 @@ use crate::clock::{self, Hlc, HlcState, SharedClock};
 use crate::config::{DestinationConfig, StateConfig};
 use crate::downlink::{Delivery, DeliveryReceiver};
 use crate::event::{EventBody, ROUTE_EXTENSION};
-use crate::plugin::{OnError, PluginHandle, Versioned};
+use crate::plugin::{PluginHandle, Versioned, chain};
 use crate::store::{AppendError, Dedup, PreparedEvent, Store};
 
 /// CloudEvents type of the state events Ferry publishes upstream.
@@ -479,29 +479,29 @@ impl Task {
             Ok(Err(refusal)) => format!("merge plugin `{name}` refused key `{key}`: {refusal}"),
             Err(e) => format!("merge plugin `{name}` failed on key `{key}`: {e}"),
         };
-        tracing::warn!(plugin = %name, %key, error = %failure, on_error = ?plugin.on_error(), "merge failed");
         self.status(|s| {
             s.merge_failures += 1;
             s.last_merge_error = Some(failure.clone());
         });
-        match plugin.on_error() {
-            // The update still takes part, under the default rule.
-            OnError::Pass => {
-                self.status(|s| s.merged += 1);
-                let (d, ct) = lww(data, content_type);
-                Some((d, ct, merged))
+        let (this, unmerged, unmerged_type) = (&*self, &data, &content_type);
+        let dead_letter = move |_, reason| async move {
+            let body = this.state_event(key, unmerged, unmerged_type.clone(), incoming, None);
+            let (priority, expires) = this.classify(key);
+            let prepared = PreparedEvent::new(&body, Dedup::None, priority, expires);
+            if let Err(e) = this.store.dead_letter_new(vec![prepared], reason).await {
+                tracing::error!(%key, error = %e, "could not dead-letter the unmerged state update");
             }
-            OnError::Drop => None,
-            OnError::DeadLetter => {
-                let body = self.state_event(key, &data, content_type, incoming, None);
-                let (priority, expires) = self.classify(key);
-                let prepared = PreparedEvent::new(&body, Dedup::None, priority, expires);
-                if let Err(e) = self.store.dead_letter_new(vec![prepared], failure).await {
-                    tracing::error!(%key, error = %e, "could not dead-letter the unmerged state update");
-                }
-                None
-            }
+            Ok::<(), std::convert::Infallible>(())
+        };
+        // The call had one item, this update: `pass` hands it back.
+        let Ok(passed) = chain::on_failure(&plugin, vec![()], failure, dead_letter).await;
+        if passed.is_empty() {
+            return None;
         }
+        // `pass`: the update still takes part, under the default rule.
+        self.status(|s| s.merged += 1);
+        let (d, ct) = lww(data, content_type);
+        Some((d, ct, merged))
     }
 
     fn classify(&self, key: &str) -> (u8, Option<u64>) {
