@@ -18,9 +18,11 @@
 //! (malformed, refused) after logging it. Nothing here knows what a message
 //! means.
 
+use std::collections::VecDeque;
 use std::sync::Arc;
 
 use bytes::Bytes;
+use futures::future::JoinAll;
 use tokio::sync::{mpsc, oneshot};
 
 use crate::topic::TopicFilter;
@@ -193,8 +195,47 @@ impl DestinationDownlink {
     }
 }
 
+/// Received messages waiting for their consumers, in arrival order: the
+/// order their PUBACKs must leave in (MQTT 4.6), whatever order the
+/// consumers finish in.
+pub struct AckQueue<M> {
+    waiting: VecDeque<(M, JoinAll<oneshot::Receiver<()>>)>,
+}
+
+impl<M> Default for AckQueue<M> {
+    fn default() -> Self {
+        Self { waiting: VecDeque::new() }
+    }
+}
+
+impl<M> AckQueue<M> {
+    /// Queues `message` behind those already waiting; `handled` are its
+    /// consumers' receivers, as [`DestinationDownlink::dispatch`] returned them.
+    pub fn push(&mut self, message: M, handled: Vec<oneshot::Receiver<()>>) {
+        self.waiting.push_back((message, futures::future::join_all(handled)));
+    }
+
+    /// Whether no message is waiting.
+    pub fn is_empty(&self) -> bool {
+        self.waiting.is_empty()
+    }
+
+    /// The oldest message, once every consumer of it is done: `Ok` to
+    /// acknowledge it, `Err` when a consumer dropped it unacked (the broker
+    /// must deliver it again). Later messages wait for it even when their
+    /// consumers finished first. Pending while the queue is empty.
+    pub async fn next(&mut self) -> Result<M, M> {
+        let Some((_, handled)) = self.waiting.front_mut() else { return std::future::pending().await };
+        let results = handled.await;
+        let (message, _) = self.waiting.pop_front().expect("the front was just awaited");
+        if results.iter().all(Result::is_ok) { Ok(message) } else { Err(message) }
+    }
+}
+
 #[cfg(test)]
 mod tests {
+    use futures::FutureExt as _;
+
     use super::*;
 
     fn filter(f: &str) -> TopicFilter {
@@ -234,6 +275,46 @@ mod tests {
         let acks = a.dispatch("x".into(), Bytes::new(), vec![], None, false).await;
         drop(rx.recv().await.unwrap());
         assert!(acks.into_iter().next().unwrap().await.is_err());
+    }
+
+    #[tokio::test]
+    async fn acks_leave_in_arrival_order_whatever_order_consumers_finish_in() {
+        let mut queue = AckQueue::default();
+        let mut done = Vec::new();
+        for m in ["m1", "m2", "m3"] {
+            let (tx, rx) = oneshot::channel();
+            // m2 has two consumers; the message waits for both.
+            let (tx2, rx2) = oneshot::channel();
+            queue.push(m, if m == "m2" { vec![rx, rx2] } else { vec![rx] });
+            done.push((tx, tx2));
+        }
+        let mut done = done.into_iter();
+        let (m1, _) = done.next().unwrap();
+        let (m2, m2_second) = done.next().unwrap();
+        let (m3, _) = done.next().unwrap();
+        m3.send(()).unwrap();
+        m2.send(()).unwrap();
+        assert!(queue.next().now_or_never().is_none(), "m3 and m2 wait for m1");
+        m1.send(()).unwrap();
+        assert_eq!(queue.next().await, Ok("m1"));
+        assert!(queue.next().now_or_never().is_none(), "m2 waits for its second consumer");
+        m2_second.send(()).unwrap();
+        assert_eq!(queue.next().await, Ok("m2"));
+        assert_eq!(queue.next().await, Ok("m3"));
+        assert!(queue.is_empty() && queue.next().now_or_never().is_none());
+    }
+
+    #[tokio::test]
+    async fn a_message_a_consumer_dropped_comes_out_as_unhandled_in_its_turn() {
+        let mut queue = AckQueue::default();
+        let (tx1, rx1) = oneshot::channel::<()>();
+        let (tx2, rx2) = oneshot::channel();
+        queue.push(1, vec![rx1]);
+        queue.push(2, vec![rx2]);
+        tx2.send(()).unwrap();
+        drop(tx1);
+        assert_eq!(queue.next().await, Err(1));
+        assert_eq!(queue.next().await, Ok(2));
     }
 
     #[test]

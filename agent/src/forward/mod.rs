@@ -37,12 +37,14 @@ use tokio::task::JoinHandle;
 
 use crate::clock::SharedClock;
 use crate::config::{DestinationConfig, Protocol};
-use crate::downlink::DestinationDownlink;
+use crate::downlink::{AckQueue, DestinationDownlink};
 use crate::event::Event;
 use crate::histogram::Histogram;
 use crate::limits::DestinationLimits;
 use crate::mqtt::pace::Pacer;
-use crate::mqtt::{Connected, End, Link, LinkError, LinkEvent, LinkOptions, RefusalKind, Session, Supervisor};
+use crate::mqtt::{
+    Connected, End, Incoming, Link, LinkError, LinkEvent, LinkOptions, RefusalKind, Session, Supervisor,
+};
 use crate::store::{Store, StoreError};
 use isolate::Isolation;
 use outgoing::Outgoing;
@@ -217,12 +219,6 @@ struct Task {
     limits: Arc<DestinationLimits>,
 }
 
-/// A received message whose consumers have not all acked yet.
-struct Unacked {
-    message: Box<crate::mqtt::Incoming>,
-    handled: futures::future::JoinAll<tokio::sync::oneshot::Receiver<()>>,
-}
-
 /// Per-connection progress, kept across sessions for rate and persistence.
 struct Progress {
     window: Window,
@@ -355,7 +351,7 @@ impl Task {
                 return End::ours(e);
             }
         }
-        let mut unacked: VecDeque<Unacked> = VecDeque::new();
+        let mut unacked: AckQueue<Box<Incoming>> = AckQueue::default();
 
         let mut committed = self.store.committed();
         let mut buffer: VecDeque<Step> = VecDeque::new();
@@ -419,7 +415,7 @@ impl Task {
                                         m.retain,
                                     )
                                     .await;
-                                unacked.push_back(Unacked { message: m, handled: futures::future::join_all(handled) });
+                                unacked.push(m, handled);
                             }
                             Ok(_) => {}
                             Err(error) => return End::Link { error, broker_ended: true },
@@ -436,19 +432,18 @@ impl Task {
                     p.wake_at = None;
                 }
                 _ = tokio::time::sleep_until(retry_at.unwrap_or_else(tokio::time::Instant::now)), if retry_at.is_some() => {}
-                handled = async { (&mut unacked.front_mut().expect("guarded").handled).await }, if !unacked.is_empty() => {
-                    let front = unacked.pop_front().expect("guarded");
-                    if handled.iter().any(Result::is_err) {
-                        // Unhandled: drop the link so the broker delivers it again.
-                        return End::Local(format!(
-                            "a downlink consumer did not handle the message on {}", front.message.topic
-                        ));
+                // PUBACKs leave in arrival order, each once its consumers are done.
+                handled = unacked.next(), if !unacked.is_empty() => match handled {
+                    Ok(message) => {
+                        if let Err(e) = link.ack(&message) {
+                            return End::ours(e);
+                        }
                     }
-                    // PUBACKs leave in arrival order, each once its consumers are done.
-                    if let Err(e) = link.ack(&front.message) {
-                        return End::ours(e);
+                    // Unhandled: drop the link so the broker delivers it again.
+                    Err(message) => {
+                        return End::Local(format!("a downlink consumer did not handle the message on {}", message.topic));
                     }
-                }
+                },
                 done = async { p.persisting.as_mut().expect("guarded").await }, if p.persisting.is_some() => {
                     p.persisting = None;
                     if let Ok(Some(seq)) = done {
