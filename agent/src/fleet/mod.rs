@@ -15,9 +15,11 @@
 //! - [`topics`] — the fleet topic names.
 //! - [`staging`] — the per-plugin directory: state, downloads, components.
 //! - [`report`] — the status report.
-//! - [`updater`] — the update state machine and its link tasks.
+//! - [`machine`] — the update rules as pure decisions and state moves.
+//! - [`updater`] — the updater task performing them, and its link tasks.
 
 pub mod bundle;
+pub mod machine;
 pub mod report;
 pub mod staging;
 pub mod topics;

@@ -23,9 +23,10 @@ use bytes::Bytes;
 use tokio::sync::{broadcast, mpsc, watch};
 use tokio::task::JoinHandle;
 
-use super::bundle::{Chunk, Manifest, pattern_matches, valid_pattern};
+use super::bundle::{Manifest, pattern_matches, valid_pattern};
+use super::machine::{self, OnChunk, OnManifest, Probation, Refusal};
 use super::report::{Report, Shadow, State, rfc3339};
-use super::staging::{Installed, Persisted, PluginDir};
+use super::staging::{Persisted, PluginDir};
 use super::topics::{self, FleetTopic};
 use crate::clock::SharedClock;
 use crate::config::MqttEndpoint;
@@ -128,24 +129,6 @@ struct Updater {
     /// the next one follows at once.
     reports: broadcast::Sender<(String, Vec<u8>)>,
     root: String,
-}
-
-/// Why a candidate is refused.
-struct Refusal {
-    reason: String,
-    /// Whether the version itself is bad (never retried), as opposed to a
-    /// message that may be followed by a good one (a bad chunk, a forged manifest).
-    permanent: bool,
-}
-
-impl Refusal {
-    fn transient(reason: impl ToString) -> Self {
-        Self { reason: reason.to_string(), permanent: false }
-    }
-
-    fn permanent(reason: impl ToString) -> Self {
-        Self { reason: reason.to_string(), permanent: true }
-    }
 }
 
 impl Updater {
@@ -337,16 +320,12 @@ impl Updater {
 
     async fn reject(&mut self, name: &str, candidate: Option<u64>, refusal: Refusal) {
         tracing::warn!(plugin = name, candidate = ?candidate, reason = %refusal.reason, "fleet update refused");
-        if refusal.permanent
-            && let (Some(v), Some(slot)) = (candidate, self.slots.get_mut(name))
+        if let Some(slot) = self.slots.get_mut(name)
+            && machine::refuse(&mut slot.state, candidate, &refusal)
         {
-            slot.state.failed.insert(v, refusal.reason.clone());
-            if slot.state.target.as_ref().is_some_and(|t| t.version == v) {
-                slot.state.target = None;
-                slot.received.clear();
-                let dir = slot.dir.clone();
-                let _ = tokio::task::spawn_blocking(move || dir.clear_downloads()).await;
-            }
+            slot.received.clear();
+            let dir = slot.dir.clone();
+            let _ = tokio::task::spawn_blocking(move || dir.clear_downloads()).await;
         }
         let report = Report { candidate, reason: Some(refusal.reason), ..self.report(name, State::Rejected) };
         self.publish(name, report, true).await;
@@ -371,46 +350,15 @@ impl Updater {
             self.publish(name, report, false).await;
             return;
         }
-        let manifest = match Manifest::from_json(payload) {
-            Ok(m) => m,
-            Err(e) => return self.reject(name, None, Refusal::transient(e)).await,
-        };
-        let version = manifest.version;
-        if manifest.name != name {
-            let reason = format!("manifest names plugin `{}` but was published for `{name}`", manifest.name);
-            return self.reject(name, Some(version), Refusal::transient(reason)).await;
-        }
-        let key_id = match manifest.verify(&self.env.config.trusted_keys) {
-            Ok(k) => k,
-            Err(e) => return self.reject(name, Some(version), Refusal::transient(e)).await,
-        };
         let slot = &self.slots[name];
-        let running = slot.state.running();
-        if version == running || slot.state.target.as_ref().is_some_and(|t| t.version == version) {
-            return; // Already running or downloading (the same push, maybe from another cloud).
-        }
-        if slot.state.failed.contains_key(&version) {
-            return; // Refused for good before; its retained manifest comes back on every connection.
-        }
-        if version < running {
-            let reason = format!("version {version} is older than the running version {running}");
-            return self.reject(name, Some(version), Refusal::transient(reason)).await;
-        }
-        if let Some(t) = &slot.state.target
-            && version < t.version
-        {
-            let reason = format!("version {version} is older than version {} being installed", t.version);
-            return self.reject(name, Some(version), Refusal::transient(reason)).await;
-        }
         let world = slot.plugin.spec.world;
-        if manifest.world() != Some(world) {
-            let reason = format!(
-                "the bundle targets the `{}` world but plugin `{name}` is a `{}` plugin",
-                manifest.world,
-                world.as_str()
-            );
-            return self.reject(name, Some(version), Refusal::permanent(reason)).await;
-        }
+        let (manifest, key_id) =
+            match machine::on_manifest(&slot.state, name, world, &self.env.config.trusted_keys, payload) {
+                OnManifest::Ignore => return,
+                OnManifest::Refuse { candidate, refusal } => return self.reject(name, candidate, refusal).await,
+                OnManifest::Download { manifest, signer } => (manifest, signer),
+            };
+        let version = manifest.version;
         tracing::info!(plugin = name, version, signer = %key_id, from = destination, "fleet update accepted for download");
         let slot = self.slots.get_mut(name).expect("checked above");
         slot.state.target = Some(manifest.clone());
@@ -429,29 +377,21 @@ impl Updater {
         self.sync_subscriptions();
         let report = self.progress(name, &manifest);
         self.publish(name, report, true).await;
-        if self.slots[name].received.len() as u32 == manifest.total() {
+        if machine::complete(&self.slots[name].state, &self.slots[name].received) {
             self.install(name).await;
         }
     }
 
     async fn on_chunk(&mut self, name: &str, version: u64, payload: &[u8]) {
         let Some(slot) = self.slots.get(name) else { return };
-        let Some(target) = slot.state.target.clone() else { return };
-        if target.version != version || payload.is_empty() {
-            return;
-        }
-        let chunk = match Chunk::decode(payload).and_then(|c| c.check(&target).map(|()| c)) {
-            Ok(c) => c,
-            Err(e) => {
-                // Only this chunk is bad: the download stays, and a good
-                // copy (re-pushed, or from another cloud) completes it.
-                let permanent = false;
-                return self.reject(name, Some(version), Refusal { reason: e.to_string(), permanent }).await;
-            }
+        let chunk = match machine::on_chunk(&slot.state, &slot.received, version, payload) {
+            OnChunk::Ignore => return,
+            // Only this chunk is bad: the download stays, and a good copy
+            // (re-pushed, or from another cloud) completes it.
+            OnChunk::Refuse(refusal) => return self.reject(name, Some(version), refusal).await,
+            OnChunk::Store(chunk) => chunk,
         };
-        if slot.received.contains(&chunk.header.index) {
-            return;
-        }
+        let Some(target) = slot.state.target.clone() else { return };
         let dir = slot.dir.clone();
         let index = chunk.header.index;
         match tokio::task::spawn_blocking(move || dir.store_chunk(&chunk)).await {
@@ -464,7 +404,7 @@ impl Updater {
         }
         let slot = self.slots.get_mut(name).expect("checked above");
         slot.received.insert(index);
-        let done = slot.received.len() as u32 == target.total();
+        let done = machine::complete(&slot.state, &slot.received);
         let report = self.progress(name, &target);
         self.publish(name, report, false).await;
         if done {
@@ -524,10 +464,7 @@ impl Updater {
         // new version with the previous one still known.
         let until = self.now_ms() + u64::try_from(self.env.config.probation.as_millis()).unwrap_or(u64::MAX);
         let slot = self.slots.get_mut(name).expect("slot exists");
-        let installed = Installed { version, sha256: manifest.sha256.clone() };
-        slot.state.previous = slot.state.active.replace(installed);
-        slot.state.target = None;
-        slot.state.probation_until_ms = Some(until);
+        machine::activate(&mut slot.state, until);
         slot.received.clear();
         self.save(name).await;
         let slot = &self.slots[name];
@@ -559,27 +496,17 @@ impl Updater {
             self.slots.iter().filter(|(_, s)| s.state.probation_until_ms.is_some()).map(|(n, _)| n.clone()).collect();
         for name in names {
             let slot = &self.slots[&name];
-            let status = slot.plugin.handle.status();
-            let cfg = &self.env.config;
-            let rate = if status.calls == 0 { 0.0 } else { status.failures as f64 / status.calls as f64 };
-            let failing = status.failures >= cfg.rollback_min_failures && rate >= cfg.rollback_failure_rate;
-            if failing || status.circuit_opened > 0 {
-                let reason = format!(
-                    "failed {} of {} calls on probation ({} traps, {} timeouts, {} out of memory){}",
-                    status.failures,
-                    status.calls,
-                    status.traps,
-                    status.timeouts,
-                    status.out_of_memory,
-                    status.last_error.map(|e| format!("; last: {e}")).unwrap_or_default()
-                );
-                self.rollback(&name, reason).await;
-            } else if slot.state.probation_until_ms.is_some_and(|until| now >= until) {
-                let slot = self.slots.get_mut(&name).expect("listed above");
-                slot.state.probation_until_ms = None;
-                let shadow = slot.state.last.as_ref().and_then(|l| l.shadow);
-                let report = Report { shadow, ..self.report(&name, State::Running) };
-                self.publish(&name, report, true).await;
+            let until = slot.state.probation_until_ms.unwrap_or(now);
+            match machine::probation(&slot.plugin.handle.status(), &self.env.config, until, now) {
+                Probation::Continue => {}
+                Probation::RollBack(reason) => self.rollback(&name, reason).await,
+                Probation::Passed => {
+                    let slot = self.slots.get_mut(&name).expect("listed above");
+                    slot.state.probation_until_ms = None;
+                    let shadow = slot.state.last.as_ref().and_then(|l| l.shadow);
+                    let report = Report { shadow, ..self.report(&name, State::Running) };
+                    self.publish(&name, report, true).await;
+                }
             }
         }
     }
@@ -609,10 +536,7 @@ impl Updater {
         };
         tracing::warn!(plugin = name, failed = failed.version, back_to = previous.as_ref().map_or(0, |p| p.version), %reason, "rolling back");
         let slot = self.slots.get_mut(name).expect("slot exists");
-        slot.state.failed.insert(failed.version, reason.clone());
-        slot.state.active = previous;
-        slot.state.previous = None;
-        slot.state.probation_until_ms = None;
+        machine::roll_back(&mut slot.state, &reason);
         self.save(name).await;
         if self.slots[name].plugin.handle.swap(plugin).await.is_err() {
             return;

@@ -166,7 +166,8 @@ pub struct PluginStatus {
 }
 
 impl PluginStatus {
-    fn new(name: &str, world: World) -> Self {
+    /// A plugin's counters before its first call.
+    pub(crate) fn new(name: &str, world: World) -> Self {
         Self {
             name: name.to_owned(),
             world,
