@@ -1,4 +1,5 @@
-//! The update state machine and the link tasks that feed it.
+//! The updater task, which performs the update, and the link tasks that
+//! feed it.
 //!
 //! Per plugin: a verified manifest of a newer version becomes the download
 //! target (persisted); each chunk is checked against it and written to disk;
@@ -10,9 +11,9 @@
 //! probation the updater watches the new version's counters and swaps the
 //! previous one back when it fails above the configured rate.
 //!
-//! Versions only go up: a manifest at or below the running version, or of
-//! a version that already failed, is never installed; the same version from
-//! two clouds is downloaded once (chunks from either count).
+//! What each message means and how the state moves (versions only go up, a
+//! failed version is never retried, one download across clouds) is decided
+//! by [`super::machine`]; this module does the I/O.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::PathBuf;
