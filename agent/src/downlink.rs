@@ -17,15 +17,36 @@
 //! message comes again), so consumers should ack input they reject for good
 //! (malformed, refused) after logging it. Nothing here knows what a message
 //! means.
+//!
+//! A slow consumer never stalls its forwarder: on MQTT 5 the forwarder
+//! takes at most [`WINDOW`] unacknowledged messages (its Receive Maximum),
+//! and every consumer's queue holds at least that many, so handing a
+//! message over never waits; a slow consumer delays PUBACKs, not
+//! forwarding. (On MQTT 3.1.1 the broker's own in-flight limit bounds it.)
+//!
+//! A [`Companion`] is a service that talks to a cloud over the
+//! destination's own connection, both ways (the fleet updater): besides
+//! filters fixed at start it subscribes to filters that change while it
+//! runs, and it publishes retained messages; the forwarder does both on its
+//! connection, so a device keeps one connection, and one client id, per
+//! cloud.
 
-use std::collections::VecDeque;
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::sync::Arc;
 
 use bytes::Bytes;
 use futures::future::JoinAll;
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{broadcast, mpsc, oneshot, watch};
 
 use crate::topic::TopicFilter;
+
+/// Most cloud-to-device messages a forwarder holds unacknowledged (its MQTT 5
+/// Receive Maximum); a consumer's queue must hold at least this many.
+pub const WINDOW: u16 = 128;
+
+/// Retained messages a companion may publish faster than a link sends them
+/// before that link republishes the latest ones instead.
+const COMPANION_BACKLOG: usize = 256;
 
 /// One message a cloud sent on a subscription.
 #[derive(Debug, Clone)]
@@ -93,6 +114,7 @@ struct Route {
 #[derive(Clone, Default)]
 pub struct DownlinkRouter {
     routes: Vec<Route>,
+    companions: Vec<(String, Companion)>,
 }
 
 impl DownlinkRouter {
@@ -106,6 +128,13 @@ impl DownlinkRouter {
     /// subscribes to `filter`. Several consumers may register the same filter.
     pub fn register(&mut self, destination: &str, filter: TopicFilter, consumer: DeliverySender) {
         self.routes.push(Route { destination: destination.to_owned(), filter, consumer });
+    }
+
+    /// Lets `companion` talk over `destination`'s connection (at most one
+    /// per destination).
+    pub fn attach(&mut self, destination: &str, companion: Companion) {
+        debug_assert!(self.companions.iter().all(|(d, _)| d != destination), "one companion per destination");
+        self.companions.push((destination.to_owned(), companion));
     }
 
     /// What the forwarder of `destination` (topic prefix `topic_prefix`) subscribes to and dispatches.
@@ -122,6 +151,7 @@ impl DownlinkRouter {
             topic_prefix: topic_prefix.to_owned(),
             subscriptions,
             routes,
+            companion: self.companions.iter().find(|(d, _)| d == destination).map(|(_, c)| c.clone()),
         }
     }
 }
@@ -133,6 +163,7 @@ pub struct DestinationDownlink {
     topic_prefix: String,
     subscriptions: Vec<TopicFilter>,
     routes: Vec<Route>,
+    companion: Option<Companion>,
 }
 
 impl DestinationDownlink {
@@ -143,6 +174,7 @@ impl DestinationDownlink {
             topic_prefix: String::new(),
             subscriptions: Vec::new(),
             routes: Vec::new(),
+            companion: None,
         }
     }
 
@@ -151,9 +183,28 @@ impl DestinationDownlink {
         &self.subscriptions
     }
 
-    /// Whether there is anything to subscribe to.
+    /// Whether nothing here subscribes (no consumer, no companion).
     pub fn is_empty(&self) -> bool {
-        self.subscriptions.is_empty()
+        self.subscriptions.is_empty() && self.companion.is_none()
+    }
+
+    /// On a new connection: what the companion subscribes to now, and the
+    /// latest of its retained messages, to publish again (a broker may have
+    /// lost them, and the link may have dropped some).
+    pub fn companion_connected(&mut self) -> (BTreeSet<TopicFilter>, Vec<Retained>) {
+        match &mut self.companion {
+            Some(c) => c.connected(),
+            None => Default::default(),
+        }
+    }
+
+    /// The companion's next request on this connection; pending while
+    /// there is none, or no companion.
+    pub async fn companion_request(&mut self) -> CompanionRequest {
+        match &mut self.companion {
+            Some(c) => c.next().await,
+            None => std::future::pending().await,
+        }
     }
 
     /// Hands a received message to every consumer whose filter matches it,
@@ -179,11 +230,13 @@ impl DestinationDownlink {
             content_type,
             retain,
         };
+        let routed = self.routes.iter().filter(|r| r.filter.matches(&message.topic)).map(|r| &r.consumer);
+        let companion = self.companion.as_ref().filter(|c| c.wants(&message.topic)).map(|c| &c.consumer);
         let mut pending = Vec::new();
-        for r in self.routes.iter().filter(|r| r.filter.matches(&message.topic)) {
+        for consumer in routed.chain(companion) {
             let (delivery, rx) = Delivery::new(message.clone());
             // A consumer that has stopped (shutdown) simply does not ack.
-            if r.consumer.send(delivery).await.is_ok() {
+            if consumer.send(delivery).await.is_ok() {
                 pending.push(rx);
             } else {
                 let (never, rx) = oneshot::channel::<()>();
@@ -192,6 +245,162 @@ impl DestinationDownlink {
             }
         }
         pending
+    }
+}
+
+/// A retained message a companion publishes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Retained {
+    /// The MQTT topic.
+    pub topic: String,
+    /// The payload.
+    pub payload: Vec<u8>,
+    /// MQTT 5 content type.
+    pub content_type: Option<String>,
+}
+
+/// What a companion asks of the connection.
+#[derive(Debug, PartialEq, Eq)]
+pub enum CompanionRequest {
+    /// Its filters changed: subscribe to `add`, unsubscribe from `remove`.
+    Filters {
+        /// Filters to subscribe to.
+        add: Vec<TopicFilter>,
+        /// Filters to drop.
+        remove: Vec<TopicFilter>,
+    },
+    /// Publish this, retained.
+    Publish(Retained),
+    /// The link fell behind: publish these (the latest per topic) instead
+    /// of what it missed.
+    Republish(Vec<Retained>),
+}
+
+/// The forwarder's view of a companion, one per destination it talks over.
+pub struct Companion {
+    filters: watch::Receiver<BTreeSet<TopicFilter>>,
+    latest: watch::Receiver<BTreeMap<String, Retained>>,
+    updates: broadcast::Receiver<Retained>,
+    consumer: DeliverySender,
+    /// The filters subscribed on the current connection.
+    subscribed: BTreeSet<TopicFilter>,
+    /// The companion stopped (shutdown): nothing more will come.
+    closed: bool,
+}
+
+impl Clone for Companion {
+    fn clone(&self) -> Self {
+        Self {
+            filters: self.filters.clone(),
+            latest: self.latest.clone(),
+            updates: self.updates.resubscribe(),
+            consumer: self.consumer.clone(),
+            subscribed: self.subscribed.clone(),
+            closed: self.closed,
+        }
+    }
+}
+
+impl Companion {
+    fn wants(&self, topic: &str) -> bool {
+        self.filters.borrow().iter().any(|f| f.matches(topic))
+    }
+
+    fn connected(&mut self) -> (BTreeSet<TopicFilter>, Vec<Retained>) {
+        self.subscribed = self.filters.borrow_and_update().clone();
+        // What was published before now is in `latest`.
+        self.updates = self.updates.resubscribe();
+        (self.subscribed.clone(), self.latest.borrow().values().cloned().collect())
+    }
+
+    async fn next(&mut self) -> CompanionRequest {
+        loop {
+            if self.closed {
+                return std::future::pending().await;
+            }
+            tokio::select! {
+                changed = self.filters.changed() => {
+                    if changed.is_err() {
+                        self.closed = true;
+                        continue;
+                    }
+                    let wanted = self.filters.borrow_and_update().clone();
+                    let add: Vec<_> = wanted.difference(&self.subscribed).cloned().collect();
+                    let remove: Vec<_> = self.subscribed.difference(&wanted).cloned().collect();
+                    self.subscribed = wanted;
+                    if !add.is_empty() || !remove.is_empty() {
+                        return CompanionRequest::Filters { add, remove };
+                    }
+                }
+                update = self.updates.recv() => match update {
+                    Ok(r) => return CompanionRequest::Publish(r),
+                    Err(broadcast::error::RecvError::Lagged(_)) => {
+                        return CompanionRequest::Republish(self.latest.borrow().values().cloned().collect());
+                    }
+                    Err(broadcast::error::RecvError::Closed) => self.closed = true,
+                },
+            }
+        }
+    }
+}
+
+/// A companion's own side: what it wants the connections to do.
+pub struct CompanionHandle {
+    filters: watch::Sender<BTreeSet<TopicFilter>>,
+    latest: watch::Sender<BTreeMap<String, Retained>>,
+    updates: broadcast::Sender<Retained>,
+    consumer: DeliverySender,
+}
+
+impl CompanionHandle {
+    /// A companion whose messages go to `consumer` (a queue at least
+    /// [`WINDOW`] deep).
+    pub fn new(consumer: DeliverySender) -> Self {
+        debug_assert!(consumer.max_capacity() >= usize::from(WINDOW), "see WINDOW");
+        Self {
+            filters: watch::Sender::new(BTreeSet::new()),
+            latest: watch::Sender::new(BTreeMap::new()),
+            updates: broadcast::Sender::new(COMPANION_BACKLOG),
+            consumer,
+        }
+    }
+
+    /// What a destination's forwarder gets (see [`DownlinkRouter::attach`]).
+    pub fn companion(&self) -> Companion {
+        Companion {
+            filters: self.filters.subscribe(),
+            latest: self.latest.subscribe(),
+            updates: self.updates.subscribe(),
+            consumer: self.consumer.clone(),
+            subscribed: BTreeSet::new(),
+            closed: false,
+        }
+    }
+
+    /// Subscribes every connection to exactly `filters` from now on.
+    pub fn subscribe(&self, filters: BTreeSet<TopicFilter>) {
+        self.filters.send_if_modified(|f| {
+            let changed = *f != filters;
+            *f = filters;
+            changed
+        });
+    }
+
+    /// Publishes `message` retained on every connection, in order with the
+    /// others, and again on each new connection until a newer one on its
+    /// topic replaces it.
+    pub fn publish(&self, message: Retained) {
+        self.latest.send_modify(|l| {
+            l.insert(message.topic.clone(), message.clone());
+        });
+        let _ = self.updates.send(message);
+    }
+
+    /// Whether a message was published on `topic`, and how many topics
+    /// have one.
+    pub fn published(&self, topic: &str) -> (bool, usize) {
+        let latest = self.latest.borrow();
+        (latest.contains_key(topic), latest.len())
     }
 }
 
@@ -315,6 +524,63 @@ mod tests {
         drop(tx1);
         assert_eq!(queue.next().await, Err(1));
         assert_eq!(queue.next().await, Ok(2));
+    }
+
+    fn retained(topic: &str) -> Retained {
+        Retained { topic: topic.into(), payload: b"{}".to_vec(), content_type: None }
+    }
+
+    #[tokio::test]
+    async fn a_companion_gets_what_matches_its_current_filters_and_each_connection_its_latest_messages() {
+        let (tx, mut rx) = mpsc::channel(usize::from(WINDOW));
+        let handle = CompanionHandle::new(tx);
+        let mut router = DownlinkRouter::new();
+        router.attach("aws", handle.companion());
+        let mut aws = router.for_destination("aws", "");
+        assert!(!aws.is_empty(), "a companion makes the session persistent");
+
+        handle.subscribe(BTreeSet::from([filter("fleet/plugin/+/manifest/+")]));
+        handle.publish(retained("fleet/status/gw/a"));
+        handle.publish(retained("fleet/status/gw/a"));
+        handle.publish(retained("fleet/status/gw/b"));
+        let (filters, latest) = aws.companion_connected();
+        assert_eq!(filters, BTreeSet::from([filter("fleet/plugin/+/manifest/+")]));
+        assert_eq!(latest.len(), 2, "the latest per topic: {latest:?}");
+        assert!(aws.companion_request().now_or_never().is_none(), "what came before is in `latest`");
+
+        // While connected: new filters, then a new message, in order.
+        handle.subscribe(BTreeSet::from([filter("fleet/plugin/+/manifest/+"), filter("fleet/plugin/a/v2/+")]));
+        let add = vec![filter("fleet/plugin/a/v2/+")];
+        assert_eq!(aws.companion_request().await, CompanionRequest::Filters { add, remove: vec![] });
+        handle.publish(retained("fleet/status/gw/a"));
+        assert_eq!(aws.companion_request().await, CompanionRequest::Publish(retained("fleet/status/gw/a")));
+        handle.subscribe(BTreeSet::from([filter("fleet/plugin/+/manifest/+")]));
+        let remove = vec![filter("fleet/plugin/a/v2/+")];
+        assert_eq!(aws.companion_request().await, CompanionRequest::Filters { add: vec![], remove });
+
+        let acks = aws.dispatch("fleet/plugin/a/manifest/gw".into(), Bytes::new(), vec![], None, true).await;
+        assert_eq!(acks.len(), 1);
+        assert_eq!(rx.recv().await.unwrap().message.topic, "fleet/plugin/a/manifest/gw");
+        let acks = aws.dispatch("fleet/plugin/a/v2/0".into(), Bytes::new(), vec![], None, true).await;
+        assert!(acks.is_empty(), "a filter it dropped delivers nothing to it");
+        assert!(router.for_destination("azure", "").is_empty(), "attached to aws only");
+    }
+
+    #[tokio::test]
+    async fn a_link_that_falls_behind_a_companion_republishes_the_latest_instead() {
+        let (tx, _rx) = mpsc::channel(usize::from(WINDOW));
+        let handle = CompanionHandle::new(tx);
+        let mut companion = handle.companion();
+        companion.connected();
+        for n in 0..COMPANION_BACKLOG + 10 {
+            handle.publish(retained(&format!("t/{}", n % 3)));
+        }
+        match companion.next().await {
+            CompanionRequest::Republish(latest) => assert_eq!(latest.len(), 3),
+            other => panic!("expected a republish, got {other:?}"),
+        }
+        drop(handle);
+        assert!(companion.next().now_or_never().is_none(), "a stopped companion asks for nothing more");
     }
 
     #[test]

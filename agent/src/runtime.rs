@@ -94,7 +94,7 @@ pub struct Agent {
     stop_forwarders: watch::Sender<bool>,
     forwarders: Vec<Forwarder>,
     mqtt_ingest: Option<JoinHandle<()>>,
-    fleet: Vec<JoinHandle<()>>,
+    fleet: Option<JoinHandle<()>>,
     state: StateService,
     local_state: Option<JoinHandle<()>>,
 }
@@ -126,21 +126,20 @@ impl Agent {
         let (listener, http_addr) =
             http::bind(&config.http).await.map_err(|source| RunError::Bind { addr: config.http.listen, source })?;
         let (stop_forwarders, stop_rx) = watch::channel(false);
-        let fleet = match &config.fleet {
-            Some(f) => crate::fleet::spawn(
-                f.clone(),
-                config.agent.device_id.clone(),
-                config.agent.data_dir.clone(),
-                config.destinations.iter().cloned().zip(tls.iter().cloned()).collect(),
-                configured().map(|(spec, handle)| FleetPlugin { spec: spec.clone(), handle: handle.clone() }).collect(),
-                clock.clone(),
-                stop_rx.clone(),
-            ),
-            None => Vec::new(),
-        };
         // Consumers of cloud-to-device messages register here before the
         // forwarders start, so every connection subscribes to their filters.
         let mut downlink = DownlinkRouter::new();
+        let fleet = config.fleet.as_ref().map(|f| {
+            crate::fleet::spawn(
+                f.clone(),
+                config.agent.device_id.clone(),
+                config.agent.data_dir.clone(),
+                configured().map(|(spec, handle)| FleetPlugin { spec: spec.clone(), handle: handle.clone() }).collect(),
+                clock.clone(),
+                &mut downlink,
+                stop_rx.clone(),
+            )
+        });
         let (state_tx, state_rx) = tokio::sync::mpsc::channel(STATE_QUEUE_DEPTH);
         for d in &config.destinations {
             for f in &d.routing.subscribe {
@@ -281,7 +280,7 @@ impl Agent {
         for f in self.forwarders {
             f.join().await;
         }
-        for f in self.fleet {
+        if let Some(f) = self.fleet {
             let _ = f.await;
         }
         // After the forwarders: none of them waits on its queue any more.

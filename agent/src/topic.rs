@@ -130,7 +130,7 @@ fn forbidden_in_mqtt(c: char) -> bool {
 }
 
 /// A validated MQTT topic filter (`+` matches one level, `#` the rest).
-#[derive(Clone, PartialEq, Eq)]
+#[derive(Clone, PartialEq, Eq, PartialOrd, Ord)]
 pub struct TopicFilter(String);
 
 impl TopicFilter {

@@ -212,6 +212,12 @@ async fn a_pushed_plugin_is_downloaded_verified_shadowed_and_activated() {
         wait_report(&status, "running v1 after probation", |r| r.state == State::Running && r.version == 1).await;
     assert_eq!(done.previous, Some(0), "the configured version is kept for rollback");
 
+    // One connection per cloud: the fleet traffic rode the forwarder's (a
+    // second client id is a second device identity to Azure IoT Hub).
+    let broker_log = mosquitto.log();
+    assert!(broker_log.contains(" as "), "mosquitto logs its connections:\n{broker_log}");
+    assert!(!broker_log.contains("-fleet (p"), "a fleet-only connection was made:\n{broker_log}");
+
     let table = ferry(&["fleet", "status", "--broker", &mosquitto.url(), "--wait", "1s"], dir);
     let row = table.lines().find(|l| l.starts_with(DEVICE)).unwrap_or_else(|| panic!("no row:\n{table}"));
     assert!(row.contains(" f ") && row.contains("running"), "{table}");

@@ -3,12 +3,14 @@
 //! atomically between batches, and rolled back automatically when the new
 //! version fails on probation (ARCHITECTURE.md contract 7).
 //!
-//! One updater task owns every plugin's update state; one link task per
-//! fleet destination subscribes to the fleet topics, hands what arrives to
-//! the updater, and publishes the updater's reports retained. The links are
-//! their own MQTT sessions (client id `{client_id}-fleet`): they subscribe
-//! to a version's chunks only while downloading it, and their publishes never
-//! mix with the forwarder's in-flight window.
+//! One updater task owns every plugin's update state. It talks to the fleet
+//! manager over each fleet destination's own connection, as that
+//! destination's downlink companion ([`crate::downlink::Companion`]): the
+//! forwarder subscribes to the fleet topics the updater asks for (a
+//! version's chunks only while downloading it), hands it what arrives and
+//! acknowledges each message once handled (a chunk once on disk), and
+//! publishes the updater's reports retained, paced with the events. A
+//! device keeps one connection, and one client id, per cloud.
 //!
 //! # Layout
 //! - [`bundle`] — manifest, chunks, bundle files, keys and signatures (pure).

@@ -17,11 +17,9 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::PathBuf;
-use std::sync::Arc;
 use std::time::Duration;
 
-use bytes::Bytes;
-use tokio::sync::{broadcast, mpsc, watch};
+use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 
 use super::bundle::{Manifest, pattern_matches, valid_pattern};
@@ -30,24 +28,20 @@ use super::report::{Report, Shadow, State, rfc3339};
 use super::staging::{Persisted, PluginDir};
 use super::topics::{self, FleetTopic};
 use crate::clock::SharedClock;
-use crate::config::MqttEndpoint;
-use crate::config::{DestinationConfig, FleetConfig, PluginConfig};
-use crate::mqtt::session::stopping;
-use crate::mqtt::{Connected, End, Link, LinkError, LinkEvent, LinkOptions, Session, Supervisor};
+use crate::config::{FleetConfig, PluginConfig};
+use crate::downlink::{self, CompanionHandle, DeliveryReceiver, DownlinkMessage, DownlinkRouter, Retained};
 use crate::plugin::check::{self, CheckOptions};
 use crate::plugin::{Plugin, PluginError, PluginHandle, Sample};
+use crate::topic::TopicFilter;
 
 /// How often probation counters are looked at.
 const PROBATION_TICK: Duration = Duration::from_millis(200);
 
-/// Messages that may wait for the updater before links feel backpressure.
-const INBOUND_QUEUE: usize = 64;
+/// Messages that may wait for the updater (see [`downlink::WINDOW`]).
+const INBOUND_QUEUE: usize = downlink::WINDOW as usize * 2;
 
 /// Most plugin names this device does not have that it reports on.
 const MAX_UNKNOWN_REPORTS: usize = 16;
-
-/// Reports a slow link may fall behind by before it republishes the latest ones instead.
-const REPORT_QUEUE: usize = 256;
 
 /// A plugin the fleet may update: its configuration and its running handle.
 #[derive(Clone)]
@@ -56,21 +50,6 @@ pub struct FleetPlugin {
     pub spec: PluginConfig,
     /// The running plugin.
     pub handle: PluginHandle,
-}
-
-/// A message from a fleet topic.
-struct Inbound {
-    destination: Arc<str>,
-    topic: String,
-    payload: Bytes,
-}
-
-/// What the links should be doing: subscriptions and reports to publish.
-#[derive(Debug, Clone, Default, PartialEq)]
-struct Outbound {
-    subscriptions: BTreeSet<String>,
-    /// Status topic → report JSON.
-    reports: BTreeMap<String, Vec<u8>>,
 }
 
 /// Everything the updater needs that is not per plugin.
@@ -88,47 +67,35 @@ struct Slot {
     received: BTreeSet<u32>,
 }
 
-/// Starts the updater and one link task per fleet destination. They stop
-/// when `shutdown` turns true.
+/// Starts the updater, and attaches it to each fleet destination's
+/// connection in `downlink` (so call it before the forwarders start). It
+/// stops when `shutdown` turns true.
 pub fn spawn(
     config: FleetConfig,
     device: String,
     data_dir: PathBuf,
-    destinations: Vec<(DestinationConfig, Option<Arc<rustls::ClientConfig>>)>,
     plugins: Vec<FleetPlugin>,
     clock: SharedClock,
+    downlink: &mut DownlinkRouter,
     shutdown: watch::Receiver<bool>,
-) -> Vec<JoinHandle<()>> {
+) -> JoinHandle<()> {
     let (inbound_tx, inbound_rx) = mpsc::channel(INBOUND_QUEUE);
-    let (outbound_tx, outbound_rx) = watch::channel(Outbound::default());
-    let (reports, _) = broadcast::channel(REPORT_QUEUE);
+    let link = CompanionHandle::new(inbound_tx);
+    for d in &config.destinations {
+        downlink.attach(d, link.companion());
+    }
     let root = config.topic_root.clone();
-    let mut tasks: Vec<JoinHandle<()>> = destinations
-        .into_iter()
-        .filter(|(d, _)| config.destinations.contains(&d.name))
-        .map(|(d, tls)| {
-            let channels = LinkChannels {
-                inbound: inbound_tx.clone(),
-                outbound: outbound_rx.clone(),
-                reports: reports.subscribe(),
-            };
-            tokio::spawn(run_link(d, tls, channels, shutdown.clone()))
-        })
-        .collect();
-    drop(inbound_tx);
     let env = Env { config, device, data_dir, clock };
-    let updater = Updater { env, slots: BTreeMap::new(), outbound: outbound_tx, reports, root };
-    tasks.push(tokio::spawn(updater.run(plugins, inbound_rx, shutdown)));
-    tasks
+    let updater = Updater { env, slots: BTreeMap::new(), link, root };
+    tokio::spawn(updater.run(plugins, inbound_rx, shutdown))
 }
 
 struct Updater {
     env: Env,
     slots: BTreeMap<String, Slot>,
-    outbound: watch::Sender<Outbound>,
-    /// Every report in order, so each step reaches the brokers even when
-    /// the next one follows at once.
-    reports: broadcast::Sender<(String, Vec<u8>)>,
+    /// The destinations' connections: what to subscribe to, and the
+    /// reports, every one in order so each step reaches the brokers.
+    link: CompanionHandle,
     root: String,
 }
 
@@ -136,7 +103,7 @@ impl Updater {
     async fn run(
         mut self,
         plugins: Vec<FleetPlugin>,
-        mut inbound: mpsc::Receiver<Inbound>,
+        mut inbound: DeliveryReceiver,
         mut shutdown: watch::Receiver<bool>,
     ) {
         for plugin in plugins {
@@ -207,8 +174,16 @@ impl Updater {
         let mut tick = tokio::time::interval(PROBATION_TICK);
         loop {
             tokio::select! {
-                message = inbound.recv() => match message {
-                    Some(m) => self.handle(m).await,
+                delivery = inbound.recv() => match delivery {
+                    Some(d) => {
+                        let complete = self.handle(&d.message).await;
+                        // Handled durably (a chunk is on disk): the broker may
+                        // forget it, before the longer install starts.
+                        d.ack();
+                        if let Some(name) = complete {
+                            self.install(&name).await;
+                        }
+                    }
                     None => break,
                 },
                 _ = tick.tick() => self.watch_probation().await,
@@ -266,10 +241,7 @@ impl Updater {
         );
         let topic = topics::status(&self.root, &self.env.device, name);
         let json = serde_json::to_vec(&report).expect("a report serialises");
-        let _ = self.reports.send((topic.clone(), json.clone()));
-        self.outbound.send_modify(|o| {
-            o.reports.insert(topic, json);
-        });
+        self.link.publish(Retained { topic, payload: json, content_type: Some("application/json".into()) });
         if persist && let Some(slot) = self.slots.get_mut(name) {
             slot.state.last = Some(report);
             self.save(name).await;
@@ -287,34 +259,31 @@ impl Updater {
     }
 
     fn sync_subscriptions(&self) {
-        let mut wanted = BTreeSet::from([topics::manifests(&self.root)]);
+        let filter = |f: String| TopicFilter::new(&f).expect("the config validates topic_root and plugin names");
+        let mut wanted = BTreeSet::from([filter(topics::manifests(&self.root))]);
         for (name, slot) in &self.slots {
             if let Some(t) = &slot.state.target {
-                wanted.insert(topics::chunks(&self.root, name, t.version));
+                wanted.insert(filter(topics::chunks(&self.root, name, t.version)));
             }
         }
-        self.outbound.send_if_modified(|o| {
-            if o.subscriptions == wanted {
-                return false;
-            }
-            o.subscriptions = wanted;
-            true
-        });
+        self.link.subscribe(wanted);
     }
 
-    async fn handle(&mut self, m: Inbound) {
-        let Some(parsed) = topics::parse(&self.root, &m.topic) else { return };
+    /// Handles one fleet message; returns the plugin whose download it
+    /// completed, to install.
+    async fn handle(&mut self, m: &DownlinkMessage) -> Option<String> {
+        let parsed = topics::parse(&self.root, &m.topic)?;
         match parsed {
             FleetTopic::Manifest { name, devices } => {
                 let (name, devices) = (name.to_owned(), devices.to_owned());
                 if m.payload.is_empty() || !valid_pattern(&devices) || !pattern_matches(&devices, &self.env.device) {
-                    return;
+                    return None;
                 }
-                self.on_manifest(&name, &m.destination, &m.payload).await;
+                self.on_manifest(&name, &m.destination, &m.payload).await.then_some(name)
             }
             FleetTopic::Chunk { name, version } => {
                 let name = name.to_owned();
-                self.on_chunk(&name, version, &m.payload).await;
+                self.on_chunk(&name, version, &m.payload).await.then_some(name)
             }
         }
     }
@@ -333,7 +302,9 @@ impl Updater {
         self.sync_subscriptions();
     }
 
-    async fn on_manifest(&mut self, name: &str, destination: &str, payload: &[u8]) {
+    /// Returns whether the download it starts is already complete (its
+    /// chunks are on disk from an earlier run).
+    async fn on_manifest(&mut self, name: &str, destination: &str, payload: &[u8]) -> bool {
         if !self.slots.contains_key(name) {
             // Still reported, so the fleet manager sees why nothing happens.
             let reason = format!("this device has no [[plugin]] named `{name}`");
@@ -341,22 +312,25 @@ impl Updater {
             // publish on the broker must not grow this device's memory.
             let topic = topics::status(&self.root, &self.env.device, name);
             let full_or_known = {
-                let reports = &self.outbound.borrow().reports;
-                reports.len() >= self.slots.len() + MAX_UNKNOWN_REPORTS || reports.contains_key(&topic)
+                let (known, reports) = self.link.published(&topic);
+                known || reports >= self.slots.len() + MAX_UNKNOWN_REPORTS
             };
             if full_or_known {
-                return;
+                return false;
             }
             let report = Report { reason: Some(reason), ..self.report(name, State::Rejected) };
             self.publish(name, report, false).await;
-            return;
+            return false;
         }
         let slot = &self.slots[name];
         let world = slot.plugin.spec.world;
         let (manifest, key_id) =
             match machine::on_manifest(&slot.state, name, world, &self.env.config.trusted_keys, payload) {
-                OnManifest::Ignore => return,
-                OnManifest::Refuse { candidate, refusal } => return self.reject(name, candidate, refusal).await,
+                OnManifest::Ignore => return false,
+                OnManifest::Refuse { candidate, refusal } => {
+                    self.reject(name, candidate, refusal).await;
+                    return false;
+                }
                 OnManifest::Download { manifest, signer } => (manifest, signer),
             };
         let version = manifest.version;
@@ -378,39 +352,39 @@ impl Updater {
         self.sync_subscriptions();
         let report = self.progress(name, &manifest);
         self.publish(name, report, true).await;
-        if machine::complete(&self.slots[name].state, &self.slots[name].received) {
-            self.install(name).await;
-        }
+        machine::complete(&self.slots[name].state, &self.slots[name].received)
     }
 
-    async fn on_chunk(&mut self, name: &str, version: u64, payload: &[u8]) {
-        let Some(slot) = self.slots.get(name) else { return };
+    /// Returns whether the download is complete.
+    async fn on_chunk(&mut self, name: &str, version: u64, payload: &[u8]) -> bool {
+        let Some(slot) = self.slots.get(name) else { return false };
         let chunk = match machine::on_chunk(&slot.state, &slot.received, version, payload) {
-            OnChunk::Ignore => return,
+            OnChunk::Ignore => return false,
             // Only this chunk is bad: the download stays, and a good copy
             // (re-pushed, or from another cloud) completes it.
-            OnChunk::Refuse(refusal) => return self.reject(name, Some(version), refusal).await,
+            OnChunk::Refuse(refusal) => {
+                self.reject(name, Some(version), refusal).await;
+                return false;
+            }
             OnChunk::Store(chunk) => chunk,
         };
-        let Some(target) = slot.state.target.clone() else { return };
+        let Some(target) = slot.state.target.clone() else { return false };
         let dir = slot.dir.clone();
         let index = chunk.header.index;
         match tokio::task::spawn_blocking(move || dir.store_chunk(&chunk)).await {
             Ok(Ok(())) => {}
             Ok(Err(e)) => {
                 tracing::error!(plugin = name, index, error = %e, "cannot store a downloaded chunk");
-                return;
+                return false;
             }
-            Err(_) => return,
+            Err(_) => return false,
         }
         let slot = self.slots.get_mut(name).expect("checked above");
         slot.received.insert(index);
         let done = machine::complete(&slot.state, &slot.received);
         let report = self.progress(name, &target);
         self.publish(name, report, false).await;
-        if done {
-            self.install(name).await;
-        }
+        done
     }
 
     /// Verifies, checks, shadows and activates the finished download.
@@ -602,109 +576,4 @@ fn shadow(candidate: &mut Plugin, samples: &[Sample], limit: usize) -> Result<Sh
         out.differences += u64::from(!same);
     }
     Ok(out)
-}
-
-/// A link task's channels to and from the updater.
-struct LinkChannels {
-    inbound: mpsc::Sender<Inbound>,
-    outbound: watch::Receiver<Outbound>,
-    reports: broadcast::Receiver<(String, Vec<u8>)>,
-}
-
-/// One fleet destination's own MQTT session: subscribes to what the updater
-/// wants, passes messages on, publishes reports retained; reconnects with
-/// backoff until shutdown.
-async fn run_link(
-    config: DestinationConfig,
-    tls: Option<Arc<rustls::ClientConfig>>,
-    channels: LinkChannels,
-    shutdown: watch::Receiver<bool>,
-) {
-    let mut endpoint = config.endpoint.clone();
-    endpoint.client_id = format!("{}-fleet", endpoint.client_id);
-    let opts = LinkOptions {
-        inflight: 16,
-        queue: REPORT_QUEUE + 16,
-        clean_session: true,
-        manual_acks: false,
-        receive_maximum: None,
-    };
-    let backoff = (config.backoff_base, config.backoff_cap);
-    let supervisor = Supervisor::new(format!("fleet via {}", config.name), tls, opts, backoff, shutdown.clone());
-    let mut link = FleetLink { endpoint, destination: config.name.as_str().into(), channels, shutdown };
-    supervisor.run(&mut link).await;
-}
-
-/// The fleet's side of one destination's connections.
-struct FleetLink {
-    endpoint: MqttEndpoint,
-    destination: Arc<str>,
-    channels: LinkChannels,
-    shutdown: watch::Receiver<bool>,
-}
-
-impl Session for FleetLink {
-    fn endpoint(&mut self) -> Result<MqttEndpoint, String> {
-        Ok(self.endpoint.clone())
-    }
-
-    async fn run(&mut self, link: &mut Link, _: Connected) -> End {
-        tracing::info!(destination = %self.destination, "fleet link connected");
-        let channels = &mut self.channels;
-        let mut subscribed: BTreeSet<String> = BTreeSet::new();
-        // A new connection starts from the latest reports; reports queued
-        // before it are superseded by them.
-        channels.reports = channels.reports.resubscribe();
-        let mut republish = true;
-        loop {
-            let wanted = channels.outbound.borrow_and_update().clone();
-            for filter in &wanted.subscriptions {
-                if !subscribed.contains(filter) {
-                    if let Err(e) = link.subscribe(filter) {
-                        return End::ours(e);
-                    }
-                    subscribed.insert(filter.clone());
-                }
-            }
-            if std::mem::take(&mut republish) {
-                for (topic, json) in &wanted.reports {
-                    if let Err(e) = publish_report(link, topic, json) {
-                        return End::ours(e);
-                    }
-                }
-            }
-            // The updater stops only at shutdown; its links stop with it.
-            tokio::select! {
-                event = link.poll() => match event {
-                    Ok(LinkEvent::Message(m)) => {
-                        let m = Inbound { destination: self.destination.clone(), topic: m.topic, payload: m.payload };
-                        if channels.inbound.send(m).await.is_err() {
-                            return End::Shutdown;
-                        }
-                    }
-                    Ok(_) => {}
-                    Err(e) => return e.into(),
-                },
-                report = channels.reports.recv() => match report {
-                    Ok((topic, json)) => {
-                        if let Err(e) = publish_report(link, &topic, &json) {
-                            return End::ours(e);
-                        }
-                    }
-                    Err(broadcast::error::RecvError::Lagged(_)) => republish = true,
-                    Err(broadcast::error::RecvError::Closed) => return End::Shutdown,
-                },
-                changed = channels.outbound.changed() => {
-                    if changed.is_err() {
-                        return End::Shutdown;
-                    }
-                }
-                _ = stopping(&mut self.shutdown) => return End::Shutdown,
-            }
-        }
-    }
-}
-
-fn publish_report(link: &Link, topic: &str, json: &[u8]) -> Result<(), LinkError> {
-    link.publish(topic.to_owned(), json.to_vec(), Some("application/json".into()), Vec::new(), true)
 }

@@ -37,7 +37,7 @@ use tokio::task::JoinHandle;
 
 use crate::clock::SharedClock;
 use crate::config::{DestinationConfig, Protocol};
-use crate::downlink::{AckQueue, DestinationDownlink};
+use crate::downlink::{self, AckQueue, CompanionRequest, DestinationDownlink, Retained};
 use crate::event::Event;
 use crate::histogram::Histogram;
 use crate::limits::DestinationLimits;
@@ -65,6 +65,10 @@ const DRAIN_ON_SHUTDOWN: Duration = Duration::from_secs(2);
 /// Ferry's own side (the store, a filter). The store answers at once while
 /// it cannot write, so a retry costs little; the link stays up meanwhile.
 const LOCAL_RETRY: Duration = Duration::from_secs(1);
+
+/// A downlink companion's publishes (fleet reports) in flight at most, so
+/// that with a full window they still fit the client's request queue.
+const COMPANION_IN_FLIGHT: usize = 8;
 
 /// What an operator sees of one destination.
 #[derive(Debug, Clone, Default, Serialize)]
@@ -244,6 +248,9 @@ struct Progress {
     broker_retain: bool,
     /// A local failure being waited out: when to try again, and why.
     paused: Option<(tokio::time::Instant, String)>,
+    /// A companion's retained messages (fleet reports) waiting for this
+    /// connection; sent before events, under the same pace.
+    side: VecDeque<Retained>,
 }
 
 impl Task {
@@ -273,17 +280,19 @@ impl Task {
             throttled: false,
             broker_retain: true,
             paused: None,
+            side: VecDeque::new(),
         };
         self.update(|s| s.acked_sequence = cursor);
         let opts = LinkOptions {
             inflight: u16::try_from(self.config.inflight_publishes).unwrap_or(u16::MAX),
-            queue: self.config.inflight + 16,
+            queue: self.config.inflight + COMPANION_IN_FLIGHT + 16,
             // With subscriptions, the broker keeps our session (and the QoS 1
             // messages sent while we were away) and waits for acks that come
             // only once consumers have handled each message.
             clean_session: self.downlink.is_empty(),
             manual_acks: !self.downlink.is_empty(),
-            receive_maximum: None,
+            // Bounds what consumers are handed before they ack (see `downlink`).
+            receive_maximum: (!self.downlink.is_empty()).then_some(downlink::WINDOW),
         };
         let supervisor = Supervisor::new(
             format!("destination {}", self.config.name),
@@ -346,11 +355,13 @@ impl Task {
         self.update(|s| s.connected = true);
         tracing::info!(destination = %self.config.name, url = %self.config.endpoint.url(), resume_after = p.window.acked_through(), "connected");
         // Every connection subscribes again: a broker may have lost the session.
-        for filter in self.downlink.subscriptions() {
+        let (companion_filters, latest) = self.downlink.companion_connected();
+        for filter in self.downlink.subscriptions().iter().chain(&companion_filters) {
             if let Err(e) = link.subscribe(filter.as_str()) {
                 return End::ours(e);
             }
         }
+        p.side = latest.into();
         let mut unacked: AckQueue<Box<Incoming>> = AckQueue::default();
 
         let mut committed = self.store.committed();
@@ -388,8 +399,11 @@ impl Task {
                             Ok(LinkEvent::Acked(pkid)) => {
                                 if let Some((events, at_ms)) = p.window.acked_at(pkid) {
                                     last_ack = Instant::now();
-                                    p.delivered += events as u64;
-                                    self.lag.observe(now_ms.saturating_sub(at_ms) as f64 / 1000.0);
+                                    // A companion's publish carries no event.
+                                    if events > 0 {
+                                        p.delivered += events as u64;
+                                        self.lag.observe(now_ms.saturating_sub(at_ms) as f64 / 1000.0);
+                                    }
                                 }
                             }
                             Ok(LinkEvent::Refused { pkid, kind: RefusalKind::Message, reason }) => {
@@ -466,6 +480,22 @@ impl Task {
                     }
                     self.refresh_status(p, &buffer);
                 }
+                request = self.downlink.companion_request() => match request {
+                    CompanionRequest::Filters { add, remove } => {
+                        for f in &add {
+                            if let Err(e) = link.subscribe(f.as_str()) {
+                                return End::ours(e);
+                            }
+                        }
+                        for f in &remove {
+                            if let Err(e) = link.unsubscribe(f.as_str()) {
+                                return End::ours(e);
+                            }
+                        }
+                    }
+                    CompanionRequest::Publish(r) => p.side.push_back(r),
+                    CompanionRequest::Republish(latest) => p.side = latest.into(),
+                },
                 _ = self.shutdown.changed() => {
                     self.drain(link, p).await;
                     return End::Shutdown;
@@ -494,6 +524,21 @@ impl Task {
         loop {
             if !p.window.has_room() {
                 return Ok(());
+            }
+            if let Some(r) = p.side.front().filter(|_| p.window.in_flight_without_events() < COMPANION_IN_FLIGHT) {
+                // A companion's few, small messages go first, under the same pace.
+                let now = tokio::time::Instant::now();
+                let len = (r.topic.len() + r.payload.len()) as u64;
+                if let Some(at) = p.pacer.ready_at(now, len) {
+                    return self.throttle(p, now, at);
+                }
+                let r = p.side.pop_front().expect("not empty");
+                p.pacer.sent(now, len);
+                p.bytes_sent += r.payload.len() as u64;
+                p.published += 1;
+                link.publish(r.topic, r.payload, r.content_type, Vec::new(), p.broker_retain)?;
+                p.window.offer(&[]);
+                continue;
             }
             let newest = *self.store.committed().borrow();
             if buffer.is_empty() || (lingering && newest >= p.window.next()) {
@@ -681,6 +726,9 @@ impl Task {
     async fn set_aside_refused(&self, p: &mut Progress, pkid: u16, reason: &str) -> Result<(), String> {
         let Some(sequences) = p.window.sequences_of(pkid).map(<[u64]>::to_vec) else { return Ok(()) };
         let reason = format!("destination {}: the broker refused the publish ({reason})", self.config.name);
+        if sequences.is_empty() {
+            tracing::warn!(%reason, "a companion's retained message (a fleet report) was refused");
+        }
         for sequence in sequences {
             self.set_aside(sequence, &reason).await?;
         }

@@ -105,6 +105,12 @@ impl Window {
         self.queued.len() + self.on_wire.len()
     }
 
+    /// Publishes awaiting PUBACK that carry no event (offered with no parts:
+    /// a downlink companion's).
+    pub fn in_flight_without_events(&self) -> usize {
+        self.queued.iter().chain(self.on_wire.values()).filter(|p| p.is_empty()).count()
+    }
+
     /// Every sequence at or below this was delivered.
     pub fn acked_through(&self) -> u64 {
         self.acked_through
@@ -270,6 +276,25 @@ mod tests {
         assert!(w.acked(2) && w.acked(3));
         assert_eq!(w.cursor_to_persist(), Some(13));
         assert_eq!(w.in_flight(), 0);
+    }
+
+    #[test]
+    fn a_publish_without_events_takes_its_packet_id_and_never_moves_the_cursor() {
+        let mut w = Window::new(0, 8);
+        read(&mut w, 1..=2);
+        sent(&mut w, 1);
+        w.offer(&[]);
+        sent(&mut w, 2);
+        assert_eq!((w.in_flight(), w.in_flight_without_events()), (3, 1));
+        for pkid in 1..=3 {
+            w.on_wire(pkid);
+        }
+        assert_eq!(w.sequences_of(2), Some(&[][..]), "packet 2 is the publish without events");
+        assert_eq!(w.acked_at(2), Some((0, 0)));
+        assert_eq!(w.acked_through(), 0);
+        assert!(w.acked(1) && w.acked(3));
+        assert_eq!(w.acked_through(), 2);
+        assert_eq!((w.in_flight(), w.in_flight_without_events()), (0, 0));
     }
 
     #[test]

@@ -359,6 +359,15 @@ impl Link {
         if ok { Ok(()) } else { Err(LinkError::QueueFull) }
     }
 
+    /// Queues the removal of a subscription.
+    pub fn unsubscribe(&self, filter: &str) -> Result<(), LinkError> {
+        let ok = match &self.inner {
+            Inner::V4(c, _) => c.try_unsubscribe(filter).is_ok(),
+            Inner::V5(c, _) => c.try_unsubscribe(filter).is_ok(),
+        };
+        if ok { Ok(()) } else { Err(LinkError::QueueFull) }
+    }
+
     /// Acknowledges a received message (with manual acks).
     pub fn ack(&self, message: &Incoming) -> Result<(), LinkError> {
         let ok = match (&self.inner, &message.raw) {
