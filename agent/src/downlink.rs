@@ -20,8 +20,8 @@
 //!
 //! A slow consumer never stalls its forwarder: on MQTT 5 the forwarder
 //! takes at most [`WINDOW`] unacknowledged messages (its Receive Maximum),
-//! and every consumer's queue holds at least that many, so handing a
-//! message over never waits; a slow consumer delays PUBACKs, not
+//! and every consumer's queue holds that many for each destination it
+//! consumes from, so handing a message over never waits; a slow consumer delays PUBACKs, not
 //! forwarding. (On MQTT 3.1.1 the broker's own in-flight limit bounds it.)
 //!
 //! A [`Companion`] is a service that talks to a cloud over the
@@ -41,7 +41,7 @@ use tokio::sync::{broadcast, mpsc, oneshot, watch};
 use crate::topic::TopicFilter;
 
 /// Most cloud-to-device messages a forwarder holds unacknowledged (its MQTT 5
-/// Receive Maximum); a consumer's queue must hold at least this many.
+/// Receive Maximum); a consumer's queue holds this many per destination.
 pub const WINDOW: u16 = 128;
 
 /// Retained messages a companion may publish faster than a link sends them

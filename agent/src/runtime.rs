@@ -140,7 +140,10 @@ impl Agent {
                 stop_rx.clone(),
             )
         });
-        let (state_tx, state_rx) = tokio::sync::mpsc::channel(STATE_QUEUE_DEPTH);
+        // Room for every destination's unacknowledged messages, so a
+        // forwarder never waits to hand one over (see `downlink::WINDOW`).
+        let downlink_depth = usize::from(crate::downlink::WINDOW) * config.destinations.len();
+        let (state_tx, state_rx) = tokio::sync::mpsc::channel(downlink_depth.max(STATE_QUEUE_DEPTH));
         for d in &config.destinations {
             for f in &d.routing.subscribe {
                 downlink.register(&d.name, d.subscription_filter(f), state_tx.clone());

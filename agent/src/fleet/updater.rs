@@ -37,9 +37,6 @@ use crate::topic::TopicFilter;
 /// How often probation counters are looked at.
 const PROBATION_TICK: Duration = Duration::from_millis(200);
 
-/// Messages that may wait for the updater (see [`downlink::WINDOW`]).
-const INBOUND_QUEUE: usize = downlink::WINDOW as usize * 2;
-
 /// Most plugin names this device does not have that it reports on.
 const MAX_UNKNOWN_REPORTS: usize = 16;
 
@@ -79,7 +76,9 @@ pub fn spawn(
     downlink: &mut DownlinkRouter,
     shutdown: watch::Receiver<bool>,
 ) -> JoinHandle<()> {
-    let (inbound_tx, inbound_rx) = mpsc::channel(INBOUND_QUEUE);
+    // Room for every fleet destination's unacknowledged messages, so a
+    // forwarder never waits to hand one over (see `downlink::WINDOW`).
+    let (inbound_tx, inbound_rx) = mpsc::channel(usize::from(downlink::WINDOW) * config.destinations.len().max(1));
     let link = CompanionHandle::new(inbound_tx);
     for d in &config.destinations {
         downlink.attach(d, link.companion());
