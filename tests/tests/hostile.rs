@@ -19,6 +19,8 @@ use ferry::downlink::DestinationDownlink;
 use ferry::event::EventBody;
 use ferry::forward::Forwarder;
 use ferry::forward::stage::Stage;
+use ferry::ingest::Ingest;
+use ferry::ingest::mqtt::MqttIngest;
 use ferry::runtime::Agent;
 use ferry::store::faults::IoFaults;
 use ferry::store::{Dedup, PreparedEvent, Store};
@@ -331,6 +333,44 @@ async fn a_store_failure_in_a_forwarder_pauses_it_on_a_live_link_and_it_resumes_
     assert_eq!(ids(&c, Protocol::V5), ["a", "b"], "each event once, in order");
     stop.send(true).unwrap();
     forwarder.join().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_store_failure_in_local_mqtt_ingest_keeps_the_link_and_the_messages_are_stored_once_it_heals() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = StoreConfig::at(dir.path().join("ferry.redb"));
+    let faults = IoFaults::new();
+    let (f2, path) = (faults.clone(), config.path.clone());
+    let store = Store::open_with_backends(config, Arc::new(SystemClock), move || f2.backend(&path)).unwrap();
+    let broker = Mosquitto::start(MosquittoOptions::default()).await.unwrap();
+    let tail = format!(
+        "[ingest.mqtt]\nurl = \"{}\"\nclient_id = \"ferry-local\"\ntopics = [\"sensors/#\"]\nkeep_alive = \"5s\"\n",
+        broker.url()
+    );
+    let mqtt = Config::parse(&agent_toml(dir.path(), &tail), "test.toml").unwrap().mqtt_ingest.unwrap();
+    let ingest = Ingest::new(store.clone(), "ferry://gw-1".into(), Arc::new(SystemClock));
+    let (stop, shutdown) = tokio::sync::watch::channel(false);
+    let task = tokio::spawn(MqttIngest::new(mqtt, None, ingest, shutdown).run());
+    wait_until("local MQTT ingest to connect", async || broker.log().contains("as ferry-local")).await;
+    // Subscribed (persistent session) before anything is published to it.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    faults.fail_writes(libc::EIO);
+    for n in 0..3 {
+        ferry_harness::mqtt::publish_v311(&broker.url(), &format!("sensors/{n}"), "1", Duration::from_secs(10))
+            .await
+            .unwrap();
+    }
+    // Several retries' worth: the batch waits in hand, unacknowledged, on the same connection.
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    assert!(store.read_after(0, 10).unwrap().is_empty(), "nothing is stored while writes fail");
+    faults.heal();
+    wait_until("the three messages to be stored", async || store.read_after(0, 10).is_ok_and(|e| e.len() == 3)).await;
+    let subjects: Vec<String> = store.read_after(0, 10).unwrap().into_iter().map(|e| e.body.subject).collect();
+    assert_eq!(subjects, ["sensors/0", "sensors/1", "sensors/2"], "each once, in order");
+    let log = broker.log();
+    assert_eq!(log.matches("as ferry-local").count(), 1, "a store failure must not cost the link:\n{log}");
+    stop.send(true).unwrap();
+    task.await.unwrap();
 }
 
 /// `ferry <args>`, its exit code and everything it printed.

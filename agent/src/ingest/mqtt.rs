@@ -12,6 +12,7 @@
 //! window as on every ingest path.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use sha2::{Digest, Sha256};
 use tokio::sync::watch;
@@ -34,6 +35,10 @@ const BATCH: usize = 512;
 /// its own default (Mosquitto: 20), and ingest crawls at 20 per commit.
 /// Two batches' worth lets one batch commit while the next one arrives.
 const RECEIVE_MAXIMUM: u16 = (2 * BATCH) as u16;
+
+/// How long a batch the store failed to take waits before it is tried
+/// again, on the same connection (the store heals by itself).
+const STORE_RETRY: Duration = Duration::from_secs(1);
 
 /// The local MQTT ingest task.
 pub struct MqttIngest {
@@ -86,6 +91,8 @@ impl MqttIngest {
         // unmap from the kernel, batch after batch).
         let mut pending: Vec<Box<Incoming>> = Vec::new();
         let mut commit: Option<Commit> = None;
+        // Why the store refuses batches, while it does.
+        let mut failing: Option<String> = None;
         let end = 'session: loop {
             tokio::select! {
                 event = link.poll() => match event {
@@ -97,6 +104,9 @@ impl MqttIngest {
                     commit = None;
                     match stored {
                         Ok((Stored::Yes(batch), messages)) => {
+                            if let Some(reason) = failing.take() {
+                                tracing::info!(after = %reason, "local MQTT ingest stores again");
+                            }
                             for m in &messages {
                                 if let Err(e) = link.ack(m) {
                                     break 'session End::ours(e);
@@ -112,10 +122,17 @@ impl MqttIngest {
                         }
                         Ok((Stored::Closed, _)) => break End::Shutdown,
                         Err(e) => break End::Local(format!("storing local MQTT messages failed: {e}")),
-                        Ok((Stored::Failed(e), _)) => {
-                            // Storage failure: leave the batch unacknowledged; a new
-                            // session makes the broker deliver it again.
-                            break End::Local(format!("storing local MQTT messages failed: {e}"));
+                        Ok((Stored::Failed(e), messages)) => {
+                            // The batch stays unacknowledged and in hand: try it
+                            // again on this connection once the store may have healed.
+                            if failing.is_none() {
+                                tracing::warn!(error = %e, retry_every = ?STORE_RETRY, "storing local MQTT messages failed; they wait at the broker");
+                            }
+                            failing = Some(e.to_string());
+                            match self.start_commit(link, messages, STORE_RETRY) {
+                                Ok(c) => commit = c,
+                                Err(e) => break End::ours(e),
+                            }
                         }
                     }
                 }
@@ -130,7 +147,7 @@ impl MqttIngest {
                     let rest = pending.split_off(BATCH);
                     std::mem::replace(&mut pending, rest)
                 };
-                match self.start_commit(link, batch) {
+                match self.start_commit(link, batch, Duration::ZERO) {
                     Ok(c) => commit = c,
                     Err(e) => break End::ours(e),
                 }
@@ -144,12 +161,18 @@ impl MqttIngest {
     }
 
     /// Refuses what cannot become an event (acked, so it is not redelivered
-    /// forever) and starts storing the rest. `None` when nothing is left.
+    /// forever) and starts storing the rest, `after` a wait. `None` when
+    /// nothing is left.
     #[expect(
         clippy::vec_box,
         reason = "a batch moves pointers; unboxed, it is one allocation large enough to be mapped and unmapped per batch"
     )]
-    fn start_commit(&mut self, link: &mut Link, batch: Vec<Box<Incoming>>) -> Result<Option<Commit>, LinkError> {
+    fn start_commit(
+        &mut self,
+        link: &mut Link,
+        batch: Vec<Box<Incoming>>,
+        after: Duration,
+    ) -> Result<Option<Commit>, LinkError> {
         let mut inputs = Vec::with_capacity(batch.len());
         let mut messages = Vec::with_capacity(batch.len());
         let deliveries = clock::new_v7(self.ingest.clock().as_ref()).as_u128();
@@ -170,7 +193,12 @@ impl MqttIngest {
             return Ok(None);
         }
         let ingest = self.ingest.clone();
-        let task = tokio::spawn(store_batch(ingest, deliveries, inputs, messages));
+        let task = tokio::spawn(async move {
+            if !after.is_zero() {
+                tokio::time::sleep(after).await;
+            }
+            store_batch(ingest, deliveries, inputs, messages).await
+        });
         Ok(Some(Commit { task }))
     }
 }

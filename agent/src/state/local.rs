@@ -2,11 +2,13 @@
 //! applications read the converged value with a plain MQTT subscription.
 //!
 //! On every connection it first publishes the whole state (a broker may
-//! have lost its retained store), then each change as it commits. Topic:
+//! have lost its retained store), then each change as it commits; if it
+//! falls behind the changes, the whole state again. Topic:
 //! `{topic_prefix}{key}`; payload: the value; on MQTT 5 the version rides
 //! as user properties (see [`super::wire`]). Best effort by design: the
 //! state table is the source of truth and a reconnect republishes it.
 
+use std::collections::VecDeque;
 use std::sync::Arc;
 
 use tokio::sync::watch;
@@ -36,6 +38,16 @@ struct Publisher {
 }
 
 impl Publisher {
+    /// Every key's value, to publish in full.
+    async fn snapshot(&self) -> Result<VecDeque<(String, super::Entry)>, End> {
+        let snapshot =
+            self.state.list(String::new()).await.map_err(|e| End::Local(format!("reading the state table: {e}")))?;
+        if snapshot.len() >= LIST_LIMIT {
+            tracing::warn!(limit = LIST_LIMIT, "local state snapshot truncated");
+        }
+        Ok(snapshot.into())
+    }
+
     fn publish(&self, link: &Link, key: &str, e: &super::Entry) -> Result<(), LinkError> {
         link.publish(
             format!("{}{key}", self.config.topic_prefix),
@@ -55,14 +67,10 @@ impl Session for Publisher {
     async fn run(&mut self, link: &mut Link, _: Connected) -> End {
         // Subscribed before the snapshot is read, so no change falls between them.
         let mut changes = self.state.subscribe();
-        let snapshot = match self.state.list(String::new()).await {
+        let mut snapshot = match self.snapshot().await {
             Ok(s) => s,
-            Err(e) => return End::Local(format!("reading the state table: {e}")),
+            Err(end) => return end,
         };
-        if snapshot.len() >= LIST_LIMIT {
-            tracing::warn!(limit = LIST_LIMIT, "local state snapshot truncated");
-        }
-        let mut snapshot: std::collections::VecDeque<_> = snapshot.into();
         loop {
             // Feed the snapshot at the pace the client queue allows.
             while let Some((k, e)) = snapshot.front() {
@@ -78,8 +86,14 @@ impl Session for Publisher {
                 ev = link.poll() => if let Err(e) = ev { return e.into() },
                 change = changes.recv() => match change {
                     Ok((_, c)) => if let Err(e) = self.publish(link, &c.key, &c.entry) { return End::ours(e) },
-                    // Fell behind: a new connection republishes everything.
-                    Err(_) => return End::Local("fell behind the change feed".into()),
+                    // Fell behind: publish everything again, on this connection.
+                    Err(_) => {
+                        changes = changes.resubscribe();
+                        snapshot = match self.snapshot().await {
+                            Ok(s) => s,
+                            Err(end) => return end,
+                        };
+                    }
                 },
                 _ = stopping(&mut self.shutdown) => return End::Shutdown,
             }
