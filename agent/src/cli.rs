@@ -18,6 +18,7 @@ use crate::clock::SystemClock;
 use crate::config::{Config, ConfigError};
 
 pub mod dlq;
+pub mod events;
 pub mod fleet;
 pub mod plugin;
 #[cfg(feature = "scaffold")]
@@ -51,6 +52,9 @@ pub enum Command {
     /// Inspect, replay and purge a running agent's dead letters.
     #[command(subcommand)]
     Dlq(dlq::DlqCommand),
+    /// Where a running agent's events stand at each destination (receipts).
+    #[command(subcommand)]
+    Events(events::EventsCommand),
     /// Inspect a store offline.
     #[command(subcommand)]
     Store(store::StoreCommand),
@@ -463,6 +467,7 @@ pub fn main() -> ExitCode {
             plugin::run(cmd)
         }
         Command::Dlq(cmd) => dlq::run(cmd),
+        Command::Events(cmd) => events::run(cmd),
         Command::Store(cmd) => store::run(cmd),
         #[cfg(feature = "demo")]
         Command::Demo(args) => {

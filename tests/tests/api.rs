@@ -8,6 +8,8 @@ use std::time::Duration;
 use ferry::clock::SystemClock;
 use ferry::config::Config;
 use ferry::runtime::Agent;
+use ferry_harness::{Mosquitto, MosquittoOptions};
+use ferry_tests::ferry_bin;
 use serde_json::{Value, json};
 
 struct TestAgent {
@@ -276,4 +278,77 @@ async fn shutdown_finishes_and_a_restarted_agent_resumes_the_sequence() {
     let b: Value = client.post(&url).body(r#"{"topic":"a","data":3}"#).send().await.unwrap().json().await.unwrap();
     assert_eq!(b["events"][0]["sequence"], 3);
     agent.shutdown().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_receipt_says_per_destination_whether_an_event_is_delivered_pending_or_not_routed() {
+    let broker = Mosquitto::start(MosquittoOptions::default()).await.unwrap();
+    let down = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let destination = |name: &str, url: &str, routes: &str| {
+        format!(
+            "[[destination]]\nname = \"{name}\"\nurl = \"{url}\"\nroutes = [\"{routes}\"]\nkeep_alive = \"5s\"\n\
+             backoff_base = \"100ms\"\nbackoff_cap = \"500ms\"\n\n"
+        )
+    };
+    let t = TestAgent::start(&format!(
+        "{}{}{}",
+        destination("up", &broker.url(), "t/#"),
+        destination("down", &format!("mqtt://127.0.0.1:{down}"), "t/#"),
+        destination("elsewhere", &broker.url(), "u/#"),
+    ))
+    .await;
+    let (code, answer, _) =
+        t.post("application/json", json!({"topic": "t/a", "id": "r-1", "data": 1}).to_string()).await;
+    assert_eq!(code, 200, "{answer}");
+    let sequence = answer["events"][0]["sequence"].as_u64().unwrap();
+    let receipt = |key: String| {
+        let url = t.url(&format!("/v1/events/{key}"));
+        let client = t.client.clone();
+        async move {
+            let r = client.get(url).send().await.unwrap();
+            (r.status().as_u16(), r.json::<Value>().await.unwrap())
+        }
+    };
+    let state = |r: &Value, d: &str| {
+        let row = r["destinations"].as_array().unwrap().iter().find(|x| x["destination"] == d).cloned();
+        row.map(|x| x["state"].as_str().unwrap_or("?").to_owned()).unwrap_or_default()
+    };
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    let delivered = loop {
+        let (code, r) = receipt("r-1".into()).await;
+        assert_eq!(code, 200, "{r}");
+        if state(&r, "up") == "delivered" {
+            break r;
+        }
+        assert!(std::time::Instant::now() < deadline, "never delivered to `up`: {r}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert_eq!(delivered["id"], "r-1");
+    assert_eq!(delivered["sequence"], sequence);
+    assert_eq!(delivered["in_log"], true, "`down` still needs it");
+    assert_eq!(state(&delivered, "down"), "pending");
+    assert_eq!(state(&delivered, "elsewhere"), "not-routed");
+    let (code, by_sequence) = receipt(format!("seq:{sequence}")).await;
+    assert_eq!(code, 200);
+    assert_eq!(by_sequence, delivered, "by id and by sequence alike");
+
+    let (code, r) = receipt("never-sent".into()).await;
+    assert!(code == 404 && r["error"].as_str().unwrap().contains("dedup window"), "{code}: {r}");
+    let (code, r) = receipt(format!("seq:{}", sequence + 1000)).await;
+    assert_eq!(code, 404, "{r}");
+    let (code, r) = receipt("seq:nope".into()).await;
+    assert_eq!(code, 400, "{r}");
+
+    // The same through the CLI, as a person reads it.
+    let url = format!("http://{}", t.agent.http_addr());
+    let out = tokio::task::spawn_blocking(move || {
+        std::process::Command::new(ferry_bin!()).args(["events", "show", "r-1", "--url", &url]).output().unwrap()
+    })
+    .await
+    .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{text}{}", String::from_utf8_lossy(&out.stderr));
+    for (d, s) in [("up", "delivered"), ("down", "pending"), ("elsewhere", "not-routed")] {
+        assert!(text.lines().any(|l| l.starts_with(d) && l.contains(s)), "{d} {s}:\n{text}");
+    }
 }

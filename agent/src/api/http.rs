@@ -1,6 +1,8 @@
 //! The HTTP API: event ingest, status and health.
 //!
-//! Routes: `POST /v1/events`, `GET /v1/status` (store and destinations),
+//! Routes: `POST /v1/events`, `GET /v1/events/{id}` (a delivery receipt:
+//! the event's state at each destination; `{id}` is a producer's id within
+//! the dedup window, or `seq:N`), `GET /v1/status` (store and destinations),
 //! `GET /healthz`, the operator's routes of [`super::admin`]
 //! (`/metrics`, `/v1/dead-letters…`), plus routes other services hand in
 //! (the state API, [`super::state`]). Every route
@@ -28,7 +30,7 @@ use tokio::task::JoinSet;
 
 use axum::Router;
 use axum::body::Body;
-use axum::extract::{Request, State};
+use axum::extract::{Path, Request, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
@@ -40,7 +42,7 @@ use tokio::net::TcpListener;
 use crate::config::HttpConfig;
 use crate::forward::DestinationStatus;
 use crate::ingest::{Ingest, IngestError, parse};
-use crate::store::{AppendError, Appended, StoreStatus};
+use crate::store::{AppendError, Appended, EventRef, StoreStatus};
 
 /// Bodies above this size are decoded on the blocking pool.
 const INLINE_PARSE_LIMIT: usize = 64 * 1024;
@@ -113,6 +115,7 @@ pub async fn serve(
     };
     let protected = Router::new()
         .route("/v1/events", post(post_events))
+        .route("/v1/events/{id}", get(get_receipt))
         .route("/v1/status", get(get_status))
         .route_layer(middleware::from_fn_with_state(api.clone(), require_token));
     // Routes other services own (operator routes, the state API), behind the same token.
@@ -489,6 +492,27 @@ impl DestinationView {
         let drain_eta_seconds =
             (backlog_events > 0 && forwarder.send_rate > 0.0).then(|| backlog_events as f64 / forwarder.send_rate);
         Self { forwarder, backlog_events, backlog_bytes: backlog_events.saturating_mul(mean), drain_eta_seconds }
+    }
+}
+
+async fn get_receipt(State(api): State<Api>, Path(id): Path<String>) -> Response {
+    let key = match EventRef::parse(&id) {
+        Ok(k) => k,
+        Err(reason) => return error(StatusCode::BAD_REQUEST, &reason, None, None),
+    };
+    let ingest = api.ingest.clone();
+    let lookup = key.clone();
+    match tokio::task::spawn_blocking(move || ingest.store().receipt(&lookup)).await {
+        Ok(Ok(Some(receipt))) => axum::Json(receipt).into_response(),
+        Ok(Ok(None)) => {
+            let what = match key {
+                EventRef::Sequence(n) => format!("no event has sequence {n}"),
+                EventRef::Id(id) => format!("no event `{id}` within the dedup window (ask by `seq:N`)"),
+            };
+            error(StatusCode::NOT_FOUND, &what, None, None)
+        }
+        Ok(Err(e)) => error(StatusCode::INTERNAL_SERVER_ERROR, &e.to_string(), None, None),
+        Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, &e.to_string(), None, None),
     }
 }
 

@@ -11,6 +11,8 @@
 //! backoff until writes succeed again, refusing ingest meanwhile, and
 //! [`Store::health`] says why (`health`). A record that no longer decodes
 //! is moved to the dead letters rather than blocking its readers.
+//! [`Store::receipt`] tells where one event stands at each destination
+//! (`receipt`), from what the store keeps anyway.
 
 #[cfg(any(test, feature = "fault-injection"))]
 pub mod faults;
@@ -19,6 +21,7 @@ pub mod inspect;
 mod overlay;
 #[cfg(any(test, feature = "fault-injection"))]
 pub mod power_loss;
+mod receipt;
 mod tables;
 #[cfg(test)]
 mod tests;
@@ -39,6 +42,7 @@ use crate::event::{self, DecodeError, Event, EventBody};
 use crate::histogram::Histogram;
 pub use health::StoreHealth;
 use health::{FileIdentity, Shared, guard};
+pub use receipt::{DeliveryState, DestinationReceipt, EventRef, Receipt};
 use writer::{Reopen, Reply, Request, Writer};
 
 /// How long a producer refused for a full store is told to wait.
