@@ -183,7 +183,11 @@ impl Agent {
                 Forwarder::spawn(d.clone(), tls, store.clone(), clock.clone(), stage, downlink, stop_rx.clone())
             })
             .collect();
-        let statuses = forwarders.iter().map(Forwarder::status_handle).collect();
+        let statuses = forwarders
+            .iter()
+            .zip(&config.destinations)
+            .map(|(f, d)| http::Destination { name: d.name.clone(), status: f.status_handle(), acked: f.acked() })
+            .collect();
         // What each destination accepts: ingest and the state API refuse what one would refuse.
         let limits: Vec<_> = forwarders.iter().map(Forwarder::limits).collect();
         let admin = Admin {

@@ -352,3 +352,90 @@ async fn a_receipt_says_per_destination_whether_an_event_is_delivered_pending_or
         assert!(text.lines().any(|l| l.starts_with(d) && l.contains(s)), "{d} {s}:\n{text}");
     }
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn ack_levels_answer_once_enough_clouds_acknowledged_and_202_when_too_few_can() {
+    let mut brokers = Vec::new();
+    for _ in 0..3 {
+        brokers.push(Mosquitto::start(MosquittoOptions::default()).await.unwrap());
+    }
+    let destinations: String = ["a", "b", "c"]
+        .iter()
+        .zip(&brokers)
+        .map(|(name, b)| {
+            format!(
+                "[[destination]]\nname = \"{name}\"\nurl = \"{}\"\nkeep_alive = \"5s\"\n\
+                 backoff_base = \"100ms\"\nbackoff_cap = \"500ms\"\n\n",
+                b.url()
+            )
+        })
+        .collect();
+    let t = TestAgent::start(&format!("{destinations}[ingest.http]\nlisten = \"127.0.0.1:0\"\nack_timeout = \"2s\"\n"))
+        .await;
+    let post = |query: &'static str, id: &'static str| {
+        let (client, url) = (t.client.clone(), t.url(&format!("/v1/events{query}")));
+        async move {
+            let r =
+                client.post(url).body(json!({"topic": "t/a", "id": id, "data": 1}).to_string()).send().await.unwrap();
+            (r.status().as_u16(), r.json::<Value>().await.unwrap())
+        }
+    };
+    let acked_by = |body: &Value| -> Vec<String> {
+        let mut v: Vec<String> = body["events"][0]["acked_by"]
+            .as_array()
+            .unwrap_or(&vec![])
+            .iter()
+            .map(|x| x.as_str().unwrap().to_owned())
+            .collect();
+        v.sort();
+        v
+    };
+
+    // Every cloud up: `all` answers once the three have acknowledged.
+    let (code, body) = post("?ack=all", "k-0").await;
+    assert_eq!(code, 200, "{body}");
+    assert_eq!(acked_by(&body), ["a", "b", "c"]);
+    assert_eq!(body["ack"], "all");
+
+    // One down: a quorum is two of three.
+    brokers[1].stop().unwrap();
+    let (code, body) = post("?ack=quorum", "k-1").await;
+    assert_eq!(code, 200, "{body}");
+    assert_eq!(acked_by(&body), ["a", "c"]);
+
+    // Two down: a quorum cannot be had within ack_timeout; 202, stored, delivery pending.
+    brokers[2].stop().unwrap();
+    let started = std::time::Instant::now();
+    let (code, body) = post("?ack=quorum", "k-2").await;
+    assert_eq!(code, 202, "{body}");
+    assert_eq!(acked_by(&body), ["a"]);
+    assert!(started.elapsed() >= Duration::from_secs(2), "answered before ack_timeout");
+    // The header asks too, and `any` is met by the one cloud up.
+    let r = t
+        .client
+        .post(t.url("/v1/events"))
+        .header("ferry-ack", "any")
+        .body(json!({"topic": "t/a", "id": "k-3", "data": 1}).to_string())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 200);
+    let (code, body) = post("?ack=sometimes", "k-4").await;
+    assert!(code == 400 && body["field"] == "ack", "{code}: {body}");
+    assert!(t.events().iter().all(|e| e.body.id != "k-4"), "a refused request stores nothing");
+
+    // The clouds come back: what timed out is delivered to them.
+    brokers[1].restart().await.unwrap();
+    brokers[2].restart().await.unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let r: Value = t.client.get(t.url("/v1/events/k-2")).send().await.unwrap().json().await.unwrap();
+        let states: Vec<&str> =
+            r["destinations"].as_array().unwrap().iter().map(|d| d["state"].as_str().unwrap()).collect();
+        if states.iter().all(|s| *s == "delivered" || *s == "settled") {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "k-2 never reached every cloud: {r}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}

@@ -25,24 +25,25 @@ use http_body_util::BodyExt as _;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::server::graceful::GracefulShutdown;
 use hyper_util::service::TowerToHyperService;
-use tokio::sync::Semaphore;
+use tokio::sync::{Semaphore, watch};
 use tokio::task::JoinSet;
 
 use axum::Router;
 use axum::body::Body;
-use axum::extract::{Path, Request, State};
+use axum::extract::{Path, Query, Request, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use serde_json::json;
 use tokio::net::TcpListener;
 
+use crate::config::AckLevel;
 use crate::config::HttpConfig;
 use crate::forward::DestinationStatus;
 use crate::ingest::{Ingest, IngestError, parse};
-use crate::store::{AppendError, Appended, EventRef, StoreStatus};
+use crate::store::{AppendError, Appended, DeliveryState, EventRef, StoreStatus, judge};
 
 /// Bodies above this size are decoded on the blocking pool.
 const INLINE_PARSE_LIMIT: usize = 64 * 1024;
@@ -68,15 +69,29 @@ const FDS_PER_PEER: u64 = 4;
 /// How long accepting pauses after an error such as "too many open files".
 const ACCEPT_PAUSE: Duration = Duration::from_millis(100);
 
+/// What the API reads of one destination's forwarder.
+#[derive(Clone)]
+pub struct Destination {
+    /// Its name.
+    pub name: String,
+    /// Its status.
+    pub status: Arc<std::sync::Mutex<DestinationStatus>>,
+    /// Its acknowledged sequence ([`crate::forward::Forwarder::acked`]), for
+    /// answers that wait for acknowledgments.
+    pub acked: watch::Receiver<u64>,
+}
+
 #[derive(Clone)]
 struct Api {
     ingest: Ingest,
     config: Arc<HttpConfig>,
     device_id: Arc<str>,
     started: Instant,
-    destinations: Arc<[Arc<std::sync::Mutex<DestinationStatus>>]>,
+    destinations: Arc<[Destination]>,
     /// Permits are bytes of requests held in memory (`max_buffered`).
     buffered: Arc<Semaphore>,
+    /// Turns true at shutdown: answers waiting for acknowledgments go at once.
+    stopping: watch::Receiver<bool>,
 }
 
 /// Binds the API listener; the returned address has the real port when the
@@ -99,13 +114,15 @@ pub async fn serve(
     config: HttpConfig,
     ingest: Ingest,
     device_id: String,
-    destinations: Vec<Arc<std::sync::Mutex<DestinationStatus>>>,
+    destinations: Vec<Destination>,
     services: Router,
     peers: usize,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
     let max_connections = connection_cap(config.max_connections, peers);
+    let (stop_waiting, stopping) = watch::channel(false);
     let api = Api {
+        stopping,
         ingest,
         buffered: Arc::new(Semaphore::new(config.max_buffered_bytes)),
         config: Arc::new(config),
@@ -160,6 +177,7 @@ pub async fn serve(
         });
     }
     drop(listener);
+    let _ = stop_waiting.send(true);
     let deadline = api.config.shutdown_timeout;
     if tokio::time::timeout(deadline, graceful.shutdown()).await.is_err() {
         tracing::warn!(
@@ -256,7 +274,37 @@ struct Accepted {
     filtered: Vec<crate::ingest::Filtered>,
 }
 
-async fn post_events(State(api): State<Api>, headers: HeaderMap, body: Body) -> Response {
+/// `POST /v1/events`'s query.
+#[derive(Deserialize)]
+struct EventsQuery {
+    /// The acknowledgment level ([`AckLevel`]).
+    ack: Option<String>,
+}
+
+/// The level a request asks for: `?ack=`, else the `Ferry-Ack` header,
+/// else the configured one; an unknown one is refused naming the field.
+fn ack_level(api: &Api, query: &EventsQuery, headers: &HeaderMap) -> Result<AckLevel, (&'static str, String)> {
+    let asked = match (&query.ack, headers.get("ferry-ack")) {
+        (Some(q), _) => Some(("ack", q.as_str())),
+        (None, Some(h)) => Some(("Ferry-Ack", h.to_str().unwrap_or("(not text)"))),
+        (None, None) => None,
+    };
+    match asked {
+        None => Ok(api.config.ack),
+        Some((field, text)) => AckLevel::parse(text).map_err(|reason| (field, reason)),
+    }
+}
+
+async fn post_events(
+    State(api): State<Api>,
+    Query(query): Query<EventsQuery>,
+    headers: HeaderMap,
+    body: Body,
+) -> Response {
+    let level = match ack_level(&api, &query, &headers) {
+        Ok(l) => l,
+        Err((field, reason)) => return error(StatusCode::BAD_REQUEST, &reason, None, Some(field)),
+    };
     let (bytes, held) = match read_body(&api, &headers, body).await {
         Ok(read) => read,
         Err(response) => return response,
@@ -296,10 +344,103 @@ async fn post_events(State(api): State<Api>, headers: HeaderMap, body: Body) -> 
     match api.ingest.commit(events).await {
         Ok(crate::ingest::Committed { events, filtered }) => {
             let duplicates = events.iter().filter(|e| e.duplicate).count();
+            if level == AckLevel::Stored {
+                let body = Accepted { accepted: events.len() - duplicates, duplicates, events, filtered };
+                return (StatusCode::OK, axum::Json(body)).into_response();
+            }
+            let sequences: Vec<u64> = events.iter().map(|e| e.sequence).collect();
+            let (acked_by, met) = wait_acks(&api, level, &sequences).await;
             let body = Accepted { accepted: events.len() - duplicates, duplicates, events, filtered };
-            (StatusCode::OK, axum::Json(body)).into_response()
+            let mut body = serde_json::to_value(body).expect("an answer serialises");
+            body["ack"] = json!(level);
+            for (event, by) in body["events"].as_array_mut().into_iter().flatten().zip(acked_by) {
+                event["acked_by"] = json!(by);
+            }
+            // 202: stored, delivery pending. Not an error: a retry with the
+            // same ids is a duplicate, and `GET /v1/events/{id}` tells more.
+            let status = if met { StatusCode::OK } else { StatusCode::ACCEPTED };
+            (status, axum::Json(body)).into_response()
         }
         Err(e) => ingest_error(&e),
+    }
+}
+
+/// Waits until each of `sequences` is acknowledged by as many of the
+/// destinations that route it as `level` needs, or `ack_timeout` passes, or
+/// a forwarder stops (shutdown). Returns, per event, the destinations whose
+/// broker acknowledged it, and whether every event reached the level.
+async fn wait_acks(api: &Api, level: AckLevel, sequences: &[u64]) -> (Vec<Vec<String>>, bool) {
+    let deadline = tokio::time::Instant::now() + api.config.ack_timeout;
+    let store = api.ingest.store().clone();
+    let mut watches: Vec<(String, watch::Receiver<u64>)> =
+        api.destinations.iter().map(|d| (d.name.clone(), d.acked.clone())).collect();
+    let read = {
+        let (store, sequences) = (store.clone(), sequences.to_vec());
+        move || store.found(&sequences)
+    };
+    // Who routes each event: asked once; a destination's cursor says the rest.
+    let Ok(Ok(found)) = tokio::task::spawn_blocking(read.clone()).await else {
+        return (vec![Vec::new(); sequences.len()], false);
+    };
+    let consumers = store.consumers();
+    let routed: Vec<Vec<usize>> = found
+        .iter()
+        .map(|f| match f {
+            Some(f) => {
+                (0..consumers.len()).filter(|&c| judge(f, &consumers[c], 0) != DeliveryState::NotRouted).collect()
+            }
+            None => Vec::new(),
+        })
+        .collect();
+    if watches.is_empty() {
+        // No destination: nothing routes anything, and `stored` is all there is.
+        return (vec![Vec::new(); sequences.len()], true);
+    }
+    let cursor_of = |name: &str, cursors: &[(String, u64)]| cursors.iter().find(|(n, _)| n == name).map_or(0, |c| c.1);
+    loop {
+        let cursors: Vec<(String, u64)> =
+            watches.iter_mut().map(|(n, w)| (n.clone(), *w.borrow_and_update())).collect();
+        let passed = |i: usize| -> Vec<usize> {
+            routed[i].iter().copied().filter(|&c| cursor_of(&consumers[c].name, &cursors) >= sequences[i]).collect()
+        };
+        let enough = (0..sequences.len()).all(|i| passed(i).len() >= level.needed(routed[i].len()));
+        let out_of_time = tokio::time::Instant::now() >= deadline;
+        if enough || out_of_time {
+            // A cursor also passes what it dead-letters: only a PUBACK counts.
+            let found = match tokio::task::spawn_blocking(read.clone()).await {
+                Ok(Ok(f)) => f,
+                _ => return (vec![Vec::new(); sequences.len()], false),
+            };
+            let acked_by: Vec<Vec<String>> = (0..sequences.len())
+                .map(|i| {
+                    let Some(f) = &found[i] else { return Vec::new() };
+                    passed(i)
+                        .into_iter()
+                        .filter(|&c| {
+                            let state = judge(f, &consumers[c], sequences[i]);
+                            matches!(state, DeliveryState::Delivered | DeliveryState::Settled)
+                        })
+                        .map(|c| consumers[c].name.clone())
+                        .collect()
+                })
+                .collect();
+            let met = (0..sequences.len()).all(|i| acked_by[i].len() >= level.needed(routed[i].len()));
+            if met || out_of_time {
+                return (acked_by, met);
+            }
+        }
+        let changed = futures::future::select_all(watches.iter_mut().map(|(_, w)| Box::pin(w.changed())));
+        let mut stopping = api.stopping.clone();
+        tokio::select! {
+            r = tokio::time::timeout_at(deadline, changed) => {
+                // A forwarder stopped: the agent is shutting down.
+                if matches!(r, Ok((Err(_), _, _))) {
+                    return (routed.iter().map(|_| Vec::new()).collect(), false);
+                }
+            }
+            // Shutdown: answer now with what is known.
+            _ = stopping.wait_for(|s| *s) => return (routed.iter().map(|_| Vec::new()).collect(), false),
+        }
     }
 }
 
@@ -528,8 +669,11 @@ async fn get_status(State(api): State<Api>) -> Response {
             return error(StatusCode::INTERNAL_SERVER_ERROR, &e.to_string(), None, None);
         }
     };
-    let destinations =
-        api.destinations.iter().map(|d| DestinationView::new(d.lock().expect("status lock").clone(), &store)).collect();
+    let destinations = api
+        .destinations
+        .iter()
+        .map(|d| DestinationView::new(d.status.lock().expect("status lock").clone(), &store))
+        .collect();
     let status = Status {
         device_id: api.device_id.to_string(),
         version: env!("CARGO_PKG_VERSION"),

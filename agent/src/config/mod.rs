@@ -12,7 +12,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use bytesize::ByteSize;
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 use crate::topic::{TopicError, TopicFilter};
 
@@ -122,6 +122,8 @@ struct RawHttp {
     header_timeout: Option<String>,
     body_timeout: Option<String>,
     shutdown_timeout: Option<String>,
+    ack: Option<String>,
+    ack_timeout: Option<String>,
 }
 
 impl fmt::Debug for RawHttp {
@@ -135,7 +137,48 @@ impl fmt::Debug for RawHttp {
             .field("header_timeout", &self.header_timeout)
             .field("body_timeout", &self.body_timeout)
             .field("shutdown_timeout", &self.shutdown_timeout)
+            .field("ack", &self.ack)
+            .field("ack_timeout", &self.ack_timeout)
             .finish()
+    }
+}
+
+/// When an ingest request is answered: once its events are on disk, or
+/// once some of the destinations that route each event have acknowledged it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum AckLevel {
+    /// Committed to the device's disk.
+    Stored,
+    /// And acknowledged by one routing destination.
+    Any,
+    /// And by a majority of the routing destinations.
+    Quorum,
+    /// And by every routing destination.
+    All,
+}
+
+impl AckLevel {
+    /// `stored`, `any`, `quorum` or `all`.
+    pub fn parse(text: &str) -> Result<Self, String> {
+        match text {
+            "stored" => Ok(AckLevel::Stored),
+            "any" => Ok(AckLevel::Any),
+            "quorum" => Ok(AckLevel::Quorum),
+            "all" => Ok(AckLevel::All),
+            other => Err(format!("`{other}` is not an acknowledgment level: stored, any, quorum or all")),
+        }
+    }
+
+    /// How many of `routed` destinations must acknowledge an event.
+    pub fn needed(self, routed: usize) -> usize {
+        match self {
+            AckLevel::Stored => 0,
+            AckLevel::Any => routed.min(1),
+            AckLevel::Quorum => routed / 2 + 1,
+            AckLevel::All => routed,
+        }
+        .min(routed)
     }
 }
 
@@ -309,6 +352,11 @@ pub struct HttpConfig {
     pub body_timeout: Duration,
     /// Time requests in flight get to finish at shutdown.
     pub shutdown_timeout: Duration,
+    /// When an ingest answer comes, unless the request asks otherwise.
+    pub ack: AckLevel,
+    /// Longest an answer waits for its acknowledgment level before it says
+    /// 202 (stored, delivery pending).
+    pub ack_timeout: Duration,
 }
 
 impl Config {
@@ -441,6 +489,11 @@ impl Config {
         let header_timeout = timeout("ingest.http.header_timeout", h.header_timeout, "10s")?;
         let body_timeout = timeout("ingest.http.body_timeout", h.body_timeout, "30s")?;
         let shutdown_timeout = timeout("ingest.http.shutdown_timeout", h.shutdown_timeout, "10s")?;
+        let ack = match h.ack.as_deref() {
+            None => AckLevel::Stored,
+            Some(text) => AckLevel::parse(text).map_err(|r| err("ingest.http.ack", r))?,
+        };
+        let ack_timeout = timeout("ingest.http.ack_timeout", h.ack_timeout, "10s")?;
 
         let mut destinations: Vec<DestinationConfig> = Vec::with_capacity(raw.destination.len());
         for (i, d) in raw.destination.into_iter().enumerate() {
@@ -504,6 +557,8 @@ impl Config {
                 header_timeout,
                 body_timeout,
                 shutdown_timeout,
+                ack,
+                ack_timeout,
             },
             mqtt_ingest,
             destinations,
@@ -551,6 +606,18 @@ mod tests {
 
     fn parse(text: &str) -> Result<Config, ConfigError> {
         Config::parse(text, "test.toml")
+    }
+
+    #[test]
+    fn ack_levels_need_one_a_majority_or_every_routing_destination() {
+        let needed = |level: &str, routed| AckLevel::parse(level).unwrap().needed(routed);
+        assert_eq!([0, 1, 2, 3].map(|n| needed("stored", n)), [0, 0, 0, 0]);
+        assert_eq!([0, 1, 2, 3].map(|n| needed("any", n)), [0, 1, 1, 1]);
+        assert_eq!([0, 1, 2, 3, 4].map(|n| needed("quorum", n)), [0, 1, 2, 2, 3]);
+        assert_eq!([0, 1, 2, 3].map(|n| needed("all", n)), [0, 1, 2, 3]);
+        assert!(AckLevel::parse("most").unwrap_err().contains("stored, any, quorum or all"));
+        let e = Config::parse("[ingest.http]\nack = \"most\"\n", "t.toml").unwrap_err();
+        assert_eq!(e.key, "ingest.http.ack");
     }
 
     #[test]

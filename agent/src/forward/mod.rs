@@ -126,6 +126,7 @@ pub struct Forwarder {
     status: Arc<Mutex<DestinationStatus>>,
     limits: Arc<DestinationLimits>,
     lag: Arc<Histogram>,
+    acked: watch::Receiver<u64>,
     task: JoinHandle<()>,
 }
 
@@ -154,6 +155,7 @@ impl Forwarder {
         }));
         let lag = Arc::new(Histogram::new(crate::histogram::LAG_BUCKETS));
         let limits = Arc::new(DestinationLimits::new(&config));
+        let (acked_tx, acked) = watch::channel(0);
         let task = Task {
             config,
             tls,
@@ -165,8 +167,16 @@ impl Forwarder {
             status: status.clone(),
             lag: lag.clone(),
             limits: limits.clone(),
+            acked: acked_tx,
         };
-        Self { status, limits, lag, task: tokio::spawn(task.run()) }
+        Self { status, limits, lag, acked, task: tokio::spawn(task.run()) }
+    }
+
+    /// Every sequence at or below its value was acknowledged by the broker
+    /// (or needs nothing sent: not routed, dead-lettered), in this run; it
+    /// starts at the stored cursor.
+    pub fn acked(&self) -> watch::Receiver<u64> {
+        self.acked.clone()
     }
 
     /// What its broker accepts, as it learns it (shared with ingest).
@@ -221,6 +231,8 @@ struct Task {
     status: Arc<Mutex<DestinationStatus>>,
     lag: Arc<Histogram>,
     limits: Arc<DestinationLimits>,
+    /// What [`Forwarder::acked`] reads.
+    acked: watch::Sender<u64>,
 }
 
 /// Per-connection progress, kept across sessions for rate and persistence.
@@ -283,6 +295,7 @@ impl Task {
             side: VecDeque::new(),
         };
         self.update(|s| s.acked_sequence = cursor);
+        self.acked.send_replace(cursor);
         let opts = LinkOptions {
             inflight: u16::try_from(self.config.inflight_publishes).unwrap_or(u16::MAX),
             queue: self.config.inflight + COMPANION_IN_FLIGHT + 16,
@@ -373,6 +386,8 @@ impl Task {
         // No PUBACK for this long while publishes wait: the link is black-holed.
         let ack_timeout = keep_alive * 2;
         loop {
+            let through = p.window.acked_through();
+            self.acked.send_if_modified(|a| std::mem::replace(a, through) != through);
             if p.paused.as_ref().is_none_or(|(until, _)| *until <= tokio::time::Instant::now()) {
                 match self.fill(link, p, &mut buffer).await {
                     Ok(()) => self.resume(p),

@@ -42,7 +42,7 @@ use crate::event::{self, DecodeError, Event, EventBody};
 use crate::histogram::Histogram;
 pub use health::StoreHealth;
 use health::{FileIdentity, Shared, guard};
-pub use receipt::{DeliveryState, DestinationReceipt, EventRef, Receipt};
+pub use receipt::{DeliveryState, DestinationReceipt, EventRef, Found, Receipt, judge};
 use writer::{Reopen, Reply, Request, Writer};
 
 /// How long a producer refused for a full store is told to wait.

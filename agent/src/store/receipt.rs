@@ -135,36 +135,13 @@ impl Store {
                     }
                 }
             };
-            let log = txn.open_table(tables::LOG).map_err(storage)?;
-            let event = match log.get(sequence).map_err(storage)? {
-                Some(v) => Some(
-                    event::decode_record(sequence, v.value())
-                        .map_err(|source| StoreError::Corrupt { sequence, source })?,
-                ),
-                None => None,
-            };
-            let meta = super::Meta::load(&txn.open_table(tables::META).map_err(storage)?).map_err(storage)?;
-            if event.is_none() && sequence >= meta.next_sequence {
-                return Ok(None);
-            }
+            let Some(found) = gather(&txn, &[sequence])?.pop().flatten() else { return Ok(None) };
             let remembered = txn.open_table(tables::DEDUP_AGE).map_err(storage)?;
             let remembered = remembered.get(sequence).map_err(storage)?.map(|v| {
                 let (ms, id) = v.value();
                 (ms, id.to_owned())
             });
-            let dead = txn.open_table(tables::DEAD).map_err(storage)?;
-            let mut dead_letters = Vec::new();
-            for row in dead.iter().map_err(storage)? {
-                let (k, v) = row.map_err(storage)?;
-                // A dead letter whose record is unreadable says nothing of this event.
-                if let Ok(d) = DeadLetter::decode(k.value(), v.value())
-                    && d.sequence == sequence
-                {
-                    dead_letters.push(d);
-                }
-            }
             let cursors = txn.open_table(tables::CURSORS).map_err(storage)?;
-            let found = Found { sequence, event, dead_letters };
             let mut destinations = Vec::with_capacity(consumers.len());
             for c in consumers {
                 let cursor = cursors.get(c.name.as_str()).map_err(storage)?.map_or(0, |v| v.value());
@@ -177,6 +154,50 @@ impl Store {
             Ok(Some(Receipt { id, sequence, accepted_ms, in_log: found.event.is_some(), destinations }))
         })
     }
+
+    /// What the store holds of each of `sequences`, in order, for
+    /// [`judge`]: `None` for a sequence never assigned. One snapshot.
+    pub fn found(&self, sequences: &[u64]) -> Result<Vec<Option<Found>>, StoreError> {
+        self.read(|db| gather(&db.begin_read().map_err(storage)?, sequences))
+    }
+
+    /// The destinations the store keeps events for, with their routing.
+    pub fn consumers(&self) -> &[Consumer] {
+        &self.inner.config.consumers
+    }
+}
+
+/// The events and dead letters of `sequences`, in one pass over the dead letters.
+fn gather(txn: &redb::ReadTransaction, sequences: &[u64]) -> Result<Vec<Option<Found>>, StoreError> {
+    let log = txn.open_table(tables::LOG).map_err(storage)?;
+    let meta = super::Meta::load(&txn.open_table(tables::META).map_err(storage)?).map_err(storage)?;
+    let mut out = Vec::with_capacity(sequences.len());
+    for &sequence in sequences {
+        let event = match log.get(sequence).map_err(storage)? {
+            Some(v) => Some(
+                event::decode_record(sequence, v.value()).map_err(|source| StoreError::Corrupt { sequence, source })?,
+            ),
+            None => None,
+        };
+        let known = event.is_some() || (sequence > 0 && sequence < meta.next_sequence);
+        out.push(known.then(|| Found { sequence, event, dead_letters: Vec::new() }));
+    }
+    let wanted: std::collections::BTreeMap<u64, usize> =
+        out.iter().enumerate().filter_map(|(i, f)| f.as_ref().map(|f| (f.sequence, i))).collect();
+    if wanted.is_empty() {
+        return Ok(out);
+    }
+    let dead = txn.open_table(tables::DEAD).map_err(storage)?;
+    for row in dead.iter().map_err(storage)? {
+        let (k, v) = row.map_err(storage)?;
+        // A dead letter whose record is unreadable says nothing of these events.
+        if let Ok(d) = DeadLetter::decode(k.value(), v.value())
+            && let Some(&i) = wanted.get(&d.sequence)
+        {
+            out[i].as_mut().expect("wanted only known ones").dead_letters.push(d);
+        }
+    }
+    Ok(out)
 }
 
 #[cfg(test)]
