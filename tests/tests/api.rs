@@ -8,8 +8,8 @@ use std::time::Duration;
 use ferry::clock::SystemClock;
 use ferry::config::Config;
 use ferry::runtime::Agent;
-use ferry_harness::{Mosquitto, MosquittoOptions};
-use ferry_tests::ferry_bin;
+use ferry_harness::{FaultProxy, Mosquitto, MosquittoOptions};
+use ferry_tests::{FerryProcess, ferry_bin, write_config_with};
 use serde_json::{Value, json};
 
 struct TestAgent {
@@ -438,4 +438,75 @@ async fn ack_levels_answer_once_enough_clouds_acknowledged_and_202_when_too_few_
         assert!(std::time::Instant::now() < deadline, "k-2 never reached every cloud: {r}");
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn ack_all_through_a_black_holed_link_answers_202_within_ack_timeout() {
+    let broker = Mosquitto::start(MosquittoOptions::default()).await.unwrap();
+    let proxy = FaultProxy::start(broker.addr()).await.unwrap();
+    let t = TestAgent::start(&format!(
+        "[[destination]]\nname = \"cloud\"\nurl = \"{}\"\nkeep_alive = \"30s\"\n\n\
+         [ingest.http]\nlisten = \"127.0.0.1:0\"\nack_timeout = \"1s\"\n",
+        proxy.url()
+    ))
+    .await;
+    let post = |id: &'static str| {
+        let (client, url) = (t.client.clone(), t.url("/v1/events?ack=all"));
+        async move {
+            let started = std::time::Instant::now();
+            let r =
+                client.post(url).body(json!({"topic": "t/a", "id": id, "data": 1}).to_string()).send().await.unwrap();
+            (r.status().as_u16(), r.json::<Value>().await.unwrap(), started.elapsed())
+        }
+    };
+    let (code, body, _) = post("h-1").await;
+    assert_eq!((code, &body["events"][0]["acked_by"]), (200, &json!(["cloud"])), "{body}");
+    // Packets vanish, the connection stays open: no PUBACK comes.
+    proxy.handle().blackhole();
+    let (code, body, took) = post("h-2").await;
+    assert_eq!(code, 202, "{body}");
+    assert_eq!(body["events"][0]["acked_by"], json!([]));
+    assert!(took >= Duration::from_secs(1) && took < Duration::from_secs(6), "answered after {took:?}");
+    proxy.handle().restore();
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_agent_killed_while_answers_wait_loses_nothing_and_a_retry_gets_the_receipt() {
+    let mut broker = Mosquitto::start(MosquittoOptions::default()).await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_config_with(
+        dir.path(),
+        "",
+        &format!(
+            "[[destination]]\nname = \"cloud\"\nurl = \"{}\"\nkeep_alive = \"5s\"\n\
+             backoff_base = \"100ms\"\nbackoff_cap = \"500ms\"\n",
+            broker.url()
+        ),
+    );
+    broker.stop().unwrap();
+    let agent = FerryProcess::start(ferry_bin!(), &config).unwrap();
+    let client = reqwest::Client::new();
+    let body = json!([{"topic": "t/a", "id": "w-1", "data": 1}, {"topic": "t/a", "id": "w-2", "data": 2}]).to_string();
+    let waiting = tokio::spawn({
+        let (client, url, body) = (client.clone(), format!("{}/v1/events?ack=all", agent.url()), body.clone());
+        async move { client.post(url).body(body).send().await }
+    });
+    // The events are committed before the answer starts waiting.
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    agent.kill();
+    assert!(waiting.await.unwrap().is_err(), "the waiting answer died with the agent");
+
+    broker.restart().await.unwrap();
+    let agent = FerryProcess::start(ferry_bin!(), &config).unwrap();
+    let r = client.post(format!("{}/v1/events?ack=all", agent.url())).body(body).send().await.unwrap();
+    assert_eq!(r.status().as_u16(), 200);
+    let answer: Value = r.json().await.unwrap();
+    assert_eq!(answer["duplicates"], 2, "both were stored before the kill: {answer}");
+    for e in answer["events"].as_array().unwrap() {
+        assert_eq!(e["acked_by"], json!(["cloud"]), "{answer}");
+    }
+    let receipt: Value =
+        client.get(format!("{}/v1/events/w-2", agent.url())).send().await.unwrap().json().await.unwrap();
+    assert_eq!(receipt["destinations"][0]["state"], "delivered", "{receipt}");
+    agent.terminate();
 }

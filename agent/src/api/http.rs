@@ -643,7 +643,8 @@ async fn get_receipt(State(api): State<Api>, Path(id): Path<String>) -> Response
     };
     let ingest = api.ingest.clone();
     let lookup = key.clone();
-    match tokio::task::spawn_blocking(move || ingest.store().receipt(&lookup)).await {
+    let acked: Vec<(String, u64)> = api.destinations.iter().map(|d| (d.name.clone(), *d.acked.borrow())).collect();
+    match tokio::task::spawn_blocking(move || ingest.store().receipt(&lookup, &acked)).await {
         Ok(Ok(Some(receipt))) => axum::Json(receipt).into_response(),
         Ok(Ok(None)) => {
             let what = match key {

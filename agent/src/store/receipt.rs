@@ -121,7 +121,9 @@ pub fn judge(found: &Found, consumer: &Consumer, cursor: u64) -> DeliveryState {
 impl Store {
     /// The receipt of the event `key` names; `None` when the store does not
     /// know it (never accepted, or an id older than the dedup window).
-    pub fn receipt(&self, key: &EventRef) -> Result<Option<Receipt>, StoreError> {
+    /// `acked` are the running forwarders' acknowledged sequences, which
+    /// reach the stored cursors up to a few tens of ms later.
+    pub fn receipt(&self, key: &EventRef, acked: &[(String, u64)]) -> Result<Option<Receipt>, StoreError> {
         let consumers = &self.inner.config.consumers;
         self.read(|db| {
             let txn = db.begin_read().map_err(storage)?;
@@ -144,7 +146,9 @@ impl Store {
             let cursors = txn.open_table(tables::CURSORS).map_err(storage)?;
             let mut destinations = Vec::with_capacity(consumers.len());
             for c in consumers {
-                let cursor = cursors.get(c.name.as_str()).map_err(storage)?.map_or(0, |v| v.value());
+                let stored = cursors.get(c.name.as_str()).map_err(storage)?.map_or(0, |v| v.value());
+                let seen = acked.iter().find(|(n, _)| *n == c.name).map_or(0, |(_, a)| *a);
+                let cursor = stored.max(seen);
                 destinations.push(DestinationReceipt { destination: c.name.clone(), state: judge(&found, c, cursor) });
             }
             let (id, accepted_ms) = match &found.event {
