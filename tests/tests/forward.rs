@@ -5,7 +5,7 @@ use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use ferry::clock::SystemClock;
+use ferry::clock::{Clock, SystemClock};
 use ferry::config::Config;
 use ferry::forward::DestinationStatus;
 use ferry::runtime::Agent;
@@ -634,4 +634,62 @@ async fn a_resend_after_a_broker_kill_gives_the_same_filtered_output() {
         }
     }
     assert!(resent > 0, "nothing was resent, so nothing was in flight at the kill");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_new_destination_starts_at_the_earliest_the_latest_or_a_time_as_configured() {
+    let broker = Mosquitto::start(MosquittoOptions::default()).await.unwrap();
+    let url = broker.url();
+    let dir = tempfile::tempdir().unwrap();
+    let config = |destinations: &str| {
+        let toml = format!(
+            "[agent]\ndevice_id = \"gw-1\"\ndata_dir = {:?}\n[ingest.http]\nlisten = \"127.0.0.1:0\"\n{destinations}",
+            dir.path().display().to_string()
+        );
+        Config::parse(&toml, "test.toml").unwrap()
+    };
+    let post = |agent: &Agent, ids: &[&str]| {
+        let body: Vec<Value> = ids.iter().map(|id| json!({"topic": "t/a", "id": id, "data": 1})).collect();
+        let url = format!("http://{}/v1/events", agent.http_addr());
+        async move { assert_eq!(reqwest::Client::new().post(url).json(&body).send().await.unwrap().status(), 200) }
+    };
+    // `first`, as it ran before: it takes e1..e3 (still in the log: `down` has none of them).
+    let down = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let before = destination("first", &url, "v5", "topic_prefix = \"first/\"")
+        + &destination("down", &format!("mqtt://127.0.0.1:{down}"), "v5", "");
+    let agent = Agent::start(config(&before), Arc::new(SystemClock)).await.unwrap();
+    post(&agent, &["e1", "e2"]).await;
+    // `start` is written to the second: the next whole second falls between e2 and e3.
+    let now = SystemClock.now_millis();
+    let between = (now / 1000 + 1) * 1000;
+    tokio::time::sleep(Duration::from_millis(between - now + 50)).await;
+    post(&agent, &["e3"]).await;
+    agent.shutdown().await.unwrap();
+
+    // Three destinations added, each starting elsewhere.
+    let collectors = [
+        Collector::start(&url, "earliest/#", Protocol::V5).await.unwrap(),
+        Collector::start(&url, "since/#", Protocol::V5).await.unwrap(),
+        Collector::start(&url, "latest/#", Protocol::V5).await.unwrap(),
+    ];
+    let at = ferry::fleet::report::rfc3339(between);
+    let after = before
+        + &destination("earliest", &url, "v5", "topic_prefix = \"earliest/\"")
+        + &destination("since", &url, "v5", &format!("topic_prefix = \"since/\"\nstart = \"{at}\""))
+        + &destination("latest", &url, "v5", "topic_prefix = \"latest/\"\nstart = \"latest\"");
+    let agent = Agent::start(config(&after), Arc::new(SystemClock)).await.unwrap();
+    post(&agent, &["e4"]).await;
+    let want = |ids: &[&str]| ids.iter().map(|s| (*s).to_owned()).collect::<Vec<_>>();
+    wait_for_ids(&collectors[0], Protocol::V5, &want(&["e1", "e2", "e3", "e4"])).await;
+    wait_for_ids(&collectors[1], Protocol::V5, &want(&["e3", "e4"])).await;
+    wait_for_ids(&collectors[2], Protocol::V5, &want(&["e4"])).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(ids_of(&collectors[1], Protocol::V5).0.len(), 2, "`since` starts at e3");
+    assert_eq!(ids_of(&collectors[2], Protocol::V5).0.len(), 1, "`latest` starts after e3");
+    // The placed cursors are durable: a restart sends nothing again.
+    agent.shutdown().await.unwrap();
+    let agent = Agent::start(config(&after), Arc::new(SystemClock)).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(ids_of(&collectors[2], Protocol::V5), (want(&["e4"]).into_iter().collect(), 0));
+    agent.shutdown().await.unwrap();
 }

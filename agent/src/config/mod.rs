@@ -25,7 +25,7 @@ pub use plugin::PluginConfig;
 pub const DEFAULT_TOML: &str = include_str!("ferry.default.toml");
 
 mod mqtt;
-pub use mqtt::{DestinationConfig, MqttEndpoint, MqttIngestConfig, Protocol, Resolved, Routing, SasConfig};
+pub use mqtt::{DestinationConfig, MqttEndpoint, MqttIngestConfig, Protocol, Resolved, Routing, SasConfig, Start};
 
 pub mod profile;
 pub use profile::{BATCH_PACKET_ROOM, BatchConfig, Profile, TopicRules, TopicScheme};
@@ -606,6 +606,17 @@ mod tests {
 
     fn parse(text: &str) -> Result<Config, ConfigError> {
         Config::parse(text, "test.toml")
+    }
+
+    #[test]
+    fn a_destination_starts_at_the_earliest_the_latest_or_a_time() {
+        assert_eq!(Start::parse("earliest"), Ok(Start::Earliest));
+        assert_eq!(Start::parse("latest"), Ok(Start::Latest));
+        assert_eq!(Start::parse("2026-12-05T00:00:01Z"), Ok(Start::At(1_796_428_801_000)));
+        let toml = "[[destination]]\nname = \"a\"\nurl = \"mqtt://x\"\nstart = \"yesterday\"\n";
+        let e = Config::parse(toml, "t.toml").unwrap_err();
+        assert_eq!(e.key, "destination[0].start");
+        assert!(e.reason.contains("RFC 3339"), "{}", e.reason);
     }
 
     #[test]

@@ -67,6 +67,8 @@ pub struct DestinationConfig {
     pub topic_prefix: String,
     /// Which events it takes: its `routes` and `subscribe` filters.
     pub routing: Routing,
+    /// Where its cursor begins the first time it runs (`start`).
+    pub start: Start,
     /// Most events sent whose acknowledgement is not yet durable; also the
     /// bound on events sent twice after a crash.
     pub inflight: usize,
@@ -117,6 +119,34 @@ pub struct Resolved {
     /// Where it came from: `default`, the profile (with the documented
     /// figure), or `config`.
     pub source: String,
+}
+
+/// Where a new destination's cursor begins: what of the log, already there
+/// when it is first configured, it is sent.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Start {
+    /// The whole log (the default).
+    Earliest,
+    /// Only what is accepted from now on.
+    Latest,
+    /// What was accepted at or after this time, in ms since the epoch.
+    At(u64),
+}
+
+impl Start {
+    /// `earliest`, `latest`, or an RFC 3339 time.
+    pub fn parse(text: &str) -> Result<Self, String> {
+        use time::format_description::well_known::Rfc3339;
+        match text {
+            "earliest" => Ok(Start::Earliest),
+            "latest" => Ok(Start::Latest),
+            _ => time::OffsetDateTime::parse(text, &Rfc3339)
+                .ok()
+                .and_then(|t| u64::try_from(t.unix_timestamp_nanos() / 1_000_000).ok())
+                .map(Start::At)
+                .ok_or_else(|| format!("`{text}` is not `earliest`, `latest` or an RFC 3339 time")),
+        }
+    }
 }
 
 /// Which events a destination takes: the one rule behind what its
@@ -257,6 +287,7 @@ raw_with_endpoint! {
         inflight_publishes: Option<usize>,
         backoff_base: Option<String>,
         backoff_cap: Option<String>,
+        start: Option<String>,
         subscribe: Option<Vec<String>>,
         profile: Option<String>,
         max_publish_rate: Option<u32>,
@@ -600,6 +631,10 @@ pub(super) fn destination(
     if backoff_base.is_zero() || backoff_cap < backoff_base {
         return Err(cx.err("backoff_cap", "backoff_base must be above zero and backoff_cap at least backoff_base"));
     }
+    let start = match raw.start.as_deref() {
+        None => Start::Earliest,
+        Some(text) => Start::parse(text).map_err(|r| cx.err("start", r))?,
+    };
     let mut subscribe = Vec::new();
     for f in raw.subscribe.unwrap_or_default() {
         if iot_hub {
@@ -617,6 +652,7 @@ pub(super) fn destination(
         endpoint,
         topic_prefix,
         routing: Routing { routes, subscribe },
+        start,
         inflight,
         inflight_publishes,
         backoff_base,

@@ -36,7 +36,7 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
 use crate::clock::SharedClock;
-use crate::config::{DestinationConfig, Protocol};
+use crate::config::{DestinationConfig, Protocol, Start};
 use crate::downlink::{self, AckQueue, CompanionRequest, DestinationDownlink, Retained};
 use crate::event::Event;
 use crate::histogram::Histogram;
@@ -270,7 +270,15 @@ impl Task {
         let name = self.config.name.clone();
         let store = self.store.clone();
         let cursor = match tokio::task::spawn_blocking(move || store.cursor(&name)).await {
-            Ok(Ok(c)) => c.unwrap_or(0),
+            Ok(Ok(Some(c))) => c,
+            Ok(Ok(None)) => match self.start().await {
+                Ok(c) => c,
+                Err(e) => {
+                    tracing::error!(destination = %self.config.name, error = %e, "cannot place a new destination's cursor; forwarder stopped");
+                    self.update(|s| s.last_error = Some(format!("placing the cursor (start): {e}")));
+                    return;
+                }
+            },
             Ok(Err(e)) => {
                 tracing::error!(destination = %self.config.name, error = %e, "cannot read cursor; forwarder stopped");
                 return;
@@ -323,6 +331,25 @@ impl Task {
         }
         self.update(|s| s.acked_sequence = progress.window.durable());
         tracing::debug!(destination = %self.config.name, cursor = progress.window.durable(), "forwarder stopped");
+    }
+
+    /// A destination's first run: where its cursor begins (`start`), made
+    /// durable unless it is the beginning of the log.
+    async fn start(&self) -> Result<u64, String> {
+        let newest = *self.store.committed().borrow();
+        let cursor = match self.config.start {
+            Start::Earliest => return Ok(0),
+            Start::Latest => newest,
+            Start::At(ms) => {
+                let store = self.store.clone();
+                let first =
+                    tokio::task::spawn_blocking(move || store.first_since(ms)).await.map_err(|e| e.to_string())?;
+                first.map_err(|e| e.to_string())?.map_or(newest, |seq| seq - 1)
+            }
+        };
+        self.store.set_cursor(&self.config.name, cursor).await.map_err(|e| e.to_string())?;
+        tracing::info!(destination = %self.config.name, start = ?self.config.start, cursor, "new destination: cursor placed");
+        Ok(cursor)
     }
 
     /// The endpoint to connect with now: with a fresh SAS token as its

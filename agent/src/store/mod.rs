@@ -737,6 +737,39 @@ impl Store {
         })
     }
 
+    /// The sequence of the first event in the log accepted at or after `ms`
+    /// (ms since the epoch), or `None` when none was. Acceptance times rise
+    /// with sequences, so this is a binary search.
+    pub fn first_since(&self, ms: u64) -> Result<Option<u64>, StoreError> {
+        self.read(|db| {
+            let txn = db.begin_read().map_err(storage)?;
+            let log = txn.open_table(tables::LOG).map_err(storage)?;
+            // The first event at or after sequence `k`, with its acceptance time
+            // (an unreadable header counts as the oldest).
+            let at = |k: u64| -> Result<Option<(u64, u64)>, StoreError> {
+                match log.range(k..).map_err(storage)?.next() {
+                    Some(row) => {
+                        let (seq, record) = row.map_err(storage)?;
+                        let ms = event::decode_header(record.value()).map_or(0, |(h, _)| h.hlc.millis());
+                        Ok(Some((seq.value(), ms)))
+                    }
+                    None => Ok(None),
+                }
+            };
+            let Some((mut lo, _)) = at(0)? else { return Ok(None) };
+            let mut hi = log.last().map_err(storage)?.map_or(lo, |(k, _)| k.value()) + 1;
+            // The answer is the first event at or after `lo`; none is at or after `hi`.
+            while lo < hi {
+                let mid = lo + (hi - lo) / 2;
+                match at(mid)? {
+                    Some((seq, t)) if t < ms => lo = seq + 1,
+                    _ => hi = mid,
+                }
+            }
+            Ok(at(lo)?.filter(|&(_, t)| t >= ms).map(|(seq, _)| seq))
+        })
+    }
+
     /// Up to `limit` dead letters numbered above `after`, oldest first.
     pub fn dead_letters(&self, after: u64, limit: usize) -> Result<Vec<DeadLetter>, StoreError> {
         self.read(|db| {

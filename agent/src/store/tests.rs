@@ -530,3 +530,41 @@ async fn a_dead_letter_no_broker_would_take_is_not_replayed() {
     assert!(matches!(&e, DeadLetterError::Undeliverable { reason, .. } if reason.contains("`id`")), "{e}");
     assert_eq!(f.store.dead_letters(0, 10).unwrap().len(), 1, "nothing changed");
 }
+
+#[tokio::test]
+async fn the_first_event_since_a_time_is_found_among_gaps_and_past_either_end() {
+    let f = Fixture::new(|c| {
+        c.consumers = vec![crate::config::Consumer {
+            name: "cloud".into(),
+            routing: crate::config::Routing {
+                routes: vec![crate::topic::TopicFilter::new("#").unwrap()],
+                subscribe: vec![],
+            },
+        }];
+    });
+    let t0 = f.clock.now_millis();
+    // Ten events a second apart.
+    for i in 0..10 {
+        f.store.append(vec![event(&format!("e{i}"), "t", 10)]).await.unwrap();
+        f.clock.advance_nanos(1_000_000_000);
+    }
+    assert_eq!(f.store.first_since(0).unwrap(), Some(1));
+    assert_eq!(f.store.first_since(t0 + 4_000).unwrap(), Some(5));
+    assert_eq!(f.store.first_since(t0 + 4_500).unwrap(), Some(6), "between two events: the later");
+    assert_eq!(f.store.first_since(t0 + 9_000).unwrap(), Some(10));
+    assert_eq!(f.store.first_since(t0 + 9_001).unwrap(), None, "after the newest");
+    // The delivered oldest three leave the log: the search starts at what is left.
+    f.store.set_cursor("cloud", 3).await.unwrap();
+    for _ in 0..50 {
+        if f.store.read_after(0, 1).unwrap()[0].sequence == 4 {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        f.store.sweep().await.unwrap();
+    }
+    assert_eq!(f.store.read_after(0, 1).unwrap()[0].sequence, 4, "the delivered ones were removed");
+    assert_eq!(f.store.first_since(0).unwrap(), Some(4));
+    assert_eq!(f.store.first_since(t0 + 1_000).unwrap(), Some(4));
+    let empty = Fixture::new(|_| {});
+    assert_eq!(empty.store.first_since(0).unwrap(), None);
+}
