@@ -335,6 +335,8 @@ impl Companion {
                 update = self.updates.recv() => match update {
                     Ok(r) => return CompanionRequest::Publish(r),
                     Err(broadcast::error::RecvError::Lagged(_)) => {
+                        // What is still queued is older than `latest`: skip it.
+                        self.updates = self.updates.resubscribe();
                         return CompanionRequest::Republish(self.latest.borrow().values().cloned().collect());
                     }
                     Err(broadcast::error::RecvError::Closed) => self.closed = true,
@@ -579,6 +581,7 @@ mod tests {
             CompanionRequest::Republish(latest) => assert_eq!(latest.len(), 3),
             other => panic!("expected a republish, got {other:?}"),
         }
+        assert!(companion.next().now_or_never().is_none(), "nothing older than the republish follows it");
         drop(handle);
         assert!(companion.next().now_or_never().is_none(), "a stopped companion asks for nothing more");
     }
