@@ -31,7 +31,8 @@ pub struct FleetConfig {
     pub trusted_keys: Vec<VerifyingKey>,
     /// Root of the fleet topics (`{root}/plugin/…`, `{root}/status/…`).
     pub topic_root: String,
-    /// Destinations watched for bundles and told the status (default: all).
+    /// Destinations watched for bundles and told the status (default: every
+    /// one whose cloud takes Ferry's own topics).
     pub destinations: Vec<String>,
     /// How long a new version is watched after activation.
     pub probation: Duration,
@@ -44,7 +45,9 @@ pub struct FleetConfig {
 }
 
 /// Validates `[fleet]`; `destinations` are the configured destination names.
-pub fn validate(raw: RawFleet, destinations: &[&str], file: &str) -> Result<FleetConfig, ConfigError> {
+/// `destinations` are the configured destinations, each with whether its
+/// cloud takes Ferry's own topics (which fleet traffic needs).
+pub fn validate(raw: RawFleet, destinations: &[(&str, bool)], file: &str) -> Result<FleetConfig, ConfigError> {
     let err = |k: &str, reason: String| ConfigError { file: file.into(), key: format!("fleet.{k}"), reason };
     if raw.trusted_keys.is_empty() {
         return Err(err("trusted_keys", "list at least one public key (from `ferry fleet keygen`)".into()));
@@ -67,11 +70,18 @@ pub fn validate(raw: RawFleet, destinations: &[&str], file: &str) -> Result<Flee
         ));
     }
     let chosen = match raw.destinations {
-        None => destinations.iter().map(|d| (*d).to_owned()).collect(),
+        None => destinations.iter().filter(|(_, capable)| *capable).map(|(d, _)| (*d).to_owned()).collect(),
         Some(list) => {
             for d in &list {
-                if !destinations.contains(&d.as_str()) {
-                    return Err(err("destinations", format!("`{d}` is not a configured destination")));
+                match destinations.iter().find(|(name, _)| name == d) {
+                    None => return Err(err("destinations", format!("`{d}` is not a configured destination"))),
+                    Some((_, false)) => {
+                        return Err(err(
+                            "destinations",
+                            format!("`{d}`'s cloud takes only its own fixed topics (azure-iot-hub): no fleet topics"),
+                        ));
+                    }
+                    Some(_) => {}
                 }
             }
             list
@@ -106,14 +116,15 @@ mod tests {
     use super::*;
 
     fn check(text: &str, dests: &[&str]) -> Result<FleetConfig, ConfigError> {
-        validate(toml::from_str::<RawFleet>(text).unwrap(), dests, "test.toml")
+        let dests: Vec<(&str, bool)> = dests.iter().map(|d| (*d, !d.starts_with("hub"))).collect();
+        validate(toml::from_str::<RawFleet>(text).unwrap(), &dests, "test.toml")
     }
 
     #[test]
     fn defaults_watch_every_destination() {
         let key = signing::encode_public(&signing::SigningKey::from_bytes(&[7; 32]).verifying_key());
-        let c = check(&format!("trusted_keys = [\"{key}\"]"), &["a", "b"]).unwrap();
-        assert_eq!(c.destinations, ["a", "b"]);
+        let c = check(&format!("trusted_keys = [\"{key}\"]"), &["a", "hub", "b"]).unwrap();
+        assert_eq!(c.destinations, ["a", "b"], "a cloud with fixed topics (IoT Hub) carries no fleet traffic");
         assert_eq!(c.topic_root, DEFAULT_TOPIC_ROOT);
         assert_eq!(c.probation, Duration::from_secs(300));
     }
@@ -125,6 +136,8 @@ mod tests {
         assert_eq!(check("trusted_keys = [\"nope\"]", &["a"]).unwrap_err().key, "fleet.trusted_keys[0]");
         assert_eq!(check("trusted_keys = []", &["a"]).unwrap_err().key, "fleet.trusted_keys");
         assert_eq!(k("destinations = [\"b\"]"), "fleet.destinations");
+        let hub = check(&format!("trusted_keys = [\"{key}\"]\ndestinations = [\"hub\"]"), &["a", "hub"]).unwrap_err();
+        assert!(hub.key == "fleet.destinations" && hub.reason.contains("fixed topics"), "{hub:?}");
         assert_eq!(k("topic_root = \"a/#\""), "fleet.topic_root");
         assert_eq!(k("probation = \"soon\""), "fleet.probation");
         assert_eq!(k("rollback_failure_rate = 2.0"), "fleet.rollback_failure_rate");

@@ -516,7 +516,11 @@ impl Config {
         let base = Path::new(file).parent().unwrap_or(Path::new(""));
         let destination_names: Vec<&str> = destinations.iter().map(|d| d.name.as_str()).collect();
         let plugins = plugin::validate(raw.plugin, &destination_names, base, file, max_event_bytes)?;
-        let fleet = raw.fleet.map(|f| fleet::validate(f, &destination_names, file)).transpose()?;
+        // Fleet traffic rides the destinations' own connections, on its own
+        // topics: a cloud with fixed topics (Azure IoT Hub) cannot carry it.
+        let fleet_capable: Vec<(&str, bool)> =
+            destinations.iter().map(|d| (d.name.as_str(), d.topics.scheme != TopicScheme::AzureIotHub)).collect();
+        let fleet = raw.fleet.map(|f| fleet::validate(f, &fleet_capable, file)).transpose()?;
         let state = StateConfig {
             merge: state::merge_rules(raw.merge, &plugins, file)?,
             local_mqtt: match raw.state.local_mqtt {

@@ -1,5 +1,5 @@
-//! The updater task, which performs the update, and the link tasks that
-//! feed it.
+//! The updater task: performs each plugin's update as fleet messages
+//! arrive over the destinations' connections.
 //!
 //! Per plugin: a verified manifest of a newer version becomes the download
 //! target (persisted); each chunk is checked against it and written to disk;
