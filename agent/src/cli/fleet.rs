@@ -362,6 +362,7 @@ async fn retained_manifests(link: &mut Link, root: &str, name: &str) -> anyhow::
             Err(_) => bail!("no SUBACK within 15s"),
             Ok(Err(e)) => bail!("the broker connection failed: {e}"),
             Ok(Ok(LinkEvent::Subscribed)) => subscribed = true,
+            Ok(Ok(LinkEvent::SubscribeRefused(r))) => bail!("the broker refused the subscription ({r})"),
             Ok(Ok(LinkEvent::Message(msg))) => {
                 if let (Some(devices), Ok(manifest)) =
                     (msg.topic.strip_prefix(&prefix), Manifest::from_json(&msg.payload))
@@ -383,6 +384,7 @@ async fn status(args: &StatusArgs) -> anyhow::Result<()> {
         match tokio::time::timeout_at(deadline, link.poll()).await {
             Err(_) => break,
             Ok(Err(e)) => bail!("the broker connection failed: {e}"),
+            Ok(Ok(LinkEvent::SubscribeRefused(r))) => bail!("the broker refused the subscription ({r})"),
             Ok(Ok(LinkEvent::Message(m))) => {
                 if m.payload.is_empty() {
                     continue;

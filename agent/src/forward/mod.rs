@@ -460,6 +460,13 @@ impl Task {
                                 let error = LinkError::Refused(format!("the broker answered packet {pkid} with {reason}"));
                                 return End::Link { error, broker_ended: kind == RefusalKind::Other };
                             }
+                            Ok(LinkEvent::SubscribeRefused(reason)) => {
+                                // Forwarding goes on: a refused subscription (an ACL
+                                // that leaves out state or fleet topics) costs only
+                                // what would have arrived on it.
+                                tracing::warn!(destination = %self.config.name, %reason, "the broker refused a subscription");
+                                self.update(|s| s.last_error = Some(format!("subscription refused: {reason}")));
+                            }
                             Ok(LinkEvent::Message(m)) => {
                                 let handled = self
                                     .downlink

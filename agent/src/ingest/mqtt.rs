@@ -97,6 +97,10 @@ impl MqttIngest {
             tokio::select! {
                 event = link.poll() => match event {
                     Ok(LinkEvent::Message(m)) => pending.push(m),
+                    // Nothing would ever arrive: try again on a new connection, after backoff.
+                    Ok(LinkEvent::SubscribeRefused(r)) => {
+                        break End::ours(LinkError::Refused(format!("subscription to {:?} refused ({r})", self.config.topics)));
+                    }
                     Ok(_) => {}
                     Err(e) => break End::from(e),
                 },

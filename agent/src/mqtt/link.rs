@@ -106,6 +106,9 @@ pub enum LinkEvent {
     },
     /// The broker acknowledged a subscription.
     Subscribed,
+    /// The broker refused a subscription (its ACL, or a topic it does not
+    /// have). The connection stays up: what the owner does about it is its own.
+    SubscribeRefused(String),
     /// A message arrived on a subscription.
     Message(Box<Incoming>),
     /// Anything else (pings, our own acks).
@@ -238,7 +241,7 @@ impl Link {
                     Ok(Event::Incoming(Packet::PubAck(ack))) => Ok(LinkEvent::Acked(ack.pkid)),
                     Ok(Event::Incoming(Packet::SubAck(ack))) => {
                         if ack.return_codes.iter().any(|c| matches!(c, rumqttc::SubscribeReasonCode::Failure)) {
-                            return Err(LinkError::Refused("subscription refused".into()));
+                            return Ok(LinkEvent::SubscribeRefused(format!("packet {}: failure", ack.pkid)));
                         }
                         Ok(LinkEvent::Subscribed)
                     }
@@ -299,7 +302,10 @@ impl Link {
                     Ok(Event::Incoming(Packet::SubAck(ack))) => {
                         use rumqttc::v5::mqttbytes::v5::SubscribeReasonCode as C;
                         if ack.return_codes.iter().any(|c| !matches!(c, C::Success(_))) {
-                            return Err(LinkError::Refused(format!("subscription refused: {:?}", ack.return_codes)));
+                            return Ok(LinkEvent::SubscribeRefused(format!(
+                                "packet {}: {:?}",
+                                ack.pkid, ack.return_codes
+                            )));
                         }
                         Ok(LinkEvent::Subscribed)
                     }
@@ -376,5 +382,66 @@ impl Link {
             _ => false,
         };
         if ok { Ok(()) } else { Err(LinkError::QueueFull) }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::net::TcpListener;
+
+    use super::*;
+    use crate::config::Config;
+
+    /// A 3.1.1 server that accepts the connection and refuses every
+    /// subscription (SUBACK return code 0x80), as a broker's ACL may.
+    async fn refusing_broker() -> u16 {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        tokio::spawn(async move {
+            let (mut socket, _) = listener.accept().await.unwrap();
+            let mut buf = [0u8; 512];
+            let mut connected = false;
+            loop {
+                let n = socket.read(&mut buf).await.unwrap_or(0);
+                if n == 0 {
+                    return;
+                }
+                if !connected {
+                    connected = true;
+                    socket.write_all(&[0x20, 0x02, 0x00, 0x00]).await.unwrap();
+                } else if buf[0] >> 4 == 8 {
+                    // SUBSCRIBE: fixed header, remaining length (one byte here), packet id.
+                    let (hi, lo) = (buf[2], buf[3]);
+                    socket.write_all(&[0x90, 0x03, hi, lo, 0x80]).await.unwrap();
+                }
+            }
+        });
+        port
+    }
+
+    #[tokio::test]
+    async fn a_refused_subscription_is_an_event_and_the_link_stays_up() {
+        let port = refusing_broker().await;
+        let toml = format!("[[destination]]\nname = \"b\"\nurl = \"mqtt://127.0.0.1:{port}\"\nprotocol = \"3.1.1\"\n");
+        let endpoint = Config::parse(&toml, "test").unwrap().destinations.remove(0).endpoint;
+        let opts =
+            LinkOptions { inflight: 4, queue: 8, clean_session: true, manual_acks: false, receive_maximum: None };
+        let mut link = Link::open(&endpoint, None, &opts);
+        let next = async |link: &mut Link| loop {
+            match link.poll().await {
+                Ok(LinkEvent::Other | LinkEvent::Sent(_)) => {}
+                other => return other,
+            }
+        };
+        assert!(matches!(next(&mut link).await, Ok(LinkEvent::Connected { .. })));
+        link.subscribe("ferry/gw/desired/#").unwrap();
+        match next(&mut link).await {
+            Ok(LinkEvent::SubscribeRefused(reason)) => assert!(reason.contains("failure"), "{reason}"),
+            other => panic!("expected a refused subscription, got {other:?}"),
+        }
+        // Still usable: a second subscription goes out and is answered on the same connection.
+        link.subscribe("ferry/gw/fleet/#").unwrap();
+        assert!(matches!(next(&mut link).await, Ok(LinkEvent::SubscribeRefused(_))));
     }
 }
