@@ -282,13 +282,19 @@ async fn an_unreadable_record_is_moved_to_the_dead_letters_and_forwarding_goes_o
     agent.shutdown().await.unwrap();
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn a_store_failure_in_a_forwarder_pauses_it_on_a_live_link_and_it_resumes_when_the_store_heals() {
-    let dir = tempfile::tempdir().unwrap();
-    let config = StoreConfig::at(dir.path().join("ferry.redb"));
+/// A store in `dir` whose I/O fails when its [`IoFaults`] say so.
+fn store_with_faults(dir: &Path) -> (Store, IoFaults) {
+    let config = StoreConfig::at(dir.join("ferry.redb"));
     let faults = IoFaults::new();
     let (f2, path) = (faults.clone(), config.path.clone());
     let store = Store::open_with_backends(config, Arc::new(SystemClock), move || f2.backend(&path)).unwrap();
+    (store, faults)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_store_failure_in_a_forwarder_pauses_it_on_a_live_link_and_it_resumes_when_the_store_heals() {
+    let dir = tempfile::tempdir().unwrap();
+    let (store, faults) = store_with_faults(dir.path());
     let big = EventBody { data: format!("\"{}\"", "x".repeat(2000)).into_bytes(), ..body("big", "t/a") };
     let big = PreparedEvent::new(&big, Dedup::None, 100, None);
     store.append(vec![unchecked("a", "t/a"), big, unchecked("b", "t/a")]).await.unwrap();
@@ -338,10 +344,7 @@ async fn a_store_failure_in_a_forwarder_pauses_it_on_a_live_link_and_it_resumes_
 #[tokio::test(flavor = "multi_thread")]
 async fn a_store_failure_in_local_mqtt_ingest_keeps_the_link_and_the_messages_are_stored_once_it_heals() {
     let dir = tempfile::tempdir().unwrap();
-    let config = StoreConfig::at(dir.path().join("ferry.redb"));
-    let faults = IoFaults::new();
-    let (f2, path) = (faults.clone(), config.path.clone());
-    let store = Store::open_with_backends(config, Arc::new(SystemClock), move || f2.backend(&path)).unwrap();
+    let (store, faults) = store_with_faults(dir.path());
     let broker = Mosquitto::start(MosquittoOptions::default()).await.unwrap();
     let tail = format!(
         "[ingest.mqtt]\nurl = \"{}\"\nclient_id = \"ferry-local\"\ntopics = [\"sensors/#\"]\nkeep_alive = \"5s\"\n",
