@@ -19,6 +19,7 @@ use crate::config::{Config, ConfigError};
 
 pub mod dlq;
 pub mod events;
+#[cfg(feature = "fleet-manager")]
 pub mod fleet;
 pub mod plugin;
 #[cfg(feature = "scaffold")]
@@ -63,6 +64,7 @@ pub enum Command {
     #[cfg(feature = "demo")]
     Demo(crate::demo::DemoArgs),
     /// Sign and push plugin updates to devices, and watch their status.
+    #[cfg(feature = "fleet-manager")]
     #[command(subcommand)]
     Fleet(fleet::FleetCommand),
 }
@@ -475,6 +477,7 @@ pub fn main() -> ExitCode {
             init_logging_with(LogFormat::Human, "error,rumqttd=off");
             crate::demo::run(args)
         }
+        #[cfg(feature = "fleet-manager")]
         Command::Fleet(cmd) => {
             init_logging(LogFormat::Human);
             fleet::run(cmd)
