@@ -263,6 +263,8 @@ struct Progress {
     /// A companion's retained messages (fleet reports) waiting for this
     /// connection; sent before events, under the same pace.
     side: VecDeque<Retained>,
+    /// The last value given to [`Forwarder::acked`].
+    acked_sent: u64,
 }
 
 impl Task {
@@ -301,6 +303,7 @@ impl Task {
             broker_retain: true,
             paused: None,
             side: VecDeque::new(),
+            acked_sent: cursor,
         };
         self.update(|s| s.acked_sequence = cursor);
         self.acked.send_replace(cursor);
@@ -413,8 +416,12 @@ impl Task {
         // No PUBACK for this long while publishes wait: the link is black-holed.
         let ack_timeout = keep_alive * 2;
         loop {
+            // Compared here first: the watch takes a lock, and most turns ack nothing.
             let through = p.window.acked_through();
-            self.acked.send_if_modified(|a| std::mem::replace(a, through) != through);
+            if through != p.acked_sent {
+                p.acked_sent = through;
+                self.acked.send_replace(through);
+            }
             if p.paused.as_ref().is_none_or(|(until, _)| *until <= tokio::time::Instant::now()) {
                 match self.fill(link, p, &mut buffer).await {
                     Ok(()) => self.resume(p),
