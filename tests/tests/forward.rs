@@ -693,3 +693,30 @@ async fn a_new_destination_starts_at_the_earliest_the_latest_or_a_time_as_config
     assert_eq!(ids_of(&collectors[2], Protocol::V5), (want(&["e4"]).into_iter().collect(), 0));
     agent.shutdown().await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn ack_all_answers_at_once_when_a_destination_dead_letters_the_event() {
+    let ([ma, mb], _collectors) = two_clouds().await;
+    let config = [
+        destination("a", &ma.url(), "v5", ""),
+        destination("b", &mb.url(), "v5", ""),
+        plugin("hostile", "testdata/hostile-filter", "a", "timeout_ms = 200"),
+    ]
+    .concat();
+    let t = TestAgent::start(&config).await;
+    let post = |topic: &'static str, id: &'static str| {
+        let (client, url) = (t.client.clone(), format!("http://{}/v1/events?ack=all", t.agent.http_addr()));
+        async move {
+            let started = Instant::now();
+            let r = client.post(url).json(&json!({"topic": topic, "id": id, "data": 1})).send().await.unwrap();
+            (r.status().as_u16(), r.json::<Value>().await.unwrap(), started.elapsed())
+        }
+    };
+    let (code, body, _) = post("good/0", "g0").await;
+    assert_eq!((code, &body["events"][0]["acked_by"]), (200, &json!(["a", "b"])), "{body}");
+    // `a`'s plugin traps on it: dead-lettered there, `all` can never be met.
+    let (code, body, took) = post("hostile/trap", "bad").await;
+    assert_eq!(code, 202, "{body}");
+    assert_eq!(body["events"][0]["acked_by"], json!(["b"]));
+    assert!(took < Duration::from_secs(5), "answered after {took:?}, not at once (ack_timeout is 10 s)");
+}

@@ -396,14 +396,18 @@ async fn wait_acks(api: &Api, level: AckLevel, sequences: &[u64]) -> (Vec<Vec<St
         // No destination: nothing routes anything, and `stored` is all there is.
         return (vec![Vec::new(); sequences.len()], true);
     }
+    let need: Vec<usize> = routed.iter().map(|r| level.needed(r.len())).collect();
+    // The routing destinations that may still acknowledge each event: one
+    // that dead-lettered it never will, so it is dropped once seen.
+    let mut candidates = routed.clone();
     let cursor_of = |name: &str, cursors: &[(String, u64)]| cursors.iter().find(|(n, _)| n == name).map_or(0, |c| c.1);
     loop {
         let cursors: Vec<(String, u64)> =
             watches.iter_mut().map(|(n, w)| (n.clone(), *w.borrow_and_update())).collect();
-        let passed = |i: usize| -> Vec<usize> {
-            routed[i].iter().copied().filter(|&c| cursor_of(&consumers[c].name, &cursors) >= sequences[i]).collect()
+        let passed = |candidates: &[Vec<usize>], i: usize| -> Vec<usize> {
+            candidates[i].iter().copied().filter(|&c| cursor_of(&consumers[c].name, &cursors) >= sequences[i]).collect()
         };
-        let enough = (0..sequences.len()).all(|i| passed(i).len() >= level.needed(routed[i].len()));
+        let enough = (0..sequences.len()).all(|i| passed(&candidates, i).len() >= need[i]);
         let out_of_time = tokio::time::Instant::now() >= deadline;
         if enough || out_of_time {
             // A cursor also passes what it dead-letters: only a PUBACK counts.
@@ -411,21 +415,22 @@ async fn wait_acks(api: &Api, level: AckLevel, sequences: &[u64]) -> (Vec<Vec<St
                 Ok(Ok(f)) => f,
                 _ => return (vec![Vec::new(); sequences.len()], false),
             };
-            let acked_by: Vec<Vec<String>> = (0..sequences.len())
-                .map(|i| {
-                    let Some(f) = &found[i] else { return Vec::new() };
-                    passed(i)
-                        .into_iter()
-                        .filter(|&c| {
-                            let state = judge(f, &consumers[c], sequences[i]);
-                            matches!(state, DeliveryState::Delivered | DeliveryState::Settled)
-                        })
-                        .map(|c| consumers[c].name.clone())
-                        .collect()
-                })
-                .collect();
-            let met = (0..sequences.len()).all(|i| acked_by[i].len() >= level.needed(routed[i].len()));
-            if met || out_of_time {
+            let mut acked_by: Vec<Vec<String>> = vec![Vec::new(); sequences.len()];
+            for i in 0..sequences.len() {
+                let Some(f) = &found[i] else { continue };
+                for c in passed(&candidates, i) {
+                    match judge(f, &consumers[c], sequences[i]) {
+                        DeliveryState::Delivered | DeliveryState::Settled => {
+                            acked_by[i].push(consumers[c].name.clone())
+                        }
+                        _ => candidates[i].retain(|&k| k != c),
+                    }
+                }
+            }
+            let met = (0..sequences.len()).all(|i| acked_by[i].len() >= need[i]);
+            // Out of time, or too few left that could still acknowledge: answer now.
+            let hopeless = (0..sequences.len()).any(|i| candidates[i].len() < need[i]);
+            if met || out_of_time || hopeless {
                 return (acked_by, met);
             }
         }
