@@ -25,7 +25,9 @@ pub use plugin::PluginConfig;
 pub const DEFAULT_TOML: &str = include_str!("ferry.default.toml");
 
 mod mqtt;
-pub use mqtt::{DestinationConfig, MqttEndpoint, MqttIngestConfig, Protocol, Resolved, Routing, SasConfig, Start};
+pub use mqtt::{
+    DEFAULT_BACKOFF, DestinationConfig, MqttEndpoint, MqttIngestConfig, Protocol, Resolved, Routing, SasConfig, Start,
+};
 
 pub mod profile;
 pub use profile::{BATCH_PACKET_ROOM, BatchConfig, Profile, TopicRules, TopicScheme};

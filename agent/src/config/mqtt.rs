@@ -121,6 +121,10 @@ pub struct Resolved {
     pub source: String,
 }
 
+/// Reconnect delays (first, longest) of a destination that sets none, and of
+/// the local broker connections, which have no such keys.
+pub const DEFAULT_BACKOFF: (Duration, Duration) = (Duration::from_millis(500), Duration::from_secs(30));
+
 /// Where a new destination's cursor begins: what of the log, already there
 /// when it is first configured, it is sent.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -624,10 +628,12 @@ pub(super) fn destination(
             ),
         ));
     }
-    let backoff_base =
-        parse_duration(raw.backoff_base.as_deref().unwrap_or("500ms")).map_err(|r| cx.err("backoff_base", r))?;
-    let backoff_cap =
-        parse_duration(raw.backoff_cap.as_deref().unwrap_or("30s")).map_err(|r| cx.err("backoff_cap", r))?;
+    let backoff = |key: &str, text: Option<String>, default: Duration| match text {
+        Some(t) => parse_duration(&t).map_err(|r| cx.err(key, r)),
+        None => Ok(default),
+    };
+    let backoff_base = backoff("backoff_base", raw.backoff_base, DEFAULT_BACKOFF.0)?;
+    let backoff_cap = backoff("backoff_cap", raw.backoff_cap, DEFAULT_BACKOFF.1)?;
     if backoff_base.is_zero() || backoff_cap < backoff_base {
         return Err(cx.err("backoff_cap", "backoff_base must be above zero and backoff_cap at least backoff_base"));
     }

@@ -93,9 +93,7 @@ pub trait Session {
     }
 }
 
-/// Default reconnect delays for connections with no configured ones (the
-/// destinations' defaults).
-pub const DEFAULT_BACKOFF: (Duration, Duration) = (Duration::from_millis(500), Duration::from_secs(30));
+pub use crate::config::DEFAULT_BACKOFF;
 
 /// Runs one owner's connections until shutdown.
 pub struct Supervisor {
