@@ -93,8 +93,16 @@ struct RawStore {
     cache_size: Option<ByteSize>,
     min_free_disk: Option<ByteSize>,
     default_priority: Option<u8>,
+    retain_delivered: Option<RawRetain>,
     #[serde(default)]
     class: Vec<RawClass>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawRetain {
+    age: String,
+    share: String,
 }
 
 #[derive(Debug, Deserialize)]
@@ -285,6 +293,19 @@ pub struct StoreConfig {
     /// leaves the log once every destination routing it has its cursor past
     /// it; an event no destination routes stays (until TTL or eviction).
     pub consumers: Vec<Consumer>,
+    /// Delivered events kept for replay (`None`: removed once delivered).
+    pub retain_delivered: Option<RetainDelivered>,
+}
+
+/// How long, and within how much of the quota, delivered events stay in the
+/// log so a destination can be replayed. They are the first to go when
+/// room is needed, before any undelivered event.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RetainDelivered {
+    /// Kept until this long after acceptance.
+    pub age: Duration,
+    /// At most this many bytes of them (a share of the quota).
+    pub max_bytes: u64,
 }
 
 /// A consumer of the log, as the store sees a destination.
@@ -426,6 +447,15 @@ impl Config {
                 format!("must be between 1 byte and the quota ({quota_bytes} bytes)"),
             ));
         }
+        let retain_delivered = match &s.retain_delivered {
+            None => None,
+            Some(r) => {
+                let age = parse_duration(&r.age).map_err(|e| err("store.retain_delivered.age", e))?;
+                let share = parse_share(&r.share).map_err(|e| err("store.retain_delivered.share", e))?;
+                let max_bytes = (quota_bytes as f64 * share) as u64;
+                (!age.is_zero() && max_bytes > 0).then_some(RetainDelivered { age, max_bytes })
+            }
+        };
         let mut classes = Vec::with_capacity(s.class.len());
         for (i, c) in s.class.into_iter().enumerate() {
             let key = |k: &str| format!("store.class[{i}].{k}");
@@ -553,6 +583,7 @@ impl Config {
                     .iter()
                     .map(|d| Consumer { name: d.name.clone(), routing: d.routing.clone() })
                     .collect(),
+                retain_delivered,
             },
             http: HttpConfig {
                 listen,
@@ -578,6 +609,17 @@ impl Config {
 fn parse_duration(text: &str) -> Result<Duration, String> {
     humantime::parse_duration(text)
         .map_err(|e| format!("`{text}` is not a duration like \"30s\", \"24h\" or \"7d\" ({e})"))
+}
+
+/// A share of the quota: `"25%"`, from 0 to 100 percent.
+fn parse_share(text: &str) -> Result<f64, String> {
+    let bad = || format!("`{text}` is not a share of the quota like \"25%\" (0% to 100%)");
+    let number = text.trim().strip_suffix('%').ok_or_else(bad)?;
+    let percent: f64 = number.trim().parse().map_err(|_| bad())?;
+    if !(0.0..=100.0).contains(&percent) {
+        return Err(bad());
+    }
+    Ok(percent / 100.0)
 }
 
 /// A TTL; zero means none.
@@ -645,6 +687,24 @@ mod tests {
         assert_eq!(c.store.full_policy, FullPolicy::Reject);
         assert_eq!(c.store.durability, Durability::Fsync);
         assert_eq!(c.store.ttl, None);
+    }
+
+    #[test]
+    fn retain_delivered_is_an_age_and_a_share_of_the_quota() {
+        assert_eq!(Config::embedded().store.retain_delivered, None);
+        let c = parse("[store]\nquota = \"100 MiB\"\nretain_delivered = { age = \"2h\", share = \"25%\" }\n").unwrap();
+        let r = c.store.retain_delivered.expect("on");
+        assert_eq!(r.age, Duration::from_secs(7200));
+        assert_eq!(r.max_bytes, 25 << 20);
+        let e = parse("[store]\nretain_delivered = { age = \"2h\", share = \"0.25\" }\n").unwrap_err();
+        assert_eq!(e.key, "store.retain_delivered.share");
+        assert!(e.reason.contains("\"25%\""), "{e}");
+        let e = parse("[store]\nretain_delivered = { age = \"2h\", share = \"150%\" }\n").unwrap_err();
+        assert_eq!(e.key, "store.retain_delivered.share");
+        let e = parse("[store]\nretain_delivered = { age = \"later\", share = \"10%\" }\n").unwrap_err();
+        assert_eq!(e.key, "store.retain_delivered.age");
+        let off = parse("[store]\nretain_delivered = { age = \"0s\", share = \"10%\" }\n").unwrap();
+        assert_eq!(off.store.retain_delivered, None);
     }
 
     #[test]

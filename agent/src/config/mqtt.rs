@@ -140,13 +140,10 @@ pub enum Start {
 impl Start {
     /// `earliest`, `latest`, or an RFC 3339 time.
     pub fn parse(text: &str) -> Result<Self, String> {
-        use time::format_description::well_known::Rfc3339;
         match text {
             "earliest" => Ok(Start::Earliest),
             "latest" => Ok(Start::Latest),
-            _ => time::OffsetDateTime::parse(text, &Rfc3339)
-                .ok()
-                .and_then(|t| u64::try_from(t.unix_timestamp_nanos() / 1_000_000).ok())
+            _ => crate::clock::parse_utc(text)
                 .map(Start::At)
                 .ok_or_else(|| format!("`{text}` is not `earliest`, `latest` or an RFC 3339 time")),
         }

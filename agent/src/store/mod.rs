@@ -1,6 +1,7 @@
 //! The durable event store: an append-only log in one redb file, with dedup,
-//! a byte quota, priority eviction, TTL expiry, dead letters and the
-//! per-destination cursors of the forwarders.
+//! a byte quota, priority eviction, TTL expiry, dead letters, the
+//! per-destination cursors of the forwarders (which a replay moves back),
+//! and delivered events kept for replay (`store.retain_delivered`).
 //!
 //! All writes go through one writer thread (`writer`) that group-commits
 //! whatever requests are waiting into one transaction, so many producers share
@@ -327,6 +328,16 @@ pub struct Replayed {
     pub destination: Option<String>,
 }
 
+/// What a [`Store::rewind`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct Rewound {
+    /// The durable cursor before.
+    pub previous: u64,
+    /// The first event after the new cursor still in the log: where the
+    /// replay really starts (`None`: nothing after it is left).
+    pub first_available: Option<u64>,
+}
+
 /// Persistent counters, kept in the `meta` table and updated in the same
 /// transaction as the changes they count.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
@@ -361,10 +372,18 @@ pub struct Meta {
     pub retention_floor: u64,
     /// Fingerprint of the consumers `retention_floor` was computed for.
     pub consumers_hash: u64,
+    /// Delivered events kept for replay (`store.retain_delivered`).
+    pub retained_events: u64,
+    /// Bytes of those events (part of `log_bytes`).
+    pub retained_bytes: u64,
+    /// Kept delivered events removed to make room for new ones.
+    pub retained_evicted: u64,
+    /// Kept delivered events removed for age or for their share of the quota.
+    pub retained_expired: u64,
 }
 
 impl Meta {
-    const FIELDS: [&'static str; 15] = [
+    const FIELDS: [&'static str; 19] = [
         "next_sequence",
         "hlc",
         "log_bytes",
@@ -380,9 +399,13 @@ impl Meta {
         "delivered_events",
         "retention_floor",
         "consumers_hash",
+        "retained_events",
+        "retained_bytes",
+        "retained_evicted",
+        "retained_expired",
     ];
 
-    fn slots(&mut self) -> [&mut u64; 15] {
+    fn slots(&mut self) -> [&mut u64; 19] {
         [
             &mut self.next_sequence,
             &mut self.hlc,
@@ -399,6 +422,10 @@ impl Meta {
             &mut self.delivered_events,
             &mut self.retention_floor,
             &mut self.consumers_hash,
+            &mut self.retained_events,
+            &mut self.retained_bytes,
+            &mut self.retained_evicted,
+            &mut self.retained_expired,
         ]
     }
 
@@ -472,6 +499,8 @@ pub struct SweepReport {
     pub dead_dropped: u64,
     /// Events removed because every destination routing them had them.
     pub delivered: u64,
+    /// Kept delivered events removed for age or their share of the quota.
+    pub retained_expired: u64,
 }
 
 /// Handle to the store. Cheap to clone; all clones share one writer thread.
@@ -607,9 +636,29 @@ impl Store {
     /// Records that `destination` has everything up to `sequence`. Cursors
     /// only move forward.
     pub async fn set_cursor(&self, destination: &str, sequence: u64) -> Result<(), AppendError> {
+        self.advance_cursor(destination, sequence, 0).await
+    }
+
+    /// [`Store::set_cursor`] from a forwarder that knows of `epoch` rewinds
+    /// of its cursor: a move sent before the latest [`Store::rewind`] is
+    /// ignored, so an ack from before a replay cannot skip the replay.
+    pub async fn advance_cursor(&self, destination: &str, sequence: u64, epoch: u64) -> Result<(), AppendError> {
         let (tx, rx) = oneshot::channel();
         let reply = Reply::new(tx);
-        self.send(Request::SetCursor { name: destination.to_owned(), sequence, reply })
+        self.send(Request::SetCursor { name: destination.to_owned(), sequence, epoch, reply })
+            .await
+            .map_err(|_| AppendError::Closed)?;
+        rx.await.map_err(|_| AppendError::Closed)?
+    }
+
+    /// Durably moves `destination`'s cursor back to `to`, so every event
+    /// after it still in the log goes there again: a replay. Kept delivered
+    /// events after `to` count as undelivered again. Starts rewind `epoch`
+    /// (see [`Store::advance_cursor`]); moves nothing forward.
+    pub async fn rewind(&self, destination: &str, to: u64, epoch: u64) -> Result<Rewound, AppendError> {
+        let (tx, rx) = oneshot::channel();
+        let reply = Reply::new(tx);
+        self.send(Request::Rewind { name: destination.to_owned(), to, epoch, reply })
             .await
             .map_err(|_| AppendError::Closed)?;
         rx.await.map_err(|_| AppendError::Closed)?

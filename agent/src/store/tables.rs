@@ -26,6 +26,11 @@ pub const BY_PRIORITY: TableDefinition<(u8, u64), u32> = TableDefinition::new("b
 /// (expiry time in ms, sequence) → (); TTL sweeps.
 pub const EXPIRY: TableDefinition<(u64, u64), ()> = TableDefinition::new("expiry");
 
+/// sequence → (acceptance time in ms, record size): delivered events kept in
+/// the log for replay (`store.retain_delivered`), oldest first. Such an event
+/// has no [`BY_PRIORITY`] or [`EXPIRY`] entry: it is evicted from here first.
+pub const RETAINED: TableDefinition<u64, (u64, u32)> = TableDefinition::new("retained");
+
 /// dead-letter number → dead-letter record (see [`super::DeadLetter`]).
 pub const DEAD: TableDefinition<u64, &[u8]> = TableDefinition::new("dead_letters");
 

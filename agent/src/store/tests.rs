@@ -29,7 +29,13 @@ impl Fixture {
 
     /// Closes and reopens; the file is released when the last handle drops.
     fn reopen(self) -> Self {
-        let Fixture { _dir, clock, config, store } = self;
+        self.reopen_with(|_| {})
+    }
+
+    /// Closes and reopens with a changed config.
+    fn reopen_with(self, tune: impl FnOnce(&mut StoreConfig)) -> Self {
+        let Fixture { _dir, clock, mut config, store } = self;
+        tune(&mut config);
         store.close();
         drop(store);
         let store = Store::open(config.clone(), clock.clone()).unwrap();
@@ -567,4 +573,120 @@ async fn the_first_event_since_a_time_is_found_among_gaps_and_past_either_end() 
     assert_eq!(f.store.first_since(t0 + 1_000).unwrap(), Some(4));
     let empty = Fixture::new(|_| {});
     assert_eq!(empty.store.first_since(0).unwrap(), None);
+}
+
+fn everything(names: &[&str]) -> Vec<crate::config::Consumer> {
+    names
+        .iter()
+        .map(|n| crate::config::Consumer {
+            name: (*n).into(),
+            routing: crate::config::Routing {
+                routes: vec![crate::topic::TopicFilter::new("#").unwrap()],
+                subscribe: vec![],
+            },
+        })
+        .collect()
+}
+
+fn keep_for(age: Duration, max_bytes: u64) -> Option<crate::config::RetainDelivered> {
+    Some(crate::config::RetainDelivered { age, max_bytes })
+}
+
+fn sequences(events: &[Event]) -> Vec<u64> {
+    events.iter().map(|e| e.sequence).collect()
+}
+
+#[tokio::test]
+async fn delivered_events_kept_for_replay_make_room_before_any_undelivered_event_under_either_policy() {
+    for policy in [FullPolicy::Reject, FullPolicy::DropOldest] {
+        let f = Fixture::new(|c| {
+            c.quota_bytes = 64 * 1024;
+            c.full_policy = policy;
+            c.consumers = everything(&["a", "b"]);
+            c.retain_delivered = keep_for(Duration::from_secs(3600), 64 * 1024);
+        });
+        f.store.append((0..40).map(|i| event(&format!("a{i}"), "t", 1000)).collect()).await.unwrap();
+        f.store.set_cursor("a", 20).await.unwrap();
+        f.store.set_cursor("b", 20).await.unwrap();
+        f.store.sweep().await.unwrap();
+        let s = f.status();
+        assert_eq!((s.events, s.counters.retained_events), (40, 20), "{policy:?}: delivered ones are kept");
+        assert_eq!(s.counters.delivered_events, 20);
+
+        f.store.append((0..30).map(|i| event(&format!("b{i}"), "t", 1000)).collect()).await.unwrap();
+        let s = f.status();
+        assert_eq!(s.counters.evicted_events, 0, "{policy:?}: no undelivered event made way");
+        assert!(s.counters.retained_evicted > 0, "{policy:?}");
+        assert_eq!(s.counters.retained_events + s.counters.retained_evicted, 20);
+        let kept = sequences(&f.store.read_after(0, 100).unwrap());
+        let first = 21 - s.counters.retained_events;
+        assert_eq!(kept, (first..=70).collect::<Vec<_>>(), "{policy:?}: the oldest kept ones went first");
+    }
+}
+
+#[tokio::test]
+async fn kept_events_leave_past_their_age_or_their_share_and_all_once_retention_is_off() {
+    let f = Fixture::new(|c| {
+        c.consumers = everything(&["a"]);
+        c.retain_delivered = keep_for(Duration::from_secs(60), 12 * 1024);
+    });
+    f.store.append((0..5).map(|i| event(&format!("old{i}"), "t", 1000)).collect()).await.unwrap();
+    f.clock.advance_nanos(30_000_000_000);
+    f.store.append((0..5).map(|i| event(&format!("new{i}"), "t", 1000)).collect()).await.unwrap();
+    f.store.set_cursor("a", 10).await.unwrap();
+    f.store.sweep().await.unwrap();
+    assert_eq!(f.status().counters.retained_events, 10, "within age and share");
+
+    f.clock.advance_nanos(40_000_000_000);
+    f.store.sweep().await.unwrap();
+    assert_eq!(sequences(&f.store.read_after(0, 100).unwrap()), [6, 7, 8, 9, 10], "the first five aged out");
+    assert_eq!(f.status().counters.retained_expired, 5);
+
+    // A share that no longer holds them: the oldest go until the rest fit.
+    f.store.append((0..10).map(|i| event(&format!("more{i}"), "t", 1000)).collect()).await.unwrap();
+    f.store.set_cursor("a", 20).await.unwrap();
+    f.store.sweep().await.unwrap();
+    let s = f.status();
+    assert!(s.counters.retained_bytes <= 12 * 1024, "{:?}", s.counters);
+    assert!(s.counters.retained_expired > 5, "some went for the share: {:?}", s.counters);
+    assert_eq!(f.store.read_after(0, 100).unwrap().last().map(|e| e.sequence), Some(20));
+
+    let f = f.reopen_with(|c| c.retain_delivered = None);
+    f.store.sweep().await.unwrap();
+    let s = f.status();
+    assert_eq!((s.events, s.counters.retained_events, s.counters.retained_bytes, s.bytes), (0, 0, 0, 0));
+}
+
+#[tokio::test]
+async fn a_rewind_makes_kept_events_undelivered_again_and_ignores_cursor_moves_sent_before_it() {
+    let f = Fixture::new(|c| {
+        c.consumers = everything(&["a", "b"]);
+        c.retain_delivered = keep_for(Duration::from_secs(3600), 1 << 20);
+    });
+    f.store.append((0..10).map(|i| event(&format!("e{i}"), "t", 100)).collect()).await.unwrap();
+    f.store.set_cursor("a", 10).await.unwrap();
+    f.store.set_cursor("b", 10).await.unwrap();
+    f.store.sweep().await.unwrap();
+    assert_eq!(f.status().counters.retained_events, 10);
+
+    let rewound = f.store.rewind("a", 4, 1).await.unwrap();
+    assert_eq!(rewound, Rewound { previous: 10, first_available: Some(5) });
+    assert_eq!(f.store.cursor("a").unwrap(), Some(4));
+    assert_eq!(f.status().counters.retained_events, 4, "5..=10 are undelivered again");
+    // An ack from before the rewind (epoch 0) must not skip the replay.
+    f.store.advance_cursor("a", 10, 0).await.unwrap();
+    assert_eq!(f.store.cursor("a").unwrap(), Some(4));
+    f.store.sweep().await.unwrap();
+    assert_eq!(sequences(&f.store.read_after(4, 100).unwrap()), [5, 6, 7, 8, 9, 10], "nothing left the log");
+
+    f.store.advance_cursor("a", 10, 1).await.unwrap();
+    assert_eq!(f.store.cursor("a").unwrap(), Some(10));
+    f.store.sweep().await.unwrap();
+    let s = f.status();
+    assert_eq!((s.events, s.counters.retained_events), (10, 10), "delivered again, kept again once");
+    assert_eq!(s.counters.retained_bytes, s.bytes);
+
+    // A rewind never moves a cursor forward.
+    assert_eq!(f.store.rewind("b", 12, 1).await.unwrap().previous, 10);
+    assert_eq!(f.store.cursor("b").unwrap(), Some(10));
 }

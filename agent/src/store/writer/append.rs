@@ -142,8 +142,12 @@ impl Writer {
             return Ok(Err(refusal));
         }
         if needed > free {
-            // Delivered events make way first: nothing is lost by removing them.
-            self.retire_delivered(t)?;
+            // Delivered events make way first, then those kept for replay:
+            // nothing undelivered is lost by removing them.
+            self.retire_delivered(t, self.clock.now_millis())?;
+            if needed <= quota {
+                self.evict_retained(t, needed)?;
+            }
             free = quota.saturating_sub(self.used_bytes());
         }
         if needed <= free {

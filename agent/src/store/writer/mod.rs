@@ -30,7 +30,7 @@ use super::health::{FileIdentity, Shared, StoreHealth, caught, damaged, guard};
 use super::tables;
 use super::{
     AppendError, Appended, DeadLetter, DeadLetterError, Dedup, FULL_RETRY_AFTER, Meta, PreparedEvent, Replayed,
-    StoreError, SweepReport,
+    Rewound, StoreError, SweepReport,
 };
 use crate::clock::{Hlc, HlcState, SharedClock};
 use crate::config::{Durability, FullPolicy, StoreConfig};
@@ -123,7 +123,8 @@ pub(super) type Done = Reply<(), AppendError>;
 /// A request to the writer.
 pub(super) enum Request {
     Append { events: Vec<PreparedEvent>, reply: Reply<Vec<Appended>, AppendError> },
-    SetCursor { name: String, sequence: u64, reply: Done },
+    SetCursor { name: String, sequence: u64, epoch: u64, reply: Done },
+    Rewind { name: String, to: u64, epoch: u64, reply: Reply<Rewound, AppendError> },
     DeadLetterCopy { sequence: u64, reason: String, destination: Option<String>, reply: Done },
     SetAsideUnreadable { sequence: u64, reason: String, reply: Done },
     Replay { numbers: Vec<u64>, reply: Reply<Vec<Replayed>, DeadLetterError> },
@@ -154,6 +155,7 @@ impl Request {
             Request::Replay { reply, .. } => reply.send(Err(error.clone().into())),
             Request::Purge { reply, .. } => reply.send(Err(error.clone().into())),
             Request::Sweep { reply } => reply.send(Err(error.clone())),
+            Request::Rewind { reply, .. } => reply.send(Err(error.clone())),
             Request::Shutdown => {}
         }
     }
@@ -166,6 +168,7 @@ enum Pending {
     Sweep(Reply<SweepReport, AppendError>, SweepReport),
     Replay(Reply<Vec<Replayed>, DeadLetterError>, Result<Vec<Replayed>, DeadLetterError>),
     Purge(Reply<u64, DeadLetterError>, Result<u64, DeadLetterError>),
+    Rewind(Reply<Rewound, AppendError>, Rewound),
 }
 
 impl Pending {
@@ -176,6 +179,7 @@ impl Pending {
             Pending::Sweep(tx, _) => tx.send(Err(error.clone())),
             Pending::Replay(tx, _) => tx.send(Err(error.clone().into())),
             Pending::Purge(tx, _) => tx.send(Err(error.clone().into())),
+            Pending::Rewind(tx, _) => tx.send(Err(error.clone())),
         }
     }
 
@@ -186,6 +190,7 @@ impl Pending {
             Pending::Sweep(tx, report) => tx.send(Ok(report)),
             Pending::Replay(tx, outcome) => tx.send(outcome),
             Pending::Purge(tx, outcome) => tx.send(outcome),
+            Pending::Rewind(tx, outcome) => tx.send(Ok(outcome)),
         }
     }
 }
@@ -216,6 +221,7 @@ struct Tables<'t> {
     deliveries: Table<'t, u128, &'static [u8]>,
     by_priority: Table<'t, (u8, u64), u32>,
     expiry: Table<'t, (u64, u64), ()>,
+    retained: Table<'t, u64, (u64, u32)>,
     dead: Table<'t, u64, &'static [u8]>,
     cursors: Table<'t, &'static str, u64>,
 }
@@ -229,6 +235,7 @@ impl<'t> Tables<'t> {
             deliveries: txn.open_table(tables::DELIVERIES)?,
             by_priority: txn.open_table(tables::BY_PRIORITY)?,
             expiry: txn.open_table(tables::EXPIRY)?,
+            retained: txn.open_table(tables::RETAINED)?,
             dead: txn.open_table(tables::DEAD)?,
             cursors: txn.open_table(tables::CURSORS)?,
         })
@@ -261,6 +268,9 @@ pub(super) struct Writer {
     last_retire: Option<Instant>,
     last_commit_time: Duration,
     commit_latency: Arc<Histogram>,
+    /// Per destination, the latest rewind of its cursor in this run (see
+    /// [`super::Store::advance_cursor`]).
+    epochs: HashMap<String, u64>,
 }
 
 /// Counters and the HLC high-water mark of `db`, creating tables on first use.
@@ -317,6 +327,7 @@ impl Writer {
             last_commit_time: Duration::ZERO,
             commit_latency,
             disk_free: u64::MAX,
+            epochs: HashMap::new(),
         };
         Ok((writer, rx))
     }
@@ -483,9 +494,10 @@ impl Writer {
                             };
                             pending.push(Pending::Append(reply, outcome));
                         }
-                        Request::SetCursor { name, sequence, reply } => {
+                        Request::SetCursor { name, sequence, epoch, reply } => {
                             let current = t.cursors.get(name.as_str())?.map_or(0, |v| v.value());
-                            if sequence > current {
+                            let stale = self.epochs.get(&name).is_some_and(|&latest| epoch < latest);
+                            if sequence > current && !stale {
                                 t.cursors.insert(name.as_str(), sequence)?;
                                 cursors_moved = true;
                             }
@@ -524,6 +536,12 @@ impl Writer {
                             let outcome = self.purge(&mut t, numbers)?;
                             pending.push(Pending::Purge(reply, outcome));
                         }
+                        Request::Rewind { name, to, epoch, reply } => {
+                            let outcome = self.rewind(&mut t, &name, to)?;
+                            let latest = self.epochs.entry(name).or_default();
+                            *latest = (*latest).max(epoch);
+                            pending.push(Pending::Rewind(reply, outcome));
+                        }
                         Request::Shutdown => {}
                     }
                 }
@@ -532,7 +550,7 @@ impl Writer {
                     pending.push(Pending::Sweep(reply, report));
                 }
                 if cursors_moved && self.last_retire.is_none_or(|at| at.elapsed() >= RETIRE_INTERVAL) {
-                    self.retire_delivered(&mut t)?;
+                    self.retire_delivered(&mut t, now_ms)?;
                 }
             }
             committing = true;

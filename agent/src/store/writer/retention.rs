@@ -1,5 +1,7 @@
 //! What leaves the log besides eviction: TTL expiry and dedup pruning
-//! (the sweep), and events every consumer routing them has acknowledged.
+//! (the sweep), and events every consumer routing them has acknowledged,
+//! which `store.retain_delivered` keeps a while for replay; and a
+//! destination's rewind, which makes kept events undelivered again.
 
 use super::append::decode_deliveries;
 use super::*;
@@ -22,6 +24,7 @@ struct Retired {
     seq: u64,
     priority: u8,
     expires_at_ms: Option<u64>,
+    accepted_ms: u64,
     size: u64,
 }
 
@@ -97,7 +100,8 @@ impl Writer {
             report.dedup_pruned += decode_deliveries(ids.value()).len() as u64;
         }
 
-        report.delivered = self.retire_delivered(t)?;
+        report.delivered = self.retire_delivered(t, now_ms)?;
+        report.retained_expired = self.trim_retained(t, now_ms)?;
 
         let dead_cap = self.config.quota_bytes / DEAD_LETTER_SHARE;
         while self.meta.dead_bytes > dead_cap {
@@ -117,10 +121,11 @@ impl Writer {
         Ok(report)
     }
 
-    /// Removes events every consumer routing them has acknowledged; keeps
-    /// events no consumer routes (a destination added later will want them).
+    /// Removes events every consumer routing them has acknowledged, or with
+    /// `retain_delivered` moves them to the kept ones; keeps events no
+    /// consumer routes (a destination added later will want them).
     /// Bounded per call; resumes from `retention_floor` next time.
-    pub(super) fn retire_delivered(&mut self, t: &mut Tables<'_>) -> Result<u64, redb::Error> {
+    pub(super) fn retire_delivered(&mut self, t: &mut Tables<'_>, now_ms: u64) -> Result<u64, redb::Error> {
         self.last_retire = Some(Instant::now());
         let consumers = &self.config.consumers;
         if consumers.is_empty() {
@@ -146,6 +151,9 @@ impl Writer {
             None => upto,
         };
         self.meta.retention_floor = last;
+        let keep = self.config.retain_delivered.is_some();
+        // A pass over a range retired before (the destinations changed) meets kept events again.
+        let kept_before = t.retained.last()?.map_or(0, |(k, _)| k.value());
         // One pass over the range both decides and removes (far cheaper than a
         // lookup and a removal per event); the secondary indexes follow.
         let mut doomed: Vec<Retired> = Vec::new();
@@ -160,9 +168,10 @@ impl Writer {
                 seq,
                 priority: header.priority,
                 expires_at_ms: header.expires_at_ms,
+                accepted_ms: header.hlc.millis(),
                 size: record.len() as u64,
             });
-            false
+            keep
         })?;
         // Per priority, the retired entries of the index are one key range.
         let mut priorities: Vec<u8> = doomed.iter().map(|r| r.priority).collect();
@@ -177,9 +186,104 @@ impl Writer {
             if let Some(at) = r.expires_at_ms {
                 t.expiry.remove((at, r.seq))?;
             }
-            self.meta.log_bytes = self.meta.log_bytes.saturating_sub(r.size);
+            let was_kept = r.seq <= kept_before && t.retained.get(r.seq)?.is_some();
+            if keep {
+                if !was_kept {
+                    t.retained.insert(r.seq, (r.accepted_ms, r.size as u32))?;
+                    self.meta.retained_events += 1;
+                    self.meta.retained_bytes += r.size;
+                }
+            } else {
+                if was_kept {
+                    t.retained.remove(r.seq)?;
+                    self.meta.retained_events = self.meta.retained_events.saturating_sub(1);
+                    self.meta.retained_bytes = self.meta.retained_bytes.saturating_sub(r.size);
+                }
+                self.meta.log_bytes = self.meta.log_bytes.saturating_sub(r.size);
+            }
         }
         self.meta.delivered_events += doomed.len() as u64;
+        if keep {
+            self.trim_retained(t, now_ms)?;
+        }
         Ok(doomed.len() as u64)
+    }
+
+    /// Removes kept delivered events past their age or over their share of
+    /// the quota, oldest first (all of them once `retain_delivered` is off).
+    pub(super) fn trim_retained(&mut self, t: &mut Tables<'_>, now_ms: u64) -> Result<u64, redb::Error> {
+        let (cutoff, cap) = match self.config.retain_delivered {
+            Some(r) => (now_ms.saturating_sub(u64::try_from(r.age.as_millis()).unwrap_or(u64::MAX)), r.max_bytes),
+            None => (u64::MAX, 0),
+        };
+        let mut removed = 0u64;
+        while (removed as usize) < SWEEP_LIMIT {
+            let Some((key, value)) = t.retained.first()? else { break };
+            let (seq, (accepted_ms, _)) = (key.value(), value.value());
+            drop((key, value));
+            if accepted_ms >= cutoff && self.meta.retained_bytes <= cap {
+                break;
+            }
+            self.drop_retained(t, seq)?;
+            removed += 1;
+        }
+        self.meta.retained_expired += removed;
+        Ok(removed)
+    }
+
+    /// Removes the oldest kept delivered events until `needed` bytes are
+    /// free under the quota, or none is left; returns how many went.
+    pub(super) fn evict_retained(&mut self, t: &mut Tables<'_>, needed: u64) -> Result<u64, redb::Error> {
+        let quota = self.config.quota_bytes;
+        let mut evicted = 0u64;
+        while quota.saturating_sub(self.used_bytes()) < needed {
+            let Some((key, _)) = t.retained.first()? else { break };
+            let seq = key.value();
+            drop(key);
+            self.drop_retained(t, seq)?;
+            evicted += 1;
+        }
+        if evicted > 0 {
+            self.meta.retained_evicted += evicted;
+            tracing::info!(events = evicted, "store full: removed the oldest delivered events kept for replay");
+        }
+        Ok(evicted)
+    }
+
+    /// Removes kept event `seq` from the log.
+    fn drop_retained(&mut self, t: &mut Tables<'_>, seq: u64) -> Result<(), redb::Error> {
+        let size = t.retained.remove(seq)?.map_or(0, |v| u64::from(v.value().1));
+        self.remove_from_log(t, seq)?;
+        self.meta.retained_events = self.meta.retained_events.saturating_sub(1);
+        self.meta.retained_bytes = self.meta.retained_bytes.saturating_sub(size);
+        Ok(())
+    }
+
+    /// Moves `destination`'s cursor back to `to` (never forward). Kept events
+    /// after `to` are undelivered again: they return to the eviction index,
+    /// and retention looks at them again once every cursor has passed them.
+    pub(super) fn rewind(&mut self, t: &mut Tables<'_>, destination: &str, to: u64) -> Result<Rewound, redb::Error> {
+        let previous = t.cursors.get(destination)?.map_or(0, |v| v.value());
+        if to < previous {
+            t.cursors.insert(destination, to)?;
+        }
+        let restored: Vec<(u64, u32)> = t
+            .retained
+            .extract_from_if(to + 1.., |_, _| true)?
+            .map(|row| row.map(|(k, v)| (k.value(), v.value().1)))
+            .collect::<Result<_, _>>()?;
+        for (seq, size) in restored {
+            // TTLs are not restored: an operator asked for these events again.
+            let priority = match t.log.get(seq)? {
+                Some(record) => event::decode_header(record.value()).map_or(0, |(h, _)| h.priority),
+                None => continue,
+            };
+            t.by_priority.insert((priority, seq), size)?;
+            self.meta.retained_events = self.meta.retained_events.saturating_sub(1);
+            self.meta.retained_bytes = self.meta.retained_bytes.saturating_sub(u64::from(size));
+        }
+        self.meta.retention_floor = self.meta.retention_floor.min(to);
+        let first_available = t.log.range(to + 1..)?.next().transpose()?.map(|(k, _)| k.value());
+        Ok(Rewound { previous, first_available })
     }
 }
