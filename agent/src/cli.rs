@@ -22,6 +22,7 @@ pub mod events;
 #[cfg(feature = "fleet-manager")]
 pub mod fleet;
 pub mod plugin;
+pub mod replay;
 #[cfg(feature = "scaffold")]
 pub mod scaffold;
 pub mod store;
@@ -56,6 +57,9 @@ pub enum Command {
     /// Where a running agent's events stand at each destination (receipts).
     #[command(subcommand)]
     Events(events::EventsCommand),
+    /// Send one destination of a running agent its events again, from a
+    /// time or a sequence (delivered ones kept by `store.retain_delivered`).
+    Replay(replay::ReplayArgs),
     /// Inspect a store offline.
     #[command(subcommand)]
     Store(store::StoreCommand),
@@ -394,6 +398,16 @@ pub fn status(args: &StatusArgs) -> anyhow::Result<()> {
         n(&c["expired_events"]),
         n(&s["dead_letters"])
     )?;
+    if n(&c["retained_events"]) > 0 || n(&c["retained_evicted"]) + n(&c["retained_expired"]) > 0 {
+        writeln!(
+            out,
+            "replay    {} delivered events kept ({} bytes); {} removed for room, {} for age or share",
+            n(&c["retained_events"]),
+            n(&c["retained_bytes"]),
+            n(&c["retained_evicted"]),
+            n(&c["retained_expired"])
+        )?;
+    }
     let dests = body["destinations"].as_array().cloned().unwrap_or_default();
     if dests.is_empty() {
         writeln!(out, "destinations: none configured (events are kept until one is added)")?;
@@ -425,6 +439,18 @@ pub fn status(args: &StatusArgs) -> anyhow::Result<()> {
             n(&d["reconnects"]),
             d["last_error"].as_str().unwrap_or("")
         )?;
+        let r = &d["replay"];
+        if r.is_object() {
+            let eta = r["eta_seconds"].as_f64().map_or_else(|| "unknown".to_owned(), |s| format!("{s:.0}s"));
+            writeln!(
+                out,
+                "{:<16} replaying from {} through {}: {} left, ETA {eta}",
+                "",
+                n(&r["from"]),
+                n(&r["through"]),
+                n(&r["remaining"])
+            )?;
+        }
     }
     let plugins = body["plugins"].as_array().cloned().unwrap_or_default();
     if !plugins.is_empty() {
@@ -470,6 +496,7 @@ pub fn main() -> ExitCode {
         }
         Command::Dlq(cmd) => dlq::run(cmd),
         Command::Events(cmd) => events::run(cmd),
+        Command::Replay(args) => replay::run(args),
         Command::Store(cmd) => store::run(cmd),
         #[cfg(feature = "demo")]
         Command::Demo(args) => {

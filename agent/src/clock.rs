@@ -63,6 +63,22 @@ impl Clock for ManualClock {
     }
 }
 
+/// `ms` since the epoch as an RFC 3339 UTC time, to the millisecond.
+pub fn utc(ms: u64) -> String {
+    let Ok(t) = time::OffsetDateTime::from_unix_timestamp_nanos(i128::from(ms) * 1_000_000) else {
+        return format!("{ms} ms");
+    };
+    let f = time::macros::format_description!("[year]-[month]-[day]T[hour]:[minute]:[second].[subsecond digits:3]Z");
+    t.format(&f).unwrap_or_else(|_| format!("{ms} ms"))
+}
+
+/// An RFC 3339 time as ms since the epoch (`None`: not one, or before 1970).
+pub fn parse_utc(text: &str) -> Option<u64> {
+    use time::format_description::well_known::Rfc3339;
+    let t = time::OffsetDateTime::parse(text, &Rfc3339).ok()?;
+    u64::try_from(t.unix_timestamp_nanos() / 1_000_000).ok()
+}
+
 /// A fresh UUIDv7 event id stamped from `clock`.
 ///
 /// UUIDv7 sorts by creation time; the per-thread context adds a counter so

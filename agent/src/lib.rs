@@ -14,8 +14,8 @@
 //!   outage, verified end to end (cargo feature `demo`, on by default).
 //! - [`systemd`] — readiness, watchdog and stopping notifications under systemd.
 //! - [`runtime`] — wiring: builds the services, runs them, orders shutdown.
-//! - [`api`] — every HTTP route: events, status and health, the operator's
-//!   routes (`/metrics`, dead letters), the state API.
+//! - [`api`] — every HTTP route: events and receipts, status and health,
+//!   replays, the operator's routes (`/metrics`, dead letters), the state API.
 //! - [`ingest`] — producer input: body decoding ([`ingest::parse`]), defaults,
 //!   limits and ingest filters, and local MQTT ingest ([`ingest::mqtt`]).
 //! - [`fleet`] — signed plugin updates from a fleet manager: download,
@@ -23,13 +23,15 @@
 //! - [`state`] — multi-cloud state sync: versions, merge, the state table,
 //!   reconciliation of the clouds, the `/v1/state` API.
 //! - [`metrics`] — the Prometheus scrape: reads every part below.
-//! - [`forward`] — one task per destination publishing the log over MQTT.
+//! - [`forward`] — one task per destination publishing the log over MQTT,
+//!   and replaying it on request.
 //! - [`downlink`] — cloud-to-device messages: the forwarders' subscriptions,
 //!   routed by topic filter to their consumers, acked once handled.
 //! - [`mqtt`] — the MQTT session layer: one supervised reconnect loop,
 //!   links of either protocol version, TLS, backoff and pacing.
 //! - [`store`] — the redb event log: group commit, dedup, quota and
-//!   eviction, TTL and dead letters, forwarder cursors.
+//!   eviction, TTL and dead letters, forwarder cursors, delivered events
+//!   kept for replay.
 //! - [`plugin`] — the WebAssembly plugin host: sandboxed filter and merge
 //!   components (wasmtime), their bounds, failure policy and circuit breaker.
 //! - [`limits`] — what each destination's broker accepts: the one check

@@ -186,8 +186,21 @@ impl Collector for Snapshot {
         counter(
             &mut e,
             "ferry_store_delivered_events",
-            "Events removed after every destination routing them had them.",
+            "Events every destination routing them had (removed, or kept for replay).",
             c.delivered_events,
+        )?;
+        gauge(
+            &mut e,
+            "ferry_store_retained_events",
+            "Delivered events kept for replay (store.retain_delivered).",
+            i(c.retained_events),
+        )?;
+        gauge(&mut e, "ferry_store_retained_bytes", "Bytes of delivered events kept for replay.", i(c.retained_bytes))?;
+        counter(
+            &mut e,
+            "ferry_store_retained_removed_events",
+            "Kept delivered events removed: to make room, or for their age or share of the quota.",
+            c.retained_evicted + c.retained_expired,
         )?;
         gauge(&mut e, "ferry_dead_letters", "Dead letters held.", i(s.dead_letters))?;
         gauge(&mut e, "ferry_dead_letter_bytes", "Bytes of dead letters held.", i(s.dead_letter_bytes))?;
@@ -225,6 +238,13 @@ impl Collector for Snapshot {
             &mut e,
         )?;
         dest("ferry_destination_in_flight", "Publishes awaiting PUBACK.", Gauge, |d, _| d.in_flight as f64, &mut e)?;
+        dest(
+            "ferry_destination_replay_remaining_events",
+            "Sequences a replay has left to send again (0 when none runs).",
+            Gauge,
+            |d, _| d.replay.as_ref().map_or(0.0, |r| r.remaining as f64),
+            &mut e,
+        )?;
         dest(
             "ferry_destination_lag_seconds",
             "Age of the oldest event not yet acknowledged (0 when caught up).",

@@ -186,7 +186,12 @@ impl Agent {
         let statuses = forwarders
             .iter()
             .zip(&config.destinations)
-            .map(|(f, d)| http::Destination { name: d.name.clone(), status: f.status_handle(), acked: f.acked() })
+            .map(|(f, d)| http::Destination {
+                name: d.name.clone(),
+                status: f.status_handle(),
+                acked: f.acked(),
+                replayer: f.replayer(),
+            })
             .collect();
         // What each destination accepts: ingest and the state API refuse what one would refuse.
         let limits: Vec<_> = forwarders.iter().map(Forwarder::limits).collect();

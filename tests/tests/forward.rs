@@ -720,3 +720,101 @@ async fn ack_all_answers_at_once_when_a_destination_dead_letters_the_event() {
     assert_eq!(body["events"][0]["acked_by"], json!(["b"]));
     assert!(took < Duration::from_secs(5), "answered after {took:?}, not at once (ack_timeout is 10 s)");
 }
+
+/// The ids of `c`'s messages with `prefix`, in arrival order (a replayed
+/// event appears twice).
+fn arrivals(c: &Collector, prefix: &str) -> Vec<String> {
+    c.messages()
+        .iter()
+        .filter_map(|m| m.user_property("id").filter(|id| id.starts_with(prefix)).map(str::to_owned))
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_replay_sends_one_destination_every_kept_event_since_a_time_again_in_order_while_live_traffic_goes_on() {
+    let ([ma, mb], [ca, cb]) = two_clouds().await;
+    let config = destination("a", &ma.url(), "v5", "")
+        + &destination("b", &mb.url(), "v5", "")
+        + "[store]\nretain_delivered = { age = \"1h\", share = \"50%\" }\n";
+    let t = TestAgent::start(&config).await;
+    let early = t.ingest("t/x", "early", 300).await;
+    // The replay's time falls on a whole second between the two batches.
+    let now = SystemClock.now_millis();
+    let since = (now / 1000 + 1) * 1000;
+    tokio::time::sleep(Duration::from_millis(since - now + 20)).await;
+    let kept = t.ingest("t/x", "kept", 1000).await;
+    wait_for_ids(&ca, Protocol::V5, &[early.clone(), kept.clone()].concat()).await;
+    wait_for_ids(&cb, Protocol::V5, &[early, kept.clone()].concat()).await;
+    let status = |t: &TestAgent| t.agent.store().status(0).unwrap();
+    t.wait_until("every delivered event kept", |t| status(t).counters.retained_events == 1300).await;
+
+    // `a`'s consumer lost everything: a new one subscribes and asks again.
+    let fresh = Collector::start(&ma.url(), "#", Protocol::V5).await.unwrap();
+    let live = {
+        let (client, url) = (t.client.clone(), format!("http://{}/v1/events", t.agent.http_addr()));
+        tokio::spawn(async move {
+            for i in 0..40 {
+                let body: Vec<Value> =
+                    (0..25).map(|j| json!({"topic": "t/x", "id": format!("live-{i}-{j}"), "data": 1})).collect();
+                assert_eq!(client.post(&url).json(&body).send().await.unwrap().status(), 200);
+                tokio::time::sleep(Duration::from_millis(25)).await;
+            }
+        })
+    };
+    let replay = |body: Value| {
+        let url = format!("http://{}/v1/destinations/a/replay", t.agent.http_addr());
+        let client = t.client.clone();
+        async move {
+            let r = client.post(url).json(&body).send().await.unwrap();
+            (r.status().as_u16(), r.json::<Value>().await.unwrap())
+        }
+    };
+    let at = ferry::clock::utc(since);
+    let (code, started) = replay(json!({ "since": at })).await;
+    assert_eq!(code, 200, "{started}");
+    assert_eq!(started["from"], 301, "{started}");
+    assert_eq!(started["first_available"], 301, "{started}");
+    live.await.unwrap();
+    let live_ids: Vec<String> = (0..40).flat_map(|i| (0..25).map(move |j| format!("live-{i}-{j}"))).collect();
+    wait_for_ids(&fresh, Protocol::V5, &[kept.clone(), live_ids.clone()].concat()).await;
+    assert!(arrivals(&fresh, "early-").is_empty(), "only events since {at} go again");
+    let mut first_seen: Vec<String> = Vec::new();
+    for id in arrivals(&fresh, "kept-") {
+        if !first_seen.contains(&id) {
+            first_seen.push(id);
+        }
+    }
+    assert_eq!(first_seen, kept, "in their original order, with their original ids");
+    t.wait_until("the replay to finish", |t| t.destination("a").replay.is_none()).await;
+    wait_for_ids(&cb, Protocol::V5, &live_ids).await;
+    assert_eq!(arrivals(&cb, "kept-").len(), 1000, "`b` was not replayed");
+
+    // Nothing to replay past what was delivered, and bad requests change nothing.
+    let last = status(&t).last_sequence;
+    let (code, body) = replay(json!({ "from": last + 10 })).await;
+    assert_eq!(code, 409, "{body}");
+    assert!(body["error"].as_str().unwrap().contains("nothing to replay"), "{body}");
+    let (code, body) = replay(json!({ "since": "yesterday" })).await;
+    assert_eq!((code, &body["field"]), (400, &json!("since")), "{body}");
+    let (code, _) = replay(json!({ "from": 1, "since": at })).await;
+    assert_eq!(code, 400);
+    assert!(t.destination("a").replay.is_none());
+
+    // The rewind is durable: asked for, then the agent stops at once.
+    let (code, started) = replay(json!({ "from": 301 })).await;
+    assert_eq!(code, 200, "{started}");
+    let TestAgent { _dir, agent, client } = t;
+    agent.shutdown().await.unwrap();
+    let toml = format!(
+        "[agent]\ndevice_id = \"gw-1\"\ndata_dir = {:?}\n[ingest.http]\nlisten = \"127.0.0.1:0\"\n{config}",
+        _dir.path().display().to_string()
+    );
+    let agent = Agent::start(Config::parse(&toml, "test.toml").unwrap(), Arc::new(SystemClock)).await.unwrap();
+    let t = TestAgent { _dir, agent, client };
+    let start = Instant::now();
+    while arrivals(&fresh, "kept-").len() < 2000 {
+        assert!(start.elapsed() < WAIT, "{} kept events arrived twice", arrivals(&fresh, "kept-").len() - 1000);
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    t.agent.shutdown().await.unwrap();
+}

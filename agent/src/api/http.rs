@@ -3,6 +3,8 @@
 //! Routes: `POST /v1/events`, `GET /v1/events/{id}` (a delivery receipt:
 //! the event's state at each destination; `{id}` is a producer's id within
 //! the dedup window, or `seq:N`), `GET /v1/status` (store and destinations),
+//! `POST /v1/destinations/{name}/replay` (body `{"from": SEQ}` or
+//! `{"since": "RFC 3339 time"}`: send that destination its events again),
 //! `GET /healthz`, the operator's routes of [`super::admin`]
 //! (`/metrics`, `/v1/dead-letters…`), plus routes other services hand in
 //! (the state API, [`super::state`]). Every route
@@ -41,7 +43,7 @@ use tokio::net::TcpListener;
 
 use crate::config::AckLevel;
 use crate::config::HttpConfig;
-use crate::forward::DestinationStatus;
+use crate::forward::{DestinationStatus, ReplayError, ReplayFrom, Replayer};
 use crate::ingest::{Ingest, IngestError, parse};
 use crate::store::{AppendError, Appended, DeliveryState, EventRef, StoreStatus, judge};
 
@@ -79,6 +81,8 @@ pub struct Destination {
     /// Its acknowledged sequence ([`crate::forward::Forwarder::acked`]), for
     /// answers that wait for acknowledgments.
     pub acked: watch::Receiver<u64>,
+    /// Replays it.
+    pub replayer: Replayer,
 }
 
 #[derive(Clone)]
@@ -134,6 +138,7 @@ pub async fn serve(
         .route("/v1/events", post(post_events))
         .route("/v1/events/{id}", get(get_receipt))
         .route("/v1/status", get(get_status))
+        .route("/v1/destinations/{name}/replay", post(post_replay))
         .route_layer(middleware::from_fn_with_state(api.clone(), require_token));
     // Routes other services own (operator routes, the state API), behind the same token.
     let services = services.route_layer(middleware::from_fn_with_state(api.clone(), require_token));
@@ -660,6 +665,53 @@ async fn get_receipt(State(api): State<Api>, Path(id): Path<String>) -> Response
         }
         Ok(Err(e)) => error(StatusCode::INTERNAL_SERVER_ERROR, &e.to_string(), None, None),
         Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, &e.to_string(), None, None),
+    }
+}
+
+/// The body of `POST /v1/destinations/{name}/replay`: exactly one of the two.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ReplayRequest {
+    from: Option<u64>,
+    since: Option<String>,
+}
+
+async fn post_replay(State(api): State<Api>, Path(name): Path<String>, body: axum::body::Bytes) -> Response {
+    let Some(destination) = api.destinations.iter().find(|d| d.name == name) else {
+        let known: Vec<&str> = api.destinations.iter().map(|d| d.name.as_str()).collect();
+        return error(
+            StatusCode::NOT_FOUND,
+            &format!("no destination `{name}` (there are: {})", known.join(", ")),
+            None,
+            None,
+        );
+    };
+    let request: ReplayRequest = match serde_json::from_slice(&body) {
+        Ok(r) => r,
+        Err(e) => return error(StatusCode::BAD_REQUEST, &format!("the body is not a replay request: {e}"), None, None),
+    };
+    let from = match (request.from, request.since) {
+        (Some(seq), None) => ReplayFrom::Sequence(seq),
+        (None, Some(since)) => match crate::clock::parse_utc(&since) {
+            Some(ms) => ReplayFrom::Since(ms),
+            None => {
+                let reason = format!("`since`: `{since}` is not an RFC 3339 time like \"2026-12-05T08:00:00Z\"");
+                return error(StatusCode::BAD_REQUEST, &reason, None, Some("since"));
+            }
+        },
+        _ => {
+            return error(
+                StatusCode::BAD_REQUEST,
+                "give exactly one of `from` (a sequence) or `since` (a time)",
+                None,
+                None,
+            );
+        }
+    };
+    match destination.replayer.replay(from).await {
+        Ok(started) => axum::Json(started).into_response(),
+        Err(e @ ReplayError::Nothing(_)) => error(StatusCode::CONFLICT, &e.to_string(), None, None),
+        Err(e @ ReplayError::Store(_)) => error(StatusCode::SERVICE_UNAVAILABLE, &e.to_string(), None, None),
     }
 }
 

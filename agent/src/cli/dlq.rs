@@ -7,6 +7,7 @@ use clap::{Args, Subcommand};
 use serde_json::json;
 
 use super::{ApiArgs, check, request};
+use crate::clock::utc;
 
 /// `ferry dlq …`.
 #[derive(Debug, Subcommand)]
@@ -126,13 +127,4 @@ pub fn run(cmd: &DlqCommand) -> anyhow::Result<()> {
         }
     }
     Ok(())
-}
-
-/// `ms` since the epoch as an RFC 3339 UTC time, to the millisecond.
-pub(crate) fn utc(ms: u64) -> String {
-    let Ok(t) = time::OffsetDateTime::from_unix_timestamp_nanos(i128::from(ms) * 1_000_000) else {
-        return format!("{ms} ms");
-    };
-    let f = time::macros::format_description!("[year]-[month]-[day]T[hour]:[minute]:[second].[subsecond digits:3]Z");
-    t.format(&f).unwrap_or_else(|_| format!("{ms} ms"))
 }

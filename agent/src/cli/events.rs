@@ -8,8 +8,8 @@ use clap::Subcommand;
 use percent_encoding::{NON_ALPHANUMERIC, utf8_percent_encode};
 use serde_json::Value;
 
-use super::dlq::utc;
 use super::{ApiArgs, check, request};
+use crate::clock::utc;
 
 /// `ferry events …`.
 #[derive(Debug, Subcommand)]

@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 
 use clap::Subcommand;
 
-use super::dlq::utc;
+use crate::clock::utc;
 use crate::store::inspect::{inspect, verify};
 
 /// `ferry store …`.

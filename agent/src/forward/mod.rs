@@ -18,6 +18,11 @@
 //! - [`window`] — the pure in-flight and cursor state.
 //! - [`isolate`] — finding the one event a broker keeps refusing.
 //!
+//! An operator may replay a destination ([`Replayer`]): its cursor moves
+//! back durably and the events still in the log after it (kept delivered
+//! ones among them, see `store.retain_delivered`) go out again, in order,
+//! paced like any other; status shows the replay's progress.
+//!
 //! The connection itself, its reconnects and its pacer are the MQTT session
 //! layer's ([`crate::mqtt`]).
 
@@ -110,6 +115,22 @@ pub struct DestinationStatus {
     pub throttled_seconds: f64,
     /// Events per publish since start (above 1 when batching).
     pub events_per_publish: f64,
+    /// A replay under way, if any.
+    pub replay: Option<ReplayProgress>,
+}
+
+/// How far a replay has got.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct ReplayProgress {
+    /// The first sequence asked for again.
+    pub from: u64,
+    /// The replay is over once the cursor is back here (where it was).
+    pub through: u64,
+    /// Sequences left to acknowledge (an upper bound: it counts events its
+    /// routes skip, and events no longer in the log).
+    pub remaining: u64,
+    /// At the current send rate, seconds until done (`None` before a rate is known).
+    pub eta_seconds: Option<f64>,
 }
 
 impl DestinationStatus {
@@ -121,12 +142,117 @@ impl DestinationStatus {
     }
 }
 
+/// A rewind of the cursor, as the task learns it from its [`Replayer`].
+#[derive(Debug, Clone, Copy, Default)]
+struct Rewind {
+    /// Rewinds asked for in this run (see [`Store::advance_cursor`]).
+    epoch: u64,
+    /// The new cursor; `None` when the store could not say whether it moved:
+    /// the task then only takes the epoch, and keeps its place.
+    to: Option<u64>,
+    /// Where its cursor was.
+    through: u64,
+}
+
+/// Where a replay starts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ReplayFrom {
+    /// At this sequence.
+    Sequence(u64),
+    /// At the first event accepted at or after this time (ms since the epoch).
+    Since(u64),
+}
+
+/// A replay that has begun: the cursor is durably back.
+#[derive(Debug, Clone, Serialize)]
+pub struct ReplayStarted {
+    /// The destination.
+    pub destination: String,
+    /// The first sequence asked for again.
+    pub from: u64,
+    /// Where its cursor was: the replay ends once it is back here.
+    pub through: u64,
+    /// The first event after `from - 1` still in the log (`None`: none is
+    /// left). Later than `from` when earlier events were no longer kept.
+    pub first_available: Option<u64>,
+}
+
+/// Why a replay did not begin.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum ReplayError {
+    /// Nothing it asked for was delivered yet, or is still in the log.
+    #[error("{0}")]
+    Nothing(String),
+    /// The store could not move the cursor.
+    #[error("the store could not move the cursor back: {0}")]
+    Store(String),
+}
+
+/// Replays one destination: a handle the API keeps.
+#[derive(Clone)]
+pub struct Replayer {
+    name: String,
+    store: Store,
+    acked: watch::Receiver<u64>,
+    status: Arc<Mutex<DestinationStatus>>,
+    rewinds: Arc<watch::Sender<Rewind>>,
+    /// One replay at a time per destination.
+    one: Arc<tokio::sync::Mutex<()>>,
+}
+
+impl Replayer {
+    /// Moves the destination's cursor back durably to just before `from`, so
+    /// every event from there still in the log goes out again, in order, with
+    /// its original id. What was in flight is dropped (it is sent again).
+    pub async fn replay(&self, from: ReplayFrom) -> Result<ReplayStarted, ReplayError> {
+        let _one = self.one.lock().await;
+        let name = &self.name;
+        let from = match from {
+            ReplayFrom::Sequence(seq) => seq.max(1),
+            ReplayFrom::Since(ms) => {
+                let store = self.store.clone();
+                let first = tokio::task::spawn_blocking(move || store.first_since(ms))
+                    .await
+                    .map_err(|e| ReplayError::Store(e.to_string()))?
+                    .map_err(|e| ReplayError::Store(e.to_string()))?;
+                first.ok_or_else(|| {
+                    ReplayError::Nothing(format!(
+                        "no event accepted since {} is left in the log",
+                        crate::clock::utc(ms)
+                    ))
+                })?
+            }
+        };
+        let through = *self.acked.borrow();
+        if from > through {
+            return Err(ReplayError::Nothing(format!(
+                "destination {name} has not had sequence {from} yet (it has everything up to {through}): nothing to replay"
+            )));
+        }
+        let epoch = self.rewinds.borrow().epoch + 1;
+        match self.store.rewind(name, from - 1, epoch).await {
+            Ok(rewound) => {
+                self.rewinds.send_replace(Rewind { epoch, to: Some(from - 1), through });
+                self.status.lock().expect("status lock").replay =
+                    Some(ReplayProgress { from, through, remaining: through - (from - 1), eta_seconds: None });
+                tracing::info!(destination = %name, from, through, first_available = ?rewound.first_available, "replay begun");
+                Ok(ReplayStarted { destination: name.clone(), from, through, first_available: rewound.first_available })
+            }
+            Err(e) => {
+                self.rewinds.send_replace(Rewind { epoch, to: None, through });
+                Err(ReplayError::Store(e.to_string()))
+            }
+        }
+    }
+}
+
 /// A running forwarder.
 pub struct Forwarder {
     status: Arc<Mutex<DestinationStatus>>,
     limits: Arc<DestinationLimits>,
     lag: Arc<Histogram>,
     acked: watch::Receiver<u64>,
+    replayer: Replayer,
     task: JoinHandle<()>,
 }
 
@@ -156,6 +282,15 @@ impl Forwarder {
         let lag = Arc::new(Histogram::new(crate::histogram::LAG_BUCKETS));
         let limits = Arc::new(DestinationLimits::new(&config));
         let (acked_tx, acked) = watch::channel(0);
+        let (rewinds, rewinds_rx) = watch::channel(Rewind::default());
+        let replayer = Replayer {
+            name: config.name.clone(),
+            store: store.clone(),
+            acked: acked.clone(),
+            status: status.clone(),
+            rewinds: Arc::new(rewinds),
+            one: Arc::default(),
+        };
         let task = Task {
             config,
             tls,
@@ -168,8 +303,14 @@ impl Forwarder {
             lag: lag.clone(),
             limits: limits.clone(),
             acked: acked_tx,
+            rewinds: rewinds_rx,
         };
-        Self { status, limits, lag, acked, task: tokio::spawn(task.run()) }
+        Self { status, limits, lag, acked, replayer, task: tokio::spawn(task.run()) }
+    }
+
+    /// A handle that replays this destination.
+    pub fn replayer(&self) -> Replayer {
+        self.replayer.clone()
     }
 
     /// Every sequence at or below its value was acknowledged by the broker
@@ -233,6 +374,8 @@ struct Task {
     limits: Arc<DestinationLimits>,
     /// What [`Forwarder::acked`] reads.
     acked: watch::Sender<u64>,
+    /// Replays asked for through its [`Replayer`].
+    rewinds: watch::Receiver<Rewind>,
 }
 
 /// Per-connection progress, kept across sessions for rate and persistence.
@@ -265,6 +408,10 @@ struct Progress {
     side: VecDeque<Retained>,
     /// The last value given to [`Forwarder::acked`].
     acked_sent: u64,
+    /// The rewinds of its cursor taken so far (see [`Store::advance_cursor`]).
+    epoch: u64,
+    /// A replay under way: its first sequence, and where it ends.
+    replay: Option<(u64, u64)>,
 }
 
 impl Task {
@@ -304,6 +451,8 @@ impl Task {
             paused: None,
             side: VecDeque::new(),
             acked_sent: cursor,
+            epoch: 0,
+            replay: None,
         };
         self.update(|s| s.acked_sequence = cursor);
         self.acked.send_replace(cursor);
@@ -328,7 +477,7 @@ impl Task {
         supervisor.run(&mut Connection { task: &mut self, p: &mut progress }).await;
         self.finish_persist(&mut progress).await;
         if let Some(seq) = progress.window.cursor_to_persist()
-            && self.store.set_cursor(&self.config.name, seq).await.is_ok()
+            && self.store.advance_cursor(&self.config.name, seq, progress.epoch).await.is_ok()
         {
             progress.window.made_durable(seq);
         }
@@ -393,6 +542,7 @@ impl Task {
             ));
         }
         self.limits.announce_max_packet(connected.limits.max_packet_size);
+        self.adopt_rewind(p);
         p.broker_retain = connected.limits.retain_available != Some(false);
         let keep_alive = self.config.endpoint.keep_alive;
         self.update(|s| s.connected = true);
@@ -556,8 +706,30 @@ impl Task {
                     self.drain(link, p).await;
                     return End::Shutdown;
                 }
+                // A replay: what is in flight is dropped with this connection,
+                // and the next one starts from the rewound cursor.
+                _ = self.rewinds.changed() => return End::Renew,
             }
         }
+    }
+
+    /// Takes a rewind its [`Replayer`] made, if there is a new one: the
+    /// window starts again after the new cursor.
+    fn adopt_rewind(&mut self, p: &mut Progress) {
+        let rewind = *self.rewinds.borrow_and_update();
+        if rewind.epoch == p.epoch {
+            return;
+        }
+        p.epoch = rewind.epoch;
+        let Some(to) = rewind.to else { return };
+        p.window = Window::new(to, self.config.inflight);
+        // A cursor move on its way was sent under the old epoch: the store ignores it.
+        p.persisting = None;
+        p.isolation = Isolation::default();
+        p.acked_sent = to;
+        self.acked.send_replace(to);
+        p.replay = Some((to + 1, rewind.through));
+        tracing::info!(destination = %self.config.name, from = to + 1, through = rewind.through, "replaying");
     }
 
     /// Offers events to the window while it has room and the pace allows:
@@ -826,7 +998,9 @@ impl Task {
         }
         p.last_persist = Instant::now();
         let (store, name) = (self.store.clone(), self.config.name.clone());
-        p.persisting = Some(tokio::spawn(async move { store.set_cursor(&name, seq).await.ok().map(|()| seq) }));
+        let epoch = p.epoch;
+        p.persisting =
+            Some(tokio::spawn(async move { store.advance_cursor(&name, seq, epoch).await.ok().map(|()| seq) }));
     }
 
     async fn finish_persist(&self, p: &mut Progress) {
@@ -867,6 +1041,12 @@ impl Task {
         let (delivered, published, bytes_sent) = (p.delivered, p.published, p.bytes_sent);
         let events_per_publish = p.events_published as f64 / published.max(1) as f64;
         let waited = p.pacer.total_wait().as_secs_f64();
+        let acked_through = p.window.acked_through();
+        if p.replay.is_some_and(|(_, through)| acked_through >= through) {
+            p.replay = None;
+            tracing::info!(destination = %self.config.name, through = acked_through, "replay done");
+        }
+        let replay = p.replay;
         self.update(|s| {
             s.delivered = delivered;
             s.published = published;
@@ -879,6 +1059,11 @@ impl Task {
                 s.send_rate = if s.send_rate == 0.0 { rate } else { 0.5 * s.send_rate + 0.5 * rate };
                 p.rate_mark = (now, delivered);
             }
+            s.replay = replay.map(|(from, through)| {
+                let remaining = through.saturating_sub(acked_through);
+                let eta_seconds = (s.send_rate > 0.0).then(|| remaining as f64 / s.send_rate);
+                ReplayProgress { from, through, remaining, eta_seconds }
+            });
             s.in_flight = in_flight;
             s.acked_sequence = durable;
             s.lag_ms = oldest.map_or(0, |ms| now_ms.saturating_sub(ms));

@@ -34,7 +34,8 @@ pub struct Connected {
 pub enum End {
     /// Shutdown was asked for: the supervisor stops.
     Shutdown,
-    /// Reconnect at once, without backoff (credentials about to expire).
+    /// Reconnect at once, without backoff (credentials about to expire, a
+    /// replay that drops what was in flight).
     Renew,
     /// The link failed: it broke, went quiet, or the broker refused or
     /// closed it. Reconnect after backoff.
@@ -161,7 +162,7 @@ impl Supervisor {
             drop(link);
             match end {
                 End::Shutdown => return,
-                End::Renew => tracing::debug!(link = %self.name, "reconnecting with fresh credentials"),
+                End::Renew => tracing::debug!(link = %self.name, "reconnecting at once"),
                 End::Link { error, .. } => {
                     let delay = self.backoff.next_delay(&mut rand::rng());
                     tracing::warn!(link = %self.name, url = %endpoint.url(), %error, retry_in = ?delay, "link down");
