@@ -57,6 +57,7 @@ fn render(r: &Value) -> String {
                 d["reason"].as_str().unwrap_or(""),
                 d["at_ms"].as_u64().map_or_else(String::new, utc)
             ),
+            Some("delivered") => d["delivered_ms"].as_u64().map_or_else(String::new, utc),
             Some("settled") => "delivered, or not routed there".into(),
             Some("evicted") => "evicted under the quota before it got there".into(),
             _ => String::new(),
@@ -79,7 +80,7 @@ mod tests {
         let r = json!({
             "id": "order-7", "sequence": 12, "accepted_ms": 0, "in_log": true,
             "destinations": [
-                { "destination": "aws", "state": "delivered" },
+                { "destination": "aws", "state": "delivered", "delivered_ms": 1500 },
                 { "destination": "azure", "state": "dead-lettered", "reason": "too large", "at_ms": 0 },
                 { "destination": "local", "state": "not-routed" },
             ]
@@ -89,7 +90,11 @@ mod tests {
             text.starts_with("event order-7 (sequence 12), accepted 1970-01-01T00:00:00.000Z, in the log"),
             "{text}"
         );
-        assert!(text.lines().any(|l| l.starts_with("aws") && l.contains("delivered")), "{text}");
+        assert!(
+            text.lines()
+                .any(|l| l.starts_with("aws") && l.contains("delivered") && l.contains("1970-01-01T00:00:01.500Z")),
+            "{text}"
+        );
         assert!(text.lines().any(|l| l.starts_with("azure") && l.contains("too large")), "{text}");
         assert_eq!(text.lines().count(), 5, "{text}");
     }

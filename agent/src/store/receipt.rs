@@ -1,6 +1,8 @@
 //! Delivery receipts: where one accepted event stands at each destination,
 //! answered from what the store keeps anyway (the log, the dedup index, the
-//! cursors and the dead letters). Nothing is written per event for them.
+//! cursors and the dead letters). Nothing is written per event for them:
+//! the time of a delivery is that of the first cursor move committed at or
+//! past the event, one row per cursor commit.
 //!
 //! An event is named by the id its producer gave it, while the dedup window
 //! remembers it, or by its sequence (`seq:N`) from the ingest answer. Once
@@ -64,6 +66,10 @@ pub struct DestinationReceipt {
     /// Its state there.
     #[serde(flatten)]
     pub state: DeliveryState,
+    /// When delivered: when its cursor was durably moved past it, in ms since
+    /// the epoch (a few tens of ms after the PUBACK). Absent until then.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub delivered_ms: Option<u64>,
 }
 
 /// The state of one event at one destination.
@@ -144,12 +150,21 @@ impl Store {
                 (ms, id.to_owned())
             });
             let cursors = txn.open_table(tables::CURSORS).map_err(storage)?;
+            let moves = txn.open_table(tables::CURSOR_MOVES).map_err(storage)?;
             let mut destinations = Vec::with_capacity(consumers.len());
             for c in consumers {
-                let stored = cursors.get(c.name.as_str()).map_err(storage)?.map_or(0, |v| v.value());
+                let name = c.name.as_str();
+                let stored = cursors.get(name).map_err(storage)?.map_or(0, |v| v.value());
                 let seen = acked.iter().find(|(n, _)| *n == c.name).map_or(0, |(_, a)| *a);
-                let cursor = stored.max(seen);
-                destinations.push(DestinationReceipt { destination: c.name.clone(), state: judge(&found, c, cursor) });
+                let state = judge(&found, c, stored.max(seen));
+                let delivered_ms = match state {
+                    DeliveryState::Delivered if stored >= sequence => {
+                        let first = moves.range((name, sequence)..=(name, u64::MAX)).map_err(storage)?.next();
+                        first.transpose().map_err(storage)?.map(|(_, at)| at.value())
+                    }
+                    _ => None,
+                };
+                destinations.push(DestinationReceipt { destination: c.name.clone(), state, delivered_ms });
             }
             let (id, accepted_ms) = match &found.event {
                 Some(e) => (Some(e.body.id.clone()), Some(e.hlc.millis())),

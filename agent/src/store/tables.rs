@@ -37,5 +37,10 @@ pub const DEAD: TableDefinition<u64, &[u8]> = TableDefinition::new("dead_letters
 /// destination name → highest sequence acknowledged (everything at or below was delivered).
 pub const CURSORS: TableDefinition<&str, u64> = TableDefinition::new("cursors");
 
+/// (destination, cursor) → when that cursor move was committed, in ms: a
+/// receipt's delivery time (the first move at or past the event). Pruned
+/// below the log's oldest event.
+pub const CURSOR_MOVES: TableDefinition<(&str, u64), u64> = TableDefinition::new("cursor_moves");
+
 /// counter name → value; see [`super::Meta`].
 pub const META: TableDefinition<&str, u64> = TableDefinition::new("meta");

@@ -690,3 +690,33 @@ async fn a_rewind_makes_kept_events_undelivered_again_and_ignores_cursor_moves_s
     assert_eq!(f.store.rewind("b", 12, 1).await.unwrap().previous, 10);
     assert_eq!(f.store.cursor("b").unwrap(), Some(10));
 }
+
+#[tokio::test]
+async fn a_receipt_dates_a_delivery_by_the_first_cursor_move_past_it_and_a_rewind_undoes_it() {
+    let f = Fixture::new(|c| {
+        c.consumers = everything(&["a"]);
+        c.retain_delivered = keep_for(Duration::from_secs(3600), 1 << 20);
+    });
+    f.store.append((0..8).map(|i| event(&format!("e{i}"), "t", 10)).collect()).await.unwrap();
+    let t1 = f.clock.now_millis();
+    f.store.set_cursor("a", 5).await.unwrap();
+    f.clock.advance_nanos(2_000_000_000);
+    f.store.set_cursor("a", 8).await.unwrap();
+    let delivered_ms = |seq: u64| {
+        let r = f.store.receipt(&EventRef::Sequence(seq), &[]).unwrap().unwrap();
+        (r.destinations[0].state.clone(), r.destinations[0].delivered_ms)
+    };
+    assert_eq!(delivered_ms(3), (DeliveryState::Delivered, Some(t1)));
+    assert_eq!(delivered_ms(5), (DeliveryState::Delivered, Some(t1)));
+    assert_eq!(delivered_ms(6), (DeliveryState::Delivered, Some(t1 + 2_000)));
+    f.store.rewind("a", 4, 1).await.unwrap();
+    assert_eq!(delivered_ms(6), (DeliveryState::Pending, None));
+    assert_eq!(delivered_ms(3), (DeliveryState::Delivered, Some(t1)), "still dated by the move to 5");
+    f.clock.advance_nanos(1_000_000_000);
+    f.store.advance_cursor("a", 8, 1).await.unwrap();
+    assert_eq!(delivered_ms(6), (DeliveryState::Delivered, Some(t1 + 3_000)), "delivered again, later");
+    // Acknowledged in memory, not yet durable: delivered, not yet dated.
+    f.store.append(vec![event("e9", "t", 10)]).await.unwrap();
+    let r = f.store.receipt(&EventRef::Sequence(9), &[("a".into(), 9)]).unwrap().unwrap();
+    assert_eq!((r.destinations[0].state.clone(), r.destinations[0].delivered_ms), (DeliveryState::Delivered, None));
+}

@@ -224,6 +224,7 @@ struct Tables<'t> {
     retained: Table<'t, u64, (u64, u32)>,
     dead: Table<'t, u64, &'static [u8]>,
     cursors: Table<'t, &'static str, u64>,
+    cursor_moves: Table<'t, (&'static str, u64), u64>,
 }
 
 impl<'t> Tables<'t> {
@@ -238,6 +239,7 @@ impl<'t> Tables<'t> {
             retained: txn.open_table(tables::RETAINED)?,
             dead: txn.open_table(tables::DEAD)?,
             cursors: txn.open_table(tables::CURSORS)?,
+            cursor_moves: txn.open_table(tables::CURSOR_MOVES)?,
         })
     }
 }
@@ -499,6 +501,7 @@ impl Writer {
                             let stale = self.epochs.get(&name).is_some_and(|&latest| epoch < latest);
                             if sequence > current && !stale {
                                 t.cursors.insert(name.as_str(), sequence)?;
+                                t.cursor_moves.insert((name.as_str(), sequence), now_ms)?;
                                 cursors_moved = true;
                             }
                             pending.push(Pending::Done(reply));

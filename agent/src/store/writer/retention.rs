@@ -102,6 +102,7 @@ impl Writer {
 
         report.delivered = self.retire_delivered(t, now_ms)?;
         report.retained_expired = self.trim_retained(t, now_ms)?;
+        self.prune_cursor_moves(t)?;
 
         let dead_cap = self.config.quota_bytes / DEAD_LETTER_SHARE;
         while self.meta.dead_bytes > dead_cap {
@@ -259,6 +260,19 @@ impl Writer {
         Ok(())
     }
 
+    /// Forgets the cursor moves no receipt needs: those below the log's
+    /// oldest event (they date only events that left it).
+    fn prune_cursor_moves(&mut self, t: &mut Tables<'_>) -> Result<(), redb::Error> {
+        let oldest = t.log.first()?.map_or(self.meta.next_sequence, |(k, _)| k.value());
+        for c in &self.config.consumers {
+            let name = c.name.as_str();
+            for row in t.cursor_moves.extract_from_if((name, 0)..(name, oldest), |_, _| true)?.take(SWEEP_LIMIT) {
+                row?;
+            }
+        }
+        Ok(())
+    }
+
     /// Moves `destination`'s cursor back to `to` (never forward). Kept events
     /// after `to` are undelivered again: they return to the eviction index,
     /// and retention looks at them again once every cursor has passed them.
@@ -266,6 +280,15 @@ impl Writer {
         let previous = t.cursors.get(destination)?.map_or(0, |v| v.value());
         if to < previous {
             t.cursors.insert(destination, to)?;
+            // Those moves date deliveries that are to happen again; the first
+            // of them also dated the events up to `to`, which stay delivered.
+            let mut first_ms = None;
+            for row in t.cursor_moves.extract_from_if((destination, to + 1)..=(destination, u64::MAX), |_, _| true)? {
+                first_ms = first_ms.or(Some(row?.1.value()));
+            }
+            if let Some(at) = first_ms.filter(|_| to > 0) {
+                t.cursor_moves.insert((destination, to), at)?;
+            }
         }
         let restored: Vec<(u64, u32)> = t
             .retained
