@@ -28,6 +28,7 @@ use crate::downlink::DownlinkRouter;
 use crate::fleet::FleetPlugin;
 use crate::forward::{Forwarder, Stage as ForwardStage};
 use crate::ingest::Ingest;
+use crate::ingest::acks::AckWaiter;
 use crate::ingest::mqtt::MqttIngest;
 use crate::metrics::{DestinationSource, Sources};
 use crate::mqtt;
@@ -213,7 +214,10 @@ impl Agent {
             .with_destinations(limits.clone())
             .reporting(plugins.clone());
         let mqtt_ingest = config.mqtt_ingest.as_ref().map(|m| {
-            tokio::spawn(MqttIngest::new(m.clone(), ingest_tls.flatten(), ingest.clone(), stop_rx.clone()).run())
+            let watches =
+                forwarders.iter().zip(&config.destinations).map(|(f, d)| (d.name.clone(), f.acked())).collect();
+            let acks = AckWaiter::new(ingest.store().clone(), watches, stop_rx.clone());
+            tokio::spawn(MqttIngest::new(m.clone(), ingest_tls.flatten(), ingest.clone(), acks, stop_rx.clone()).run())
         });
         let (stop_http, stopped) = oneshot::channel::<()>();
         let http = tokio::spawn(http::serve(

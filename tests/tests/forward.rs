@@ -818,3 +818,92 @@ async fn a_replay_sends_one_destination_every_kept_event_since_a_time_again_in_o
     }
     t.agent.shutdown().await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_mqtt5_producer_naming_a_response_topic_gets_its_receipt_at_the_configured_level() {
+    use ferry_harness::rumqttc::v5::mqttbytes::QoS;
+    use ferry_harness::rumqttc::v5::mqttbytes::v5::{Packet, Publish, PublishProperties};
+    use ferry_harness::rumqttc::v5::{AsyncClient, Event as V5Event, MqttOptions};
+
+    let local = Mosquitto::start(MosquittoOptions::default()).await.unwrap();
+    let cloud = Mosquitto::start(MosquittoOptions::default()).await.unwrap();
+    let down = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let config = destination("cloud", &cloud.url(), "v5", "")
+        + &destination("down", &format!("mqtt://127.0.0.1:{down}"), "v5", "routes = [\"alarms/#\"]")
+        + &format!(
+            "[ingest.mqtt]\nurl = \"{}\"\nprotocol = \"v5\"\ntopics = [\"sensors/#\", \"alarms/#\"]\nack = \"all\"\nack_timeout = \"2s\"\n",
+            local.url()
+        );
+    let t = TestAgent::start(&config).await;
+
+    let (client, mut eventloop) = AsyncClient::new(MqttOptions::new("producer", "127.0.0.1", local.port()), 64);
+    let (tx, mut replies) = tokio::sync::mpsc::unbounded_channel::<Publish>();
+    tokio::spawn(async move {
+        loop {
+            match eventloop.poll().await {
+                Ok(V5Event::Incoming(Packet::Publish(p))) => {
+                    let _ = tx.send(p);
+                }
+                Ok(_) => {}
+                Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+            }
+        }
+    });
+    client.subscribe("replies/#", QoS::AtLeastOnce).await.unwrap();
+    let ask = |topic: &str, reply: &str, correlation: &str, payload: &str| {
+        let props = PublishProperties {
+            response_topic: Some(reply.to_owned()),
+            correlation_data: Some(correlation.as_bytes().to_vec().into()),
+            ..Default::default()
+        };
+        let (client, topic, payload) = (client.clone(), topic.to_owned(), payload.to_owned());
+        async move { client.publish_with_properties(topic, QoS::AtLeastOnce, false, payload, props).await.unwrap() }
+    };
+    // Asked until the agent's subscription is live; the first receipt answers.
+    let start = Instant::now();
+    let first = loop {
+        ask("sensors/t", "replies/1", "c1", r#"{"t":21.5}"#).await;
+        if let Ok(Some(p)) = tokio::time::timeout(Duration::from_millis(500), replies.recv()).await {
+            break p;
+        }
+        assert!(start.elapsed() < WAIT, "no receipt arrived");
+    };
+    let receipt = |p: &Publish| -> Value { serde_json::from_slice(&p.payload).unwrap() };
+    let correlation = |p: &Publish| p.properties.as_ref().and_then(|p| p.correlation_data.clone()).unwrap();
+    assert_eq!(first.topic.as_ref(), b"replies/1");
+    assert_eq!(correlation(&first).as_ref(), b"c1");
+    let r = receipt(&first);
+    assert_eq!(
+        (&r["stored"], &r["met"], &r["ack"], &r["acked_by"]),
+        (&json!(true), &json!(true), &json!("all"), &json!(["cloud"])),
+        "{r}"
+    );
+    assert!(r["sequence"].as_u64().unwrap() >= 1, "{r}");
+    assert!(r["id"].as_str().unwrap().starts_with("mqtt-"), "{r}");
+
+    // `down` routes alarms and is unreachable: `all` cannot be met, so the
+    // receipt goes after ack_timeout, saying so.
+    while replies.try_recv().is_ok() {}
+    let asked = Instant::now();
+    ask("alarms/fire", "replies/2", "c2", r#"{"level":3}"#).await;
+    let p = tokio::time::timeout(WAIT, replies.recv()).await.unwrap().unwrap();
+    let took = asked.elapsed();
+    assert_eq!((p.topic.as_ref(), correlation(&p).as_ref()), (&b"replies/2"[..], &b"c2"[..]));
+    let r = receipt(&p);
+    assert_eq!((&r["stored"], &r["met"], &r["acked_by"]), (&json!(true), &json!(false), &json!(["cloud"])), "{r}");
+    assert!(took >= Duration::from_millis(1900) && took < Duration::from_secs(10), "answered after {took:?}");
+
+    // Bad input is refused, and told so.
+    let props = PublishProperties {
+        response_topic: Some("replies/3".into()),
+        correlation_data: Some(b"c3".to_vec().into()),
+        user_properties: vec![("specversion".into(), "1.0".into()), ("id".into(), String::new())],
+        ..Default::default()
+    };
+    client.publish_with_properties("sensors/bad", QoS::AtLeastOnce, false, "{}", props).await.unwrap();
+    let p = tokio::time::timeout(WAIT, replies.recv()).await.unwrap().unwrap();
+    let r = receipt(&p);
+    assert_eq!((p.topic.as_ref(), &r["stored"]), (&b"replies/3"[..], &json!(false)), "{r}");
+    assert!(r["detail"].as_str().unwrap().starts_with("refused: "), "{r}");
+    assert!(t.agent.store().status(0).unwrap().last_sequence >= 2);
+}

@@ -353,7 +353,8 @@ async fn a_store_failure_in_local_mqtt_ingest_keeps_the_link_and_the_messages_ar
     let mqtt = Config::parse(&agent_toml(dir.path(), &tail), "test.toml").unwrap().mqtt_ingest.unwrap();
     let ingest = Ingest::new(store.clone(), "ferry://gw-1".into(), Arc::new(SystemClock));
     let (stop, shutdown) = tokio::sync::watch::channel(false);
-    let task = tokio::spawn(MqttIngest::new(mqtt, None, ingest, shutdown).run());
+    let acks = ferry::ingest::acks::AckWaiter::new(store.clone(), Vec::new(), shutdown.clone());
+    let task = tokio::spawn(MqttIngest::new(mqtt, None, ingest, acks, shutdown).run());
     wait_until("local MQTT ingest to connect", async || broker.log().contains("as ferry-local")).await;
     // Subscribed (persistent session) before anything is published to it.
     tokio::time::sleep(Duration::from_millis(500)).await;

@@ -44,8 +44,9 @@ use tokio::net::TcpListener;
 use crate::config::AckLevel;
 use crate::config::HttpConfig;
 use crate::forward::{DestinationStatus, ReplayError, ReplayFrom, Replayer};
+use crate::ingest::acks::AckWaiter;
 use crate::ingest::{Ingest, IngestError, parse};
-use crate::store::{AppendError, Appended, DeliveryState, EventRef, StoreStatus, judge};
+use crate::store::{AppendError, Appended, EventRef, StoreStatus};
 
 /// Bodies above this size are decoded on the blocking pool.
 const INLINE_PARSE_LIMIT: usize = 64 * 1024;
@@ -94,8 +95,8 @@ struct Api {
     destinations: Arc<[Destination]>,
     /// Permits are bytes of requests held in memory (`max_buffered`).
     buffered: Arc<Semaphore>,
-    /// Turns true at shutdown: answers waiting for acknowledgments go at once.
-    stopping: watch::Receiver<bool>,
+    /// Answers that wait for the clouds' acknowledgments.
+    acks: AckWaiter,
 }
 
 /// Binds the API listener; the returned address has the real port when the
@@ -125,8 +126,9 @@ pub async fn serve(
 ) -> std::io::Result<()> {
     let max_connections = connection_cap(config.max_connections, peers);
     let (stop_waiting, stopping) = watch::channel(false);
+    let watches = destinations.iter().map(|d| (d.name.clone(), d.acked.clone())).collect();
     let api = Api {
-        stopping,
+        acks: AckWaiter::new(ingest.store().clone(), watches, stopping),
         ingest,
         buffered: Arc::new(Semaphore::new(config.max_buffered_bytes)),
         config: Arc::new(config),
@@ -354,7 +356,7 @@ async fn post_events(
                 return (StatusCode::OK, axum::Json(body)).into_response();
             }
             let sequences: Vec<u64> = events.iter().map(|e| e.sequence).collect();
-            let (acked_by, met) = wait_acks(&api, level, &sequences).await;
+            let (acked_by, met) = api.acks.wait(level, &sequences, api.config.ack_timeout).await;
             let body = Accepted { accepted: events.len() - duplicates, duplicates, events, filtered };
             let mut body = serde_json::to_value(body).expect("an answer serialises");
             body["ack"] = json!(level);
@@ -367,90 +369,6 @@ async fn post_events(
             (status, axum::Json(body)).into_response()
         }
         Err(e) => ingest_error(&e),
-    }
-}
-
-/// Waits until each of `sequences` is acknowledged by as many of the
-/// destinations that route it as `level` needs, or `ack_timeout` passes, or
-/// a forwarder stops (shutdown). Returns, per event, the destinations whose
-/// broker acknowledged it, and whether every event reached the level.
-async fn wait_acks(api: &Api, level: AckLevel, sequences: &[u64]) -> (Vec<Vec<String>>, bool) {
-    let deadline = tokio::time::Instant::now() + api.config.ack_timeout;
-    let store = api.ingest.store().clone();
-    let mut watches: Vec<(String, watch::Receiver<u64>)> =
-        api.destinations.iter().map(|d| (d.name.clone(), d.acked.clone())).collect();
-    let read = {
-        let (store, sequences) = (store.clone(), sequences.to_vec());
-        move || store.found(&sequences)
-    };
-    // Who routes each event: asked once; a destination's cursor says the rest.
-    let Ok(Ok(found)) = tokio::task::spawn_blocking(read.clone()).await else {
-        return (vec![Vec::new(); sequences.len()], false);
-    };
-    let consumers = store.consumers();
-    let routed: Vec<Vec<usize>> = found
-        .iter()
-        .map(|f| match f {
-            Some(f) => {
-                (0..consumers.len()).filter(|&c| judge(f, &consumers[c], 0) != DeliveryState::NotRouted).collect()
-            }
-            None => Vec::new(),
-        })
-        .collect();
-    if watches.is_empty() {
-        // No destination: nothing routes anything, and `stored` is all there is.
-        return (vec![Vec::new(); sequences.len()], true);
-    }
-    let need: Vec<usize> = routed.iter().map(|r| level.needed(r.len())).collect();
-    // The routing destinations that may still acknowledge each event: one
-    // that dead-lettered it never will, so it is dropped once seen.
-    let mut candidates = routed.clone();
-    let cursor_of = |name: &str, cursors: &[(String, u64)]| cursors.iter().find(|(n, _)| n == name).map_or(0, |c| c.1);
-    loop {
-        let cursors: Vec<(String, u64)> =
-            watches.iter_mut().map(|(n, w)| (n.clone(), *w.borrow_and_update())).collect();
-        let passed = |candidates: &[Vec<usize>], i: usize| -> Vec<usize> {
-            candidates[i].iter().copied().filter(|&c| cursor_of(&consumers[c].name, &cursors) >= sequences[i]).collect()
-        };
-        let enough = (0..sequences.len()).all(|i| passed(&candidates, i).len() >= need[i]);
-        let out_of_time = tokio::time::Instant::now() >= deadline;
-        if enough || out_of_time {
-            // A cursor also passes what it dead-letters: only a PUBACK counts.
-            let found = match tokio::task::spawn_blocking(read.clone()).await {
-                Ok(Ok(f)) => f,
-                _ => return (vec![Vec::new(); sequences.len()], false),
-            };
-            let mut acked_by: Vec<Vec<String>> = vec![Vec::new(); sequences.len()];
-            for i in 0..sequences.len() {
-                let Some(f) = &found[i] else { continue };
-                for c in passed(&candidates, i) {
-                    match judge(f, &consumers[c], sequences[i]) {
-                        DeliveryState::Delivered | DeliveryState::Settled => {
-                            acked_by[i].push(consumers[c].name.clone())
-                        }
-                        _ => candidates[i].retain(|&k| k != c),
-                    }
-                }
-            }
-            let met = (0..sequences.len()).all(|i| acked_by[i].len() >= need[i]);
-            // Out of time, or too few left that could still acknowledge: answer now.
-            let hopeless = (0..sequences.len()).any(|i| candidates[i].len() < need[i]);
-            if met || out_of_time || hopeless {
-                return (acked_by, met);
-            }
-        }
-        let changed = futures::future::select_all(watches.iter_mut().map(|(_, w)| Box::pin(w.changed())));
-        let mut stopping = api.stopping.clone();
-        tokio::select! {
-            r = tokio::time::timeout_at(deadline, changed) => {
-                // A forwarder stopped: the agent is shutting down.
-                if matches!(r, Ok((Err(_), _, _))) {
-                    return (routed.iter().map(|_| Vec::new()).collect(), false);
-                }
-            }
-            // Shutdown: answer now with what is known.
-            _ = stopping.wait_for(|s| *s) => return (routed.iter().map(|_| Vec::new()).collect(), false),
-        }
     }
 }
 

@@ -8,7 +8,7 @@ use bytesize::ByteSize;
 use serde::Deserialize;
 
 use super::profile::{BatchConfig, Profile, TopicRules, TopicScheme};
-use super::{ConfigError, Secret, parse_duration};
+use super::{AckLevel, ConfigError, Secret, parse_duration};
 use crate::topic::{self, TopicFilter};
 
 /// MQTT protocol version.
@@ -215,6 +215,11 @@ pub struct MqttIngestConfig {
     pub endpoint: MqttEndpoint,
     /// Topic filters to subscribe to (QoS 1).
     pub topics: Vec<TopicFilter>,
+    /// When an MQTT 5 message that names a Response Topic gets its receipt:
+    /// once stored, or once this many destinations routing it acknowledged it.
+    pub ack: AckLevel,
+    /// How long a receipt waits for `ack` before it goes saying "pending".
+    pub ack_timeout: Duration,
 }
 
 /// Connection settings shared by `[[destination]]` and `[ingest.mqtt]`.
@@ -320,6 +325,8 @@ raw_with_endpoint! {
     /// `[ingest.mqtt]` as written.
     RawMqttIngest {
         topics: Option<Vec<String>>,
+        ack: Option<String>,
+        ack_timeout: Option<String>,
     }
 }
 
@@ -679,7 +686,16 @@ pub(super) fn mqtt_ingest(
 ) -> Result<MqttIngestConfig, ConfigError> {
     let endpoint = endpoint(raw.take_endpoint(), EndpointDefaults::plain(format!("ferry-{device_id}-ingest")), cx)?;
     let topics = filters(raw.topics.unwrap_or_default(), "topics", cx)?;
-    Ok(MqttIngestConfig { endpoint, topics })
+    let ack = match raw.ack.as_deref() {
+        Some(text) => AckLevel::parse(text).map_err(|r| cx.err("ack", r))?,
+        None => AckLevel::Stored,
+    };
+    let ack_timeout =
+        parse_duration(raw.ack_timeout.as_deref().unwrap_or("10s")).map_err(|r| cx.err("ack_timeout", r))?;
+    if ack_timeout.is_zero() {
+        return Err(cx.err("ack_timeout", "must be longer than zero"));
+    }
+    Ok(MqttIngestConfig { endpoint, topics, ack, ack_timeout })
 }
 
 pub(super) fn local_state_mqtt(

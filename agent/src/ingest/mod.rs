@@ -20,8 +20,10 @@
 //! dead-letter table (sequence 0: never in the log) before the producer gets
 //! its answer, `pass` keeps the events as they were, `drop` discards them.
 //! The producer's answer lists the events stored and, per input event, what
-//! a plugin did to it ([`Filtered`]).
+//! a plugin did to it ([`Filtered`]). [`acks`] holds an answer back until
+//! enough clouds have acknowledged its events, for either path.
 
+pub mod acks;
 pub mod mqtt;
 pub mod parse;
 

@@ -10,18 +10,28 @@
 //! acknowledged, the batch is forgotten so a later identical message is a new
 //! event. A CloudEvent keeps its producer's id, deduplicated for the store's
 //! window as on every ingest path.
+//!
+//! An MQTT 5 message that names a Response Topic gets a receipt there, with
+//! its Correlation Data: its id and sequence once stored, or once as many of
+//! the destinations routing it as `ack` asks for have acknowledged it
+//! ([`super::acks`]), or saying it is still pending after `ack_timeout`. A
+//! message refused as bad input gets the error there instead.
 
+use std::collections::VecDeque;
 use std::sync::Arc;
 use std::time::Duration;
 
+use bytes::Bytes;
+use serde::Serialize;
 use sha2::{Digest, Sha256};
-use tokio::sync::watch;
+use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 
+use super::acks::AckWaiter;
 use super::parse::{self, BadInput, InputEvent};
-use super::{Ingest, IngestError};
+use super::{Committed, Ingest, IngestError};
 use crate::clock;
-use crate::config::{MqttEndpoint, MqttIngestConfig};
+use crate::config::{AckLevel, MqttEndpoint, MqttIngestConfig};
 use crate::mqtt::session::{DEFAULT_BACKOFF, stopping};
 use crate::mqtt::{Connected, End, Incoming, Link, LinkError, LinkEvent, LinkOptions, Session, Supervisor};
 use crate::store::{AppendError, Dedup};
@@ -45,18 +55,110 @@ pub struct MqttIngest {
     config: MqttIngestConfig,
     tls: Option<Arc<rustls::ClientConfig>>,
     ingest: Ingest,
+    acks: AckWaiter,
     shutdown: watch::Receiver<bool>,
+    /// Receipts ready to go, from the tasks that waited for them.
+    replies_tx: mpsc::UnboundedSender<Reply>,
+    replies: mpsc::UnboundedReceiver<Reply>,
+    /// Receipts the link could not queue yet (kept across connections).
+    unsent: VecDeque<Reply>,
+}
+
+/// A receipt for a message's Response Topic.
+struct Reply {
+    topic: String,
+    correlation: Option<Bytes>,
+    payload: Vec<u8>,
+}
+
+/// The body of a receipt.
+#[derive(Debug, Serialize)]
+struct Receipt {
+    /// The event's id (the producer's, or derived from the message).
+    id: Option<String>,
+    /// Whether it is stored (`false`: refused, or dropped by a plugin).
+    stored: bool,
+    /// Its sequence in the log.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    sequence: Option<u64>,
+    /// Whether it was stored before (a redelivery, or a producer's retry).
+    duplicate: bool,
+    /// The level asked for.
+    ack: AckLevel,
+    /// Whether the level was reached (`false`: still pending at `ack_timeout`).
+    met: bool,
+    /// The destinations whose broker acknowledged it.
+    acked_by: Vec<String>,
+    /// What an ingest plugin did to it, or why it was refused.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    detail: Option<String>,
 }
 
 impl MqttIngest {
     /// Prepares the task; [`MqttIngest::run`] runs it until shutdown.
+    /// Receipts that wait for acknowledgments wait through `acks`.
     pub fn new(
         config: MqttIngestConfig,
         tls: Option<Arc<rustls::ClientConfig>>,
         ingest: Ingest,
+        acks: AckWaiter,
         shutdown: watch::Receiver<bool>,
     ) -> Self {
-        Self { config, tls, ingest, shutdown }
+        let (replies_tx, replies) = mpsc::unbounded_channel();
+        Self { config, tls, ingest, acks, shutdown, replies_tx, replies, unsent: VecDeque::new() }
+    }
+
+    /// Sends each message that names a Response Topic its receipt: at once
+    /// for `ack = "stored"` (and for what was not stored), else once its
+    /// acknowledgments are in or `ack_timeout` passed.
+    fn answer(&mut self, messages: &[Box<Incoming>], committed: &Committed) {
+        for m in messages {
+            let Some((topic, correlation)) = m.reply_to() else { continue };
+            let id = message_to_input(m).ok().and_then(|input| input.id);
+            let appended = id.as_ref().and_then(|id| committed.events.iter().find(|a| &a.id == id));
+            let detail = id.as_ref().and_then(|id| committed.filtered.iter().find(|f| &f.id == id));
+            let level = self.config.ack;
+            let mut receipt = Receipt {
+                stored: appended.is_some(),
+                sequence: appended.map(|a| a.sequence),
+                duplicate: appended.is_some_and(|a| a.duplicate),
+                ack: level,
+                met: appended.is_some() && level == AckLevel::Stored,
+                acked_by: Vec::new(),
+                detail: match (detail, appended) {
+                    (Some(f), _) => Some(f.message.clone()),
+                    (None, None) => Some("refused: see the agent's log".into()),
+                    (None, Some(_)) => None,
+                },
+                id,
+            };
+            let Some(sequence) = receipt.sequence.filter(|_| level != AckLevel::Stored) else {
+                self.unsent.push_back(Reply { topic, correlation, payload: to_json(&receipt) });
+                continue;
+            };
+            let (acks, timeout, tx) = (self.acks.clone(), self.config.ack_timeout, self.replies_tx.clone());
+            tokio::spawn(async move {
+                let (mut by, met) = acks.wait(level, &[sequence], timeout).await;
+                receipt.acked_by = by.pop().unwrap_or_default();
+                receipt.met = met;
+                let _ = tx.send(Reply { topic, correlation, payload: to_json(&receipt) });
+            });
+        }
+    }
+
+    /// Queues the receipts that are ready, as far as the link takes them.
+    fn flush_replies(&mut self, link: &mut Link) -> Result<(), LinkError> {
+        while let Some(r) = self.unsent.front() {
+            match link.publish_reply(r.topic.clone(), r.payload.clone(), r.correlation.clone()) {
+                Ok(()) => {
+                    self.unsent.pop_front();
+                }
+                // Its queue is full: the rest go as it drains (each ack wakes the loop).
+                Err(LinkError::QueueFull) => return Ok(()),
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(())
     }
 
     /// Connects, subscribes and ingests until shutdown, reconnecting with backoff.
@@ -104,10 +206,11 @@ impl MqttIngest {
                     Ok(_) => {}
                     Err(e) => break End::from(e),
                 },
+                Some(reply) = self.replies.recv() => self.unsent.push_back(reply),
                 stored = async { (&mut commit.as_mut().expect("guarded").task).await }, if commit.is_some() => {
                     commit = None;
                     match stored {
-                        Ok((Stored::Yes(batch), messages)) => {
+                        Ok((Stored::Yes(batch, committed), messages)) => {
                             if let Some(reason) = failing.take() {
                                 tracing::info!(after = %reason, "local MQTT ingest stores again");
                             }
@@ -116,6 +219,7 @@ impl MqttIngest {
                                     break 'session End::ours(e);
                                 }
                             }
+                            self.answer(&messages, &committed);
                             // The broker will not redeliver the batch now; off the ack path.
                             let store = self.ingest.store().clone();
                             tokio::spawn(async move {
@@ -141,6 +245,9 @@ impl MqttIngest {
                     }
                 }
                 _ = stopping(&mut self.shutdown) => break End::Shutdown,
+            }
+            if let Err(e) = self.flush_replies(link) {
+                break End::ours(e);
             }
             if commit.is_none() && !pending.is_empty() {
                 // Hand over the whole buffer when it fits in one batch (the usual
@@ -187,9 +294,22 @@ impl MqttIngest {
                     messages.push(m);
                 }
                 Err(e) => {
-                    // Nothing can be answered over MQTT: log, and ack so it is not redelivered forever.
+                    // Only a Response Topic can be told: log, and ack so it is not redelivered forever.
                     tracing::warn!(topic = %m.topic, error = %e, "local MQTT message refused");
                     link.ack(&m)?;
+                    if let Some((topic, correlation)) = m.reply_to() {
+                        let receipt = Receipt {
+                            id: None,
+                            stored: false,
+                            sequence: None,
+                            duplicate: false,
+                            ack: self.config.ack,
+                            met: false,
+                            acked_by: Vec::new(),
+                            detail: Some(format!("refused: {e}")),
+                        };
+                        self.unsent.push_back(Reply { topic, correlation, payload: to_json(&receipt) });
+                    }
                 }
             }
         }
@@ -228,8 +348,9 @@ struct Commit {
 
 /// How storing a batch ended.
 enum Stored {
-    /// Committed; the batch of deliveries to forget once acknowledged.
-    Yes(u128),
+    /// Committed; the batch of deliveries to forget once acknowledged, and
+    /// what was stored.
+    Yes(u128, Committed),
     /// The store closed (shutdown).
     Closed,
     /// The store failed.
@@ -256,7 +377,7 @@ async fn store_batch(
     let mut refused = Vec::new();
     loop {
         let stored = match ingest.submit(inputs).await {
-            Ok(_) => Stored::Yes(batch),
+            Ok(committed) => Stored::Yes(batch, committed),
             Err(e) if e.refused_event().is_some_and(|i| i < messages.len()) => {
                 let m = messages.remove(e.refused_event().expect("guarded"));
                 tracing::warn!(topic = %m.topic, error = %e, "local MQTT message refused");
@@ -288,6 +409,10 @@ async fn store_batch(
         messages.append(&mut refused);
         return (stored, messages);
     }
+}
+
+fn to_json(receipt: &Receipt) -> Vec<u8> {
+    serde_json::to_vec(receipt).expect("a receipt serialises")
 }
 
 /// A message as an event of the batch of deliveries `batch`. A CloudEvent

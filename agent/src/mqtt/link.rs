@@ -74,6 +74,21 @@ impl Incoming {
     }
 }
 
+impl Incoming {
+    /// Where an MQTT 5 sender asked for an answer: its Response Topic, and
+    /// the Correlation Data to send back with it. `None` on MQTT 3.1.1.
+    pub fn reply_to(&self) -> Option<(String, Option<Bytes>)> {
+        match &self.raw {
+            RawPublish::V4(_) => None,
+            RawPublish::V5(p) => {
+                let props = p.properties.as_ref()?;
+                let topic = props.response_topic.clone()?;
+                Some((topic, props.correlation_data.clone()))
+            }
+        }
+    }
+}
+
 #[derive(Debug, Clone)]
 enum RawPublish {
     V4(rumqttc::Publish),
@@ -351,6 +366,23 @@ impl Link {
             Inner::V5(c, _) => {
                 let props = PublishProperties { content_type, user_properties, ..Default::default() };
                 c.try_publish_with_properties(topic, V5QoS::AtLeastOnce, retain, payload, props).is_ok()
+            }
+        };
+        if ok { Ok(()) } else { Err(LinkError::QueueFull) }
+    }
+
+    /// Queues a QoS 1 answer to a message's Response Topic: JSON, with its
+    /// Correlation Data. MQTT 5 only (3.1.1 has neither).
+    pub fn publish_reply(&self, topic: String, payload: Vec<u8>, correlation: Option<Bytes>) -> Result<(), LinkError> {
+        let ok = match &self.inner {
+            Inner::V4(..) => true,
+            Inner::V5(c, _) => {
+                let props = PublishProperties {
+                    content_type: Some("application/json".into()),
+                    correlation_data: correlation,
+                    ..Default::default()
+                };
+                c.try_publish_with_properties(topic, V5QoS::AtLeastOnce, false, payload, props).is_ok()
             }
         };
         if ok { Ok(()) } else { Err(LinkError::QueueFull) }
