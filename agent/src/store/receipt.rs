@@ -159,7 +159,8 @@ impl Store {
                 let state = judge(&found, c, stored.max(seen));
                 let delivered_ms = match state {
                     DeliveryState::Delivered if stored >= sequence => {
-                        let first = moves.range((name, sequence)..=(name, u64::MAX)).map_err(storage)?.next();
+                        let (from, last) = (tables::move_key(name, sequence), tables::move_key(name, u64::MAX));
+                        let first = moves.range(from.as_str()..=last.as_str()).map_err(storage)?.next();
                         first.transpose().map_err(storage)?.map(|(_, at)| at.value())
                     }
                     _ => None,

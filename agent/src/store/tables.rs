@@ -26,10 +26,11 @@ pub const BY_PRIORITY: TableDefinition<(u8, u64), u32> = TableDefinition::new("b
 /// (expiry time in ms, sequence) → (); TTL sweeps.
 pub const EXPIRY: TableDefinition<(u64, u64), ()> = TableDefinition::new("expiry");
 
-/// sequence → (acceptance time in ms, record size): delivered events kept in
-/// the log for replay (`store.retain_delivered`), oldest first. Such an event
-/// has no [`BY_PRIORITY`] or [`EXPIRY`] entry: it is evicted from here first.
-pub const RETAINED: TableDefinition<u64, (u64, u32)> = TableDefinition::new("retained");
+/// (sequence, acceptance time in ms) → (): delivered events kept in the log
+/// for replay (`store.retain_delivered`), oldest first. Such an event has no
+/// [`BY_PRIORITY`] or [`EXPIRY`] entry: it is evicted from here first. (The
+/// key and value types are [`EXPIRY`]'s, which keeps the binary small.)
+pub const RETAINED: TableDefinition<(u64, u64), ()> = TableDefinition::new("retained");
 
 /// dead-letter number → dead-letter record (see [`super::DeadLetter`]).
 pub const DEAD: TableDefinition<u64, &[u8]> = TableDefinition::new("dead_letters");
@@ -37,10 +38,19 @@ pub const DEAD: TableDefinition<u64, &[u8]> = TableDefinition::new("dead_letters
 /// destination name → highest sequence acknowledged (everything at or below was delivered).
 pub const CURSORS: TableDefinition<&str, u64> = TableDefinition::new("cursors");
 
-/// (destination, cursor) → when that cursor move was committed, in ms: a
-/// receipt's delivery time (the first move at or past the event). Pruned
-/// below the log's oldest event.
-pub const CURSOR_MOVES: TableDefinition<(&str, u64), u64> = TableDefinition::new("cursor_moves");
+/// [`move_key`] (destination, cursor) → when that cursor move was
+/// committed, in ms: a receipt's delivery time (the first move at or past the
+/// event). Pruned below the log's oldest event. (Keyed by text to share
+/// [`CURSORS`]'s types, which keeps the binary small.)
+pub const CURSOR_MOVES: TableDefinition<&str, u64> = TableDefinition::new("cursor_moves");
+
+/// The [`CURSOR_MOVES`] key of `destination`'s move to `cursor`: key order
+/// is cursor order within a destination, and no other destination's keys
+/// fall between (names hold no `/`, which sorts below letters, digits and `_`
+/// and above `-`, so `a-b/…` < `a/…` < `a_b/…`).
+pub fn move_key(destination: &str, cursor: u64) -> String {
+    format!("{destination}/{cursor:020}")
+}
 
 /// counter name → value; see [`super::Meta`].
 pub const META: TableDefinition<&str, u64> = TableDefinition::new("meta");

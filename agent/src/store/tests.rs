@@ -720,3 +720,14 @@ async fn a_receipt_dates_a_delivery_by_the_first_cursor_move_past_it_and_a_rewin
     let r = f.store.receipt(&EventRef::Sequence(9), &[("a".into(), 9)]).unwrap().unwrap();
     assert_eq!((r.destinations[0].state.clone(), r.destinations[0].delivered_ms), (DeliveryState::Delivered, None));
 }
+
+#[test]
+fn cursor_move_keys_sort_by_cursor_within_a_destination_and_never_between_two_others() {
+    use super::tables::move_key;
+    assert!(move_key("a", 9) < move_key("a", 10));
+    assert!(move_key("a", 10) < move_key("a", u64::MAX));
+    for other in ["a-b", "a_b", "ab", "a0", "A", "b"] {
+        let inside = |k: String| move_key("a", 0) <= k && k <= move_key("a", u64::MAX);
+        assert!(!inside(move_key(other, 0)) && !inside(move_key(other, u64::MAX)), "{other}");
+    }
+}

@@ -221,10 +221,10 @@ struct Tables<'t> {
     deliveries: Table<'t, u128, &'static [u8]>,
     by_priority: Table<'t, (u8, u64), u32>,
     expiry: Table<'t, (u64, u64), ()>,
-    retained: Table<'t, u64, (u64, u32)>,
+    retained: Table<'t, (u64, u64), ()>,
     dead: Table<'t, u64, &'static [u8]>,
     cursors: Table<'t, &'static str, u64>,
-    cursor_moves: Table<'t, (&'static str, u64), u64>,
+    cursor_moves: Table<'t, &'static str, u64>,
 }
 
 impl<'t> Tables<'t> {
@@ -501,7 +501,7 @@ impl Writer {
                             let stale = self.epochs.get(&name).is_some_and(|&latest| epoch < latest);
                             if sequence > current && !stale {
                                 t.cursors.insert(name.as_str(), sequence)?;
-                                t.cursor_moves.insert((name.as_str(), sequence), now_ms)?;
+                                t.cursor_moves.insert(tables::move_key(&name, sequence).as_str(), now_ms)?;
                                 cursors_moved = true;
                             }
                             pending.push(Pending::Done(reply));

@@ -154,7 +154,7 @@ impl Writer {
         self.meta.retention_floor = last;
         let keep = self.config.retain_delivered.is_some();
         // A pass over a range retired before (the destinations changed) meets kept events again.
-        let kept_before = t.retained.last()?.map_or(0, |(k, _)| k.value());
+        let kept_before = t.retained.last()?.map_or(0, |(k, _)| k.value().0);
         // One pass over the range both decides and removes (far cheaper than a
         // lookup and a removal per event); the secondary indexes follow.
         let mut doomed: Vec<Retired> = Vec::new();
@@ -187,16 +187,16 @@ impl Writer {
             if let Some(at) = r.expires_at_ms {
                 t.expiry.remove((at, r.seq))?;
             }
-            let was_kept = r.seq <= kept_before && t.retained.get(r.seq)?.is_some();
+            let was_kept = r.seq <= kept_before && t.retained.get((r.seq, r.accepted_ms))?.is_some();
             if keep {
                 if !was_kept {
-                    t.retained.insert(r.seq, (r.accepted_ms, r.size as u32))?;
+                    t.retained.insert((r.seq, r.accepted_ms), ())?;
                     self.meta.retained_events += 1;
                     self.meta.retained_bytes += r.size;
                 }
             } else {
                 if was_kept {
-                    t.retained.remove(r.seq)?;
+                    t.retained.remove((r.seq, r.accepted_ms))?;
                     self.meta.retained_events = self.meta.retained_events.saturating_sub(1);
                     self.meta.retained_bytes = self.meta.retained_bytes.saturating_sub(r.size);
                 }
@@ -219,13 +219,13 @@ impl Writer {
         };
         let mut removed = 0u64;
         while (removed as usize) < SWEEP_LIMIT {
-            let Some((key, value)) = t.retained.first()? else { break };
-            let (seq, (accepted_ms, _)) = (key.value(), value.value());
-            drop((key, value));
+            let Some((key, _)) = t.retained.first()? else { break };
+            let (seq, accepted_ms) = key.value();
+            drop(key);
             if accepted_ms >= cutoff && self.meta.retained_bytes <= cap {
                 break;
             }
-            self.drop_retained(t, seq)?;
+            self.drop_retained(t, (seq, accepted_ms))?;
             removed += 1;
         }
         self.meta.retained_expired += removed;
@@ -239,9 +239,9 @@ impl Writer {
         let mut evicted = 0u64;
         while quota.saturating_sub(self.used_bytes()) < needed {
             let Some((key, _)) = t.retained.first()? else { break };
-            let seq = key.value();
+            let kept = key.value();
             drop(key);
-            self.drop_retained(t, seq)?;
+            self.drop_retained(t, kept)?;
             evicted += 1;
         }
         if evicted > 0 {
@@ -251,10 +251,10 @@ impl Writer {
         Ok(evicted)
     }
 
-    /// Removes kept event `seq` from the log.
-    fn drop_retained(&mut self, t: &mut Tables<'_>, seq: u64) -> Result<(), redb::Error> {
-        let size = t.retained.remove(seq)?.map_or(0, |v| u64::from(v.value().1));
-        self.remove_from_log(t, seq)?;
+    /// Removes kept event `kept` (its sequence and acceptance time) from the log.
+    fn drop_retained(&mut self, t: &mut Tables<'_>, kept: (u64, u64)) -> Result<(), redb::Error> {
+        t.retained.remove(kept)?;
+        let size = self.remove_from_log(t, kept.0)?;
         self.meta.retained_events = self.meta.retained_events.saturating_sub(1);
         self.meta.retained_bytes = self.meta.retained_bytes.saturating_sub(size);
         Ok(())
@@ -266,7 +266,8 @@ impl Writer {
         let oldest = t.log.first()?.map_or(self.meta.next_sequence, |(k, _)| k.value());
         for c in &self.config.consumers {
             let name = c.name.as_str();
-            for row in t.cursor_moves.extract_from_if((name, 0)..(name, oldest), |_, _| true)?.take(SWEEP_LIMIT) {
+            let (from, below) = (tables::move_key(name, 0), tables::move_key(name, oldest));
+            for row in t.cursor_moves.extract_from_if(from.as_str()..below.as_str(), |_, _| true)?.take(SWEEP_LIMIT) {
                 row?;
             }
         }
@@ -283,22 +284,26 @@ impl Writer {
             // Those moves date deliveries that are to happen again; the first
             // of them also dated the events up to `to`, which stay delivered.
             let mut first_ms = None;
-            for row in t.cursor_moves.extract_from_if((destination, to + 1)..=(destination, u64::MAX), |_, _| true)? {
+            let (after, last) = (tables::move_key(destination, to + 1), tables::move_key(destination, u64::MAX));
+            for row in t.cursor_moves.extract_from_if(after.as_str()..=last.as_str(), |_, _| true)? {
                 first_ms = first_ms.or(Some(row?.1.value()));
             }
             if let Some(at) = first_ms.filter(|_| to > 0) {
-                t.cursor_moves.insert((destination, to), at)?;
+                t.cursor_moves.insert(tables::move_key(destination, to).as_str(), at)?;
             }
         }
-        let restored: Vec<(u64, u32)> = t
+        let restored: Vec<u64> = t
             .retained
-            .extract_from_if(to + 1.., |_, _| true)?
-            .map(|row| row.map(|(k, v)| (k.value(), v.value().1)))
+            .extract_from_if((to + 1, 0).., |_, _| true)?
+            .map(|row| row.map(|(k, _)| k.value().0))
             .collect::<Result<_, _>>()?;
-        for (seq, size) in restored {
+        for seq in restored {
             // TTLs are not restored: an operator asked for these events again.
-            let priority = match t.log.get(seq)? {
-                Some(record) => event::decode_header(record.value()).map_or(0, |(h, _)| h.priority),
+            let (priority, size) = match t.log.get(seq)? {
+                Some(record) => {
+                    let bytes = record.value();
+                    (event::decode_header(bytes).map_or(0, |(h, _)| h.priority), bytes.len() as u32)
+                }
                 None => continue,
             };
             t.by_priority.insert((priority, seq), size)?;
