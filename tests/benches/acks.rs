@@ -40,18 +40,7 @@ fn main() {
             Mosquitto::start(MosquittoOptions::default()).await.unwrap(),
         ];
         let rtt = round_trips(&brokers[0], 1000).await;
-        let dir = tempfile::tempdir().unwrap();
-        let destinations: String = brokers
-            .iter()
-            .enumerate()
-            .map(|(i, b)| format!("[[destination]]\nname = \"cloud-{i}\"\nurl = \"{}\"\n\n", b.url()))
-            .collect();
-        let toml = format!(
-            "[agent]\ndevice_id = \"bench\"\ndata_dir = {:?}\n[store]\nmin_free_disk = \"0 B\"\n\
-             [ingest.http]\nlisten = \"127.0.0.1:0\"\nack_timeout = \"30s\"\n{destinations}",
-            dir.path().display().to_string()
-        );
-        let agent = Agent::start(Config::parse(&toml, "bench.toml").unwrap(), Arc::new(SystemClock)).await.unwrap();
+        let (_dir, agent) = start_agent(&brokers, "", "ack_timeout = \"30s\"\n").await;
         let commit = cursor_commits(&agent, 500).await;
         println!("ceiling: broker round trip (bare QoS 1 publish to PUBACK) p50 {:.2} ms, p99 {:.2} ms", rtt.0, rtt.1);
         println!("ceiling: cursor commit p50 {:.2} ms, p99 {:.2} ms", commit.0, commit.1);
@@ -96,19 +85,8 @@ fn main() {
 /// [`PRODUCERS`] producers) for `length`, while forwarding to `brokers`,
 /// with `store.retain_delivered` on or off.
 async fn ingest_rate(brokers: &[Mosquitto], retain: bool, length: Duration) -> f64 {
-    let dir = tempfile::tempdir().unwrap();
-    let destinations: String = brokers
-        .iter()
-        .enumerate()
-        .map(|(i, b)| format!("[[destination]]\nname = \"cloud-{i}\"\nurl = \"{}\"\n\n", b.url()))
-        .collect();
     let keep = if retain { "retain_delivered = { age = \"1h\", share = \"50%\" }\n" } else { "" };
-    let toml = format!(
-        "[agent]\ndevice_id = \"bench\"\ndata_dir = {:?}\n[store]\nmin_free_disk = \"0 B\"\n{keep}\
-         [ingest.http]\nlisten = \"127.0.0.1:0\"\n{destinations}",
-        dir.path().display().to_string()
-    );
-    let agent = Agent::start(Config::parse(&toml, "bench.toml").unwrap(), Arc::new(SystemClock)).await.unwrap();
+    let (_dir, agent) = start_agent(brokers, keep, "").await;
     let url = format!("http://{}/v1/events", agent.http_addr());
     let body: String = {
         let events: Vec<String> = (0..100)
@@ -139,6 +117,24 @@ async fn ingest_rate(brokers: &[Mosquitto], retain: bool, length: Duration) -> f
     assert_eq!(retain, kept > 0, "retained {kept} events with retain_delivered {retain}");
     agent.shutdown().await.unwrap();
     rate
+}
+
+/// An agent forwarding to `brokers`, with `store` and `http` added to its
+/// `[store]` and `[ingest.http]` tables; its data directory goes with it.
+async fn start_agent(brokers: &[Mosquitto], store: &str, http: &str) -> (tempfile::TempDir, Agent) {
+    let dir = tempfile::tempdir().unwrap();
+    let destinations: String = brokers
+        .iter()
+        .enumerate()
+        .map(|(i, b)| format!("[[destination]]\nname = \"cloud-{i}\"\nurl = \"{}\"\n\n", b.url()))
+        .collect();
+    let toml = format!(
+        "[agent]\ndevice_id = \"bench\"\ndata_dir = {:?}\n[store]\nmin_free_disk = \"0 B\"\n{store}\
+         [ingest.http]\nlisten = \"127.0.0.1:0\"\n{http}{destinations}",
+        dir.path().display().to_string()
+    );
+    let agent = Agent::start(Config::parse(&toml, "bench.toml").unwrap(), Arc::new(SystemClock)).await.unwrap();
+    (dir, agent)
 }
 
 /// p50 and p99 of `samples`, in ms.
