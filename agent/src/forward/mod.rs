@@ -543,6 +543,7 @@ impl Task {
         }
         self.limits.announce_max_packet(connected.limits.max_packet_size);
         self.adopt_rewind(p);
+        p.pacer.new_link();
         p.broker_retain = connected.limits.retain_available != Some(false);
         let keep_alive = self.config.endpoint.keep_alive;
         self.update(|s| s.connected = true);
@@ -594,7 +595,10 @@ impl Task {
                     let now_ms = self.clock.now_millis();
                     while let Some(e) = event.take() {
                         match e {
-                            Ok(LinkEvent::Sent(pkid)) => p.window.on_wire(pkid),
+                            Ok(LinkEvent::Sent(pkid)) => {
+                                p.window.on_wire(pkid);
+                                p.pacer.on_wire(tokio::time::Instant::now());
+                            }
                             Ok(LinkEvent::Acked(pkid)) => {
                                 if let Some((events, at_ms)) = p.window.acked_at(pkid) {
                                     last_ack = Instant::now();
@@ -1016,7 +1020,10 @@ impl Task {
         let deadline = tokio::time::Instant::now() + DRAIN_ON_SHUTDOWN;
         while p.window.in_flight() > 0 {
             match tokio::time::timeout_at(deadline, link.poll()).await {
-                Ok(Ok(LinkEvent::Sent(pkid))) => p.window.on_wire(pkid),
+                Ok(Ok(LinkEvent::Sent(pkid))) => {
+                    p.window.on_wire(pkid);
+                    p.pacer.on_wire(tokio::time::Instant::now());
+                }
                 Ok(Ok(LinkEvent::Acked(pkid))) => {
                     p.window.acked(pkid);
                 }

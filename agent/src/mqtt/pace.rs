@@ -16,8 +16,12 @@
 //! `BYTE_WINDOW` and its own fit `max_byte_rate`. The window is a second
 //! plus `JITTER`: with large publishes (a 40 KB batch is 8 % of AWS's
 //! 512 KiB/s) the 5 % margin is less than one publish, so network bunching
-//! could otherwise bring one more into a cloud's second. The schedule
-//! outlives connections, so a reconnect never bursts.
+//! could otherwise bring one more into a cloud's second. A publish counts
+//! from when it goes on the wire ([`Pacer::on_wire`]), not from when it was
+//! queued: when the connection's task is held up, queued publishes go out
+//! late, and a window counted from their queueing would let the next ones
+//! follow too closely. The schedule outlives connections, so a reconnect
+//! never bursts.
 //!
 //! Pure state; the forwarder passes the time in and sleeps until the time
 //! it is given back.
@@ -51,6 +55,8 @@ pub struct Pacer {
     /// Publishes within the last second and their bytes (with a byte limit).
     recent: VecDeque<(Instant, u64)>,
     recent_bytes: u64,
+    /// How many of the newest entries of `recent` are queued, not yet on the wire.
+    queued: usize,
     /// Time spent waiting on the limits, in total.
     waited: Duration,
 }
@@ -66,6 +72,7 @@ impl Pacer {
             next_bytes: None,
             recent: VecDeque::new(),
             recent_bytes: 0,
+            queued: 0,
             waited: Duration::ZERO,
         }
     }
@@ -96,6 +103,7 @@ impl Pacer {
             }
             self.recent.pop_front();
             self.recent_bytes -= b;
+            self.queued = self.queued.min(self.recent.len());
         }
     }
 
@@ -105,6 +113,7 @@ impl Pacer {
             self.expire(now);
             self.recent.push_back((now, bytes));
             self.recent_bytes += bytes;
+            self.queued += 1;
         }
         if let Some(gap) = self.per_publish {
             self.next_publish = Some(self.next_publish.map_or(now, |t| t.max(now)) + gap);
@@ -113,6 +122,23 @@ impl Pacer {
             let gap = Duration::from_secs_f64(bytes as f64 / rate as f64);
             self.next_bytes = Some(self.next_bytes.map_or(now, |t| t.max(now)) + gap);
         }
+    }
+
+    /// The oldest queued publish went on the wire at `now` (publishes go out
+    /// in queue order): it counts from then.
+    pub fn on_wire(&mut self, now: Instant) {
+        if self.queued == 0 {
+            return;
+        }
+        let i = self.recent.len() - self.queued;
+        self.recent[i].0 = self.recent[i].0.max(now);
+        self.queued -= 1;
+    }
+
+    /// A new connection: what was queued on the old one never went out, and
+    /// keeps the time it was queued at.
+    pub fn new_link(&mut self) {
+        self.queued = 0;
     }
 
     /// Records `d` spent waiting on the limits.
@@ -198,6 +224,67 @@ mod tests {
         let secs = arrivals.last().unwrap().0.duration_since(t0).as_secs_f64();
         let rate = 1200.0 * publish as f64 / secs;
         assert!(rate >= 0.9 * limit as f64, "{rate:.0} B/s");
+    }
+
+    /// Paces `n` publishes of `bytes` through a task that is held up for
+    /// `stall` after every `every`-th publish it queues, so queued publishes
+    /// go on the wire late and together; tells the pacer when each goes
+    /// (`counted`) or not. Returns the wire times.
+    fn stalled(
+        p: &mut Pacer,
+        n: usize,
+        bytes: u64,
+        every: usize,
+        stall: Duration,
+        counted: bool,
+    ) -> Vec<(Instant, u64)> {
+        let mut now = Instant::now();
+        let mut busy_until = now;
+        let mut queued: VecDeque<Instant> = VecDeque::new();
+        let mut wire = Vec::new();
+        let mut last_wire = now;
+        for i in 0..n {
+            loop {
+                // Whatever is queued goes out once the task is free again, in order.
+                while let Some(&q) = queued.front() {
+                    let at = q.max(busy_until).max(last_wire);
+                    if at > now {
+                        break;
+                    }
+                    queued.pop_front();
+                    last_wire = at;
+                    wire.push((at, bytes));
+                    if counted {
+                        p.on_wire(at);
+                    }
+                }
+                let Some(at) = p.ready_at(now, bytes) else { break };
+                let next_wire = queued.front().map(|&q| q.max(busy_until).max(last_wire));
+                now = next_wire.map_or(at, |w| w.min(at)).max(now + Duration::from_micros(1));
+            }
+            p.sent(now, bytes);
+            queued.push_back(now);
+            if i % every == every - 1 {
+                busy_until = now + stall;
+            }
+        }
+        for q in queued {
+            last_wire = q.max(busy_until).max(last_wire);
+            wire.push((last_wire, bytes));
+        }
+        wire
+    }
+
+    #[test]
+    fn publishes_the_task_sent_late_count_from_the_wire_so_no_cloud_second_overflows() {
+        let (limit, publish) = (512 * 1024, 30_230);
+        let paced = limit * 95 / 100;
+        let stall = Duration::from_millis(120);
+        let wire = stalled(&mut Pacer::new(None, Some(paced)), 400, publish, 7, stall, true);
+        assert!(worst_window(&wire).1 <= limit, "{:?}", worst_window(&wire));
+        // Counted from when they were queued, the same stalls overflow a second.
+        let wire = stalled(&mut Pacer::new(None, Some(paced)), 400, publish, 7, stall, false);
+        assert!(worst_window(&wire).1 > limit, "the test can fail: {:?}", worst_window(&wire));
     }
 
     #[test]
