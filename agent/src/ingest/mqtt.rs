@@ -118,19 +118,21 @@ impl MqttIngest {
             let appended = id.as_ref().and_then(|id| committed.events.iter().find(|a| &a.id == id));
             let detail = id.as_ref().and_then(|id| committed.filtered.iter().find(|f| &f.id == id));
             let level = self.config.ack;
-            let mut receipt = Receipt {
-                stored: appended.is_some(),
-                sequence: appended.map(|a| a.sequence),
-                duplicate: appended.is_some_and(|a| a.duplicate),
-                ack: level,
-                met: appended.is_some() && level == AckLevel::Stored,
-                acked_by: Vec::new(),
-                detail: match (detail, appended) {
-                    (Some(f), _) => Some(f.message.clone()),
-                    (None, None) => Some("refused: see the agent's log".into()),
-                    (None, Some(_)) => None,
+            let mut receipt = match appended {
+                Some(a) => Receipt {
+                    id,
+                    stored: true,
+                    sequence: Some(a.sequence),
+                    duplicate: a.duplicate,
+                    ack: level,
+                    met: level == AckLevel::Stored,
+                    acked_by: Vec::new(),
+                    detail: detail.map(|f| f.message.clone()),
                 },
-                id,
+                None => {
+                    let why = detail.map_or_else(|| "refused: see the agent's log".into(), |f| f.message.clone());
+                    Receipt::not_stored(id, level, why)
+                }
             };
             let Some(sequence) = receipt.sequence.filter(|_| level != AckLevel::Stored) else {
                 self.unsent.push_back(Reply { topic, correlation, payload: to_json(&receipt) });
@@ -298,16 +300,7 @@ impl MqttIngest {
                     tracing::warn!(topic = %m.topic, error = %e, "local MQTT message refused");
                     link.ack(&m)?;
                     if let Some((topic, correlation)) = m.reply_to() {
-                        let receipt = Receipt {
-                            id: None,
-                            stored: false,
-                            sequence: None,
-                            duplicate: false,
-                            ack: self.config.ack,
-                            met: false,
-                            acked_by: Vec::new(),
-                            detail: Some(format!("refused: {e}")),
-                        };
+                        let receipt = Receipt::not_stored(None, self.config.ack, format!("refused: {e}"));
                         self.unsent.push_back(Reply { topic, correlation, payload: to_json(&receipt) });
                     }
                 }
@@ -408,6 +401,22 @@ async fn store_batch(
         };
         messages.append(&mut refused);
         return (stored, messages);
+    }
+}
+
+impl Receipt {
+    /// The receipt of a message that was not stored, saying why.
+    fn not_stored(id: Option<String>, ack: AckLevel, detail: String) -> Self {
+        Self {
+            id,
+            stored: false,
+            sequence: None,
+            duplicate: false,
+            ack,
+            met: false,
+            acked_by: Vec::new(),
+            detail: Some(detail),
+        }
     }
 }
 

@@ -616,10 +616,7 @@ impl Store {
     /// them has committed (with fsync unless durability is `none`). All or
     /// nothing: on error, none of the events was stored.
     pub async fn append(&self, events: Vec<PreparedEvent>) -> Result<Vec<Appended>, AppendError> {
-        let (tx, rx) = oneshot::channel();
-        let reply = Reply::new(tx);
-        self.send(Request::Append { events, reply }).await.map_err(|_| AppendError::Closed)?;
-        rx.await.map_err(|_| AppendError::Closed)?
+        self.ask(|reply| Request::Append { events, reply }).await
     }
 
     /// Durably records events that were never appended (an ingest-stage
@@ -627,10 +624,7 @@ impl Store {
     /// letters with `reason`. Each gets an HLC but no sequence (0). Answers
     /// after the commit, like [`Store::append`].
     pub async fn dead_letter_new(&self, events: Vec<PreparedEvent>, reason: String) -> Result<(), AppendError> {
-        let (tx, rx) = oneshot::channel();
-        let reply = Reply::new(tx);
-        self.send(Request::DeadLetterNew { events, reason, reply }).await.map_err(|_| AppendError::Closed)?;
-        rx.await.map_err(|_| AppendError::Closed)?
+        self.ask(|reply| Request::DeadLetterNew { events, reason, reply }).await
     }
 
     /// Records that `destination` has everything up to `sequence`. Cursors
@@ -643,12 +637,7 @@ impl Store {
     /// of its cursor: a move sent before the latest [`Store::rewind`] is
     /// ignored, so an ack from before a replay cannot skip the replay.
     pub async fn advance_cursor(&self, destination: &str, sequence: u64, epoch: u64) -> Result<(), AppendError> {
-        let (tx, rx) = oneshot::channel();
-        let reply = Reply::new(tx);
-        self.send(Request::SetCursor { name: destination.to_owned(), sequence, epoch, reply })
-            .await
-            .map_err(|_| AppendError::Closed)?;
-        rx.await.map_err(|_| AppendError::Closed)?
+        self.ask(|reply| Request::SetCursor { name: destination.to_owned(), sequence, epoch, reply }).await
     }
 
     /// Durably moves `destination`'s cursor back to `to`, so every event
@@ -656,23 +645,14 @@ impl Store {
     /// events after `to` count as undelivered again. Starts rewind `epoch`
     /// (see [`Store::advance_cursor`]); moves nothing forward.
     pub async fn rewind(&self, destination: &str, to: u64, epoch: u64) -> Result<Rewound, AppendError> {
-        let (tx, rx) = oneshot::channel();
-        let reply = Reply::new(tx);
-        self.send(Request::Rewind { name: destination.to_owned(), to, epoch, reply })
-            .await
-            .map_err(|_| AppendError::Closed)?;
-        rx.await.map_err(|_| AppendError::Closed)?
+        self.ask(|reply| Request::Rewind { name: destination.to_owned(), to, epoch, reply }).await
     }
 
     /// Copies event `sequence` to the dead letters with `reason`, leaving it
     /// in the log for the destinations that can still take it.
     pub async fn dead_letter_copy(&self, sequence: u64, reason: &str) -> Result<(), AppendError> {
-        let (tx, rx) = oneshot::channel();
-        let reply = Reply::new(tx);
-        self.send(Request::DeadLetterCopy { sequence, reason: reason.to_owned(), destination: None, reply })
+        self.ask(|reply| Request::DeadLetterCopy { sequence, reason: reason.to_owned(), destination: None, reply })
             .await
-            .map_err(|_| AppendError::Closed)?;
-        rx.await.map_err(|_| AppendError::Closed)?
     }
 
     /// Like [`Store::dead_letter_copy`], recording that `destination` is the
@@ -683,28 +663,19 @@ impl Store {
         destination: &str,
         reason: &str,
     ) -> Result<(), AppendError> {
-        let (tx, rx) = oneshot::channel();
-        let reply = Reply::new(tx);
-        self.send(Request::DeadLetterCopy {
+        self.ask(|reply| Request::DeadLetterCopy {
             sequence,
             reason: reason.to_owned(),
             destination: Some(destination.to_owned()),
             reply,
         })
         .await
-        .map_err(|_| AppendError::Closed)?;
-        rx.await.map_err(|_| AppendError::Closed)?
     }
 
     /// Moves the record at `sequence`, which no longer decodes, from the log
     /// to the dead letters with `reason`, so readers go on past it.
     pub async fn set_aside_unreadable(&self, sequence: u64, reason: &str) -> Result<(), AppendError> {
-        let (tx, rx) = oneshot::channel();
-        let reply = Reply::new(tx);
-        self.send(Request::SetAsideUnreadable { sequence, reason: reason.to_owned(), reply })
-            .await
-            .map_err(|_| AppendError::Closed)?;
-        rx.await.map_err(|_| AppendError::Closed)?
+        self.ask(|reply| Request::SetAsideUnreadable { sequence, reason: reason.to_owned(), reply }).await
     }
 
     /// Moves dead letters `numbers` back into the log, in one transaction:
@@ -713,19 +684,13 @@ impl Store {
     /// single destination is routed to that destination only. All or
     /// nothing: an unknown number changes nothing.
     pub async fn replay_dead_letters(&self, numbers: Vec<u64>) -> Result<Vec<Replayed>, DeadLetterError> {
-        let (tx, rx) = oneshot::channel();
-        let reply = Reply::new(tx);
-        self.send(Request::Replay { numbers, reply }).await.map_err(|_| AppendError::Closed)?;
-        rx.await.map_err(|_| AppendError::Closed)?
+        self.ask(|reply| Request::Replay { numbers, reply }).await
     }
 
     /// Deletes dead letters `numbers`, or every one when `None`; answers
     /// how many were deleted. All or nothing: an unknown number changes nothing.
     pub async fn purge_dead_letters(&self, numbers: Option<Vec<u64>>) -> Result<u64, DeadLetterError> {
-        let (tx, rx) = oneshot::channel();
-        let reply = Reply::new(tx);
-        self.send(Request::Purge { numbers, reply }).await.map_err(|_| AppendError::Closed)?;
-        rx.await.map_err(|_| AppendError::Closed)?
+        self.ask(|reply| Request::Purge { numbers, reply }).await
     }
 
     /// The dead letter numbered `number`, if there is one.
@@ -744,23 +709,22 @@ impl Store {
     /// broker has every ack, so it will not deliver them again, and a later
     /// identical message is a new event.
     pub async fn forget_deliveries(&self, batch: u128) -> Result<(), AppendError> {
-        let (tx, rx) = oneshot::channel();
-        let reply = Reply::new(tx);
-        self.send(Request::ForgetDeliveries { batch, reply }).await.map_err(|_| AppendError::Closed)?;
-        rx.await.map_err(|_| AppendError::Closed)?
+        self.ask(|reply| Request::ForgetDeliveries { batch, reply }).await
     }
 
     /// Runs housekeeping now (TTL expiry, dedup pruning) instead of waiting
     /// for the writer's next idle tick.
     pub async fn sweep(&self) -> Result<SweepReport, AppendError> {
-        let (tx, rx) = oneshot::channel();
-        let reply = Reply::new(tx);
-        self.send(Request::Sweep { reply }).await.map_err(|_| AppendError::Closed)?;
-        rx.await.map_err(|_| AppendError::Closed)?
+        self.ask(|reply| Request::Sweep { reply }).await
     }
 
-    async fn send(&self, request: Request) -> Result<(), flume::SendError<Request>> {
-        self.inner.requests.send_async(request).await
+    /// Sends the writer the request `make` builds around its reply, and
+    /// waits for the answer.
+    async fn ask<T, E: From<AppendError>>(&self, make: impl FnOnce(Reply<T, E>) -> Request) -> Result<T, E> {
+        let (tx, rx) = oneshot::channel();
+        let request = make(Reply::new(tx));
+        self.inner.requests.send_async(request).await.map_err(|_| E::from(AppendError::Closed))?;
+        rx.await.map_err(|_| E::from(AppendError::Closed))?
     }
 
     /// A receiver of the newest committed sequence, for readers that tail the log.

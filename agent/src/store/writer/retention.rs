@@ -197,8 +197,7 @@ impl Writer {
             } else {
                 if was_kept {
                     t.retained.remove((r.seq, r.accepted_ms))?;
-                    self.meta.retained_events = self.meta.retained_events.saturating_sub(1);
-                    self.meta.retained_bytes = self.meta.retained_bytes.saturating_sub(r.size);
+                    self.no_longer_kept(r.size);
                 }
                 self.meta.log_bytes = self.meta.log_bytes.saturating_sub(r.size);
             }
@@ -255,9 +254,14 @@ impl Writer {
     fn drop_retained(&mut self, t: &mut Tables<'_>, kept: (u64, u64)) -> Result<(), redb::Error> {
         t.retained.remove(kept)?;
         let size = self.remove_from_log(t, kept.0)?;
+        self.no_longer_kept(size);
+        Ok(())
+    }
+
+    /// Counts a kept event of `size` bytes out of the kept ones.
+    fn no_longer_kept(&mut self, size: u64) {
         self.meta.retained_events = self.meta.retained_events.saturating_sub(1);
         self.meta.retained_bytes = self.meta.retained_bytes.saturating_sub(size);
-        Ok(())
     }
 
     /// Forgets the cursor moves no receipt needs: those below the log's
@@ -307,8 +311,7 @@ impl Writer {
                 None => continue,
             };
             t.by_priority.insert((priority, seq), size)?;
-            self.meta.retained_events = self.meta.retained_events.saturating_sub(1);
-            self.meta.retained_bytes = self.meta.retained_bytes.saturating_sub(u64::from(size));
+            self.no_longer_kept(u64::from(size));
         }
         self.meta.retention_floor = self.meta.retention_floor.min(to);
         let first_available = t.log.range(to + 1..)?.next().transpose()?.map(|(k, _)| k.value());
