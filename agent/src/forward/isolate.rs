@@ -5,10 +5,12 @@
 //! malformed UTF-8 or an oversized packet), which names no message. After a
 //! link failure the forwarder therefore resends what was in flight one
 //! publish at a time: when the broker then ends the connection with a single
-//! publish outstanding, that publish is to blame. The same event blamed
-//! [`STRIKES`] times in a row is set aside (dead-lettered for this
-//! destination) and the forwarder goes on. Failures Ferry caused itself (its
-//! own ack watchdog, a consumer error) blame nothing.
+//! publish outstanding, or stops acknowledging it while still answering
+//! pings (RabbitMQ over its `max_message_size`), that publish is to blame.
+//! The same event blamed [`STRIKES`] times in a row is set aside
+//! (dead-lettered for this destination) and the forwarder goes on. Failures
+//! Ferry caused itself (its ack watchdog on a silent link, a consumer error)
+//! blame nothing.
 //!
 //! Pure state, no I/O; the forwarder feeds it what happened.
 

@@ -561,6 +561,8 @@ impl Task {
         let mut committed = self.store.committed();
         let mut buffer: VecDeque<Step> = VecDeque::new();
         let mut last_ack = Instant::now();
+        // When the broker last answered a ping: alive, though maybe not acking.
+        let mut last_pong = last_ack;
         // A signed token is renewed well before it expires: at four fifths of its life.
         let renew_at = self.config.sas.as_ref().map(|s| Instant::now() + s.lifetime * 4 / 5);
         let mut tick = tokio::time::interval(Duration::from_millis(100));
@@ -599,6 +601,7 @@ impl Task {
                                 p.window.on_wire(pkid);
                                 p.pacer.on_wire(tokio::time::Instant::now());
                             }
+                            Ok(LinkEvent::Pong) => last_pong = Instant::now(),
                             Ok(LinkEvent::Acked(pkid)) => {
                                 if let Some((events, at_ms)) = p.window.acked_at(pkid) {
                                     last_ack = Instant::now();
@@ -676,6 +679,16 @@ impl Task {
                 }
                 _ = tick.tick() => {
                     if p.window.in_flight() > 0 && last_ack.elapsed() > ack_timeout {
+                        // A broker that answers pings but never the one publish
+                        // outstanding drops it without a word (RabbitMQ over its
+                        // max_message_size): that publish is to blame.
+                        if p.window.in_flight() == 1 && last_pong > last_ack {
+                            let error = LinkError::Connection(format!(
+                                "no PUBACK for {:?} for the one publish outstanding, though the broker answers pings",
+                                last_ack.elapsed()
+                            ));
+                            return End::Link { error, broker_ended: true };
+                        }
                         return End::ours(LinkError::Connection(format!(
                             "no PUBACK for {:?} with {} publishes outstanding: link presumed dead",
                             last_ack.elapsed(), p.window.in_flight()

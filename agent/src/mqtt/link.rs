@@ -126,7 +126,9 @@ pub enum LinkEvent {
     SubscribeRefused(String),
     /// A message arrived on a subscription.
     Message(Box<Incoming>),
-    /// Anything else (pings, our own acks).
+    /// The broker answered a ping: it is alive and reading this connection.
+    Pong,
+    /// Anything else (our own pings and acks).
     Other,
 }
 
@@ -179,6 +181,8 @@ pub struct LinkOptions {
 /// One connection attempt to a broker.
 pub struct Link {
     inner: Inner,
+    /// Whether the broker has answered the CONNECT.
+    connected: bool,
 }
 
 enum Inner {
@@ -240,15 +244,20 @@ impl Link {
                 Inner::V5(client, Box::new(eventloop))
             }
         };
-        Self { inner }
+        Self { inner, connected: false }
     }
 
     /// Drives the connection until something happens.
     pub async fn poll(&mut self) -> Result<LinkEvent, LinkError> {
+        let connected = &mut self.connected;
         match &mut self.inner {
             Inner::V4(_, el) => {
                 use rumqttc::{Event, Outgoing, Packet};
-                match el.poll().await {
+                let event = el.poll().await;
+                if matches!(event, Ok(Event::Incoming(Packet::ConnAck(_)))) {
+                    *connected = true;
+                }
+                match event {
                     Ok(Event::Incoming(Packet::ConnAck(ack))) => Ok(LinkEvent::Connected {
                         session_present: ack.session_present,
                         limits: BrokerLimits::default(),
@@ -271,17 +280,22 @@ impl Link {
                         raw: RawPublish::V4(p),
                     }))),
                     Ok(Event::Outgoing(Outgoing::Publish(pkid))) => Ok(LinkEvent::Sent(pkid)),
+                    Ok(Event::Incoming(Packet::PingResp)) => Ok(LinkEvent::Pong),
                     Ok(_) => Ok(LinkEvent::Other),
                     Err(rumqttc::ConnectionError::ConnectionRefused(code)) => {
                         Err(LinkError::Refused(format!("{code:?}")))
                     }
-                    Err(e) => Err(LinkError::Connection(e.to_string())),
+                    Err(e) => Err(LinkError::Connection(unanswered(*connected, "3.1.1", e.to_string()))),
                 }
             }
             Inner::V5(_, el) => {
                 use rumqttc::v5::mqttbytes::v5::Packet;
                 use rumqttc::v5::{Event, mqttbytes::v5::ConnectReturnCode};
-                match el.poll().await {
+                let event = el.poll().await;
+                if matches!(event, Ok(Event::Incoming(Packet::ConnAck(_)))) {
+                    *connected = true;
+                }
+                match event {
                     Ok(Event::Incoming(Packet::ConnAck(ack))) => {
                         if ack.code != ConnectReturnCode::Success {
                             return Err(LinkError::Refused(format!("{:?}", ack.code)));
@@ -341,11 +355,12 @@ impl Link {
                         Err(LinkError::Connection(format!("broker disconnected: {:?}", d.reason_code)))
                     }
                     Ok(Event::Outgoing(rumqttc::Outgoing::Publish(pkid))) => Ok(LinkEvent::Sent(pkid)),
+                    Ok(Event::Incoming(Packet::PingResp(_))) => Ok(LinkEvent::Pong),
                     Ok(_) => Ok(LinkEvent::Other),
                     Err(rumqttc::v5::ConnectionError::ConnectionRefused(code)) => {
                         Err(LinkError::Refused(format!("{code:?}")))
                     }
-                    Err(e) => Err(LinkError::Connection(e.to_string())),
+                    Err(e) => Err(LinkError::Connection(unanswered(*connected, "5", e.to_string()))),
                 }
             }
         }
@@ -417,6 +432,13 @@ impl Link {
     }
 }
 
+/// A connection error, saying so when the broker never answered the
+/// CONNECT: a broker that does not speak that MQTT version closes the
+/// connection or stays silent (RabbitMQ 3.10, NATS 2.9, aedes, amqtt on 5).
+fn unanswered(connected: bool, version: &str, error: String) -> String {
+    if connected { error } else { format!("no CONNACK ({error}): is the broker up, and does it speak MQTT {version}?") }
+}
+
 #[cfg(test)]
 mod tests {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -462,7 +484,7 @@ mod tests {
         let mut link = Link::open(&endpoint, None, &opts);
         let next = async |link: &mut Link| loop {
             match link.poll().await {
-                Ok(LinkEvent::Other | LinkEvent::Sent(_)) => {}
+                Ok(LinkEvent::Other | LinkEvent::Pong | LinkEvent::Sent(_)) => {}
                 other => return other,
             }
         };
