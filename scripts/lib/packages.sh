@@ -24,6 +24,10 @@ PYTHON_PACKAGES=(python3 python3-venv)
 # The MQTT broker tests and smoke tests start, each on its own ephemeral
 # port (ensure_broker).
 BROKER_PACKAGES=(mosquitto)
+# The interop matrix's other broker implementations from Debian
+# (tests/tests/interop.rs); aedes, amqtt and RMQTT come from npm, PyPI and
+# crates.io (scripts/install-test-deps.sh). Node.js runs aedes.
+INTEROP_PACKAGES=(nats-server rabbitmq-server nodejs)
 # The tests, besides the broker: openssl for the test PKI, systemd-analyze
 # for the service units, Python for the consumer example.
 TEST_PACKAGES=(openssl systemd "${PYTHON_PACKAGES[@]}")
@@ -83,19 +87,34 @@ ensure_packages() {
 # service; tests must be the only ones starting brokers, so a service
 # installed just now (nothing a user relied on) is disabled.
 ensure_broker() {
-    local had=1 sudo=()
+    local had=1
     package_installed mosquitto || had=0
     ensure_packages "${BROKER_PACKAGES[@]}"
-    [ "$had" -eq 0 ] || return 0
+    [ "$had" -eq 1 ] || ensure_services_disabled mosquitto
+}
+
+# ensure_services_disabled UNIT...: keeps the system services of packages
+# installed for tests from starting at boot; tests start their own instances.
+ensure_services_disabled() {
+    local sudo=() unit
     [ "$(id -u)" -eq 0 ] || sudo=(sudo)
-    if command -v systemctl >/dev/null 2>&1 && [ -d /run/systemd/system ]; then
-        "${sudo[@]}" systemctl disable --now mosquitto.service >/dev/null 2>&1 || true
-    else
-        "${sudo[@]}" deb-systemd-helper disable mosquitto.service >/dev/null 2>&1 || true
-    fi
-    if command -v update-rc.d >/dev/null 2>&1; then
-        "${sudo[@]}" update-rc.d mosquitto disable >/dev/null 2>&1 || true
-    fi
+    for unit in "$@"; do
+        if command -v systemctl >/dev/null 2>&1 && [ -d /run/systemd/system ]; then
+            "${sudo[@]}" systemctl disable --now "$unit.service" >/dev/null 2>&1 || true
+        else
+            "${sudo[@]}" deb-systemd-helper disable "$unit.service" >/dev/null 2>&1 || true
+        fi
+        if command -v update-rc.d >/dev/null 2>&1; then
+            "${sudo[@]}" update-rc.d "$unit" disable >/dev/null 2>&1 || true
+        fi
+    done
+}
+
+# ensure_npm: npm for the installed nodejs. Debian's nodejs leaves npm to its
+# own package; NodeSource's nodejs ships it (and conflicts with Debian's).
+ensure_npm() {
+    ensure_packages nodejs
+    dpkg-query -W -f='${Provides}' nodejs 2>/dev/null | grep -qw npm || ensure_packages npm
 }
 
 # ensure_rust_targets TRIPLE...: adds the rustup targets not yet installed.

@@ -48,28 +48,51 @@ impl InProcessBroker {
             if v311_port == v5_port {
                 continue;
             }
-            let (shutdown, shutdown_rx) = oneshot::channel();
-            let thread = thread::Builder::new()
-                .name(format!("rumqttd-{v311_port}"))
-                .spawn(move || run(v311_port, v5_port, shutdown_rx))
-                .context("spawn rumqttd thread")?;
-            let mut broker = Self { v311_port, v5_port, shutdown: Some(shutdown), thread: Some(thread) };
-            let mut ready = true;
-            for port in [v311_port, v5_port] {
-                let t = broker.thread.as_ref().expect("thread just set");
-                // The thread ends early only when a listener failed to bind.
-                ready &= net::wait_for_port(port, READY_TIMEOUT, || t.is_finished()).await;
+            match Self::start_on(v311_port, v5_port).await {
+                Ok(broker) => return Ok(broker),
+                Err(e) => last_err = Some(e),
             }
-            if ready {
-                return Ok(broker);
-            }
-            broker.stop();
-            last_err = Some(anyhow::anyhow!("rumqttd did not listen on ports {v311_port}/{v5_port}"));
         }
         match last_err {
             Some(e) => Err(e),
             None => bail!("no distinct free ports"),
         }
+    }
+
+    /// Stops the broker and starts an empty one on the same ports.
+    pub async fn restart(&mut self) -> anyhow::Result<()> {
+        self.stop();
+        let mut last_err = None;
+        for _ in 0..PORT_ATTEMPTS {
+            match Self::start_on(self.v311_port, self.v5_port).await {
+                Ok(mut fresh) => {
+                    self.shutdown = fresh.shutdown.take();
+                    self.thread = fresh.thread.take();
+                    return Ok(());
+                }
+                Err(e) => last_err = Some(e),
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        Err(last_err.expect("at least one attempt"))
+    }
+
+    async fn start_on(v311_port: u16, v5_port: u16) -> anyhow::Result<Self> {
+        let (shutdown, shutdown_rx) = oneshot::channel();
+        let thread = thread::Builder::new()
+            .name(format!("rumqttd-{v311_port}"))
+            .spawn(move || run(v311_port, v5_port, shutdown_rx))
+            .context("spawn rumqttd thread")?;
+        let mut broker = Self { v311_port, v5_port, shutdown: Some(shutdown), thread: Some(thread) };
+        for port in [v311_port, v5_port] {
+            let t = broker.thread.as_ref().expect("thread just set");
+            // The thread ends early only when a listener failed to bind.
+            if !net::wait_for_port(port, READY_TIMEOUT, || t.is_finished()).await {
+                broker.stop();
+                bail!("rumqttd did not listen on ports {v311_port}/{v5_port}");
+            }
+        }
+        Ok(broker)
     }
 
     /// The listener port for `protocol`.

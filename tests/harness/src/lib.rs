@@ -10,6 +10,9 @@
 //!   listeners, persistence, kill and restart on the same port.
 //! - [`inprocess`]: an in-process `rumqttd` broker, the second broker
 //!   implementation for interop tests.
+//! - [`brokers`]: [`Broker`], any of the interop matrix's implementations
+//!   ([`Implementation`]: Mosquitto, rumqttd, NATS, RabbitMQ, aedes, amqtt,
+//!   RMQTT) behind one start/kill/restart interface.
 //! - [`proxy`]: [`FaultProxy`], a TCP proxy that injects latency, cuts and
 //!   half-open (blackholed) links at runtime.
 //! - [`cloud`]: [`CloudEmulator`], an MQTT-aware proxy that holds clients to a
@@ -29,6 +32,7 @@
 //! Errors are `anyhow` on purpose: a harness failure ends the test, so what
 //! matters is a message that says what went wrong (with the broker's log).
 
+pub mod brokers;
 pub mod cloud;
 pub mod inprocess;
 pub mod mosquitto;
@@ -37,6 +41,7 @@ pub mod net;
 pub mod proxy;
 pub mod tls;
 
+pub use brokers::{Broker, BrokerOptions, Implementation};
 pub use cloud::{CloudCounters, CloudEmulator, CloudHandle, CloudProfile, Excess, RateLimit};
 pub use inprocess::InProcessBroker;
 pub use mosquitto::{Autosave, Mosquitto, MosquittoOptions, TlsListener};
