@@ -1,16 +1,18 @@
 #!/usr/bin/env bash
 # Installs what Ferry's integration, fault and interop tests need on Debian
 # bookworm: the packages scripts/lib/packages.sh declares for them (the
-# mosquitto broker, openssl, systemd-analyze, Python), and the Python that
-# the consumer example's test runs, a venv at
-# ${FERRY_TOOLS:-~/.cache/ferry-tools}/consumer with pinned paho-mqtt and
-# cloudevents from PyPI.
+# mosquitto broker, openssl, systemd-analyze, Python, and the interop
+# matrix's nats-server, rabbitmq-server and Node.js), and under
+# ${FERRY_TOOLS:-~/.cache/ferry-tools}: the consumer example's venv with
+# pinned paho-mqtt and cloudevents, and the interop matrix's brokers from the
+# other registries, each pinned: aedes (npm), amqtt (PyPI) and RMQTT (a
+# trimmed server from crates.io, tests/harness/brokers/rmqtt).
 #
 # Idempotent and non-interactive. When everything is already present it does
-# not touch apt or PyPI at all, so re-runs are instant and work offline. Tests
-# start their own broker instances on ephemeral ports, so the system
-# mosquitto service is kept from starting during the install and is disabled
-# afterwards. Progress goes to standard error.
+# not touch apt, PyPI, npm or cargo at all, so re-runs are instant and work
+# offline. Tests start their own broker instances on ephemeral ports, so the
+# brokers' system services are kept from starting during the install and are
+# disabled afterwards. Progress goes to standard error.
 #
 # Usage: scripts/install-test-deps.sh   (as root, or with sudo available)
 set -euo pipefail
