@@ -163,7 +163,7 @@ async fn an_event_the_broker_refuses_after_acceptance_is_dead_lettered_for_it_an
     let dead = agent.store().dead_letters(0, 10).unwrap();
     assert_eq!(dead.len(), 1, "{dead:?}");
     assert_eq!(dead[0].destination.as_deref(), Some("strict"));
-    assert!(dead[0].reason.contains("ended the connection"), "{}", dead[0].reason);
+    assert!(dead[0].reason.contains("dropped the connection"), "{}", dead[0].reason);
     assert_eq!(dead[0].event().unwrap().body.id, "huge");
     let strict_status = agent.destinations().into_iter().find(|d| d.name == "strict").unwrap();
     assert_eq!(strict_status.dead_lettered, 1);

@@ -338,7 +338,13 @@ async fn oversize(broker: &Broker, protocol: Protocol) {
     assert!(got.is_empty(), "{cell}: the broker took an event over its limit");
     if !refused_at_ingest {
         agent.wait_for("the event to be dead-lettered", async |a| a.destination().await["dead_lettered"] == 1).await;
-        eprintln!("{cell}: dead-lettered: {}", agent.destination().await["last_error"]);
+        let list: Value = agent.client.get(agent.url("/v1/dead-letters")).send().await.unwrap().json().await.unwrap();
+        let letter = &list["dead_letters"][0];
+        assert_eq!(letter["id"], "ov-big", "{cell}: {list}");
+        assert_eq!(letter["destination"], "cloud", "{cell}: {list}");
+        let reason = letter["reason"].as_str().unwrap();
+        assert!(reason.contains("3 times in a row with only this publish outstanding"), "{cell}: {reason}");
+        eprintln!("{cell}: dead-lettered: {reason}");
     }
     agent.kill();
 }

@@ -57,8 +57,8 @@ impl Isolation {
                 self.condemned = Some((
                     seq,
                     format!(
-                        "the broker ended the connection {strikes} times in a row with only this publish outstanding \
-                         (last: {error})"
+                        "the broker dropped the connection or went silent on it {strikes} times in a row with \
+                         only this publish outstanding (last: {error})"
                     ),
                 ));
             } else {
