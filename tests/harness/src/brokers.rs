@@ -86,8 +86,8 @@ impl Implementation {
         !matches!(self, Self::Nats | Self::Amqtt | Self::Rumqttd)
     }
 
-    /// Whether NATS-style single listener: with TLS on, its only MQTT
-    /// listener is the TLS one.
+    /// Whether asking for TLS makes its one MQTT listener a TLS listener:
+    /// NATS serves MQTT plain or over TLS, not both.
     fn tls_replaces_plain(self) -> bool {
         self == Self::Nats
     }
