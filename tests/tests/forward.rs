@@ -117,42 +117,11 @@ async fn wait_for_ids(c: &Collector, protocol: Protocol, want: &[String]) -> usi
     }
 }
 
-/// SIGKILLs `broker` while the agent has publishes in flight through `proxy`,
-/// restarts it, and returns once `collector` is subscribed again; the proxy
-/// is left cut.
-///
-/// A broker that acknowledged a publish owns it: killed, Mosquitto loses what
-/// it had queued for the collector, and no sender can resend that. So the
-/// broker's acknowledgements are held back while it drains to the collector;
-/// the agent's in-flight window fills with publishes the broker received but
-/// never answered, which the agent must resend.
+/// SIGKILLs `broker` with the agent's window unanswered and restarts it
+/// ([`ferry_harness::kill_mid_window`]); the proxy is left cut.
 async fn kill_and_restart_mid_window(broker: &mut Mosquitto, proxy: &FaultProxy, collector: &Collector) {
-    proxy.handle().hold_replies();
-    let start = Instant::now();
-    let mut seen = collector.len();
-    loop {
-        tokio::time::sleep(Duration::from_millis(300)).await;
-        let now = collector.len();
-        if now == seen {
-            break;
-        }
-        seen = now;
-        assert!(start.elapsed() < WAIT, "the broker never drained to the collector");
-    }
-    broker.kill().unwrap();
-    proxy.handle().cut();
-    broker.restart().await.unwrap();
-    // The collector's own reconnect resubscribes; a probe proves it is live.
-    loop {
-        let _ =
-            ferry_harness::mqtt::publish_v311(&broker.url(), "ferry/probe", b"probe".to_vec(), Duration::from_secs(2))
-                .await;
-        if collector.messages().iter().any(|m| m.topic == "ferry/probe") {
-            break;
-        }
-        assert!(start.elapsed() < WAIT, "collector did not resubscribe");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    let url = broker.url();
+    ferry_harness::kill_mid_window(broker, proxy, collector, &url, "ferry/probe", WAIT).await.unwrap();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

@@ -173,57 +173,6 @@ async fn wait_for_count(c: &Collector, n: usize, cell: &str) {
     }
 }
 
-/// Publishes `payload` with QoS 1 as a cloud application would, and waits for the PUBACK.
-async fn cloud_write(url: &str, topic: &str, payload: &[u8], retain: bool) {
-    use ferry_harness::rumqttc::{AsyncClient, Event, Packet, QoS};
-    let opts = mqtt::options_v311(url, &mqtt::unique_client_id("cloud-app"), None).unwrap();
-    let (client, mut el) = AsyncClient::new(opts, 8);
-    client.publish(topic, QoS::AtLeastOnce, retain, payload.to_vec()).await.unwrap();
-    tokio::time::timeout(WAIT, async {
-        loop {
-            if let Event::Incoming(Packet::PubAck(_)) = el.poll().await.unwrap() {
-                break;
-            }
-        }
-    })
-    .await
-    .expect("PUBACK from the broker");
-    let _ = client.disconnect().await;
-    let _ = tokio::time::timeout(Duration::from_secs(1), el.poll()).await;
-}
-
-/// SIGKILLs the broker with publishes in flight and starts it again: its
-/// acknowledgements are held back while it drains to the collector, so what
-/// the agent has in flight is what the broker received but never answered.
-async fn kill_broker_mid_window(broker: &mut Broker, proxy: &FaultProxy, collector: &Collector, cell: &str) {
-    proxy.handle().hold_replies();
-    let start = Instant::now();
-    let mut seen = collector.len();
-    loop {
-        tokio::time::sleep(Duration::from_millis(300)).await;
-        let now = collector.len();
-        if now == seen {
-            break;
-        }
-        seen = now;
-        assert!(start.elapsed() < WAIT, "{cell}: the broker never drained to the collector");
-    }
-    broker.kill().unwrap();
-    proxy.handle().cut();
-    broker.restart().await.unwrap_or_else(|e| panic!("{cell}: restart: {e:#}"));
-    // The collector's own reconnect resubscribes; a probe proves it is live.
-    let probe = broker.url(Protocol::V311);
-    loop {
-        let _ = mqtt::publish_v311(&probe, "ferry/test-device/probe", b"probe".to_vec(), Duration::from_secs(2)).await;
-        if collector.messages().iter().any(|m| m.topic == "ferry/test-device/probe") {
-            break;
-        }
-        assert!(start.elapsed() < WAIT, "{cell}: the collector did not resubscribe");
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
-    proxy.handle().restore();
-}
-
 /// 10,000 events through a link cut, an agent SIGKILL and a broker SIGKILL.
 async fn forward(broker: &mut Broker, protocol: Protocol) {
     let cell = format!("{}/{}/forward", broker.implementation().name(), protocol_name(protocol));
@@ -247,7 +196,12 @@ async fn forward(broker: &mut Broker, protocol: Protocol) {
 
     wait_for_count(&collector, EVENTS * 3 / 5, &cell).await;
     assert!(collector.len() < EVENTS, "{cell}: forwarding finished before the broker kill; nothing was tested");
-    kill_broker_mid_window(broker, &proxy, &collector, &cell).await;
+    let probe = broker.url(Protocol::V311);
+    let topic = "ferry/test-device/probe";
+    ferry_harness::kill_mid_window(broker, &proxy, &collector, &probe, topic, WAIT)
+        .await
+        .unwrap_or_else(|e| panic!("{cell}: {e:#}\n{}", broker.log()));
+    proxy.handle().restore();
 
     let dups = wait_for_ids(&collector, protocol, "fw-", &ids, &cell).await;
     eprintln!("{cell}: {EVENTS} events, {dups} duplicates after 3 faults");
@@ -275,7 +229,7 @@ async fn unspoken(broker: &Broker, protocol: Protocol, spoken: Protocol) {
 async fn downlink(broker: &Broker, protocol: Protocol) {
     let cell = format!("{}/{}/downlink", broker.implementation().name(), protocol_name(protocol));
     let url = broker.url(Protocol::V311);
-    cloud_write(&url, "ferry/test-device/desired/fan", br#"{"speed":1}"#, true).await;
+    mqtt::publish_retained_v311(&url, "ferry/test-device/desired/fan", br#"{"speed":1}"#.to_vec(), WAIT).await.unwrap();
     // RabbitMQ sends retained messages only to subscriptions without
     // wildcards (https://www.rabbitmq.com/docs/mqtt#retained): a user there
     // subscribes to each state topic by name.
@@ -298,7 +252,7 @@ async fn downlink(broker: &Broker, protocol: Protocol) {
         .await;
     agent.kill();
     // Not retained: only the agent's session can hold it.
-    cloud_write(&url, "ferry/test-device/desired/mode", br#""eco""#, false).await;
+    mqtt::publish_v311(&url, "ferry/test-device/desired/mode", br#""eco""#.to_vec(), WAIT).await.unwrap();
     agent.restart().await;
     agent
         .wait_for(&format!("{cell}: the value queued in the persistent session"), async |a| {

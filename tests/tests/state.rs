@@ -35,21 +35,7 @@ impl Cloud {
 /// Publishes `payload` retained with QoS 1, as a cloud application that
 /// knows nothing of Ferry would, and waits for the PUBACK.
 async fn cloud_write(url: &str, topic: &str, payload: &[u8]) {
-    use ferry_harness::rumqttc::{AsyncClient, Event, Packet, QoS};
-    let opts = mqtt::options_v311(url, &mqtt::unique_client_id("cloud-app"), None).unwrap();
-    let (client, mut el) = AsyncClient::new(opts, 8);
-    client.publish(topic, QoS::AtLeastOnce, true, payload.to_vec()).await.unwrap();
-    tokio::time::timeout(WAIT, async {
-        loop {
-            if let Event::Incoming(Packet::PubAck(_)) = el.poll().await.unwrap() {
-                break;
-            }
-        }
-    })
-    .await
-    .expect("PUBACK from the cloud broker");
-    let _ = client.disconnect().await;
-    let _ = tokio::time::timeout(Duration::from_secs(1), el.poll()).await;
+    mqtt::publish_retained_v311(url, topic, payload.to_vec(), WAIT).await.expect("PUBACK from the cloud broker");
 }
 
 /// The value a received message carries (unwrapping a Ferry envelope).

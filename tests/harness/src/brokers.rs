@@ -1,7 +1,8 @@
 //! Every MQTT broker implementation the interop matrix runs against, behind
 //! one interface: [`Broker`] starts any [`Implementation`] on ephemeral
 //! loopback ports, kills it (SIGKILL) and restarts it on the same ports with
-//! the same data dir.
+//! the same data dir. [`kill_mid_window`] crashes any [`Restart`] broker
+//! with a sender's in-flight window unanswered.
 //!
 //! Mosquitto and rumqttd are [`Mosquitto`] and [`InProcessBroker`]. The
 //! others run as child processes from what `scripts/install-test-deps.sh`
@@ -22,8 +23,8 @@ use std::time::Duration;
 use anyhow::{Context as _, bail};
 use tempfile::TempDir;
 
-use crate::mqtt::Protocol;
-use crate::{InProcessBroker, Mosquitto, MosquittoOptions, TlsListener, net};
+use crate::mqtt::{self, Collector, Protocol};
+use crate::{FaultProxy, InProcessBroker, Mosquitto, MosquittoOptions, TlsListener, net};
 
 /// Attempts with fresh ports when a chosen one was taken in the meantime.
 const PORT_ATTEMPTS: usize = 5;
@@ -209,6 +210,79 @@ impl Broker {
             Inner::Rumqttd(_) => "<rumqttd logs nothing here>".to_owned(),
             Inner::Process(s) => s.log(),
         }
+    }
+}
+
+/// A broker a test can crash and bring back on the same ports.
+pub trait Restart {
+    /// Kills it (SIGKILL: a crash) and reaps it.
+    fn kill(&mut self) -> anyhow::Result<()>;
+    /// Starts it again on the same ports with the same data dir.
+    fn restart(&mut self) -> impl Future<Output = anyhow::Result<()>>;
+}
+
+impl Restart for Broker {
+    fn kill(&mut self) -> anyhow::Result<()> {
+        Broker::kill(self)
+    }
+    async fn restart(&mut self) -> anyhow::Result<()> {
+        Broker::restart(self).await
+    }
+}
+
+impl Restart for Mosquitto {
+    fn kill(&mut self) -> anyhow::Result<()> {
+        Mosquitto::kill(self)
+    }
+    async fn restart(&mut self) -> anyhow::Result<()> {
+        Mosquitto::restart(self).await
+    }
+}
+
+/// SIGKILLs `broker` while a sender has publishes in flight through `proxy`,
+/// restarts it, and returns once `collector` is subscribed again (a probe on
+/// `probe_topic` through `probe_url` arrived); the proxy is left cut.
+///
+/// A broker that acknowledged a publish owns it: killed, it may lose what it
+/// had queued for the collector, and no sender can resend that. So the
+/// broker's acknowledgements are held back while it drains to the
+/// collector; the sender's in-flight window fills with publishes the broker
+/// received but never answered, which the sender must resend.
+pub async fn kill_mid_window(
+    broker: &mut impl Restart,
+    proxy: &FaultProxy,
+    collector: &Collector,
+    probe_url: &str,
+    probe_topic: &str,
+    timeout: Duration,
+) -> anyhow::Result<()> {
+    let start = tokio::time::Instant::now();
+    proxy.handle().hold_replies();
+    let mut seen = collector.len();
+    loop {
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let now = collector.len();
+        if now == seen {
+            break;
+        }
+        seen = now;
+        if start.elapsed() > timeout {
+            bail!("the broker never drained to the collector");
+        }
+    }
+    broker.kill()?;
+    proxy.handle().cut();
+    broker.restart().await?;
+    // The collector's own reconnect resubscribes; a probe proves it is live.
+    loop {
+        let _ = mqtt::publish_v311(probe_url, probe_topic, b"probe".to_vec(), Duration::from_secs(2)).await;
+        if collector.messages().iter().any(|m| m.topic == probe_topic) {
+            return Ok(());
+        }
+        if start.elapsed() > timeout {
+            bail!("the collector did not resubscribe");
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
 

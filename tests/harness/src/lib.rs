@@ -41,7 +41,7 @@ pub mod net;
 pub mod proxy;
 pub mod tls;
 
-pub use brokers::{Broker, BrokerOptions, Implementation};
+pub use brokers::{Broker, BrokerOptions, Implementation, Restart, kill_mid_window};
 pub use cloud::{CloudCounters, CloudEmulator, CloudHandle, CloudProfile, Excess, RateLimit};
 pub use inprocess::InProcessBroker;
 pub use mosquitto::{Autosave, Mosquitto, MosquittoOptions, TlsListener};

@@ -373,10 +373,31 @@ pub async fn publish_v311(
     payload: impl Into<Vec<u8>>,
     timeout: Duration,
 ) -> anyhow::Result<()> {
+    publish_qos1_v311(url, topic, payload.into(), false, timeout).await
+}
+
+/// Like [`publish_v311`], with the retain flag set: a cloud application
+/// writing state.
+pub async fn publish_retained_v311(
+    url: &str,
+    topic: &str,
+    payload: impl Into<Vec<u8>>,
+    timeout: Duration,
+) -> anyhow::Result<()> {
+    publish_qos1_v311(url, topic, payload.into(), true, timeout).await
+}
+
+async fn publish_qos1_v311(
+    url: &str,
+    topic: &str,
+    payload: Vec<u8>,
+    retain: bool,
+    timeout: Duration,
+) -> anyhow::Result<()> {
     use rumqttc::{Event, Outgoing, Packet, QoS};
     let opts = options_v311(url, &unique_client_id("publisher"), None)?;
     let (client, mut eventloop) = rumqttc::AsyncClient::new(opts, 8);
-    client.publish(topic, QoS::AtLeastOnce, false, payload).await.context("queue publish")?;
+    client.publish(topic, QoS::AtLeastOnce, retain, payload).await.context("queue publish")?;
     let attempt = async {
         loop {
             match eventloop.poll().await {
