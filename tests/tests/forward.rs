@@ -252,6 +252,47 @@ async fn a_broker_killed_mid_stream_and_restarted_gets_every_event() {
     assert!(dups <= 64 * 2, "{dups} duplicates after one broker restart with an in-flight window of 64");
 }
 
+/// Write syscalls a process made so far (`syscw` of `/proc/PID/io`).
+fn write_syscalls(pid: u32) -> u64 {
+    let io = std::fs::read_to_string(format!("/proc/{pid}/io")).unwrap();
+    io.lines().find_map(|l| l.strip_prefix("syscw: ")).unwrap().parse().unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_backlog_goes_out_in_far_fewer_socket_writes_than_publishes() {
+    // Publishes queued behind one another share one socket write (our
+    // rumqttc patch, docs/design.md#mqtt-writes); unpatched, every publish is
+    // a writev of its own.
+    let broker = Mosquitto::start(MosquittoOptions::default()).await.unwrap();
+    let collector = Collector::start(&broker.url(), "ferry/#", Protocol::V311).await.unwrap();
+    let proxy = FaultProxy::start(broker.addr()).await.unwrap();
+    proxy.handle().cut();
+    let dir = tempfile::tempdir().unwrap();
+    // Without fsync the store's own writes are few, so the count is the link's.
+    let config = ferry_tests::write_config_with(
+        dir.path(),
+        "durability = \"none\"",
+        &destination("cloud", &proxy.url(), "v311", "inflight = 256"),
+    );
+    let agent = spawn_agent(&config).await;
+    let client = reqwest::Client::new();
+    let ids: Vec<String> = (0..20_000).map(|i| format!("w-{i}")).collect();
+    for chunk in ids.chunks(1_000) {
+        let body: Vec<Value> = chunk.iter().map(|id| json!({"topic": "telemetry/w", "id": id, "data": 1})).collect();
+        let r = client.post(format!("{}/v1/events", agent.url())).json(&body).send().await.unwrap();
+        assert_eq!(r.status(), 200);
+    }
+    let before = write_syscalls(agent.pid());
+    proxy.handle().restore();
+    wait_for_ids(&collector, Protocol::V311, &ids).await;
+    let writes = write_syscalls(agent.pid()) - before;
+    assert!(
+        writes * 4 < ids.len() as u64,
+        "{writes} write syscalls for {} publishes: queued publishes are not sharing writes",
+        ids.len()
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn an_agent_sigkilled_mid_forwarding_resends_only_its_window_after_restart() {
     const N: usize = 30_000;

@@ -194,6 +194,12 @@ fn connection_timeout(e: &MqttEndpoint) -> u64 {
     e.keep_alive.as_secs().clamp(5, 30)
 }
 
+/// Most requests (publishes, acks) one socket write carries: rumqttc
+/// writes those already queued behind the first before it flushes (our
+/// patch of it, docs/design.md#mqtt-writes), so a busy link costs one
+/// syscall per batch and a quiet one waits for nothing.
+const MAX_WRITE_BATCH: usize = 64;
+
 impl Link {
     /// Prepares a connection; it is made by the first [`Link::poll`].
     pub fn open(e: &MqttEndpoint, tls: Option<&Arc<rustls::ClientConfig>>, opts: &LinkOptions) -> Self {
@@ -208,6 +214,7 @@ impl Link {
                     .set_clean_session(opts.clean_session)
                     .set_max_packet_size(e.max_packet_bytes, e.max_packet_bytes)
                     .set_inflight(opts.inflight.max(1))
+                    .set_max_request_batch(MAX_WRITE_BATCH)
                     .set_request_channel_capacity(opts.queue)
                     .set_manual_acks(opts.manual_acks)
                     .set_transport(transport());
@@ -226,6 +233,7 @@ impl Link {
                     .set_clean_start(opts.clean_session)
                     .set_max_packet_size(Some(e.max_packet_bytes as u32))
                     .set_outgoing_inflight_upper_limit(opts.inflight.max(1))
+                    .set_max_request_batch(MAX_WRITE_BATCH)
                     .set_request_channel_capacity(opts.queue)
                     .set_manual_acks(opts.manual_acks)
                     .set_transport(transport());
