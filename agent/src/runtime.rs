@@ -243,6 +243,7 @@ impl Agent {
             store = %config.store.path.display(),
             "HTTP API listening on {http_addr}"
         );
+        tracing::info!("memory budget {}", crate::config::MemoryBudget::of(&config));
         Ok(Self {
             store,
             plugins,

@@ -16,8 +16,10 @@ use serde::{Deserialize, Serialize};
 
 use crate::topic::{TopicError, TopicFilter};
 
+pub mod budget;
 pub mod fleet;
 pub mod plugin;
+pub use budget::MemoryBudget;
 pub use fleet::FleetConfig;
 pub use plugin::PluginConfig;
 
@@ -79,6 +81,7 @@ struct RawState {
 struct RawAgent {
     device_id: Option<String>,
     data_dir: Option<PathBuf>,
+    memory_limit: Option<ByteSize>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -222,6 +225,8 @@ pub struct AgentConfig {
     pub device_id: String,
     /// Directory holding the store.
     pub data_dir: PathBuf,
+    /// The most the [`MemoryBudget`] may add up to (`memory_limit`), if set.
+    pub memory_limit_bytes: Option<u64>,
 }
 
 impl AgentConfig {
@@ -563,9 +568,10 @@ impl Config {
             },
         };
 
-        Ok(Config {
+        let memory_limit_bytes = raw.agent.memory_limit.map(|b| b.as_u64());
+        let config = Config {
             origin: file.into(),
-            agent: AgentConfig { device_id, data_dir: data_dir.clone() },
+            agent: AgentConfig { device_id, data_dir: data_dir.clone(), memory_limit_bytes },
             store: StoreConfig {
                 path: data_dir.join("ferry.redb"),
                 quota_bytes,
@@ -577,7 +583,7 @@ impl Config {
                 default_priority: s.default_priority.unwrap_or(100),
                 classes,
                 queue_depth: 1024,
-                cache_bytes: usize::try_from(s.cache_size.map_or(64 << 20, |b| b.as_u64())).unwrap_or(usize::MAX),
+                cache_bytes: usize::try_from(s.cache_size.map_or(4 << 20, |b| b.as_u64())).unwrap_or(usize::MAX),
                 min_free_disk_bytes: s.min_free_disk.map_or(256 << 20, |b| b.as_u64()),
                 consumers: destinations
                     .iter()
@@ -602,7 +608,19 @@ impl Config {
             plugins,
             fleet,
             state,
-        })
+        };
+        if let Some(limit) = memory_limit_bytes {
+            let budget = MemoryBudget::of(&config);
+            if budget.total() > limit {
+                return Err(err(
+                    "agent.memory_limit",
+                    format!(
+                        "the parts this config allows add up to more than {limit} bytes; lower the largest ({budget})"
+                    ),
+                ));
+            }
+        }
+        Ok(config)
     }
 }
 

@@ -60,6 +60,11 @@ use window::Window;
 /// Events read from the store per read.
 const READ_BATCH: usize = 1024;
 
+/// Record bytes read from the store per read (at least one event is read,
+/// however large): with [`READ_BATCH`], a destination's read-ahead part of
+/// the memory budget ([`crate::config::MemoryBudget`]).
+pub(crate) const READ_AHEAD_BYTES: usize = 1 << 20;
+
 /// How often the cursor is persisted at most, when acks trickle in.
 const PERSIST_INTERVAL: Duration = Duration::from_millis(50);
 
@@ -73,7 +78,7 @@ const LOCAL_RETRY: Duration = Duration::from_secs(1);
 
 /// A downlink companion's publishes (fleet reports) in flight at most, so
 /// that with a full window they still fit the client's request queue.
-const COMPANION_IN_FLIGHT: usize = 8;
+pub(crate) const COMPANION_IN_FLIGHT: usize = 8;
 
 /// What an operator sees of one destination.
 #[derive(Debug, Clone, Default, Serialize)]
@@ -937,7 +942,7 @@ impl Task {
     /// `None` says to read again.
     async fn read(&self, after: u64) -> Result<Option<Vec<Event>>, Failure> {
         let store = self.store.clone();
-        let read = tokio::task::spawn_blocking(move || store.read_after(after, READ_BATCH))
+        let read = tokio::task::spawn_blocking(move || store.read_after_bounded(after, READ_BATCH, READ_AHEAD_BYTES))
             .await
             .map_err(|e| Failure::Local(format!("store read task failed: {e}")))?;
         match read {

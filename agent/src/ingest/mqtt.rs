@@ -44,7 +44,7 @@ const BATCH: usize = 512;
 /// bounds how many messages can share one fsync: without it a broker applies
 /// its own default (Mosquitto: 20), and ingest crawls at 20 per commit.
 /// Two batches' worth lets one batch commit while the next one arrives.
-const RECEIVE_MAXIMUM: u16 = (2 * BATCH) as u16;
+pub(crate) const RECEIVE_MAXIMUM: u16 = (2 * BATCH) as u16;
 
 /// How long a batch the store failed to take waits before it is tried
 /// again, on the same connection (the store heals by itself).

@@ -734,13 +734,24 @@ impl Store {
 
     /// Up to `limit` events with sequence greater than `after`, in order.
     pub fn read_after(&self, after: u64, limit: usize) -> Result<Vec<Event>, StoreError> {
+        self.read_after_bounded(after, limit, usize::MAX)
+    }
+
+    /// Like [`Store::read_after`], stopping once the records read reach
+    /// `max_bytes` (at least one event is read, however large).
+    pub fn read_after_bounded(&self, after: u64, limit: usize, max_bytes: usize) -> Result<Vec<Event>, StoreError> {
         self.read(|db| {
             let txn = db.begin_read().map_err(storage)?;
             let log = txn.open_table(tables::LOG).map_err(storage)?;
             let mut out = Vec::with_capacity(limit.min(4096));
+            let mut bytes = 0usize;
             for row in log.range(after.saturating_add(1)..).map_err(storage)?.take(limit) {
+                if bytes >= max_bytes {
+                    break;
+                }
                 let (k, v) = row.map_err(storage)?;
                 let sequence = k.value();
+                bytes += v.value().len();
                 out.push(
                     event::decode_record(sequence, v.value())
                         .map_err(|source| StoreError::Corrupt { sequence, source })?,

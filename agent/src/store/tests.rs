@@ -84,6 +84,15 @@ async fn appended_events_read_back_in_sequence_order_with_rising_hlc() {
 }
 
 #[tokio::test]
+async fn a_bounded_read_stops_at_its_bytes_but_always_reads_one_event() {
+    let f = Fixture::new(|_| {});
+    f.store.append(vec![event("a", "t/1", 1000), event("b", "t/1", 1000), event("c", "t/1", 1000)]).await.unwrap();
+    assert_eq!(ids(&f.store.read_after_bounded(0, 10, 1500).unwrap()), ["a", "b"]);
+    assert_eq!(ids(&f.store.read_after_bounded(0, 10, 1).unwrap()), ["a"]);
+    assert_eq!(ids(&f.store.read_after_bounded(0, 10, usize::MAX).unwrap()), ["a", "b", "c"]);
+}
+
+#[tokio::test]
 async fn a_duplicate_id_is_acknowledged_with_the_original_sequence_and_not_stored_twice() {
     let f = Fixture::new(|_| {});
     f.store.append(vec![event("a", "t", 4)]).await.unwrap();
