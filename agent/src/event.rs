@@ -146,6 +146,7 @@ pub struct EventBody {
     /// CloudEvents `datacontenttype`.
     pub datacontenttype: Option<String>,
     /// The data, as bytes (JSON text for JSON data).
+    #[serde(with = "serde_bytes")]
     pub data: Vec<u8>,
     /// CloudEvents extension `partitionkey`.
     pub partitionkey: Option<String>,
@@ -220,7 +221,7 @@ pub struct EventBodyRef<'a> {
     /// See [`EventBody::datacontenttype`].
     pub datacontenttype: Option<&'a str>,
     /// See [`EventBody::data`].
-    #[serde(with = "serde_bytes_as_seq")]
+    #[serde(with = "serde_bytes")]
     pub data: &'a [u8],
     /// See [`EventBody::partitionkey`].
     pub partitionkey: Option<&'a str>,
@@ -232,21 +233,6 @@ impl EventBodyRef<'_> {
     /// The postcard encoding, identical to the owned body's.
     pub fn encode(&self) -> Vec<u8> {
         postcard::to_stdvec(self).expect("encoding to a Vec cannot fail")
-    }
-}
-
-/// `Vec<u8>` serialises as a sequence; a borrowed slice must do the same
-/// to produce the same bytes.
-mod serde_bytes_as_seq {
-    use serde::Serializer;
-    use serde::ser::SerializeSeq;
-
-    pub fn serialize<S: Serializer>(data: &&[u8], s: S) -> Result<S::Ok, S::Error> {
-        let mut seq = s.serialize_seq(Some(data.len()))?;
-        for b in *data {
-            seq.serialize_element(b)?;
-        }
-        seq.end()
     }
 }
 
@@ -467,6 +453,39 @@ mod tests {
     fn borrowed_and_owned_bodies_encode_to_the_same_bytes() {
         let b = sample();
         assert_eq!(b.view().encode(), b.encode());
+    }
+
+    #[test]
+    fn data_as_a_byte_string_is_the_encoding_of_earlier_releases() {
+        // Earlier releases wrote `data` as a sequence of u8; postcard gives
+        // both the same bytes, so stored records read either way.
+        #[derive(Serialize, Deserialize, PartialEq, Debug)]
+        struct Earlier {
+            id: String,
+            source: String,
+            ty: String,
+            subject: String,
+            time_nanos: i64,
+            datacontenttype: Option<String>,
+            data: Vec<u8>,
+            partitionkey: Option<String>,
+            extensions: Vec<(String, String)>,
+        }
+        let b = sample();
+        let earlier = Earlier {
+            id: b.id.clone(),
+            source: b.source.clone(),
+            ty: b.ty.clone(),
+            subject: b.subject.clone(),
+            time_nanos: b.time_nanos,
+            datacontenttype: b.datacontenttype.clone(),
+            data: b.data.clone(),
+            partitionkey: b.partitionkey.clone(),
+            extensions: b.extensions.clone(),
+        };
+        let bytes = postcard::to_stdvec(&earlier).unwrap();
+        assert_eq!(b.encode(), bytes);
+        assert_eq!(postcard::from_bytes::<EventBody>(&bytes).unwrap(), b);
     }
 
     #[test]
