@@ -33,7 +33,9 @@
 //! `FERRY_COMPARE_PROTOCOL` (Ferry's destinations: `v5`, the default, or
 //! `v311`, whose structured events the subscribers unwrap),
 //! `FERRY_COMPARE_AGENT` (path of another `ferry` build to run instead of the
-//! one built with this bench, to compare two builds).
+//! one built with this bench, to compare two builds),
+//! `FERRY_COMPARE_STORE` (TOML lines for Ferry's `[store]` table, e.g.
+//! `cache_size = "4 MiB"`).
 
 use std::fmt::Write as _;
 use std::path::PathBuf;
@@ -68,6 +70,8 @@ struct Settings {
     /// Protocol of Ferry's two destinations: `v5` (binary content mode,
     /// attributes as user properties) or `v311` (structured JSON).
     protocol: String,
+    /// Extra `[store]` settings of Ferry's config (the defaults if empty).
+    store: String,
 }
 
 fn env_num(name: &str, default: f64) -> f64 {
@@ -187,7 +191,7 @@ impl Rig {
                     }
                     tail.push('\n');
                 }
-                rig.ferry_config = Some(write_config_with(rig._dir.path(), "", &tail));
+                rig.ferry_config = Some(write_config_with(rig._dir.path(), &s.store, &tail));
                 rig.start_ferry().await?;
             }
         }
@@ -481,6 +485,7 @@ fn main() {
             Ok("v311") => "v311".into(),
             Ok(other) => panic!("FERRY_COMPARE_PROTOCOL: unknown protocol {other:?} (v5, v311)"),
         },
+        store: std::env::var("FERRY_COMPARE_STORE").unwrap_or_default(),
         systems: systems
             .split(',')
             .map(|n| match n.trim() {

@@ -12,13 +12,28 @@
 use std::fmt;
 
 use super::Config;
-use crate::forward::{COMPANION_IN_FLIGHT, READ_AHEAD_BYTES};
-use crate::ingest::mqtt::RECEIVE_MAXIMUM;
 
 /// The agent itself, with no part loaded: code, thread stacks, the async
 /// runtime and the allocator's floor. Measured: 14 MB idle RSS of the
 /// x86-64 release build on the embedded default (2026-12-06), rounded up.
 pub const BASELINE_BYTES: u64 = 16 << 20;
+
+/// Record bytes a forwarder reads from the store at once (at least one
+/// event is read, however large).
+pub const READ_AHEAD_BYTES: usize = 1 << 20;
+
+/// A downlink companion's publishes (fleet reports) a destination has in
+/// flight at most besides its events', so that with a full window they
+/// still fit the client's request queue.
+pub const COMPANION_IN_FLIGHT: usize = 8;
+
+/// Unacknowledged messages the broker may hold out to the local MQTT
+/// ingest at once (its MQTT 5 Receive Maximum).
+pub const MQTT_INGEST_RECEIVE_MAXIMUM: u16 = 1024;
+
+/// What a plugin's ring of recent calls holds at most (kept only where a
+/// fleet can update the plugin).
+pub const PLUGIN_SAMPLES_BYTES: usize = 1 << 20;
 
 /// One part of the budget.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -50,7 +65,8 @@ impl MemoryBudget {
         let max_event = config.store.max_event_bytes as u64;
         if let Some(m) = &config.mqtt_ingest {
             // Each delivery as received and as prepared for the store.
-            let bytes = u64::from(RECEIVE_MAXIMUM) * 2 * (m.endpoint.max_packet_bytes as u64).min(max_event);
+            let bytes =
+                u64::from(MQTT_INGEST_RECEIVE_MAXIMUM) * 2 * (m.endpoint.max_packet_bytes as u64).min(max_event);
             parts.push(part("local MQTT ingest".into(), "store.max_event_size, ingest.mqtt.max_packet_size", bytes));
         }
         for d in &config.destinations {
@@ -64,7 +80,7 @@ impl MemoryBudget {
             ));
         }
         for p in &config.plugins {
-            let ring = if config.fleet.is_some() { crate::plugin::recent::MAX_BYTES as u64 } else { 0 };
+            let ring = if config.fleet.is_some() { PLUGIN_SAMPLES_BYTES as u64 } else { 0 };
             parts.push(part(
                 format!("plugin {}", p.name),
                 "its memory (and 1 MiB of samples with [fleet])",

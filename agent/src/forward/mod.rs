@@ -41,6 +41,7 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
 use crate::clock::SharedClock;
+use crate::config::budget::{COMPANION_IN_FLIGHT, READ_AHEAD_BYTES};
 use crate::config::{DestinationConfig, Protocol, Start};
 use crate::downlink::{self, AckQueue, CompanionRequest, DestinationDownlink, Retained};
 use crate::event::Event;
@@ -57,13 +58,9 @@ pub use stage::Stage;
 use stage::Step;
 use window::Window;
 
-/// Events read from the store per read.
+/// Events read from the store per read (and at most
+/// [`READ_AHEAD_BYTES`] of records: a destination's read-ahead budget).
 const READ_BATCH: usize = 1024;
-
-/// Record bytes read from the store per read (at least one event is read,
-/// however large): with [`READ_BATCH`], a destination's read-ahead part of
-/// the memory budget ([`crate::config::MemoryBudget`]).
-pub(crate) const READ_AHEAD_BYTES: usize = 1 << 20;
 
 /// How often the cursor is persisted at most, when acks trickle in.
 const PERSIST_INTERVAL: Duration = Duration::from_millis(50);
@@ -75,10 +72,6 @@ const DRAIN_ON_SHUTDOWN: Duration = Duration::from_secs(2);
 /// Ferry's own side (the store, a filter). The store answers at once while
 /// it cannot write, so a retry costs little; the link stays up meanwhile.
 const LOCAL_RETRY: Duration = Duration::from_secs(1);
-
-/// A downlink companion's publishes (fleet reports) in flight at most, so
-/// that with a full window they still fit the client's request queue.
-pub(crate) const COMPANION_IN_FLIGHT: usize = 8;
 
 /// What an operator sees of one destination.
 #[derive(Debug, Clone, Default, Serialize)]

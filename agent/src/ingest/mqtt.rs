@@ -36,15 +36,15 @@ use crate::mqtt::session::{DEFAULT_BACKOFF, stopping};
 use crate::mqtt::{Connected, End, Incoming, Link, LinkError, LinkEvent, LinkOptions, Session, Supervisor};
 use crate::store::{AppendError, Dedup};
 
-/// Messages committed together at most.
-const BATCH: usize = 512;
+/// Messages committed together at most: half the Receive Maximum.
+const BATCH: usize = RECEIVE_MAXIMUM as usize / 2;
 
 /// Unacknowledged messages the broker may hold out to us at once (MQTT 5
 /// `Receive Maximum`). Each is acknowledged only after its commit, so this
 /// bounds how many messages can share one fsync: without it a broker applies
 /// its own default (Mosquitto: 20), and ingest crawls at 20 per commit.
 /// Two batches' worth lets one batch commit while the next one arrives.
-pub(crate) const RECEIVE_MAXIMUM: u16 = (2 * BATCH) as u16;
+const RECEIVE_MAXIMUM: u16 = crate::config::budget::MQTT_INGEST_RECEIVE_MAXIMUM;
 
 /// How long a batch the store failed to take waits before it is tried
 /// again, on the same connection (the store heals by itself).

@@ -22,8 +22,9 @@ pub const SAMPLE_INTERVAL: Duration = Duration::from_millis(20);
 /// Most samples kept.
 pub const MAX_SAMPLES: usize = 64;
 
-/// Most bytes kept across samples: inputs, answers and their records.
-pub const MAX_BYTES: usize = 1 << 20;
+/// Most bytes kept across samples: inputs, answers and their records (a
+/// part of the memory budget).
+pub const MAX_BYTES: usize = crate::config::budget::PLUGIN_SAMPLES_BYTES;
 
 /// One sampled call.
 #[derive(Debug, Clone)]

@@ -1,0 +1,136 @@
+//! The agent's footprint outside the comparison load: RSS when idle, and
+//! start-up on a store with a large backlog.
+//!
+//! Rows:
+//! - idle: the agent on the default config (HTTP API, no destinations), RSS
+//!   once it listens and again after a few seconds;
+//! - start-up with a backlog of 0, a quarter of and `FERRY_FOOTPRINT_BACKLOG`
+//!   undelivered events (default 1,000,000 of 256 bytes) for one destination
+//!   that is down: time from spawn to listening (the store opened, the
+//!   forwarder started), RSS then and a few seconds later, after a clean
+//!   stop (SIGTERM) and after a SIGKILL (the store must be checked).
+//!   Targets: under 1 s, and RSS flat in the backlog's size.
+//!
+//! Peak RSS under load is a row of the comparison bench (`--bench compare`).
+//!
+//! Run: `cargo bench -p ferry-tests --bench footprint`. `FERRY_FOOTPRINT_AGENT`
+//! runs another build instead of the one built with this bench: a firmware
+//! build under qemu-user through a wrapper script that `exec`s it, so the
+//! process measured is the agent's (docs/benchmarks.md#footprint).
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use ferry::clock::{Clock, SystemClock};
+use ferry::config::StoreConfig;
+use ferry::event::{EventBody, JSON_CONTENT_TYPE};
+use ferry::store::{Dedup, PreparedEvent, Store};
+use ferry_tests::workload::proc_stats;
+use ferry_tests::{FerryProcess, ferry_bin, write_config_with};
+
+/// Bytes of each event's data.
+const PAYLOAD: usize = 256;
+
+/// How long RSS is left to settle before the second reading.
+const SETTLE: Duration = Duration::from_secs(3);
+
+fn agent() -> PathBuf {
+    std::env::var_os("FERRY_FOOTPRINT_AGENT").map_or_else(|| ferry_bin!().to_owned(), PathBuf::from)
+}
+
+fn rss_mib(pid: u32) -> f64 {
+    proc_stats(pid).map_or(0.0, |s| s.rss_kib as f64 / 1024.0)
+}
+
+/// Fills the store in `dir` with `n` events, written as fast as the store takes them.
+async fn fill(dir: &Path, n: usize) {
+    let mut config = StoreConfig::at(dir.join("data").join("ferry.redb"));
+    config.durability = ferry::config::Durability::None;
+    std::fs::create_dir_all(dir.join("data")).unwrap();
+    let store = Store::open(config, std::sync::Arc::new(SystemClock)).unwrap();
+    let data = format!("{{\"v\":\"{}\"}}", "x".repeat(PAYLOAD - 8)).into_bytes();
+    for start in (0..n).step_by(10_000) {
+        let batch = (start..(start + 10_000).min(n))
+            .map(|i| {
+                let body = EventBody {
+                    id: format!("0190a1b2-0000-7000-8000-{i:012}"),
+                    source: "ferry://bench".into(),
+                    ty: "ferry.event".into(),
+                    subject: format!("bench/t{}", i % 8),
+                    time_nanos: SystemClock.now_nanos(),
+                    datacontenttype: Some(JSON_CONTENT_TYPE.into()),
+                    data: data.clone(),
+                    partitionkey: None,
+                    extensions: vec![],
+                };
+                PreparedEvent::new(&body, Dedup::None, 100, None)
+            })
+            .collect();
+        store.append(batch).await.unwrap();
+    }
+    store.close();
+}
+
+/// A port nothing listens on: the destination stays down.
+fn dead_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+/// Starts the agent on `config`; returns it and how long it took to listen.
+fn start(config: &Path) -> (FerryProcess, Duration) {
+    let t0 = Instant::now();
+    let agent = FerryProcess::start(&agent(), config).unwrap();
+    (agent, t0.elapsed())
+}
+
+fn main() {
+    let backlog: usize =
+        std::env::var("FERRY_FOOTPRINT_BACKLOG").ok().and_then(|s| s.parse().ok()).unwrap_or(1_000_000);
+    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().unwrap();
+    println!("agent: {}", agent().display());
+
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_config_with(dir.path(), "", "");
+    let (a, took) = start(&config);
+    let first = rss_mib(a.pid());
+    std::thread::sleep(SETTLE);
+    println!(
+        "idle, default config: listening after {:.0} ms, RSS {first:.1} MiB, {:.1} MiB after {} s (target <= 15 MB = 14.3 MiB)",
+        took.as_secs_f64() * 1e3,
+        rss_mib(a.pid()),
+        SETTLE.as_secs()
+    );
+    drop(a.terminate());
+
+    println!(
+        "\n| backlog (events) | store file MiB | the run before ended by | start-up to listening (ms) | RSS at start (MiB) | RSS {} s later (MiB) |",
+        SETTLE.as_secs()
+    );
+    println!("|---:|---:|---|---:|---:|---:|");
+    for n in [0, backlog / 4, backlog] {
+        let dir = tempfile::tempdir().unwrap();
+        rt.block_on(fill(dir.path(), n));
+        let destination = format!(
+            "[[destination]]\nname = \"down\"\nurl = \"mqtt://127.0.0.1:{}\"\nprotocol = \"v311\"\nstart = \"earliest\"\n",
+            dead_port()
+        );
+        let config = write_config_with(dir.path(), "", &destination);
+        let file_mib =
+            std::fs::metadata(dir.path().join("data/ferry.redb")).map_or(0.0, |m| m.len() as f64 / f64::from(1 << 20));
+        // A first start, so the destination's cursor exists, then the two ways to stop.
+        let (a, _) = start(&config);
+        drop(a.terminate());
+        for stop in ["SIGTERM", "SIGKILL"] {
+            let (a, took) = start(&config);
+            let at_start = rss_mib(a.pid());
+            std::thread::sleep(SETTLE);
+            let later = rss_mib(a.pid());
+            println!("| {n} | {file_mib:.0} | {stop} | {:.0} | {at_start:.1} | {later:.1} |", took.as_secs_f64() * 1e3);
+            if stop == "SIGTERM" {
+                a.kill();
+            } else {
+                drop(a.terminate());
+            }
+        }
+    }
+}
