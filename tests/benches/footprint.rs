@@ -16,7 +16,8 @@
 //! Run: `cargo bench -p ferry-tests --bench footprint`. `FERRY_FOOTPRINT_AGENT`
 //! runs another build instead of the one built with this bench: a firmware
 //! build under qemu-user through a wrapper script that `exec`s it, so the
-//! process measured is the agent's (docs/benchmarks.md#footprint).
+//! process measured is the agent's (docs/benchmarks.md#footprint). Under
+//! qemu-user RSS is also given for the guest's own mappings.
 
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -38,8 +39,35 @@ fn agent() -> PathBuf {
     std::env::var_os("FERRY_FOOTPRINT_AGENT").map_or_else(|| ferry_bin!().to_owned(), PathBuf::from)
 }
 
-fn rss_mib(pid: u32) -> f64 {
-    proc_stats(pid).map_or(0.0, |s| s.rss_kib as f64 / 1024.0)
+/// Mappings below this address are the guest's when the agent runs under
+/// qemu-user: it places a 64-bit guest's image, libraries and anonymous
+/// memory there, and its own above.
+const QEMU_GUEST_LIMIT: u64 = 1 << 40;
+
+/// RSS in MiB: of the process, and under qemu-user also of the guest's
+/// mappings alone (the emulator's translation cache and heap left out).
+fn rss_mib(pid: u32) -> String {
+    let total = proc_stats(pid).map_or(0.0, |s| s.rss_kib as f64 / 1024.0);
+    let emulated = std::fs::read_link(format!("/proc/{pid}/exe"))
+        .is_ok_and(|exe| exe.file_name().is_some_and(|n| n.to_string_lossy().starts_with("qemu-")));
+    if !emulated {
+        return format!("{total:.1}");
+    }
+    let smaps = std::fs::read_to_string(format!("/proc/{pid}/smaps")).unwrap_or_default();
+    let (mut guest_kib, mut start) = (0u64, u64::MAX);
+    for line in smaps.lines() {
+        if let Some((range, _)) = line.split_once(' ')
+            && let Some((from, _)) = range.split_once('-')
+            && let Ok(from) = u64::from_str_radix(from, 16)
+        {
+            start = from;
+        } else if let Some(kib) = line.strip_prefix("Rss:")
+            && start < QEMU_GUEST_LIMIT
+        {
+            guest_kib += kib.trim().trim_end_matches("kB").trim().parse::<u64>().unwrap_or(0);
+        }
+    }
+    format!("{total:.1} (guest {:.1})", guest_kib as f64 / 1024.0)
 }
 
 /// Fills the store in `dir` with `n` events, written as fast as the store takes them.
@@ -95,7 +123,7 @@ fn main() {
     let first = rss_mib(a.pid());
     std::thread::sleep(SETTLE);
     println!(
-        "idle, default config: listening after {:.0} ms, RSS {first:.1} MiB, {:.1} MiB after {} s (target <= 15 MB = 14.3 MiB)",
+        "idle, default config: listening after {:.0} ms, RSS {first} MiB, {} MiB after {} s (target <= 15 MB = 14.3 MiB)",
         took.as_secs_f64() * 1e3,
         rss_mib(a.pid()),
         SETTLE.as_secs()
@@ -103,7 +131,7 @@ fn main() {
     drop(a.terminate());
 
     println!(
-        "\n| backlog (events) | store file MiB | the run before ended by | start-up to listening (ms) | RSS at start (MiB) | RSS {} s later (MiB) |",
+        "\n| backlog (events) | store file MiB | the store was last closed by | start-up to listening (ms) | RSS at start (MiB) | RSS {} s later (MiB) |",
         SETTLE.as_secs()
     );
     println!("|---:|---:|---|---:|---:|---:|");
@@ -117,16 +145,14 @@ fn main() {
         let config = write_config_with(dir.path(), "", &destination);
         let file_mib =
             std::fs::metadata(dir.path().join("data/ferry.redb")).map_or(0.0, |m| m.len() as f64 / f64::from(1 << 20));
-        // A first start, so the destination's cursor exists, then the two ways to stop.
-        let (a, _) = start(&config);
-        drop(a.terminate());
-        for stop in ["SIGTERM", "SIGKILL"] {
+        // The first start places the destination's cursor; then the two ways to stop.
+        for before in ["the filling process", "SIGTERM", "SIGKILL"] {
             let (a, took) = start(&config);
             let at_start = rss_mib(a.pid());
             std::thread::sleep(SETTLE);
             let later = rss_mib(a.pid());
-            println!("| {n} | {file_mib:.0} | {stop} | {:.0} | {at_start:.1} | {later:.1} |", took.as_secs_f64() * 1e3);
-            if stop == "SIGTERM" {
+            println!("| {n} | {file_mib:.0} | {before} | {:.0} | {at_start} | {later} |", took.as_secs_f64() * 1e3);
+            if before == "SIGTERM" {
                 a.kill();
             } else {
                 drop(a.terminate());
