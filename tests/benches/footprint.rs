@@ -22,11 +22,10 @@
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use ferry::clock::{Clock, SystemClock};
+use ferry::clock::SystemClock;
 use ferry::config::StoreConfig;
-use ferry::event::{EventBody, JSON_CONTENT_TYPE};
 use ferry::store::{Dedup, PreparedEvent, Store};
-use ferry_tests::workload::proc_stats;
+use ferry_tests::workload::{proc_stats, stored_event_body};
 use ferry_tests::{FerryProcess, ferry_bin, write_config_with};
 
 /// Bytes of each event's data.
@@ -76,23 +75,9 @@ async fn fill(dir: &Path, n: usize) {
     config.durability = ferry::config::Durability::None;
     std::fs::create_dir_all(dir.join("data")).unwrap();
     let store = Store::open(config, std::sync::Arc::new(SystemClock)).unwrap();
-    let data = format!("{{\"v\":\"{}\"}}", "x".repeat(PAYLOAD - 8)).into_bytes();
     for start in (0..n).step_by(10_000) {
         let batch = (start..(start + 10_000).min(n))
-            .map(|i| {
-                let body = EventBody {
-                    id: format!("0190a1b2-0000-7000-8000-{i:012}"),
-                    source: "ferry://bench".into(),
-                    ty: "ferry.event".into(),
-                    subject: format!("bench/t{}", i % 8),
-                    time_nanos: SystemClock.now_nanos(),
-                    datacontenttype: Some(JSON_CONTENT_TYPE.into()),
-                    data: data.clone(),
-                    partitionkey: None,
-                    extensions: vec![],
-                };
-                PreparedEvent::new(&body, Dedup::None, 100, None)
-            })
+            .map(|i| PreparedEvent::new(&stored_event_body(i, PAYLOAD), Dedup::None, 100, None))
             .collect();
         store.append(batch).await.unwrap();
     }

@@ -14,10 +14,9 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use ferry::clock::Hlc;
-use ferry::clock::{Clock, SystemClock};
+use ferry::clock::{Hlc, SystemClock};
 use ferry::config::{Config, StoreConfig};
-use ferry::event::{Event, EventBody, JSON_CONTENT_TYPE};
+use ferry::event::{Event, EventBody};
 use ferry::runtime::Agent;
 use ferry::store::{Dedup, PreparedEvent, Store};
 use ferry_harness::rumqttc::v5::mqttbytes::v5::{Packet, PublishProperties};
@@ -63,17 +62,7 @@ fn main() {
 
 /// A 256-byte-data event as Ferry stores it.
 fn sample_event(i: usize) -> EventBody {
-    EventBody {
-        id: format!("0190a1b2-0000-7000-8000-{i:012}"),
-        source: "ferry://bench".into(),
-        ty: "ferry.event".into(),
-        subject: format!("bench/t{}", i % 8),
-        time_nanos: SystemClock.now_nanos(),
-        datacontenttype: Some(JSON_CONTENT_TYPE.into()),
-        data: format!("{{\"v\":\"{}\"}}", "x".repeat(PAYLOAD - 8)).into_bytes(),
-        partitionkey: None,
-        extensions: vec![],
-    }
+    ferry_tests::workload::stored_event_body(i, PAYLOAD)
 }
 
 /// QoS 1 publishes acknowledged per second by `broker` for a bare client,

@@ -39,6 +39,23 @@ pub fn payload(p: u32, n: u64) -> String {
     s
 }
 
+/// Event `i` of a backlog written straight into a store: JSON data of
+/// `data_len` bytes, on one of eight subjects, with a UUIDv7-shaped id.
+pub fn stored_event_body(i: usize, data_len: usize) -> ferry::event::EventBody {
+    use ferry::clock::Clock as _;
+    ferry::event::EventBody {
+        id: format!("0190a1b2-0000-7000-8000-{i:012}"),
+        source: "ferry://bench".into(),
+        ty: "ferry.event".into(),
+        subject: format!("bench/t{}", i % 8),
+        time_nanos: ferry::clock::SystemClock.now_nanos(),
+        datacontenttype: Some(ferry::event::JSON_CONTENT_TYPE.into()),
+        data: format!("{{\"v\":\"{}\"}}", "x".repeat(data_len.saturating_sub(8))).into_bytes(),
+        partitionkey: None,
+        extensions: vec![],
+    }
+}
+
 #[derive(Deserialize)]
 struct Stamp {
     p: u32,
