@@ -439,9 +439,19 @@ impl Meta {
         Ok(meta)
     }
 
-    fn save(&mut self, table: &mut redb::Table<&'static str, u64>) -> Result<(), redb::StorageError> {
-        for (name, slot) in Self::FIELDS.iter().zip(self.slots()) {
-            table.insert(*name, *slot)?;
+    /// Writes the counters, only those that differ from `saved` when the
+    /// table is known to hold `saved`.
+    fn save(
+        &mut self,
+        table: &mut redb::Table<&'static str, u64>,
+        saved: Option<&Meta>,
+    ) -> Result<(), redb::StorageError> {
+        let mut before = saved.cloned();
+        let before = before.as_mut().map(Meta::slots);
+        for (i, (name, slot)) in Self::FIELDS.iter().zip(self.slots()).enumerate() {
+            if before.as_ref().is_none_or(|b| *b[i] != *slot) {
+                table.insert(*name, *slot)?;
+            }
         }
         Ok(())
     }

@@ -144,11 +144,7 @@ impl Store {
                 }
             };
             let Some(found) = gather(&txn, &[sequence])?.pop().flatten() else { return Ok(None) };
-            let remembered = txn.open_table(tables::DEDUP_AGE).map_err(storage)?;
-            let remembered = remembered.get(sequence).map_err(storage)?.map(|v| {
-                let (ms, id) = v.value();
-                (ms, id.to_owned())
-            });
+            let remembered = remembered_id(&txn, sequence)?;
             let cursors = txn.open_table(tables::CURSORS).map_err(storage)?;
             let moves = txn.open_table(tables::CURSOR_MOVES).map_err(storage)?;
             let mut destinations = Vec::with_capacity(consumers.len());
@@ -185,6 +181,24 @@ impl Store {
     pub fn consumers(&self) -> &[Consumer] {
         &self.inner.config.consumers
     }
+}
+
+/// The acceptance time and id the dedup window remembers of `sequence`:
+/// from its commit's row, or from the row per event of earlier releases.
+pub(super) fn remembered_id(txn: &redb::ReadTransaction, sequence: u64) -> Result<Option<(u64, String)>, StoreError> {
+    let ages = txn.open_table(tables::DEDUP_AGES).map_err(storage)?;
+    if let Some(row) = ages.range(..=sequence).map_err(storage)?.next_back() {
+        let (_, v) = row.map_err(storage)?;
+        let record = super::writer::AgeRecord::decode(v.value());
+        if let Some((_, id)) = record.ids.iter().find(|(s, _)| *s == sequence) {
+            return Ok(Some((record.at_ms, id.clone())));
+        }
+    }
+    let legacy = txn.open_table(tables::DEDUP_AGE).map_err(storage)?;
+    Ok(legacy.get(sequence).map_err(storage)?.map(|v| {
+        let (ms, id) = v.value();
+        (ms, id.to_owned())
+    }))
 }
 
 /// The events and dead letters of `sequences`, in one pass over the dead letters.

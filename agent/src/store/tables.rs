@@ -12,8 +12,15 @@ pub const LOG: TableDefinition<u64, &[u8]> = TableDefinition::new("log");
 /// event id → sequence of the stored event with that id.
 pub const DEDUP: TableDefinition<&str, u64> = TableDefinition::new("dedup");
 
-/// sequence → (acceptance time in ms, event id); prunes [`DEDUP`] in age order.
+/// sequence → (acceptance time in ms, event id); prunes [`DEDUP`] in age
+/// order. Written by earlier releases, one row per event; still read and
+/// pruned, no longer written (see [`DEDUP_AGES`]).
 pub const DEDUP_AGE: TableDefinition<u64, (u64, &str)> = TableDefinition::new("dedup_age");
+
+/// first sequence of a commit's producer-id events → their acceptance time
+/// and (sequence, id) pairs, postcard-encoded (the writer's `AgeRecord`):
+/// one row per commit rather than per event; prunes [`DEDUP`] in age order.
+pub const DEDUP_AGES: TableDefinition<u64, &[u8]> = TableDefinition::new("dedup_ages");
 
 /// delivery batch (a UUIDv7: key order is age order) → postcard
 /// `Vec<(id, sequence)>`: the ids of one batch of broker deliveries that were

@@ -117,6 +117,38 @@ async fn an_id_is_stored_anew_once_it_has_left_the_dedup_window() {
     assert_eq!((out[0].sequence, out[0].duplicate), (2, false));
 }
 
+#[tokio::test]
+async fn producer_ids_are_remembered_per_commit_and_rows_of_earlier_releases_still_count() {
+    let f = Fixture::new(|c| c.dedup_window = Duration::from_secs(60));
+    f.store.append(vec![event("a", "t", 4), event("b", "t", 4)]).await.unwrap();
+    f.store.append(vec![event("c", "t", 4)]).await.unwrap();
+    // An earlier release wrote one age row per event.
+    let db = f.store.database().get().unwrap();
+    let txn = db.begin_write().unwrap();
+    {
+        txn.open_table(tables::DEDUP).unwrap().insert("old", 99).unwrap();
+        txn.open_table(tables::DEDUP_AGE).unwrap().insert(99, (f.clock.now_millis(), "old")).unwrap();
+    }
+    txn.commit().unwrap();
+    let at = f.clock.now_millis();
+    {
+        let txn = db.begin_read().unwrap();
+        assert_eq!(txn.open_table(tables::DEDUP_AGES).unwrap().len().unwrap(), 2, "one row per commit");
+        assert_eq!(receipt::remembered_id(&txn, 2).unwrap(), Some((at, "b".into())));
+        assert_eq!(receipt::remembered_id(&txn, 3).unwrap(), Some((at, "c".into())));
+        assert_eq!(receipt::remembered_id(&txn, 99).unwrap(), Some((at, "old".into())));
+        assert_eq!(receipt::remembered_id(&txn, 4).unwrap(), None);
+    }
+    drop(db);
+    f.clock.advance_nanos(61 * 1_000_000_000);
+    assert_eq!(f.store.sweep().await.unwrap().dedup_pruned, 4);
+    let db = f.store.database().get().unwrap();
+    let txn = db.begin_read().unwrap();
+    assert!(txn.open_table(tables::DEDUP).unwrap().is_empty().unwrap());
+    assert!(txn.open_table(tables::DEDUP_AGES).unwrap().is_empty().unwrap());
+    assert!(txn.open_table(tables::DEDUP_AGE).unwrap().is_empty().unwrap());
+}
+
 fn delivery(id: &str, batch: u128, redelivered: bool) -> PreparedEvent {
     PreparedEvent { dedup: Dedup::Delivery { batch, redelivered }, ..event(id, "t", 4) }
 }

@@ -86,7 +86,7 @@ impl Writer {
                         Dedup::None => {}
                         Dedup::Producer => {
                             t.dedup.insert(e.id.as_str(), seq)?;
-                            t.dedup_age.insert(seq, (now_ms, e.id.as_str()))?;
+                            self.ages.ids.push((seq, e.id.clone()));
                         }
                         Dedup::Delivery { batch, .. } => match batches.iter_mut().find(|(b, _)| *b == batch) {
                             Some((_, ids)) => ids.push((e.id.clone(), seq)),

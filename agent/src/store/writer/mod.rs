@@ -218,6 +218,7 @@ struct Tables<'t> {
     log: Table<'t, u64, &'static [u8]>,
     dedup: Table<'t, &'static str, u64>,
     dedup_age: Table<'t, u64, (u64, &'static str)>,
+    dedup_ages: Table<'t, u64, &'static [u8]>,
     deliveries: Table<'t, u128, &'static [u8]>,
     by_priority: Table<'t, (u8, u64), u32>,
     expiry: Table<'t, (u64, u64), ()>,
@@ -233,6 +234,7 @@ impl<'t> Tables<'t> {
             log: txn.open_table(tables::LOG)?,
             dedup: txn.open_table(tables::DEDUP)?,
             dedup_age: txn.open_table(tables::DEDUP_AGE)?,
+            dedup_ages: txn.open_table(tables::DEDUP_AGES)?,
             deliveries: txn.open_table(tables::DELIVERIES)?,
             by_priority: txn.open_table(tables::BY_PRIORITY)?,
             expiry: txn.open_table(tables::EXPIRY)?,
@@ -241,6 +243,24 @@ impl<'t> Tables<'t> {
             cursors: txn.open_table(tables::CURSORS)?,
             cursor_moves: txn.open_table(tables::CURSOR_MOVES)?,
         })
+    }
+}
+
+/// A row of [`tables::DEDUP_AGES`]: the producer-id events of one commit,
+/// which leave the dedup window together.
+#[derive(Debug, Default, serde::Serialize, serde::Deserialize)]
+pub(super) struct AgeRecord {
+    /// When they were accepted, in ms.
+    pub(super) at_ms: u64,
+    /// Their sequences and ids, ascending.
+    pub(super) ids: Vec<(u64, String)>,
+}
+
+impl AgeRecord {
+    /// A row as stored. One that does not decode (it cannot, unless the file
+    /// is damaged) reads as empty: its ids then stay until stored again.
+    pub(super) fn decode(row: &[u8]) -> Self {
+        postcard::from_bytes(row).unwrap_or_default()
     }
 }
 
@@ -273,6 +293,11 @@ pub(super) struct Writer {
     /// Per destination, the latest rewind of its cursor in this run (see
     /// [`super::Store::advance_cursor`]).
     epochs: HashMap<String, u64>,
+    /// The producer-id events of the batch being applied.
+    ages: AgeRecord,
+    /// The counters as the last commit wrote them, if it is known that the
+    /// file holds them: only changed ones are written again.
+    saved_meta: Option<Meta>,
 }
 
 /// Counters and the HLC high-water mark of `db`, creating tables on first use.
@@ -288,7 +313,7 @@ fn load(db: &Database) -> Result<Meta, redb::Error> {
         }
         meta
     };
-    meta.save(&mut txn.open_table(tables::META)?)?;
+    meta.save(&mut txn.open_table(tables::META)?, None)?;
     txn.commit()?;
     Ok(meta)
 }
@@ -330,6 +355,8 @@ impl Writer {
             commit_latency,
             disk_free: u64::MAX,
             epochs: HashMap::new(),
+            ages: AgeRecord::default(),
+            saved_meta: None,
         };
         Ok((writer, rx))
     }
@@ -481,9 +508,11 @@ impl Writer {
             self.check_file();
             self.check_disk();
             let txn = self.begin()?;
+            self.ages.ids.clear();
             {
                 let mut t = Tables::open(&txn)?;
                 let now_ms = self.clock.now_millis();
+                self.ages.at_ms = now_ms;
                 for request in batch {
                     match request {
                         Request::Append { events, reply } => {
@@ -555,6 +584,10 @@ impl Writer {
                 if cursors_moved && self.last_retire.is_none_or(|at| at.elapsed() >= RETIRE_INTERVAL) {
                     self.retire_delivered(&mut t, now_ms)?;
                 }
+                if let Some(&(first, _)) = self.ages.ids.first() {
+                    let row = postcard::to_allocvec(&self.ages).expect("encoding to a Vec cannot fail");
+                    t.dedup_ages.insert(first, row.as_slice())?;
+                }
             }
             committing = true;
             self.commit(txn)
@@ -579,9 +612,12 @@ impl Writer {
             let mut meta = txn.open_table(tables::META)?;
             self.meta.hlc = self.hlc.high_water().0;
             self.meta.commits += 1;
-            self.meta.save(&mut meta)?;
+            self.meta.save(&mut meta, self.saved_meta.as_ref())?;
         }
+        // Unknown until the commit is known to have landed.
+        self.saved_meta = None;
         txn.commit()?;
+        self.saved_meta = Some(self.meta.clone());
         self.unsynced = self.config.durability == Durability::None;
         Ok(())
     }
@@ -604,9 +640,11 @@ impl Writer {
             }
             {
                 let mut meta = txn.open_table(tables::META)?;
-                self.meta.save(&mut meta)?;
+                self.meta.save(&mut meta, self.saved_meta.as_ref())?;
             }
+            self.saved_meta = None;
             txn.commit()?;
+            self.saved_meta = Some(self.meta.clone());
             self.unsynced = false;
             Ok(report)
         });

@@ -68,6 +68,8 @@ impl Writer {
     /// reopened, and say so (logged when the failure starts and then at
     /// most once a minute).
     pub(super) fn fail(&mut self, reason: String) {
+        // What the file holds is no longer known for sure.
+        self.saved_meta = None;
         let now = Instant::now();
         let since_ms = self.clock.now_millis();
         let fault = self.fault.get_or_insert_with(|| Fault {

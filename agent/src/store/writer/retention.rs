@@ -91,6 +91,25 @@ impl Writer {
             }
             report.dedup_pruned += 1;
         }
+        // One row per commit: its ids leave together.
+        while (report.dedup_pruned as usize) < SWEEP_LIMIT {
+            let Some((key, value)) = t.dedup_ages.first()? else {
+                break;
+            };
+            let (first, record) = (key.value(), AgeRecord::decode(value.value()));
+            drop((key, value));
+            if record.at_ms >= cutoff {
+                break;
+            }
+            t.dedup_ages.remove(first)?;
+            for (seq, id) in &record.ids {
+                // The id may since have been stored again under a newer sequence.
+                if t.dedup.get(id.as_str())?.is_some_and(|v| v.value() == *seq) {
+                    t.dedup.remove(id.as_str())?;
+                }
+            }
+            report.dedup_pruned += record.ids.len() as u64;
+        }
 
         // A batch's record outlives the window only when its acks never
         // reached the broker (the agent stopped between commit and ack).
